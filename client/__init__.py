@@ -1,0 +1,1 @@
+"""radfed's Flower ClientApp (thin wiring over the installed radfed package)."""

@@ -1,0 +1,20 @@
+"""Flower ClientApp: a site's local training and evaluation (logic in radfed.federation.client)."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from radfed.federation import handle_evaluate, handle_train
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this site's train split."""
+    return handle_train(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received model; reply with sufficient statistics only."""
+    return handle_evaluate(msg, context)

@@ -1,0 +1,139 @@
+"""Typed, validated run configuration, read from Flower's run config (kebab-case keys)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from radfed.errors import ConfigError
+
+__all__ = ["SPLITS", "RunConfig"]
+
+#: The split names a site knows; ``test`` is sealed and only evaluated on request.
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Settings of one federated run; every field has a kebab-case run-config key.
+
+    Attributes:
+        task: the task name (``classification``).
+        num_server_rounds: federated rounds.
+        data_root: in simulation, a folder of site folders (``DATA/<site>/manifest.csv``).
+        out_dir: the run folder the server writes.
+        seed: seeds model initialisation, splits and local training.
+        model: network name of the task (``cnn``, ``resnet18``, ``densenet121``).
+        image_size: images are resized to ``image_size x image_size`` pixels.
+        local_epochs: local epochs per round at each site.
+        batch_size: local mini-batch size.
+        learning_rate: local Adam learning rate.
+        eval_splits: splits each site evaluates every round.
+        val_fraction: share of patients in ``val`` when radfed makes the split.
+        test_fraction: share of patients in ``test`` when radfed makes the split.
+        threshold: operating threshold on the predicted probability.
+        score_bins: bins of the score histograms sites send (pooled AUC resolution).
+        min_sites: sites that must be connected before a round starts.
+        round_timeout: seconds the server waits for replies in a round.
+    """
+
+    task: str = "classification"
+    num_server_rounds: int = 3
+    data_root: str = ""
+    out_dir: str = "runs/latest"
+    seed: int = 42
+    model: str = "cnn"
+    image_size: int = 64
+    local_epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    eval_splits: tuple[str, ...] = ("train", "val")
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    threshold: float = 0.5
+    score_bins: int = 1000
+    min_sites: int = 2
+    round_timeout: float = 3600.0
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, ">= 1")
+        _check(self.image_size >= 16, "image-size", self.image_size, ">= 16")
+        _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, ">= 1")
+        _check(self.batch_size >= 1, "batch-size", self.batch_size, ">= 1")
+        _check(self.learning_rate > 0, "learning-rate", self.learning_rate, "> 0")
+        _check(0 <= self.val_fraction < 1, "val-fraction", self.val_fraction, "in [0, 1)")
+        _check(0 <= self.test_fraction < 1, "test-fraction", self.test_fraction, "in [0, 1)")
+        _check(
+            self.val_fraction + self.test_fraction < 1,
+            "val-fraction + test-fraction",
+            self.val_fraction + self.test_fraction,
+            "< 1 so that some patients train",
+        )
+        _check(0 < self.threshold < 1, "threshold", self.threshold, "in (0, 1)")
+        _check(10 <= self.score_bins <= 100_000, "score-bins", self.score_bins, "in [10, 100000]")
+        _check(self.min_sites >= 1, "min-sites", self.min_sites, ">= 1")
+        _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")
+        bad = [s for s in self.eval_splits if s not in SPLITS]
+        _check(not bad and bool(self.eval_splits), "eval-splits", ",".join(self.eval_splits),
+               f"a comma-separated subset of {','.join(SPLITS)}")
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's ``context.run_config``; unknown keys are kept in ``extra``.
+
+        Raises:
+            ConfigError: a value has the wrong type or is out of range.
+        """
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                extra[key] = value
+                continue
+            kwargs[name] = _coerce(key, value, fields[name].type)
+        return cls(**kwargs, extra=extra)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """The kebab-case mapping that ``from_run_config`` reads back."""
+        out: dict[str, bool | int | float | str] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
+        return out
+
+
+def _check(ok: bool, key: str, value: object, expected: str) -> None:
+    if not ok:
+        msg = f"run config {key!r} must be {expected}, got {value!r}"
+        raise ConfigError(msg)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    kind = str(annotation)
+    try:
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind == "str":
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if kind.startswith("tuple"):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(s.strip() for s in items if s.strip())
+    except (TypeError, ValueError):
+        msg = f"run config {key!r} must be of type {kind}, got {value!r}"
+        raise ConfigError(msg) from None
+    return value

@@ -1,0 +1,137 @@
+"""The ClientApp's work at a site: train and evaluate locally, reply with weights and statistics."""
+
+from __future__ import annotations
+
+import traceback
+import zlib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+
+from radfed.config import RunConfig
+from radfed.data.site import SiteData, list_sites, load_site
+from radfed.errors import ConfigError, DataError, RadfedError
+from radfed.federation.records import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    SITE_KEY,
+    SiteIdentity,
+    pack_classification_stats,
+)
+from radfed.log import logger
+from radfed.tasks import build_model, evaluate, train
+
+__all__ = ["ErrorCode", "handle_evaluate", "handle_train", "resolve_site"]
+
+
+class ErrorCode:
+    """Codes a site replies with instead of exception text (radfed's band: 3000-3099)."""
+
+    CONFIG = 3001
+    DATA = 3002
+    RADFED = 3003
+    UNEXPECTED = 3099
+
+
+def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> tuple[str, Path]:
+    """The site name and folder of this node.
+
+    A deployed SuperNode names its folder with ``--node-config 'data-path="..."'`` (and
+    optionally ``site-name``); a simulated node takes the ``partition-id``-th site folder
+    of ``data-root`` (sorted by name).
+
+    Raises:
+        ConfigError: neither is set, or the partitions do not match the site folders.
+    """
+    if "data-path" in node_config:
+        path = Path(str(node_config["data-path"])).expanduser()
+        return str(node_config.get("site-name") or path.name), path
+    if "partition-id" in node_config:
+        if not config.data_root:
+            raise ConfigError("run config 'data-root' is empty; set it to a folder of site folders")
+        sites = list_sites(Path(config.data_root).expanduser())
+        index, count = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(sites)))
+        if count != len(sites):
+            msg = (f"the simulation has {count} nodes but data-root holds {len(sites)} site folders; "
+                   "run one node per site folder")
+            raise ConfigError(msg)
+        return sites[index].name, sites[index]
+    raise ConfigError("node config names no site: start the SuperNode with "
+                      "--node-config 'site-name=\"NAME\" data-path=\"/path/to/site\"'")
+
+
+_SITE_MEMO: dict[tuple[object, ...], SiteData] = {}
+
+
+def _site_data(path: Path, config: RunConfig) -> SiteData:
+    """Load the site once per process and settings (a simulated node keeps its process)."""
+    manifest = path / "manifest.csv"
+    stamp = manifest.stat().st_mtime_ns if manifest.exists() else 0
+    key = (str(path.resolve()), stamp, config.task, config.image_size, config.val_fraction,
+           config.test_fraction, config.seed)
+    if key not in _SITE_MEMO:
+        _SITE_MEMO[key] = load_site(path, task=config.task, image_size=config.image_size,
+                                    val_fraction=config.val_fraction,
+                                    test_fraction=config.test_fraction, seed=config.seed)
+    return _SITE_MEMO[key]
+
+
+def _train(msg: Message, context: Context) -> Message:
+    config = RunConfig.from_run_config(context.run_config)
+    name, path = resolve_site(context.node_config, config)
+    site = _site_data(path, config)
+    model = build_model(config)
+    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())  # type: ignore[union-attr]
+    server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[union-attr, arg-type]
+    seed = config.seed + 1000 * server_round + zlib.crc32(name.encode())
+    result = train(model, site.splits["train"], config, seed=seed)
+    if result.num_examples == 0:
+        raise DataError("the train split is empty; add cases or lower val/test fractions")
+    logger.info("round %d: trained on %d cases, loss %.4f", server_round, result.num_examples, result.loss)
+    content = RecordDict({
+        ARRAYS_KEY: ArrayRecord(model.state_dict()),
+        METRICS_KEY: MetricRecord({"num-examples": result.num_examples, "train-loss": float(result.loss)}),
+        SITE_KEY: SiteIdentity.local(name).to_record(),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    config = RunConfig.from_run_config(context.run_config)
+    name, path = resolve_site(context.node_config, config)
+    site = _site_data(path, config)
+    model = build_model(config)
+    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())  # type: ignore[union-attr]
+    stats = evaluate(model, site, config)
+    content = RecordDict({
+        METRICS_KEY: pack_classification_stats(stats),
+        SITE_KEY: SiteIdentity.local(name).to_record(),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Reply with an error code, never exception text; log locally without values or paths."""
+
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except RadfedError as err:
+            # radfed's own messages name manifest lines and settings, never header values.
+            logger.error("%s failed: %s", handler.__name__.strip("_"), err)
+            code = ErrorCode.CONFIG if isinstance(err, ConfigError) else (
+                ErrorCode.DATA if isinstance(err, DataError) else ErrorCode.RADFED)
+        except Exception as err:  # noqa: BLE001 - a site must answer, not crash
+            frame = traceback.extract_tb(err.__traceback__)[-1]
+            logger.error("%s failed: %s at %s:%d (message withheld)", handler.__name__.strip("_"),
+                         type(err).__name__, Path(frame.filename).name, frame.lineno or 0)
+            code = ErrorCode.UNEXPECTED
+        return Message(error=Error(code=code, reason=f"radfed site error {code}"), reply_to=msg)
+
+    return run
+
+
+handle_train = _guarded(_train)
+handle_evaluate = _guarded(_evaluate)

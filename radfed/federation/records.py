@@ -1,0 +1,194 @@
+"""What travels between site and server: weights, site identity and statistics, and their checks.
+
+Statistics schema 1 (classification), in the reply's one MetricRecord:
+
+- ``num-examples`` (int): cases evaluated (train replies: cases trained on);
+- ``schema-version`` (int): ``radfed.STATS_SCHEMA_VERSION``;
+- per evaluated split ``S``: ``S.tp``, ``S.fp``, ``S.tn``, ``S.fn`` (int) and
+  ``S.pos-hist``, ``S.neg-hist`` (lists of ``score-bins`` ints).
+
+The reply's ConfigRecord ``site`` holds ``name``, ``radfed-version`` and ``schema-version``.
+Nothing else leaves a site: no per-case value, no path, id, header value or exception text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from radfed import STATS_SCHEMA_VERSION, __version__
+from radfed.metrics.binary import BinaryStats
+
+__all__ = [
+    "ARRAYS_KEY",
+    "METRICS_KEY",
+    "SITE_KEY",
+    "InvalidReply",
+    "SiteIdentity",
+    "cast_like",
+    "pack_classification_stats",
+    "read_site_identity",
+    "unpack_classification_stats",
+    "validate_arrays",
+]
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+SITE_KEY = "site"
+_COUNT_KEYS = ("tp", "fp", "tn", "fn")
+
+
+class InvalidReply(ValueError):
+    """A site's reply breaks the contract; the message names what, never the content."""
+
+
+@dataclass(frozen=True)
+class SiteIdentity:
+    """Who replied, with which radfed and statistics schema."""
+
+    name: str
+    radfed_version: str
+    schema_version: int
+
+    @classmethod
+    def local(cls, name: str) -> SiteIdentity:
+        return cls(name=name, radfed_version=__version__, schema_version=STATS_SCHEMA_VERSION)
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(
+            {"name": self.name, "radfed-version": self.radfed_version,
+             "schema-version": self.schema_version}
+        )
+
+
+def read_site_identity(content: RecordDict) -> SiteIdentity:
+    """Read and check the identity of a reply.
+
+    Raises:
+        InvalidReply: no identity, or a radfed/schema version this server cannot read.
+    """
+    record = content.config_records.get(SITE_KEY)
+    if record is None:
+        raise InvalidReply("reply carries no site identity (is the site running radfed?)")
+    name = record.get("name")
+    version = record.get("radfed-version")
+    schema = record.get("schema-version")
+    if not isinstance(name, str) or not name or not isinstance(version, str) or not isinstance(schema, int):
+        raise InvalidReply("reply carries a malformed site identity")
+    if schema != STATS_SCHEMA_VERSION:
+        msg = (f"site {name!r} sends statistics schema {schema}, this server reads "
+               f"{STATS_SCHEMA_VERSION}; install the same radfed version at site and server")
+        raise InvalidReply(msg)
+    if _release(version) != _release(__version__):
+        msg = (f"site {name!r} runs radfed {version}, the server {__version__}; "
+               "install the same radfed release at site and server")
+        raise InvalidReply(msg)
+    return SiteIdentity(name=name, radfed_version=version, schema_version=schema)
+
+
+def _release(version: str) -> tuple[str, ...]:
+    """The part of a version that must match: major, and minor while the major is 0."""
+    parts = version.split(".")
+    return tuple(parts[:2]) if parts[0] == "0" else tuple(parts[:1])
+
+
+def pack_classification_stats(stats: Mapping[str, BinaryStats]) -> MetricRecord:
+    """Statistics per split -> the reply's MetricRecord (schema above)."""
+    record: dict[str, int | list[int]] = {
+        "num-examples": sum(s.n for s in stats.values()),
+        "schema-version": STATS_SCHEMA_VERSION,
+    }
+    for split, s in stats.items():
+        for key in _COUNT_KEYS:
+            record[f"{split}.{key}"] = int(getattr(s, key))
+        record[f"{split}.pos-hist"] = [int(v) for v in s.pos_hist]
+        record[f"{split}.neg-hist"] = [int(v) for v in s.neg_hist]
+    return MetricRecord(record)  # type: ignore[arg-type]
+
+
+def unpack_classification_stats(
+    record: MetricRecord, splits: Sequence[str], bins: int
+) -> dict[str, BinaryStats]:
+    """The reply's MetricRecord -> statistics per split, checked for consistency.
+
+    Raises:
+        InvalidReply: a key is missing or extra, a count is negative or not an integer,
+            a histogram has the wrong length, or histograms and counts disagree.
+    """
+    expected = {"num-examples", "schema-version"}
+    for split in splits:
+        expected |= {f"{split}.{k}" for k in (*_COUNT_KEYS, "pos-hist", "neg-hist")}
+    if set(record.keys()) != expected:
+        missing = sorted(expected - set(record.keys()))
+        extra = sorted(set(record.keys()) - expected)
+        raise InvalidReply(f"statistics keys differ from schema (missing {missing}, extra {extra})")
+    out: dict[str, BinaryStats] = {}
+    for split in splits:
+        counts = [_count(record[f"{split}.{k}"], f"{split}.{k}") for k in _COUNT_KEYS]
+        hists = [_histogram(record[f"{split}.{k}"], f"{split}.{k}", bins) for k in ("pos-hist", "neg-hist")]
+        tp, fp, tn, fn = counts
+        if sum(hists[0]) != tp + fn or sum(hists[1]) != tn + fp:
+            raise InvalidReply(f"{split}: score histograms disagree with the confusion counts")
+        out[split] = BinaryStats(tp, fp, tn, fn, hists[0], hists[1])
+    if _count(record["num-examples"], "num-examples") != sum(s.n for s in out.values()):
+        raise InvalidReply("num-examples disagrees with the statistics")
+    return out
+
+
+def _count(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidReply(f"{key} must be a non-negative integer")
+    return value
+
+
+def _histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) != bins:
+        raise InvalidReply(f"{key} must be a list of {bins} counts")
+    return tuple(_count(v, key) for v in value)
+
+
+def validate_arrays(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> None:
+    """Check an update against the global model: same names, shapes, dtypes; finite values.
+
+    Raises:
+        InvalidReply: naming the first offending array.
+    """
+    if list(record.keys()) != list(reference.keys()):
+        missing = sorted(set(reference) - set(record.keys()))
+        extra = sorted(set(record.keys()) - set(reference))
+        raise InvalidReply(f"weights differ from the model (missing {missing[:3]}, extra {extra[:3]})")
+    for name, ref in reference.items():
+        array = record[name]
+        if tuple(array.shape) != tuple(ref.shape):
+            raise InvalidReply(f"weight {name!r} has shape {tuple(array.shape)}, expected {tuple(ref.shape)}")
+        if array.dtype != str(ref.numpy().dtype):
+            raise InvalidReply(f"weight {name!r} has dtype {array.dtype}, expected {ref.numpy().dtype}")
+        values = array.numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            raise InvalidReply(f"weight {name!r} holds non-finite values")
+
+
+def cast_like(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """Aggregated arrays as a state dict with the reference dtypes.
+
+    Weighted averaging turns integer buffers (BatchNorm ``num_batches_tracked``) into
+    float64; they are rounded back to their integer dtype here.
+    """
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, ref in reference.items():
+        value = torch.from_numpy(np.array(record[name].numpy()))
+        if not ref.dtype.is_floating_point:
+            value = torch.round(value)
+        out[name] = value.to(ref.dtype)
+    return out
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A JSON-safe float (NaN and infinities become None)."""
+    return None if value is None or not math.isfinite(value) else value

@@ -1,0 +1,90 @@
+"""The run folder contract: config.json, metrics.jsonl, checkpoints/ (see DESIGN.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from radfed import STATS_SCHEMA_VERSION, __version__
+from radfed.config import RunConfig
+
+__all__ = ["POOLED_SITE", "RunFolder", "load_checkpoint"]
+
+#: The ``site`` value of metrics.jsonl lines computed from the merged statistics of all sites.
+POOLED_SITE = "ALL"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Writer and reader of one run folder."""
+
+    path: Path
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @classmethod
+    def start(cls, path: Path, config: RunConfig, **facts: Any) -> RunFolder:
+        """Begin a new run: write config.json, empty metrics.jsonl and checkpoints/.
+
+        Args:
+            path: the run folder (created when missing).
+            config: the effective configuration.
+            **facts: further facts to record in config.json (e.g. the sites).
+        """
+        folder = cls(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if folder.checkpoints.exists():
+            shutil.rmtree(folder.checkpoints)
+        folder.checkpoints.mkdir()
+        document = {
+            "run-config": config.to_run_config(),
+            "radfed-version": __version__,
+            "stats-schema-version": STATS_SCHEMA_VERSION,
+            **facts,
+        }
+        (path / "config.json").write_text(json.dumps(document, indent=2) + "\n")
+        folder.metrics_path.write_text("")
+        return folder
+
+    def append_metrics(self, round_: int, site: str, split: str, n: int,
+                       metrics: Mapping[str, float | None]) -> None:
+        """Append one (round, site, split) line to metrics.jsonl."""
+        line = {"round": round_, "site": site, "split": split, "n": n, "metrics": dict(metrics)}
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+
+    def read_metrics(self) -> Iterator[dict[str, Any]]:
+        """The lines of metrics.jsonl as dictionaries."""
+        with self.metrics_path.open() as handle:
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)
+
+    def checkpoint_path(self, round_: int) -> Path:
+        return self.checkpoints / f"round-{round_:03d}.pt"
+
+    def save_checkpoint(self, round_: int, state_dict: Mapping[str, torch.Tensor], config: RunConfig) -> Path:
+        """Save the global model after ``round_`` (0 is the initial model)."""
+        path = self.checkpoint_path(round_)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"round": round_, "state_dict": dict(state_dict),
+                    "run-config": config.to_run_config(), "radfed-version": __version__}, tmp)
+        tmp.replace(path)
+        return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by ``RunFolder.save_checkpoint`` (tensors only, no pickled code)."""
+    return dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -1,0 +1,41 @@
+"""The ServerApp's work: build the global model, run the strategy, write the run folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid
+
+from radfed.config import RunConfig
+from radfed.federation.run_folder import RunFolder
+from radfed.federation.strategy import RadfedFedAvg
+from radfed.log import logger
+from radfed.tasks import build_model
+
+__all__ = ["run_server"]
+
+
+def run_server(grid: Grid, context: Context) -> Path:
+    """Run a whole federated training as configured in ``context.run_config``.
+
+    Returns:
+        The run folder.
+    """
+    config = RunConfig.from_run_config(context.run_config)
+    run = RunFolder.start(Path(config.out_dir).resolve(), config)
+    model = build_model(config)
+    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    run.save_checkpoint(0, reference, config)
+    logger.info("run folder: %s", run.path)
+    strategy = RadfedFedAvg(config=config, reference=reference, run=run)
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(reference),
+        num_rounds=config.num_server_rounds,
+        timeout=config.round_timeout,
+        train_config=ConfigRecord({}),
+        evaluate_config=ConfigRecord({}),
+    )
+    logger.info("run finished: %d rounds; metrics in %s", config.num_server_rounds, run.metrics_path)
+    return run.path

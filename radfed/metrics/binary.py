@@ -1,0 +1,184 @@
+"""Binary classification metrics from mergeable sufficient statistics.
+
+A site summarises its per-case scores as confusion counts at the operating threshold
+plus positive and negative score histograms; the server sums these over sites and
+computes every number from the sums, so a pooled value is the value on the pooled cases:
+exactly for counts, and for AUC within the tie bound of ``auc_tie_bound``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "BinaryStats",
+    "BinaryStatsAccumulator",
+    "accuracy",
+    "auc_from_histograms",
+    "auc_tie_bound",
+    "binary_metrics",
+    "sensitivity",
+    "specificity",
+]
+
+
+@dataclass(frozen=True)
+class BinaryStats:
+    """Sufficient statistics of binary predictions; adding two gives the pooled statistics.
+
+    Attributes:
+        tp, fp, tn, fn: confusion counts at the threshold (``score >= threshold`` is positive).
+        pos_hist: counts of positive cases per score bin, shape ``(B,)``.
+        neg_hist: counts of negative cases per score bin, shape ``(B,)``.
+    """
+
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+    pos_hist: tuple[int, ...]
+    neg_hist: tuple[int, ...]
+
+    @classmethod
+    def empty(cls, bins: int) -> BinaryStats:
+        zeros = (0,) * bins
+        return cls(0, 0, 0, 0, zeros, zeros)
+
+    @classmethod
+    def from_scores(
+        cls, scores: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5, bins: int = 1000
+    ) -> BinaryStats:
+        """Summarise per-case scores.
+
+        Args:
+            scores: predicted probabilities in [0, 1], shape ``(N,)``.
+            labels: 0/1 labels, shape ``(N,)``.
+            threshold: operating threshold.
+            bins: number of equal-width score bins on [0, 1].
+        """
+        scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+        labels = np.asarray(labels).reshape(-1).astype(bool)
+        if scores.shape != labels.shape:
+            msg = f"scores and labels differ in length: {scores.shape[0]} vs {labels.shape[0]}"
+            raise ValueError(msg)
+        if scores.size and (not np.isfinite(scores).all() or scores.min() < 0 or scores.max() > 1):
+            msg = "scores must be finite probabilities in [0, 1]"
+            raise ValueError(msg)
+        predicted = scores >= threshold
+        index = np.minimum((scores * bins).astype(np.int64), bins - 1)
+        return cls(
+            tp=int(np.sum(predicted & labels)),
+            fp=int(np.sum(predicted & ~labels)),
+            tn=int(np.sum(~predicted & ~labels)),
+            fn=int(np.sum(~predicted & labels)),
+            pos_hist=tuple(int(v) for v in np.bincount(index[labels], minlength=bins)),
+            neg_hist=tuple(int(v) for v in np.bincount(index[~labels], minlength=bins)),
+        )
+
+    @property
+    def n(self) -> int:
+        return self.tp + self.fp + self.tn + self.fn
+
+    def __add__(self, other: BinaryStats) -> BinaryStats:
+        if len(self.pos_hist) != len(other.pos_hist):
+            msg = f"cannot merge histograms of {len(self.pos_hist)} and {len(other.pos_hist)} bins"
+            raise ValueError(msg)
+        return BinaryStats(
+            tp=self.tp + other.tp,
+            fp=self.fp + other.fp,
+            tn=self.tn + other.tn,
+            fn=self.fn + other.fn,
+            pos_hist=tuple(a + b for a, b in zip(self.pos_hist, other.pos_hist, strict=True)),
+            neg_hist=tuple(a + b for a, b in zip(self.neg_hist, other.neg_hist, strict=True)),
+        )
+
+    @staticmethod
+    def merge(parts: Iterable[BinaryStats], bins: int) -> BinaryStats:
+        """Sum any number of statistics (the empty sum has ``bins`` empty bins)."""
+        total = BinaryStats.empty(bins)
+        for part in parts:
+            total = total + part
+        return total
+
+
+class BinaryStatsAccumulator:
+    """Stateful accumulator over batches (MONAI style: ``append``, ``aggregate``, ``reset``)."""
+
+    def __init__(self, *, threshold: float = 0.5, bins: int = 1000) -> None:
+        self.threshold = threshold
+        self.bins = bins
+        self._stats = BinaryStats.empty(bins)
+
+    def append(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        batch = BinaryStats.from_scores(scores, labels, threshold=self.threshold, bins=self.bins)
+        self._stats = self._stats + batch
+
+    def aggregate(self) -> BinaryStats:
+        return self._stats
+
+    def reset(self) -> None:
+        self._stats = BinaryStats.empty(self.bins)
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def sensitivity(s: BinaryStats) -> float | None:
+    """True positive rate at the threshold; None without positives."""
+    return _ratio(s.tp, s.tp + s.fn)
+
+
+def specificity(s: BinaryStats) -> float | None:
+    """True negative rate at the threshold; None without negatives."""
+    return _ratio(s.tn, s.tn + s.fp)
+
+
+def accuracy(s: BinaryStats) -> float | None:
+    """Share of correct decisions at the threshold; None without cases."""
+    return _ratio(s.tp + s.tn, s.n)
+
+
+def auc_from_histograms(pos_hist: np.ndarray | tuple[int, ...], neg_hist: np.ndarray | tuple[int, ...]) -> float | None:
+    """ROC AUC from score histograms (Mann-Whitney, pairs within one bin count one half).
+
+    Returns None unless both classes are present.
+    """
+    pos = np.asarray(pos_hist, dtype=np.float64)
+    neg = np.asarray(neg_hist, dtype=np.float64)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if n_pos == 0 or n_neg == 0:
+        return None
+    neg_below = np.concatenate(([0.0], np.cumsum(neg)[:-1]))
+    wins = float(np.sum(pos * neg_below) + 0.5 * np.sum(pos * neg))
+    return wins / float(n_pos * n_neg)
+
+
+def auc_tie_bound(pos_hist: np.ndarray | tuple[int, ...], neg_hist: np.ndarray | tuple[int, ...]) -> float | None:
+    """Largest possible difference between the histogram AUC and the exact AUC.
+
+    Only positive-negative pairs that share a bin can be ordered either way; each counts
+    one half in the histogram AUC and 0, 1/2 or 1 in the exact AUC.
+    """
+    pos = np.asarray(pos_hist, dtype=np.float64)
+    neg = np.asarray(neg_hist, dtype=np.float64)
+    pairs = float(pos.sum() * neg.sum())
+    return 0.5 * float(np.sum(pos * neg)) / pairs if pairs else None
+
+
+def binary_metrics(s: BinaryStats) -> dict[str, float | None]:
+    """Every reported metric of one set of statistics (None where undefined)."""
+    auc = auc_from_histograms(s.pos_hist, s.neg_hist)
+    prevalence = _ratio(s.tp + s.fn, s.n)
+    out = {
+        "auc": auc,
+        "sensitivity": sensitivity(s),
+        "specificity": specificity(s),
+        "accuracy": accuracy(s),
+        "prevalence": prevalence,
+    }
+    return {k: (None if v is None or math.isnan(v) else round(v, 6)) for k, v in out.items()}

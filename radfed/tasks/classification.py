@@ -1,0 +1,107 @@
+"""Binary image classification: MONAI networks, local training, per-split statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from radfed.config import RunConfig
+from radfed.data.site import SiteData, SplitData
+from radfed.errors import ConfigError
+from radfed.metrics.binary import BinaryStats
+from radfed.tasks.runtime import TrainResult, autocast, grad_scaler, pick_device, seeded_generator
+
+__all__ = ["MODELS", "build_model", "evaluate", "predict", "train"]
+
+#: Network names accepted by the ``model`` run-config key.
+MODELS = ("cnn", "resnet18", "densenet121")
+
+
+def build_model(config: RunConfig) -> nn.Module:
+    """A MONAI network with one output logit for 1-channel ``(B, 1, S, S)`` images.
+
+    The weights are initialised from ``config.seed`` so the server and every site agree.
+    """
+    from monai.networks import nets
+
+    size = config.image_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        if config.model == "cnn":
+            # A small residual CNN with batch norm: fast on CPU, integer BN buffers included.
+            return nets.Classifier(in_shape=(1, size, size), classes=1, channels=(8, 16, 32, 64),
+                                   strides=(2, 2, 2, 2), num_res_units=1, norm="BATCH")
+        if config.model == "resnet18":
+            return nets.resnet18(spatial_dims=2, n_input_channels=1, num_classes=1)
+        if config.model == "densenet121":
+            return nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=1)
+    msg = f"run config 'model' must be one of {', '.join(MODELS)}, got {config.model!r}"
+    raise ConfigError(msg)
+
+
+def train(model: nn.Module, data: SplitData, config: RunConfig, *, seed: int) -> TrainResult:
+    """Local epochs of Adam on binary cross-entropy; CUDA with mixed precision when present.
+
+    Args:
+        model: the network, holding the global weights of this round.
+        data: the site's training split.
+        config: run settings (epochs, batch size, learning rate).
+        seed: shuffling seed for this site and round.
+    """
+    device = pick_device()
+    model.to(device).train()
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    scaler = grad_scaler(device)
+    loss_fn = nn.BCEWithLogitsLoss()
+    generator = seeded_generator(seed)
+    n = len(data)
+    total, seen = 0.0, 0
+    for _ in range(config.local_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, config.batch_size):
+            index = order[start : start + config.batch_size]
+            if len(index) < 2:  # batch norm needs two samples
+                continue
+            images = data.images[index].to(device, non_blocking=True)
+            labels = data.labels[index].to(device, dtype=torch.float32)
+            optimiser.zero_grad(set_to_none=True)
+            with autocast(device):
+                logits = model(images).reshape(-1)
+                loss = loss_fn(logits.float(), labels)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+            total += float(loss.detach()) * len(index)
+            seen += len(index)
+    model.to("cpu")
+    return TrainResult(num_examples=n, loss=total / seen if seen else float("nan"))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: SplitData, *, batch_size: int = 64) -> np.ndarray:
+    """Probabilities of the positive class, shape ``(N,)``; they never leave the site."""
+    device = pick_device()
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(data), batch_size):
+        images = data.images[start : start + batch_size].to(device)
+        with autocast(device):
+            logits = model(images).reshape(-1)
+        out.append(torch.sigmoid(logits.float()).cpu())
+    model.to("cpu")
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def evaluate(model: nn.Module, site: SiteData, config: RunConfig) -> Mapping[str, BinaryStats]:
+    """Sufficient statistics of each split in ``config.eval_splits`` (empty splits give zeros)."""
+    out: dict[str, BinaryStats] = {}
+    for split in config.eval_splits:
+        data = site.splits[split]
+        scores = predict(model, data)
+        out[split] = BinaryStats.from_scores(
+            scores, data.labels.numpy(), threshold=config.threshold, bins=config.score_bins
+        )
+    return out

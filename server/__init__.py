@@ -1,0 +1,1 @@
+"""radfed's Flower ServerApp (thin wiring over the installed radfed package)."""
