@@ -14,8 +14,11 @@ from rich.table import Table
 from radfed import __version__
 from radfed.errors import RadfedError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="radfed: federated learning for radiology across hospital sites.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="radfed: federated learning for radiology across hospital sites.",
+)
 console = Console(stderr=True)
 
 
@@ -29,12 +32,14 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
 @app.callback()
-def _main(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False) -> None:
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
     if version:
         typer.echo(__version__)
         raise typer.Exit()
@@ -57,8 +62,14 @@ def synth(
     if task != "classification":
         _fail(RadfedError(f"--task {task!r} is not available yet; use classification"))
     try:
-        summaries = synth_classification(out, sites=sites, cases_per_site=cases_per_site, seed=seed,
-                                         image_size=image_size, overwrite=overwrite)
+        summaries = synth_classification(
+            out,
+            sites=sites,
+            cases_per_site=cases_per_site,
+            seed=seed,
+            image_size=image_size,
+            overwrite=overwrite,
+        )
     except RadfedError as err:
         _fail(err)
         return
@@ -66,19 +77,28 @@ def synth(
     for column in ("site", "cases", "positives", "patients", "female patients", "manufacturer"):
         table.add_column(column)
     for s in summaries:
-        table.add_row(s.name, str(s.cases), str(s.positives), str(s.patients), str(s.female), s.manufacturer)
+        table.add_row(
+            s.name, str(s.cases), str(s.positives), str(s.patients), str(s.female), s.manufacturer
+        )
     Console().print(table)
 
 
 @app.command()
 def simulate(
-    data: Annotated[Path, typer.Option("--data", help="Folder of site folders (DATA/<site>/manifest.csv).")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Folder of site folders (DATA/<site>/manifest.csv).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
     task: Annotated[str, typer.Option(help="Task to train.")] = "classification",
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of model, splits and training.")] = 42,
-    run_config: Annotated[list[str] | None, typer.Option(
-        "--run-config", help="Further run-config values, e.g. 'local-epochs=2 model=\"resnet18\"'.")] = None,
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--run-config",
+            help="Further run-config values, e.g. 'local-epochs=2 model=\"resnet18\"'.",
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's own log.")] = False,
 ) -> None:
@@ -90,7 +110,12 @@ def simulate(
     _setup_logging(verbose)
     if (out / "metrics.jsonl").exists() and not overwrite:
         _fail(RadfedError(f"{out} already holds a run; choose another --out or pass --overwrite"))
-    overrides = {**parse_config_args(run_config), "task": task, "num-server-rounds": rounds, "seed": seed}
+    overrides = {
+        **parse_config_args(run_config),
+        "task": task,
+        "num-server-rounds": rounds,
+        "seed": seed,
+    }
     try:
         folder = run_simulation(data, out, overrides, verbose=verbose)
     except RadfedError as err:
@@ -111,8 +136,12 @@ def _print_summary(folder: Path) -> None:
     for line in lines:
         if line["round"] == last:
             m = line["metrics"]
-            table.add_row(line["site"], line["split"], str(line["n"]),
-                          *(_fmt(m.get(k)) for k in ("auc", "sensitivity", "specificity", "accuracy")))
+            table.add_row(
+                line["site"],
+                line["split"],
+                str(line["n"]),
+                *(_fmt(m.get(k)) for k in ("auc", "sensitivity", "specificity", "accuracy")),
+            )
     out = Console()
     out.print(table)
     out.print(f"run folder: {folder}")

@@ -46,7 +46,7 @@ class RunConfig:
     seed: int = 42
     model: str = "cnn"
     image_size: int = 64
-    local_epochs: int = 1
+    local_epochs: int = 3
     batch_size: int = 16
     learning_rate: float = 1e-3
     eval_splits: tuple[str, ...] = ("train", "val")
@@ -77,8 +77,12 @@ class RunConfig:
         _check(self.min_sites >= 1, "min-sites", self.min_sites, ">= 1")
         _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")
         bad = [s for s in self.eval_splits if s not in SPLITS]
-        _check(not bad and bool(self.eval_splits), "eval-splits", ",".join(self.eval_splits),
-               f"a comma-separated subset of {','.join(SPLITS)}")
+        _check(
+            not bad and bool(self.eval_splits),
+            "eval-splits",
+            ",".join(self.eval_splits),
+            f"a comma-separated subset of {','.join(SPLITS)}",
+        )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:

@@ -44,8 +44,10 @@ def find_app_dir(start: Path | None = None) -> Path:
     for folder in candidates:
         if _is_radfed_app(folder):
             return folder
-    msg = (f"cannot find the radfed Flower app (a pyproject.toml with [tool.flwr.app] and "
-           f"server/ client/); run from the radfed project folder or set {APP_ENV}")
+    msg = (
+        f"cannot find the radfed Flower app (a pyproject.toml with [tool.flwr.app] and "
+        f"server/ client/); run from the radfed project folder or set {APP_ENV}"
+    )
     raise ConfigError(msg)
 
 
@@ -57,7 +59,9 @@ def _is_radfed_app(folder: Path) -> bool:
         document = tomllib.loads(project.read_text())
     except (OSError, tomllib.TOMLDecodeError):
         return False
-    return document.get("project", {}).get("name") == "radfed" and "flwr" in document.get("tool", {})
+    return document.get("project", {}).get("name") == "radfed" and "flwr" in document.get(
+        "tool", {}
+    )
 
 
 def simulate(
@@ -100,15 +104,24 @@ def simulate(
     task = str(given.get("task", "classification"))
     for site in sites:
         read_manifest(site, task)
-    override = {**given, "data-root": str(data_root), "out-dir": str(out_dir),
-                "min-sites": len(sites)}
+    override = {
+        **given,
+        "data-root": str(data_root),
+        "out-dir": str(out_dir),
+        "min-sites": len(sites),
+    }
     try:
         run_config = get_fused_config_from_dir(app, override)
     except ValueError as err:
         raise ConfigError(f"unknown run-config key: {err}") from None
     config = RunConfig.from_run_config(run_config)
-    logger.info("simulating %d sites (%s), %d rounds, app %s", len(sites),
-                ", ".join(s.name for s in sites), config.num_server_rounds, app)
+    logger.info(
+        "simulating %d sites (%s), %d rounds, app %s",
+        len(sites),
+        ", ".join(s.name for s in sites),
+        config.num_server_rounds,
+        app,
+    )
 
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)
@@ -116,8 +129,9 @@ def simulate(
     run.federation_id = NOOP_FEDERATION_ID
     run.override_config = override
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=run_config)
+    context = Context(
+        run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+    )
     cpus = os.cpu_count() or 1
     components = _components(app)
     _run_simulation(
@@ -128,8 +142,12 @@ def simulate(
         backend_name="ray",
         backend_config={
             "client_resources": {"num_cpus": 1, "num_gpus": _gpus_per_site(len(sites))},
-            "init_args": {"num_cpus": cpus, "include_dashboard": False,
-                          "logging_level": "ERROR", "log_to_driver": verbose},
+            "init_args": {
+                "num_cpus": cpus,
+                "include_dashboard": False,
+                "logging_level": "ERROR",
+                "log_to_driver": verbose,
+            },
         },
         app_dir=str(app),
         run=run,

@@ -52,14 +52,21 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> tuple[str
         if not config.data_root:
             raise ConfigError("run config 'data-root' is empty; set it to a folder of site folders")
         sites = list_sites(Path(config.data_root).expanduser())
-        index, count = int(node_config["partition-id"]), int(node_config.get("num-partitions", len(sites)))
+        index, count = (
+            int(node_config["partition-id"]),
+            int(node_config.get("num-partitions", len(sites))),
+        )
         if count != len(sites):
-            msg = (f"the simulation has {count} nodes but data-root holds {len(sites)} site folders; "
-                   "run one node per site folder")
+            msg = (
+                f"the simulation has {count} nodes but data-root holds {len(sites)} site folders; "
+                "run one node per site folder"
+            )
             raise ConfigError(msg)
         return sites[index].name, sites[index]
-    raise ConfigError("node config names no site: start the SuperNode with "
-                      "--node-config 'site-name=\"NAME\" data-path=\"/path/to/site\"'")
+    raise ConfigError(
+        "node config names no site: start the SuperNode with "
+        '--node-config \'site-name="NAME" data-path="/path/to/site"\''
+    )
 
 
 _SITE_MEMO: dict[tuple[object, ...], SiteData] = {}
@@ -69,12 +76,24 @@ def _site_data(path: Path, config: RunConfig) -> SiteData:
     """Load the site once per process and settings (a simulated node keeps its process)."""
     manifest = path / "manifest.csv"
     stamp = manifest.stat().st_mtime_ns if manifest.exists() else 0
-    key = (str(path.resolve()), stamp, config.task, config.image_size, config.val_fraction,
-           config.test_fraction, config.seed)
+    key = (
+        str(path.resolve()),
+        stamp,
+        config.task,
+        config.image_size,
+        config.val_fraction,
+        config.test_fraction,
+        config.seed,
+    )
     if key not in _SITE_MEMO:
-        _SITE_MEMO[key] = load_site(path, task=config.task, image_size=config.image_size,
-                                    val_fraction=config.val_fraction,
-                                    test_fraction=config.test_fraction, seed=config.seed)
+        _SITE_MEMO[key] = load_site(
+            path,
+            task=config.task,
+            image_size=config.image_size,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        )
     return _SITE_MEMO[key]
 
 
@@ -89,12 +108,18 @@ def _train(msg: Message, context: Context) -> Message:
     result = train(model, site.splits["train"], config, seed=seed)
     if result.num_examples == 0:
         raise DataError("the train split is empty; add cases or lower val/test fractions")
-    logger.info("round %d: trained on %d cases, loss %.4f", server_round, result.num_examples, result.loss)
-    content = RecordDict({
-        ARRAYS_KEY: ArrayRecord(model.state_dict()),
-        METRICS_KEY: MetricRecord({"num-examples": result.num_examples, "train-loss": float(result.loss)}),
-        SITE_KEY: SiteIdentity.local(name).to_record(),
-    })
+    logger.info(
+        "round %d: trained on %d cases, loss %.4f", server_round, result.num_examples, result.loss
+    )
+    content = RecordDict(
+        {
+            ARRAYS_KEY: ArrayRecord(model.state_dict()),
+            METRICS_KEY: MetricRecord(
+                {"num-examples": result.num_examples, "train-loss": float(result.loss)}
+            ),
+            SITE_KEY: SiteIdentity.local(name).to_record(),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
@@ -105,14 +130,18 @@ def _evaluate(msg: Message, context: Context) -> Message:
     model = build_model(config)
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())  # type: ignore[union-attr]
     stats = evaluate(model, site, config)
-    content = RecordDict({
-        METRICS_KEY: pack_classification_stats(stats),
-        SITE_KEY: SiteIdentity.local(name).to_record(),
-    })
+    content = RecordDict(
+        {
+            METRICS_KEY: pack_classification_stats(stats),
+            SITE_KEY: SiteIdentity.local(name).to_record(),
+        }
+    )
     return Message(content=content, reply_to=msg)
 
 
-def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+def _guarded(
+    handler: Callable[[Message, Context], Message],
+) -> Callable[[Message, Context], Message]:
     """Reply with an error code, never exception text; log locally without values or paths."""
 
     def run(msg: Message, context: Context) -> Message:
@@ -121,12 +150,20 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[[Messag
         except RadfedError as err:
             # radfed's own messages name manifest lines and settings, never header values.
             logger.error("%s failed: %s", handler.__name__.strip("_"), err)
-            code = ErrorCode.CONFIG if isinstance(err, ConfigError) else (
-                ErrorCode.DATA if isinstance(err, DataError) else ErrorCode.RADFED)
-        except Exception as err:  # noqa: BLE001 - a site must answer, not crash
+            code = (
+                ErrorCode.CONFIG
+                if isinstance(err, ConfigError)
+                else (ErrorCode.DATA if isinstance(err, DataError) else ErrorCode.RADFED)
+            )
+        except Exception as err:
             frame = traceback.extract_tb(err.__traceback__)[-1]
-            logger.error("%s failed: %s at %s:%d (message withheld)", handler.__name__.strip("_"),
-                         type(err).__name__, Path(frame.filename).name, frame.lineno or 0)
+            logger.error(
+                "%s failed: %s at %s:%d (message withheld)",
+                handler.__name__.strip("_"),
+                type(err).__name__,
+                Path(frame.filename).name,
+                frame.lineno or 0,
+            )
             code = ErrorCode.UNEXPECTED
         return Message(error=Error(code=code, reason=f"radfed site error {code}"), reply_to=msg)
 

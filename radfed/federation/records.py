@@ -62,8 +62,11 @@ class SiteIdentity:
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord(
-            {"name": self.name, "radfed-version": self.radfed_version,
-             "schema-version": self.schema_version}
+            {
+                "name": self.name,
+                "radfed-version": self.radfed_version,
+                "schema-version": self.schema_version,
+            }
         )
 
 
@@ -79,15 +82,24 @@ def read_site_identity(content: RecordDict) -> SiteIdentity:
     name = record.get("name")
     version = record.get("radfed-version")
     schema = record.get("schema-version")
-    if not isinstance(name, str) or not name or not isinstance(version, str) or not isinstance(schema, int):
+    if (
+        not isinstance(name, str)
+        or not name
+        or not isinstance(version, str)
+        or not isinstance(schema, int)
+    ):
         raise InvalidReply("reply carries a malformed site identity")
     if schema != STATS_SCHEMA_VERSION:
-        msg = (f"site {name!r} sends statistics schema {schema}, this server reads "
-               f"{STATS_SCHEMA_VERSION}; install the same radfed version at site and server")
+        msg = (
+            f"site {name!r} sends statistics schema {schema}, this server reads "
+            f"{STATS_SCHEMA_VERSION}; install the same radfed version at site and server"
+        )
         raise InvalidReply(msg)
     if _release(version) != _release(__version__):
-        msg = (f"site {name!r} runs radfed {version}, the server {__version__}; "
-               "install the same radfed release at site and server")
+        msg = (
+            f"site {name!r} runs radfed {version}, the server {__version__}; "
+            "install the same radfed release at site and server"
+        )
         raise InvalidReply(msg)
     return SiteIdentity(name=name, radfed_version=version, schema_version=schema)
 
@@ -131,7 +143,10 @@ def unpack_classification_stats(
     out: dict[str, BinaryStats] = {}
     for split in splits:
         counts = [_count(record[f"{split}.{k}"], f"{split}.{k}") for k in _COUNT_KEYS]
-        hists = [_histogram(record[f"{split}.{k}"], f"{split}.{k}", bins) for k in ("pos-hist", "neg-hist")]
+        hists = [
+            _histogram(record[f"{split}.{k}"], f"{split}.{k}", bins)
+            for k in ("pos-hist", "neg-hist")
+        ]
         tp, fp, tn, fn = counts
         if sum(hists[0]) != tp + fn or sum(hists[1]) != tn + fp:
             raise InvalidReply(f"{split}: score histograms disagree with the confusion counts")
@@ -162,19 +177,27 @@ def validate_arrays(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) 
     if list(record.keys()) != list(reference.keys()):
         missing = sorted(set(reference) - set(record.keys()))
         extra = sorted(set(record.keys()) - set(reference))
-        raise InvalidReply(f"weights differ from the model (missing {missing[:3]}, extra {extra[:3]})")
+        raise InvalidReply(
+            f"weights differ from the model (missing {missing[:3]}, extra {extra[:3]})"
+        )
     for name, ref in reference.items():
         array = record[name]
         if tuple(array.shape) != tuple(ref.shape):
-            raise InvalidReply(f"weight {name!r} has shape {tuple(array.shape)}, expected {tuple(ref.shape)}")
+            raise InvalidReply(
+                f"weight {name!r} has shape {tuple(array.shape)}, expected {tuple(ref.shape)}"
+            )
         if array.dtype != str(ref.numpy().dtype):
-            raise InvalidReply(f"weight {name!r} has dtype {array.dtype}, expected {ref.numpy().dtype}")
+            raise InvalidReply(
+                f"weight {name!r} has dtype {array.dtype}, expected {ref.numpy().dtype}"
+            )
         values = array.numpy()
         if values.dtype.kind == "f" and not np.isfinite(values).all():
             raise InvalidReply(f"weight {name!r} holds non-finite values")
 
 
-def cast_like(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+def cast_like(
+    record: ArrayRecord, reference: Mapping[str, torch.Tensor]
+) -> OrderedDict[str, torch.Tensor]:
     """Aggregated arrays as a state dict with the reference dtypes.
 
     Weighted averaging turns integer buffers (BatchNorm ``num_batches_tracked``) into

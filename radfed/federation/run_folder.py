@@ -58,8 +58,9 @@ class RunFolder:
         folder.metrics_path.write_text("")
         return folder
 
-    def append_metrics(self, round_: int, site: str, split: str, n: int,
-                       metrics: Mapping[str, float | None]) -> None:
+    def append_metrics(
+        self, round_: int, site: str, split: str, n: int, metrics: Mapping[str, float | None]
+    ) -> None:
         """Append one (round, site, split) line to metrics.jsonl."""
         line = {"round": round_, "site": site, "split": split, "n": n, "metrics": dict(metrics)}
         with self.metrics_path.open("a") as handle:
@@ -75,16 +76,25 @@ class RunFolder:
     def checkpoint_path(self, round_: int) -> Path:
         return self.checkpoints / f"round-{round_:03d}.pt"
 
-    def save_checkpoint(self, round_: int, state_dict: Mapping[str, torch.Tensor], config: RunConfig) -> Path:
+    def save_checkpoint(
+        self, round_: int, state_dict: Mapping[str, torch.Tensor], config: RunConfig
+    ) -> Path:
         """Save the global model after ``round_`` (0 is the initial model)."""
         path = self.checkpoint_path(round_)
         tmp = path.with_suffix(".tmp")
-        torch.save({"round": round_, "state_dict": dict(state_dict),
-                    "run-config": config.to_run_config(), "radfed-version": __version__}, tmp)
+        torch.save(
+            {
+                "round": round_,
+                "state_dict": dict(state_dict),
+                "run-config": config.to_run_config(),
+                "radfed-version": __version__,
+            },
+            tmp,
+        )
         tmp.replace(path)
         return path
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint written by ``RunFolder.save_checkpoint`` (tensors only, no pickled code)."""
+    """Read a checkpoint written by ``RunFolder.save_checkpoint`` (tensors only, no code)."""
     return dict(torch.load(path, map_location="cpu", weights_only=True))

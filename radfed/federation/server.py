@@ -37,5 +37,7 @@ def run_server(grid: Grid, context: Context) -> Path:
         train_config=ConfigRecord({}),
         evaluate_config=ConfigRecord({}),
     )
-    logger.info("run finished: %d rounds; metrics in %s", config.num_server_rounds, run.metrics_path)
+    logger.info(
+        "run finished: %d rounds; metrics in %s", config.num_server_rounds, run.metrics_path
+    )
     return run.path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
@@ -33,8 +34,9 @@ class RadfedFedAvg(FedAvg):
     written to metrics.jsonl (pooled from summed statistics, never averaged).
     """
 
-    def __init__(self, *, config: RunConfig, reference: Mapping[str, torch.Tensor],
-                 run: RunFolder) -> None:
+    def __init__(
+        self, *, config: RunConfig, reference: Mapping[str, torch.Tensor], run: RunFolder
+    ) -> None:
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=1.0,
@@ -49,8 +51,11 @@ class RadfedFedAvg(FedAvg):
 
     def summary(self) -> None:
         super().summary()
-        logger.info("strategy FedAvg: %d rounds, at least %d sites, statistics-based metrics",
-                    self.config.num_server_rounds, self.config.min_sites)
+        logger.info(
+            "strategy FedAvg: %d rounds, at least %d sites, statistics-based metrics",
+            self.config.num_server_rounds,
+            self.config.min_sites,
+        )
 
     # ------------------------------------------------------------------ training
     def aggregate_train(
@@ -61,8 +66,8 @@ class RadfedFedAvg(FedAvg):
         for msg, site in self._checked(server_round, replies, "update"):
             try:
                 validate_arrays(msg.content[ARRAYS_KEY], self.reference)  # type: ignore[arg-type]
-                metrics = next(iter(msg.content.metric_records.values()))
-                n, loss = metrics.get("num-examples"), metrics.get("train-loss")
+                reported = next(iter(msg.content.metric_records.values()))
+                n, loss = reported.get("num-examples"), reported.get("train-loss")
                 if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
                     raise InvalidReply("num-examples must be a positive integer")
                 if not isinstance(loss, float) or not math.isfinite(loss):
@@ -72,7 +77,10 @@ class RadfedFedAvg(FedAvg):
                 continue
             accepted.append(msg)
             losses[site] = loss
-        arrays, metrics = super().aggregate_train(server_round, accepted) if accepted else (None, None)
+        arrays: ArrayRecord | None = None
+        metrics: MetricRecord | None = None
+        if accepted:
+            arrays, metrics = super().aggregate_train(server_round, accepted)
         if arrays is not None:
             state = cast_like(arrays, self.reference)
             arrays = ArrayRecord(state)
@@ -80,13 +88,19 @@ class RadfedFedAvg(FedAvg):
         else:
             logger.warning("round %d: no valid update; the global model is unchanged", server_round)
         self.run.save_checkpoint(server_round, self.reference, self.config)
-        logger.info("round %d/%d: %d sites trained (local loss %s)", server_round,
-                    self.config.num_server_rounds, len(accepted),
-                    ", ".join(f"{s} {v:.3f}" for s, v in sorted(losses.items())) or "none")
+        logger.info(
+            "round %d/%d: %d sites trained (local loss %s)",
+            server_round,
+            self.config.num_server_rounds,
+            len(accepted),
+            ", ".join(f"{s} {v:.3f}" for s, v in sorted(losses.items())) or "none",
+        )
         return arrays, metrics
 
     # ---------------------------------------------------------------- evaluation
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         per_site: dict[str, Mapping[str, BinaryStats]] = {}
         for msg, site in self._checked(server_round, replies, "statistics"):
             try:
@@ -101,8 +115,13 @@ class RadfedFedAvg(FedAvg):
             return None
         summary: dict[str, float] = {}
         for split in self.config.eval_splits:
-            pooled = BinaryStats.merge((s[split] for s in per_site.values()), self.config.score_bins)
-            rows = {**{name: stats[split] for name, stats in sorted(per_site.items())}, POOLED_SITE: pooled}
+            pooled = BinaryStats.merge(
+                (s[split] for s in per_site.values()), self.config.score_bins
+            )
+            rows = {
+                **{name: stats[split] for name, stats in sorted(per_site.items())},
+                POOLED_SITE: pooled,
+            }
             aucs = []
             for name, stats in rows.items():
                 values = binary_metrics(stats)
@@ -110,18 +129,29 @@ class RadfedFedAvg(FedAvg):
                 aucs.append(f"{name} {_fmt(values['auc'])}")
                 if name == POOLED_SITE:
                     summary.update({f"{split}-{k}": v for k, v in values.items() if v is not None})
-            logger.info("round %d/%d %s AUC: %s", server_round, self.config.num_server_rounds,
-                        split, " | ".join(aucs))
+            logger.info(
+                "round %d/%d %s AUC: %s",
+                server_round,
+                self.config.num_server_rounds,
+                split,
+                " | ".join(aucs),
+            )
         return MetricRecord(summary)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ helpers
-    def _checked(self, server_round: int, replies: Iterable[Message], what: str) -> Iterable[tuple[Message, str]]:
+    def _checked(
+        self, server_round: int, replies: Iterable[Message], what: str
+    ) -> Iterable[tuple[Message, str]]:
         """Replies that carry content and a valid site identity, with the site name."""
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
-                logger.warning("round %d: %s failed with error code %d; dropped", server_round,
-                               self.site_names.get(node, f"node {node}"), msg.error.code)
+                logger.warning(
+                    "round %d: %s failed with error code %d; dropped",
+                    server_round,
+                    self.site_names.get(node, f"node {node}"),
+                    msg.error.code,
+                )
                 continue
             try:
                 site = read_site_identity(msg.content).name
@@ -137,4 +167,3 @@ class RadfedFedAvg(FedAvg):
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
-

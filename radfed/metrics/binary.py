@@ -143,7 +143,9 @@ def accuracy(s: BinaryStats) -> float | None:
     return _ratio(s.tp + s.tn, s.n)
 
 
-def auc_from_histograms(pos_hist: np.ndarray | tuple[int, ...], neg_hist: np.ndarray | tuple[int, ...]) -> float | None:
+def auc_from_histograms(
+    pos_hist: np.ndarray | tuple[int, ...], neg_hist: np.ndarray | tuple[int, ...]
+) -> float | None:
     """ROC AUC from score histograms (Mann-Whitney, pairs within one bin count one half).
 
     Returns None unless both classes are present.
@@ -158,7 +160,9 @@ def auc_from_histograms(pos_hist: np.ndarray | tuple[int, ...], neg_hist: np.nda
     return wins / float(n_pos * n_neg)
 
 
-def auc_tie_bound(pos_hist: np.ndarray | tuple[int, ...], neg_hist: np.ndarray | tuple[int, ...]) -> float | None:
+def auc_tie_bound(
+    pos_hist: np.ndarray | tuple[int, ...], neg_hist: np.ndarray | tuple[int, ...]
+) -> float | None:
     """Largest possible difference between the histogram AUC and the exact AUC.
 
     Only positive-negative pairs that share a bin can be ordered either way; each counts

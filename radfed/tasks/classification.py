@@ -27,13 +27,21 @@ def build_model(config: RunConfig) -> nn.Module:
     """
     from monai.networks import nets
 
-    size = config.image_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if config.model == "cnn":
-            # A small residual CNN with batch norm: fast on CPU, integer BN buffers included.
-            return nets.Classifier(in_shape=(1, size, size), classes=1, channels=(8, 16, 32, 64),
-                                   strides=(2, 2, 2, 2), num_res_units=1, norm="BATCH")
+            # A narrow ResNet-10 with global pooling and batch norm: fast on CPU, translation
+            # invariant (a lesion may be anywhere), integer BN buffers included.
+            return nets.ResNet(
+                block="basic",
+                layers=[1, 1, 1, 1],
+                block_inplanes=[8, 16, 32, 64],
+                spatial_dims=2,
+                n_input_channels=1,
+                num_classes=1,
+                conv1_t_size=5,
+                conv1_t_stride=1,
+            )
         if config.model == "resnet18":
             return nets.resnet18(spatial_dims=2, n_input_channels=1, num_classes=1)
         if config.model == "densenet121":

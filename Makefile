@@ -1,0 +1,49 @@
+# radfed: `make demo` and `make test` work on a fresh machine (they create .venv).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.radfed-installed
+DEMO_DATA ?= data/demo
+DEMO_RUN  ?= runs/demo
+
+export FLWR_TELEMETRY_ENABLED ?= 0
+export FLWR_DISABLE_UPDATE_CHECK ?= 1
+export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO ?= 0
+
+.PHONY: install demo test test-fast check lint types format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt --editable '.[dev]'
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/radfed synth --task classification --sites 3 --cases-per-site 150 --seed 7 \
+		--out $(DEMO_DATA) --overwrite
+	$(BIN)/radfed simulate --data $(DEMO_DATA) --task classification --rounds 3 --seed 7 \
+		--out $(DEMO_RUN) --overwrite
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+lint: install
+	$(BIN)/ruff format --check radfed server client tests
+	$(BIN)/ruff check radfed server client tests
+
+types: install
+	$(BIN)/mypy
+
+check: lint types test
+
+format: install
+	$(BIN)/ruff format radfed server client tests
+	$(BIN)/ruff check --fix radfed server client tests
+
+clean:
+	rm -rf $(VENV) data runs .pytest_cache .mypy_cache .ruff_cache

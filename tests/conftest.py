@@ -1,0 +1,35 @@
+"""Shared fixtures: an isolated Flower home, and small synthetic sites written as real DICOM."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from radfed.data.synth import synth_classification
+
+
+@pytest.fixture(autouse=True)
+def _isolated_flower_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three generated sites (read-only for tests: copy before changing)."""
+    root = tmp_path_factory.mktemp("synth") / "data"
+    synth_classification(root, sites=3, cases_per_site=24, seed=11, image_size=32)
+    return root
+
+
+@pytest.fixture
+def site_copy(synth_root: Path, tmp_path: Path) -> Path:
+    """A private, writable copy of site-a."""
+    target = tmp_path / "site-a"
+    shutil.copytree(synth_root / "site-a", target)
+    return target

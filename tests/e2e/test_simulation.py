@@ -1,0 +1,171 @@
+"""A real Flower simulation, started as its own process: 3 tiny sites, 2 rounds."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from radfed.config import RunConfig
+from radfed.data.site import load_site
+from radfed.data.synth import synth_classification
+from radfed.federation.run_folder import load_checkpoint
+from radfed.tasks import build_model, predict
+
+pytestmark = pytest.mark.e2e
+ROUNDS = 2
+SITES = ("site-a", "site-b", "site-c")
+
+
+def _tie_bound(scores: np.ndarray, labels: np.ndarray, bins: int) -> float:
+    """Half the share of positive-negative pairs in one score bin (computed without radfed)."""
+    index = np.minimum((scores * bins).astype(int), bins - 1)
+    pos = np.bincount(index[labels == 1], minlength=bins)
+    neg = np.bincount(index[labels == 0], minlength=bins)
+    return 0.5 * float(np.sum(pos * neg)) / float(pos.sum() * neg.sum())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("e2e")
+    data, out = root / "data", root / "run"
+    synth_classification(data, sites=3, cases_per_site=30, seed=21, image_size=32)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(root / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "radfed",
+        "simulate",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--rounds",
+        str(ROUNDS),
+        "--seed",
+        "5",
+        "--run-config",
+        "image-size=32 local-epochs=2 batch-size=8",
+    ]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=420)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # the simulation and everything it started
+            process.wait()
+    assert process.returncode == 0, output
+    assert f"round {ROUNDS}/{ROUNDS} val AUC" in output  # progress is shown per round
+    return data, out
+
+
+def test_every_site_has_metrics_every_round(finished_run: tuple[Path, Path]) -> None:
+    _, out = finished_run
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = {(line["round"], line["site"], line["split"]) for line in lines}
+    expected = {
+        (r, s, split)
+        for r in range(1, ROUNDS + 1)
+        for s in (*SITES, "ALL")
+        for split in ("train", "val")
+    }
+    assert keys == expected and len(lines) == len(expected)
+    for line in lines:
+        assert set(line["metrics"]) == {
+            "auc",
+            "sensitivity",
+            "specificity",
+            "accuracy",
+            "prevalence",
+        }
+    for r in range(1, ROUNDS + 1):
+        sites_n = sum(
+            line["n"]
+            for line in lines
+            if line["round"] == r and line["split"] == "val" and line["site"] != "ALL"
+        )
+        pooled = next(
+            line
+            for line in lines
+            if (line["round"], line["site"], line["split"]) == (r, "ALL", "val")
+        )
+        assert pooled["n"] == sites_n
+    config = json.loads((out / "config.json").read_text())
+    assert config["run-config"]["seed"] == 5 and config["run-config"]["num-server-rounds"] == ROUNDS
+
+
+def test_global_weights_changed_every_round(finished_run: tuple[Path, Path]) -> None:
+    _, out = finished_run
+    states = [
+        load_checkpoint(out / "checkpoints" / f"round-{r:03d}.pt")["state_dict"]
+        for r in range(ROUNDS + 1)
+    ]
+    for before, after in itertools.pairwise(states):
+        assert any(
+            not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point()
+        )
+    tracked = [k for k in states[-1] if k.endswith("num_batches_tracked")]
+    assert tracked and all(states[-1][k].dtype == torch.int64 for k in tracked)
+
+
+def test_pooled_auc_equals_sklearn_on_pooled_cases(finished_run: tuple[Path, Path]) -> None:
+    # Prepare: the final global model, and each site's validation cases (split stored at the site)
+    data, out = finished_run
+    checkpoint = load_checkpoint(out / "checkpoints" / f"round-{ROUNDS:03d}.pt")
+    config = RunConfig.from_run_config(checkpoint["run-config"])
+    model = build_model(config)
+    model.load_state_dict(checkpoint["state_dict"])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reported = {
+        line["site"]: line for line in lines if line["round"] == ROUNDS and line["split"] == "val"
+    }
+    scores, labels = [], []
+    for site in SITES:
+        split = load_site(
+            data / site,
+            image_size=config.image_size,
+            val_fraction=config.val_fraction,
+            test_fraction=config.test_fraction,
+            seed=config.seed,
+        ).splits["val"]
+        s, y = predict(model, split), split.labels.numpy()
+        assert reported[site]["n"] == len(y)
+        if len(set(y)) == 2:
+            bound = _tie_bound(s, y, config.score_bins)
+            assert reported[site]["metrics"]["auc"] == pytest.approx(
+                roc_auc_score(y, s), abs=bound + 1e-5
+            )
+        scores.append(s)
+        labels.append(y)
+    # Execute
+    pooled_scores, pooled_labels = np.concatenate(scores), np.concatenate(labels)
+    exact = roc_auc_score(pooled_labels, pooled_scores)
+    bound = _tie_bound(pooled_scores, pooled_labels, config.score_bins)
+    # Assert: the stated tolerance is the tie bound of the 1000-bin histograms
+    assert bound < 0.05
+    assert reported["ALL"]["metrics"]["auc"] == pytest.approx(exact, abs=bound + 1e-5)
+    accuracy = float(np.mean((pooled_scores >= config.threshold) == pooled_labels))
+    assert reported["ALL"]["metrics"]["accuracy"] == pytest.approx(
+        accuracy, abs=1.01 / len(pooled_labels)
+    )

@@ -1,0 +1,133 @@
+"""The site's handlers, called directly: what they reply, and that nothing identifying leaves."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from radfed.config import RunConfig
+from radfed.errors import ConfigError
+from radfed.federation.client import ErrorCode, handle_evaluate, handle_train, resolve_site
+from radfed.federation.records import unpack_classification_stats
+from radfed.tasks import build_model
+from tests.helpers import make_context, make_message
+
+CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=100, seed=3)
+
+
+def _request(kind: str, server_round: int = 1) -> Message:
+    model = build_model(CONFIG)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "config": ConfigRecord({"server-round": server_round}),
+        }
+    )
+    return make_message(content, message_type=kind, src_node_id=0, dst_node_id=1)
+
+
+def _deployed(site: Path) -> dict[str, bool | float | int | str]:
+    return {"site-name": "site-a", "data-path": str(site)}
+
+
+def test_train_reply_carries_updated_weights_and_counts_only(site_copy: Path) -> None:
+    # Execute
+    reply = handle_train(
+        _request("train"), make_context(CONFIG.to_run_config(), _deployed(site_copy))
+    )
+    # Assert
+    assert not reply.has_error()
+    sent = reply.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    initial = build_model(CONFIG).state_dict()
+    assert list(sent) == list(initial)
+    assert any(
+        not torch.equal(sent[k], initial[k]) for k in initial if initial[k].is_floating_point()
+    )
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) == {"num-examples", "train-loss"}  # type: ignore[union-attr]
+    assert metrics["num-examples"] > 0  # type: ignore[index]
+    assert reply.content["site"]["name"] == "site-a"  # type: ignore[index]
+
+
+def test_evaluate_reply_holds_statistics_and_nothing_identifying(site_copy: Path) -> None:
+    # Prepare: every identifying value the site holds
+    with (site_copy / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    secrets = {str(site_copy)}
+    for row in rows:
+        ds = pydicom.dcmread(site_copy / row["image"], stop_before_pixels=True)
+        secrets |= {
+            row["patient_id"],
+            row["image"],
+            str(ds.PatientName),
+            ds.PatientAge,
+            ds.Manufacturer,
+        }
+    # Execute
+    reply = handle_evaluate(
+        _request("evaluate"), make_context(CONFIG.to_run_config(), _deployed(site_copy))
+    )
+    # Assert: the statistics parse against the schema, counts match the site
+    assert not reply.has_error()
+    assert not reply.content.array_records
+    stats = unpack_classification_stats(
+        reply.content["metrics"], CONFIG.eval_splits, CONFIG.score_bins
+    )  # type: ignore[arg-type]
+    assert sum(s.n for s in stats.values()) < len(rows)  # the sealed test split was not evaluated
+    # Assert: no string leaves except the site identity, and it holds no secret
+    strings = [str(v) for record in reply.content.config_records.values() for v in record.values()]
+    strings += [k for record in reply.content.metric_records.values() for k in record]
+    assert not [s for s in strings for secret in secrets if secret in s]
+    for record in reply.content.metric_records.values():
+        for value in record.values():
+            assert isinstance(value, int | list), "only counts leave a site"
+
+
+def test_site_failure_replies_with_a_code_not_the_exception_text(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a site folder without manifest
+    site = tmp_path / "hospital-x" / "secret-folder"
+    site.mkdir(parents=True)
+    caplog.set_level(logging.INFO, logger="radfed")
+    # Execute
+    reply = handle_train(
+        _request("train"), make_context(CONFIG.to_run_config(), {"data-path": str(site)})
+    )
+    # Assert
+    assert reply.has_error()
+    assert reply.error.code == ErrorCode.DATA
+    assert "secret-folder" not in (reply.error.reason or "") and "manifest" not in (
+        reply.error.reason or ""
+    )
+    assert "no manifest.csv" in caplog.text  # the site administrator still learns why
+    assert str(tmp_path) not in caplog.text
+
+
+def test_unexpected_failure_is_withheld(site_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
+    request = _request("train")
+    request.content["arrays"] = ArrayRecord({"wrong": torch.zeros(1)})
+    reply = handle_train(request, make_context(CONFIG.to_run_config(), _deployed(site_copy)))
+    assert reply.has_error() and reply.error.code == ErrorCode.UNEXPECTED
+    assert "message withheld" in caplog.text
+    assert "wrong" not in (reply.error.reason or "")
+
+
+def test_simulated_nodes_map_to_sorted_site_folders(synth_root: Path) -> None:
+    config = RunConfig(data_root=str(synth_root))
+    assert resolve_site({"partition-id": 1, "num-partitions": 3}, config) == (
+        "site-b",
+        synth_root / "site-b",
+    )
+    with pytest.raises(ConfigError, match="2 nodes but data-root holds 3"):
+        resolve_site({"partition-id": 0, "num-partitions": 2}, config)
+    with pytest.raises(ConfigError, match="data-root"):
+        resolve_site({"partition-id": 0, "num-partitions": 3}, RunConfig())
+    with pytest.raises(ConfigError, match="node config names no site"):
+        resolve_site({}, config)
