@@ -1,0 +1,132 @@
+"""Reading and validating a site's ``manifest.csv`` (the site-folder contract)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from radfed.config import SPLITS
+from radfed.errors import DataError
+
+__all__ = ["MANIFEST_NAME", "Case", "Manifest", "RowProblem", "read_manifest"]
+
+MANIFEST_NAME = "manifest.csv"
+_TARGET_COLUMN = {"classification": "label"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One manifest row that passed validation.
+
+    Attributes:
+        line: line number in manifest.csv (the header is line 1).
+        image: absolute path of the image (never leaves the site, never logged).
+        patient_id: pseudonymous patient id (never leaves the site, never logged).
+        label: the class label (classification).
+        split: the split given in the manifest, or None.
+        attributes: other columns (subgroup attributes such as sex or age).
+    """
+
+    line: int
+    image: Path
+    patient_id: str
+    label: int
+    split: str | None
+    attributes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """A manifest row that was skipped, and why (no values from the row itself)."""
+
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{MANIFEST_NAME} line {self.line}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The valid cases of a site and the rows that were skipped."""
+
+    site_dir: Path
+    cases: tuple[Case, ...]
+    problems: tuple[RowProblem, ...]
+
+
+def read_manifest(site_dir: Path, task: str = "classification") -> Manifest:
+    """Read ``site_dir/manifest.csv`` for a task.
+
+    A missing manifest, or one without a required column, is an error for the whole
+    site; a bad row is skipped and reported.
+
+    Raises:
+        DataError: no manifest, no header, a missing required column, or no valid row.
+    """
+    path = site_dir / MANIFEST_NAME
+    where = f"{site_dir.name}/{MANIFEST_NAME}"  # named by site, never by full path
+    if task not in _TARGET_COLUMN:
+        msg = f"task {task!r} is not supported; choose one of {sorted(_TARGET_COLUMN)}"
+        raise DataError(msg)
+    if not path.is_file():
+        msg = (
+            f"{where}: no {MANIFEST_NAME} in the site folder; write one with the columns "
+            "image, patient_id, label (see README: site folder)"
+        )
+        raise DataError(msg)
+    target = _TARGET_COLUMN[task]
+    required = ("image", "patient_id", target)
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in required if c not in header]
+        if missing:
+            msg = (
+                f"{where}: missing required column(s) {', '.join(missing)}; "
+                f"the header must name {', '.join(required)} (found: {', '.join(header) or 'none'})"
+            )
+            raise DataError(msg)
+        reader.fieldnames = header
+        cases: list[Case] = []
+        problems: list[RowProblem] = []
+        for index, row in enumerate(reader):
+            line = index + 2
+            result = _parse_row(site_dir, row, target, line)
+            if isinstance(result, RowProblem):
+                problems.append(result)
+            else:
+                cases.append(result)
+    if not cases:
+        msg = f"{where}: no usable row ({len(problems)} skipped); fix the rows reported above"
+        raise DataError(msg)
+    return Manifest(site_dir=site_dir, cases=tuple(cases), problems=tuple(problems))
+
+
+def _parse_row(site_dir: Path, row: dict[str, str | None], target: str, line: int) -> Case | RowProblem:
+    values = {k: (v or "").strip() for k, v in row.items() if k is not None}
+    image, patient_id, label_text = values["image"], values["patient_id"], values[target]
+    if not image:
+        return RowProblem(line, "empty 'image'; give a path relative to the site folder")
+    if not patient_id:
+        return RowProblem(line, "empty 'patient_id'; every case needs a pseudonymous patient id")
+    if label_text not in {"0", "1"}:
+        return RowProblem(line, f"'{target}' must be 0 or 1; fix the value")
+    split = values.get("split") or None
+    if split is not None and split not in SPLITS:
+        return RowProblem(line, f"'split' must be one of {', '.join(SPLITS)} or empty")
+    image_path = (site_dir / image).resolve()
+    if not image_path.is_relative_to(site_dir.resolve()):
+        return RowProblem(line, "'image' points outside the site folder; use a relative path")
+    attributes = {
+        k: v for k, v in values.items() if k not in {"image", "patient_id", target, "split"} and v
+    }
+    return Case(
+        line=line,
+        image=image_path,
+        patient_id=patient_id,
+        label=int(label_text),
+        split=split,
+        attributes=attributes,
+    )

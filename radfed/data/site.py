@@ -1,0 +1,170 @@
+"""Loading a whole site: manifest, images, fixed patient-disjoint splits, model-ready tensors."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from radfed.data.dicom import ImageReadError, normalise_sex, read_dicom_image
+from radfed.data.manifest import Case, RowProblem, read_manifest
+from radfed.data.splits import PatientInfo, check_given_splits, load_or_make_splits, patient_key
+from radfed.errors import DataError
+from radfed.log import logger
+
+__all__ = ["STATE_DIR_NAME", "SiteData", "SplitData", "list_sites", "load_site"]
+
+#: The site's own state folder inside the site folder (splits, later the cache).
+STATE_DIR_NAME = ".radfed"
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """Model-ready cases of one split.
+
+    Attributes:
+        images: float32 tensor of shape ``(N, 1, S, S)`` scaled to [0, 1].
+        labels: int64 tensor of shape ``(N,)``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's cases by split, plus the manifest rows that were skipped."""
+
+    splits: dict[str, SplitData]
+    skipped: tuple[RowProblem, ...]
+
+    @property
+    def num_cases(self) -> int:
+        return sum(len(s) for s in self.splits.values())
+
+
+def list_sites(data_root: Path) -> list[Path]:
+    """The site folders of a simulation data root (``DATA/<site>/manifest.csv``), sorted.
+
+    Raises:
+        DataError: the root is missing or holds no site folder.
+    """
+    if not data_root.is_dir():
+        msg = f"{data_root}: data root not found; create sites with 'radfed synth' or point --data at a folder of site folders"
+        raise DataError(msg)
+    sites = sorted(p for p in data_root.iterdir() if p.is_dir() and (p / "manifest.csv").is_file())
+    if not sites:
+        msg = (
+            f"{data_root}: no site folders (sub-folders holding manifest.csv); "
+            "generate some with 'radfed synth --out DATA' or check the path"
+        )
+        raise DataError(msg)
+    return sites
+
+
+def load_site(
+    site_dir: Path,
+    *,
+    image_size: int,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    task: str = "classification",
+    state_dir: Path | None = None,
+) -> SiteData:
+    """Read every case of a site and split it.
+
+    Unreadable images are skipped and reported by manifest line; the split of each patient
+    is stored in the state folder and never changes afterwards.
+
+    Args:
+        site_dir: the site folder.
+        image_size: images are resized to ``(image_size, image_size)``.
+        val_fraction: validation share, when the manifest gives no split.
+        test_fraction: test share, when the manifest gives no split.
+        seed: split seed (used only for patients not split before).
+        task: the task whose target column is read.
+        state_dir: the site's state folder; default ``site_dir/.radfed``.
+
+    Raises:
+        DataError: no manifest, no usable case, or patient leakage in a given split.
+    """
+    manifest = read_manifest(site_dir, task)
+    problems = list(manifest.problems)
+    pixels: list[np.ndarray] = []
+    kept: list[Case] = []
+    sexes: list[str] = []
+    for case in manifest.cases:
+        try:
+            image = read_dicom_image(case.image)
+        except ImageReadError as err:
+            problems.append(RowProblem(case.line, f"image skipped: {err.reason}"))
+            continue
+        pixels.append(_preprocess(image.pixels, image_size))
+        kept.append(case)
+        sexes.append(normalise_sex(case.attributes["sex"]) if "sex" in case.attributes else image.sex)
+    for problem in problems:
+        logger.warning("%s", problem)
+    if problems:
+        logger.warning("skipped %d of %d manifest rows", len(problems), len(kept) + len(problems))
+    if not kept:
+        msg = f"{site_dir.name}/manifest.csv: no readable image; fix the rows reported above"
+        raise DataError(msg)
+
+    keys = [patient_key(c.patient_id) for c in kept]
+    splits = _split_cases(kept, keys, sexes, state_dir or site_dir / STATE_DIR_NAME,
+                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    stacked = torch.from_numpy(np.stack(pixels))[:, None]
+    labels = torch.tensor([c.label for c in kept], dtype=torch.int64)
+    out: dict[str, SplitData] = {}
+    for name in ("train", "val", "test"):
+        index = torch.tensor([i for i, s in enumerate(splits) if s == name], dtype=torch.int64)
+        out[name] = SplitData(images=stacked[index].contiguous(), labels=labels[index].contiguous())
+    counts = Counter(splits)
+    logger.info("site ready: %d cases (train %d, val %d, test %d), %d skipped", len(kept),
+                counts["train"], counts["val"], counts["test"], len(problems))
+    return SiteData(splits=out, skipped=tuple(problems))
+
+
+def _split_cases(
+    cases: list[Case],
+    keys: list[str],
+    sexes: list[str],
+    state_dir: Path,
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> list[str]:
+    given = [c.split for c in cases]
+    if all(s is not None for s in given):
+        check_given_splits([(k, str(s), c.line) for k, s, c in zip(keys, given, cases, strict=True)])
+        return [str(s) for s in given]
+    if any(s is not None for s in given):
+        msg = "manifest.csv: 'split' is filled for some rows only; fill it for every row or none"
+        raise DataError(msg)
+    patients: dict[str, PatientInfo] = {}
+    for key, case, sex in zip(keys, cases, sexes, strict=True):
+        before = patients.get(key)
+        label = max(case.label, before.label) if before else case.label
+        patients[key] = PatientInfo(label=label, sex=before.sex if before else sex)
+    assignment = load_or_make_splits(
+        state_dir, patients, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+    )
+    return [assignment[k] for k in keys]
+
+
+def _preprocess(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Resize to ``(size, size)`` and scale the 1st..99th percentile range to [0, 1]."""
+    from monai.transforms import Resize, ScaleIntensityRangePercentiles
+
+    resized = Resize((size, size), mode="area")(torch.from_numpy(pixels[None]))
+    scaled = ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)(resized)
+    out: np.ndarray = np.asarray(scaled, dtype=np.float32)[0]
+    return out
