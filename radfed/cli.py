@@ -23,8 +23,16 @@ console = Console(stderr=True)
 
 
 def _setup_logging(verbose: bool) -> None:
-    handler = RichHandler(console=console, show_path=False, show_time=True, markup=False)
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    handler: logging.Handler
+    if console.is_terminal:
+        handler = RichHandler(console=console, show_path=False, show_time=True, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # logs and CI: one unwrapped line per record
+        handler = logging.StreamHandler()
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+        )
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("radfed").setLevel(logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         # Flower logs every message at INFO; radfed's own lines show the progress.
@@ -148,6 +156,7 @@ def _print_summary(folder: Path) -> None:
     out.print(f"  metrics:     {run.metrics_path}")
     out.print(f"  config:      {folder / 'config.json'}")
     out.print(f"  checkpoints: {run.checkpoints}")
+    out.print(f"  curves:      {folder / 'curves.png'}")
 
 
 def _fmt(value: float | None) -> str:

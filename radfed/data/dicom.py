@@ -19,8 +19,25 @@ from radfed.errors import DataError
 __all__ = ["DicomImage", "ImageReadError", "normalise_sex", "read_dicom_image"]
 
 #: Modalities of objects that hold no image to train on, even when they carry pixel data.
-NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "KO",
-                                  "PR", "ECG", "HD", "AU", "DOC", "REG", "FID", "PLAN"})
+NON_IMAGE_MODALITIES = frozenset(
+    {
+        "SEG",
+        "RTSTRUCT",
+        "RTPLAN",
+        "RTDOSE",
+        "RTRECORD",
+        "SR",
+        "KO",
+        "PR",
+        "ECG",
+        "HD",
+        "AU",
+        "DOC",
+        "REG",
+        "FID",
+        "PLAN",
+    }
+)
 
 
 class ImageReadError(DataError):
@@ -71,7 +88,9 @@ def read_dicom_image(path: Path) -> DicomImage:
                 "compressed pixel data needs a codec: install radfed's 'codecs' extra"
             ) from None
         except (ValueError, AttributeError, KeyError, TypeError, OSError, RuntimeError):
-            raise ImageReadError("pixel data is truncated or inconsistent with the header") from None
+            raise ImageReadError(
+                "pixel data is truncated or inconsistent with the header"
+            ) from None
         if raw.ndim != 2:
             raise ImageReadError(f"expected a single-frame 2-D image, got {raw.ndim}-D pixel data")
         try:

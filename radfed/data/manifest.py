@@ -104,7 +104,9 @@ def read_manifest(site_dir: Path, task: str = "classification") -> Manifest:
     return Manifest(site_dir=site_dir, cases=tuple(cases), problems=tuple(problems))
 
 
-def _parse_row(site_dir: Path, row: dict[str, str | None], target: str, line: int) -> Case | RowProblem:
+def _parse_row(
+    site_dir: Path, row: dict[str, str | None], target: str, line: int
+) -> Case | RowProblem:
     values = {k: (v or "").strip() for k, v in row.items() if k is not None}
     image, patient_id, label_text = values["image"], values["patient_id"], values[target]
     if not image:

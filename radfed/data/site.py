@@ -56,7 +56,10 @@ def list_sites(data_root: Path) -> list[Path]:
         DataError: the root is missing or holds no site folder.
     """
     if not data_root.is_dir():
-        msg = f"{data_root}: data root not found; create sites with 'radfed synth' or point --data at a folder of site folders"
+        msg = (
+            f"{data_root}: data root not found; create sites with 'radfed synth' "
+            "or point --data at a folder of site folders"
+        )
         raise DataError(msg)
     sites = sorted(p for p in data_root.iterdir() if p.is_dir() and (p / "manifest.csv").is_file())
     if not sites:
@@ -108,7 +111,9 @@ def load_site(
             continue
         pixels.append(_preprocess(image.pixels, image_size))
         kept.append(case)
-        sexes.append(normalise_sex(case.attributes["sex"]) if "sex" in case.attributes else image.sex)
+        sexes.append(
+            normalise_sex(case.attributes["sex"]) if "sex" in case.attributes else image.sex
+        )
     for problem in problems:
         logger.warning("%s", problem)
     if problems:
@@ -118,8 +123,15 @@ def load_site(
         raise DataError(msg)
 
     keys = [patient_key(c.patient_id) for c in kept]
-    splits = _split_cases(kept, keys, sexes, state_dir or site_dir / STATE_DIR_NAME,
-                          val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    splits = _split_cases(
+        kept,
+        keys,
+        sexes,
+        state_dir or site_dir / STATE_DIR_NAME,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+    )
     stacked = torch.from_numpy(np.stack(pixels))[:, None]
     labels = torch.tensor([c.label for c in kept], dtype=torch.int64)
     out: dict[str, SplitData] = {}
@@ -127,8 +139,14 @@ def load_site(
         index = torch.tensor([i for i, s in enumerate(splits) if s == name], dtype=torch.int64)
         out[name] = SplitData(images=stacked[index].contiguous(), labels=labels[index].contiguous())
     counts = Counter(splits)
-    logger.info("site ready: %d cases (train %d, val %d, test %d), %d skipped", len(kept),
-                counts["train"], counts["val"], counts["test"], len(problems))
+    logger.info(
+        "site ready: %d cases (train %d, val %d, test %d), %d skipped",
+        len(kept),
+        counts["train"],
+        counts["val"],
+        counts["test"],
+        len(problems),
+    )
     return SiteData(splits=out, skipped=tuple(problems))
 
 
@@ -144,7 +162,9 @@ def _split_cases(
 ) -> list[str]:
     given = [c.split for c in cases]
     if all(s is not None for s in given):
-        check_given_splits([(k, str(s), c.line) for k, s, c in zip(keys, given, cases, strict=True)])
+        check_given_splits(
+            [(k, str(s), c.line) for k, s, c in zip(keys, given, cases, strict=True)]
+        )
         return [str(s) for s in given]
     if any(s is not None for s in given):
         msg = "manifest.csv: 'split' is filled for some rows only; fill it for every row or none"
@@ -165,6 +185,8 @@ def _preprocess(pixels: np.ndarray, size: int) -> np.ndarray:
     from monai.transforms import Resize, ScaleIntensityRangePercentiles
 
     resized = Resize((size, size), mode="area")(torch.from_numpy(pixels[None]))
-    scaled = ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)(resized)
+    scaled = ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)(
+        resized
+    )
     out: np.ndarray = np.asarray(scaled, dtype=np.float32)[0]
     return out

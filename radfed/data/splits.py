@@ -1,4 +1,4 @@
-"""Patient-disjoint train/val/test splits, stratified by label and sex, stored so they never change."""
+"""Patient-disjoint train/val/test splits, stratified by label and sex, stored once and kept."""
 
 from __future__ import annotations
 
@@ -61,7 +61,11 @@ def assign_splits(
         info = patients[key]
         strata[(info.label, info.sex)].append(key)
     rng = np.random.default_rng(seed)
-    fractions = {"train": 1.0 - val_fraction - test_fraction, "val": val_fraction, "test": test_fraction}
+    fractions = {
+        "train": 1.0 - val_fraction - test_fraction,
+        "val": val_fraction,
+        "test": test_fraction,
+    }
     # Carry the rounding remainders across strata so small strata add up to the target.
     carry = dict.fromkeys(fractions, 0.0)
     out: dict[str, str] = {}
@@ -131,7 +135,9 @@ def load_or_make_splits(
             document = json.loads(path.read_text())
             stored = {str(k): str(v) for k, v in document["assignments"].items()}
         except (ValueError, KeyError, TypeError, AttributeError):
-            msg = f"{path}: unreadable split file; restore it from backup (or delete it to re-split)"
+            msg = (
+                f"{path}: unreadable split file; restore it from backup (or delete it to re-split)"
+            )
             raise DataError(msg) from None
     new = {k: v for k, v in patients.items() if k not in stored}
     if new or not path.is_file():

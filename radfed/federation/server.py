@@ -11,6 +11,7 @@ from radfed.config import RunConfig
 from radfed.federation.run_folder import RunFolder
 from radfed.federation.strategy import RadfedFedAvg
 from radfed.log import logger
+from radfed.plots import plot_curves
 from radfed.tasks import build_model
 
 __all__ = ["run_server"]
@@ -37,7 +38,11 @@ def run_server(grid: Grid, context: Context) -> Path:
         train_config=ConfigRecord({}),
         evaluate_config=ConfigRecord({}),
     )
+    figure = plot_curves(run)
     logger.info(
-        "run finished: %d rounds; metrics in %s", config.num_server_rounds, run.metrics_path
+        "run finished: %d rounds; metrics in %s, curves in %s",
+        config.num_server_rounds,
+        run.metrics_path,
+        figure,
     )
     return run.path

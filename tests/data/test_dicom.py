@@ -28,7 +28,9 @@ def test_ct_small_gets_its_rescale_applied() -> None:
     # Execute
     image = read_dicom_image(path)
     # Assert
-    expected = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    expected = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(
+        ds.RescaleIntercept
+    )
     np.testing.assert_allclose(image.pixels, expected, rtol=0, atol=1e-3)
     assert image.pixels.dtype == np.float32
     assert image.spacing == pytest.approx((0.661468, 0.661468))
@@ -84,8 +86,15 @@ def test_synthetic_rescale_intercept_round_trips(synth_root: Path) -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("F", "F"), ("M", "M"), ("O", "other"), ("", "unknown"), (None, "unknown"), ("N/A", "unknown"),
-     (" f ", "F")],
+    [
+        ("F", "F"),
+        ("M", "M"),
+        ("O", "other"),
+        ("", "unknown"),
+        (None, "unknown"),
+        ("N/A", "unknown"),
+        (" f ", "F"),
+    ],
 )
 def test_sex_values_seen_in_real_headers(value: str | None, expected: str) -> None:
     assert normalise_sex(value) == expected

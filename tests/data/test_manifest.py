@@ -12,7 +12,9 @@ from radfed.errors import DataError
 
 def test_missing_manifest_names_the_file_and_the_columns(tmp_path: Path) -> None:
     (tmp_path / "site-x").mkdir()
-    with pytest.raises(DataError, match=r"site-x/manifest.csv: no manifest.csv .*image, patient_id, label"):
+    with pytest.raises(
+        DataError, match=r"site-x/manifest.csv: no manifest.csv .*image, patient_id, label"
+    ):
         read_manifest(tmp_path / "site-x")
 
 
@@ -20,7 +22,7 @@ def test_missing_required_column(tmp_path: Path) -> None:
     site = tmp_path / "site-x"
     site.mkdir()
     (site / "manifest.csv").write_text("image,patient_id\na.dcm,P1\n")
-    with pytest.raises(DataError, match="missing required column.*label"):
+    with pytest.raises(DataError, match=r"missing required column.*label"):
         read_manifest(site)
 
 

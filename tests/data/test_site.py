@@ -29,14 +29,17 @@ def test_site_loads_every_case_into_patient_disjoint_splits(site_copy: Path) -> 
     rows = _rows(site_copy)
     assert site.num_cases == len(rows) and not site.skipped
     assert site.splits["train"].images.shape[1:] == (1, 32, 32)
-    assert 0.0 <= float(site.splits["train"].images.min()) and float(site.splits["train"].images.max()) <= 1.0
+    assert float(site.splits["train"].images.min()) >= 0.0
+    assert float(site.splits["train"].images.max()) <= 1.0
     stored = (site_copy / ".radfed" / "split.json").read_text()
     by_patient: dict[str, set[str]] = {}
     import json
 
     assignments = json.loads(stored)["assignments"]
     for row in rows:
-        by_patient.setdefault(row["patient_id"], set()).add(assignments[patient_key(row["patient_id"])])
+        by_patient.setdefault(row["patient_id"], set()).add(
+            assignments[patient_key(row["patient_id"])]
+        )
     assert all(len(s) == 1 for s in by_patient.values())
     assert not any(row["patient_id"] in stored for row in rows)  # ids are hashed in the state file
 
@@ -49,7 +52,9 @@ def test_split_stays_fixed_across_loads_with_another_seed(site_copy: Path) -> No
         assert (first.splits[name].images == again.splits[name].images).all()
 
 
-def test_one_corrupt_image_is_skipped_counted_and_reported(site_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_one_corrupt_image_is_skipped_counted_and_reported(
+    site_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # Prepare: truncate the image of the third row (manifest line 4)
     rows = _rows(site_copy)
     victim = site_copy / rows[2]["image"]
@@ -64,15 +69,24 @@ def test_one_corrupt_image_is_skipped_counted_and_reported(site_copy: Path, capl
     assert "skipped 1 of" in caplog.text
 
 
-def test_logs_hold_no_patient_id_path_or_header_value(site_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_logs_hold_no_patient_id_path_or_header_value(
+    site_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     # Prepare: one unreadable file, and collect every identifying value of the site
     rows = _rows(site_copy)
     (site_copy / rows[0]["image"]).write_bytes(b"garbage")
     secrets = {str(site_copy), site_copy.parent.name}
     for row in rows[1:]:
         ds = pydicom.dcmread(site_copy / row["image"])
-        secrets |= {row["patient_id"], row["image"], str(ds.PatientName), ds.PatientAge,
-                    ds.Manufacturer, ds.InstitutionName, ds.StudyInstanceUID}
+        secrets |= {
+            row["patient_id"],
+            row["image"],
+            str(ds.PatientName),
+            ds.PatientAge,
+            ds.Manufacturer,
+            ds.InstitutionName,
+            ds.StudyInstanceUID,
+        }
     caplog.set_level(logging.DEBUG)
     # Execute
     load_site(site_copy, **SETTINGS)

@@ -13,7 +13,9 @@ from radfed.errors import DataError
 
 
 def _patients(n: int) -> dict[str, PatientInfo]:
-    return {f"p{i:03d}": PatientInfo(label=int(i % 3 == 0), sex="F" if i % 2 else "M") for i in range(n)}
+    return {
+        f"p{i:03d}": PatientInfo(label=int(i % 3 == 0), sex="F" if i % 2 else "M") for i in range(n)
+    }
 
 
 def test_split_sizes_follow_the_fractions_within_every_stratum() -> None:
@@ -33,13 +35,17 @@ def test_split_sizes_follow_the_fractions_within_every_stratum() -> None:
 def test_split_is_a_function_of_the_seed() -> None:
     patients = _patients(50)
     a = assign_splits(patients, val_fraction=0.2, test_fraction=0.2, seed=3)
-    assert a == assign_splits(dict(reversed(list(patients.items()))), val_fraction=0.2, test_fraction=0.2, seed=3)
+    assert a == assign_splits(
+        dict(reversed(list(patients.items()))), val_fraction=0.2, test_fraction=0.2, seed=3
+    )
     assert a != assign_splits(patients, val_fraction=0.2, test_fraction=0.2, seed=4)
 
 
 def test_stored_split_survives_a_new_seed_and_new_patients(tmp_path: Path) -> None:
     # Prepare
-    first = load_or_make_splits(tmp_path, _patients(40), val_fraction=0.2, test_fraction=0.2, seed=1)
+    first = load_or_make_splits(
+        tmp_path, _patients(40), val_fraction=0.2, test_fraction=0.2, seed=1
+    )
     more = {**_patients(40), "new-1": PatientInfo(1, "F"), "new-2": PatientInfo(0, "M")}
     # Execute: a later round, another seed, two new patients
     second = load_or_make_splits(tmp_path, more, val_fraction=0.5, test_fraction=0.0, seed=99)

@@ -15,8 +15,11 @@ from radfed.errors import ConfigError
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_same_bytes_other_seed_other_pixels(tmp_path: Path) -> None:
@@ -43,8 +46,10 @@ def test_files_are_real_dicom_with_the_subgroup_headers(synth_root: Path) -> Non
 
 
 def test_sites_differ_like_hospitals_do(synth_root: Path) -> None:
-    headers = [pydicom.dcmread(next((synth_root / s / "images").glob("*.dcm")), stop_before_pixels=True)
-               for s in ("site-a", "site-b", "site-c")]
+    headers = [
+        pydicom.dcmread(next((synth_root / s / "images").glob("*.dcm")), stop_before_pixels=True)
+        for s in ("site-a", "site-b", "site-c")
+    ]
     assert len({h.Manufacturer for h in headers}) == 3
     assert {h.PhotometricInterpretation for h in headers} == {"MONOCHROME1", "MONOCHROME2"}
     assert len({int(h.BitsStored) for h in headers}) == 3

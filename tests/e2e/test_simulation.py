@@ -111,6 +111,7 @@ def test_every_site_has_metrics_every_round(finished_run: tuple[Path, Path]) -> 
             if (line["round"], line["site"], line["split"]) == (r, "ALL", "val")
         )
         assert pooled["n"] == sites_n
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((out / "config.json").read_text())
     assert config["run-config"]["seed"] == 5 and config["run-config"]["num-server-rounds"] == ROUNDS
 
