@@ -37,6 +37,7 @@ class RunConfig:
         score_bins: bins of the score histograms sites send (pooled AUC resolution).
         min_sites: sites that must be connected before a round starts.
         round_timeout: seconds the server waits for replies in a round.
+        age_bands: ascending age-band edges in years (``18,40,60,80``).
     """
 
     task: str = "classification"
@@ -56,6 +57,7 @@ class RunConfig:
     score_bins: int = 1000
     min_sites: int = 2
     round_timeout: float = 3600.0
+    age_bands: tuple[int, ...] = (18, 40, 60, 80)
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +78,14 @@ class RunConfig:
         _check(10 <= self.score_bins <= 100_000, "score-bins", self.score_bins, "in [10, 100000]")
         _check(self.min_sites >= 1, "min-sites", self.min_sites, ">= 1")
         _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")
+        _check(
+            bool(self.age_bands)
+            and list(self.age_bands) == sorted(set(self.age_bands))
+            and self.age_bands[0] > 0,
+            "age-bands",
+            ",".join(map(str, self.age_bands)),
+            "ascending positive years, e.g. '18,40,60,80'",
+        )
         bad = [s for s in self.eval_splits if s not in SPLITS]
         _check(
             not bad and bool(self.eval_splits),
@@ -109,7 +119,9 @@ class RunConfig:
             if f.name == "extra":
                 continue
             value = getattr(self, f.name)
-            out[f.name.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
+            out[f.name.replace("_", "-")] = (
+                ",".join(map(str, value)) if isinstance(value, tuple) else value
+            )
         return out
 
 
@@ -135,8 +147,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
                 raise TypeError
             return value
         if kind.startswith("tuple"):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(s.strip() for s in items if s.strip())
+            items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+            texts = tuple(s.strip() for s in items if s.strip())
+            return tuple(int(t) for t in texts) if "int" in kind else texts
     except (TypeError, ValueError):
         msg = f"run config {key!r} must be of type {kind}, got {value!r}"
         raise ConfigError(msg) from None

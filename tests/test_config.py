@@ -10,7 +10,11 @@ from radfed.errors import ConfigError
 
 def test_round_trip_through_flower_run_config() -> None:
     config = RunConfig(
-        num_server_rounds=5, eval_splits=("val",), learning_rate=0.01, data_root="/d"
+        num_server_rounds=5,
+        eval_splits=("val",),
+        learning_rate=0.01,
+        data_root="/d",
+        age_bands=(50,),
     )
     assert RunConfig.from_run_config(config.to_run_config()) == config
 
@@ -38,6 +42,8 @@ def test_flower_values_are_coerced_and_unknown_keys_kept() -> None:
         ({"val-fraction": 0.6, "test-fraction": 0.5}, "val-fraction \\+ test-fraction"),
         ({"threshold": 1.0}, "'threshold' must be in \\(0, 1\\)"),
         ({"task": 3}, "'task' must be of type str"),
+        ({"age-bands": "60,40"}, "'age-bands' must be ascending"),
+        ({"age-bands": "a,b"}, "'age-bands' must be of type"),
     ],
 )
 def test_bad_values_are_named_with_the_fix(values: dict[str, object], message: str) -> None:

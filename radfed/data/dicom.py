@@ -14,9 +14,10 @@ from pydicom import config as pydicom_config
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 
+from radfed.data.attributes import STANDARD_BANDS, AgeBands, attributes_from_header
 from radfed.errors import DataError
 
-__all__ = ["DicomImage", "ImageReadError", "normalise_sex", "read_dicom_image"]
+__all__ = ["NON_IMAGE_MODALITIES", "DicomImage", "ImageReadError", "read_dicom_image"]
 
 #: Modalities of objects that hold no image to train on, even when they carry pixel data.
 NON_IMAGE_MODALITIES = frozenset(
@@ -55,15 +56,16 @@ class DicomImage:
     Attributes:
         pixels: array of shape ``(H, W)``, float32; higher means brighter (MONOCHROME2).
         spacing: (row, column) spacing in mm, or None when the header has none.
-        sex: PatientSex normalised to ``F``, ``M``, ``other`` or ``unknown``.
+        attributes: subgroup attributes from the header (``radfed.data.attributes``); they
+            stay on site memory and in aggregate cell keys, never in logs.
     """
 
     pixels: np.ndarray
     spacing: tuple[float, float] | None
-    sex: str
+    attributes: dict[str, str]
 
 
-def read_dicom_image(path: Path) -> DicomImage:
+def read_dicom_image(path: Path, bands: AgeBands = STANDARD_BANDS) -> DicomImage:
     """Read a single-frame 2-D DICOM image.
 
     Args:
@@ -101,19 +103,9 @@ def read_dicom_image(path: Path) -> DicomImage:
         raise ImageReadError("pixel values are not finite after the modality LUT")
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         pixels = pixels.max() + pixels.min() - pixels
-    return DicomImage(pixels=pixels, spacing=_spacing(ds), sex=normalise_sex(ds.get("PatientSex")))
-
-
-def normalise_sex(value: object) -> str:
-    """Map a PatientSex value (or a manifest cell) to ``F``, ``M``, ``other`` or ``unknown``."""
-    text = str(value or "").strip().upper()
-    if text in {"F", "FEMALE", "W"}:
-        return "F"
-    if text in {"M", "MALE"}:
-        return "M"
-    if text in {"O", "OTHER"}:
-        return "other"
-    return "unknown"
+    return DicomImage(
+        pixels=pixels, spacing=_spacing(ds), attributes=attributes_from_header(ds, bands)
+    )
 
 
 def _read_dataset(path: Path) -> pydicom.Dataset:

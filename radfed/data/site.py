@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from radfed.data.dicom import ImageReadError, normalise_sex, read_dicom_image
+from radfed.data.attributes import STANDARD_BANDS, AgeBands, merge_manifest_attributes
+from radfed.data.cache import CaseCache
+from radfed.data.dicom import ImageReadError, read_dicom_image
 from radfed.data.manifest import Case, RowProblem, read_manifest
 from radfed.data.splits import PatientInfo, check_given_splits, load_or_make_splits, patient_key
 from radfed.errors import DataError
@@ -28,10 +30,12 @@ class SplitData:
     Attributes:
         images: float32 tensor of shape ``(N, 1, S, S)`` scaled to [0, 1].
         labels: int64 tensor of shape ``(N,)``.
+        attributes: subgroup attributes of each case (header, overridden by the manifest).
     """
 
     images: torch.Tensor
     labels: torch.Tensor
+    attributes: tuple[dict[str, str], ...] = ()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -80,6 +84,8 @@ def load_site(
     seed: int,
     task: str = "classification",
     state_dir: Path | None = None,
+    age_bands: AgeBands = STANDARD_BANDS,
+    use_cache: bool = True,
 ) -> SiteData:
     """Read every case of a site and split it.
 
@@ -94,26 +100,40 @@ def load_site(
         seed: split seed (used only for patients not split before).
         task: the task whose target column is read.
         state_dir: the site's state folder; default ``site_dir/.radfed``.
+        age_bands: the age bands of the ``age_band`` attribute.
+        use_cache: read and fill the preprocessed cache in the state folder.
 
     Raises:
         DataError: no manifest, no usable case, or patient leakage in a given split.
     """
+    state = state_dir or site_dir / STATE_DIR_NAME
     manifest = read_manifest(site_dir, task)
     problems = list(manifest.problems)
+    cache = CaseCache(state, {"image_size": image_size, "age_bands": list(age_bands.edges)})
+
+    def decode(path: Path) -> tuple[np.ndarray, dict[str, str]]:
+        image = read_dicom_image(path, age_bands)
+        return _preprocess(image.pixels, image_size), image.attributes
+
     pixels: list[np.ndarray] = []
     kept: list[Case] = []
-    sexes: list[str] = []
+    attributes: list[dict[str, str]] = []
     for case in manifest.cases:
         try:
-            image = read_dicom_image(case.image)
+            if not case.image.is_file():
+                raise ImageReadError("file not found")
+            array, header = (
+                cache.get_or_compute(case.image, decode) if use_cache else decode(case.image)
+            )
         except ImageReadError as err:
             problems.append(RowProblem(case.line, f"image skipped: {err.reason}"))
             continue
-        pixels.append(_preprocess(image.pixels, image_size))
+        except OSError:
+            problems.append(RowProblem(case.line, "image skipped: file cannot be read"))
+            continue
+        pixels.append(array)
         kept.append(case)
-        sexes.append(
-            normalise_sex(case.attributes["sex"]) if "sex" in case.attributes else image.sex
-        )
+        attributes.append(merge_manifest_attributes(header, case.attributes, age_bands))
     for problem in problems:
         logger.warning("%s", problem)
     if problems:
@@ -126,8 +146,8 @@ def load_site(
     splits = _split_cases(
         kept,
         keys,
-        sexes,
-        state_dir or site_dir / STATE_DIR_NAME,
+        [a["sex"] for a in attributes],
+        state,
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
@@ -137,15 +157,20 @@ def load_site(
     out: dict[str, SplitData] = {}
     for name in ("train", "val", "test"):
         index = torch.tensor([i for i, s in enumerate(splits) if s == name], dtype=torch.int64)
-        out[name] = SplitData(images=stacked[index].contiguous(), labels=labels[index].contiguous())
+        out[name] = SplitData(
+            images=stacked[index].contiguous(),
+            labels=labels[index].contiguous(),
+            attributes=tuple(attributes[i] for i in index.tolist()),
+        )
     counts = Counter(splits)
     logger.info(
-        "site ready: %d cases (train %d, val %d, test %d), %d skipped",
+        "site ready: %d cases (train %d, val %d, test %d), %d skipped, %d from cache",
         len(kept),
         counts["train"],
         counts["val"],
         counts["test"],
         len(problems),
+        cache.hits,
     )
     return SiteData(splits=out, skipped=tuple(problems))
 

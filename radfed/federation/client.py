@@ -11,6 +11,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from radfed.config import RunConfig
+from radfed.data.attributes import AgeBands
 from radfed.data.site import SiteData, list_sites, load_site
 from radfed.errors import ConfigError, DataError, RadfedError
 from radfed.federation.records import (
@@ -84,6 +85,7 @@ def _site_data(path: Path, config: RunConfig) -> SiteData:
         config.val_fraction,
         config.test_fraction,
         config.seed,
+        config.age_bands,
     )
     if key not in _SITE_MEMO:
         _SITE_MEMO[key] = load_site(
@@ -93,6 +95,7 @@ def _site_data(path: Path, config: RunConfig) -> SiteData:
             val_fraction=config.val_fraction,
             test_fraction=config.test_fraction,
             seed=config.seed,
+            age_bands=AgeBands(config.age_bands),
         )
     return _SITE_MEMO[key]
 

@@ -10,7 +10,8 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
-from radfed.data.dicom import ImageReadError, normalise_sex, read_dicom_image
+from radfed.data.attributes import normalise_sex
+from radfed.data.dicom import ImageReadError, read_dicom_image
 
 
 def _testfile(name: str) -> Path:
@@ -40,7 +41,7 @@ def test_ct_small_gets_its_rescale_applied() -> None:
 def test_other_encodings_give_the_same_pixels(name: str) -> None:
     reference = read_dicom_image(_testfile("MR_small.dcm"))
     np.testing.assert_array_equal(read_dicom_image(_testfile(name)).pixels, reference.pixels)
-    assert reference.sex == "F"
+    assert reference.attributes["sex"] == "F"
 
 
 @pytest.mark.parametrize(
