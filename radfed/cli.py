@@ -12,7 +12,8 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from radfed import __version__
-from radfed.errors import RadfedError
+from radfed.config import RunConfig
+from radfed.errors import ConfigError, RadfedError
 
 app = typer.Typer(
     add_completion=False,
@@ -20,6 +21,8 @@ app = typer.Typer(
     help="radfed: federated learning for radiology across hospital sites.",
 )
 console = Console(stderr=True)
+site_app = typer.Typer(no_args_is_help=True, help="Prepare and check a site folder.")
+app.add_typer(site_app, name="site")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -130,6 +133,52 @@ def simulate(
         _fail(err)
         return
     _print_summary(folder)
+
+
+def _run_config(task: str, values: list[str] | None) -> RunConfig:
+    """The app's default run config, with ``task`` and ``--run-config`` values over it."""
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    from radfed.simulate import find_app_dir
+
+    overrides = {**parse_config_args(values), "task": task}
+    try:
+        fused = get_fused_config_from_dir(find_app_dir(), overrides)
+    except RadfedError:  # no app folder (radfed installed alone): radfed's own defaults
+        fused = overrides
+    except ValueError as err:
+        raise ConfigError(f"unknown run-config key: {err}") from None
+    return RunConfig.from_run_config(fused)
+
+
+@site_app.command("check")
+def site_check(
+    site_dir: Annotated[Path, typer.Argument(help="The site folder (holding manifest.csv).")],
+    task: Annotated[str, typer.Option(help="Task the site will train.")] = "classification",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option("--run-config", help="Run settings to check against, e.g. 'image-size=128'."),
+    ] = None,
+    preflight: Annotated[bool, typer.Option(help="Run one training step at the end.")] = True,
+) -> None:
+    """Read every case and report problems by manifest line; exit 1 when the site cannot train."""
+    import json
+
+    from radfed.data.check import check_site, render_text
+
+    _setup_logging(False)
+    logging.getLogger("radfed").setLevel(logging.ERROR)  # the report says it all
+    try:
+        report = check_site(site_dir, _run_config(task, run_config), preflight=preflight)
+    except RadfedError as err:
+        _fail(err)
+        return
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        typer.echo(render_text(report))
+    raise typer.Exit(code=0 if report.can_train else 1)
 
 
 def _print_summary(folder: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,16 @@ def _isolated_flower_home(
     monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+@pytest.fixture(autouse=True)
+def _restore_log_levels() -> Iterator[None]:
+    """CLI tests configure logging as the application would; undo it after each test."""
+    loggers = [logging.getLogger(name) for name in ("radfed", "flwr")]
+    levels = [log.level for log in loggers]
+    yield
+    for log, level in zip(loggers, levels, strict=True):
+        log.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pydicom
 from pydicom import config as pydicom_config
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut
+from pydicom.uid import UID
 
 from radfed.data.attributes import STANDARD_BANDS, AgeBands, attributes_from_header
 from radfed.errors import DataError
@@ -81,7 +82,11 @@ def read_dicom_image(path: Path, bands: AgeBands = STANDARD_BANDS) -> DicomImage
     with _quiet_pydicom():
         ds = _read_dataset(path)
         modality = str(ds.get("Modality", "")).strip().upper()
-        if modality in NON_IMAGE_MODALITIES or "PixelData" not in ds:
+        if modality in NON_IMAGE_MODALITIES:
+            raise ImageReadError("non-image object (no image pixel data): not an image to train on")
+        if "PixelData" not in ds:
+            if _is_image_storage(ds):  # an image whose end was cut off
+                raise ImageReadError("truncated DICOM file: the pixel data is missing")
             raise ImageReadError("non-image object (no image pixel data): not an image to train on")
         try:
             raw = ds.pixel_array
@@ -106,6 +111,14 @@ def read_dicom_image(path: Path, bands: AgeBands = STANDARD_BANDS) -> DicomImage
     return DicomImage(
         pixels=pixels, spacing=_spacing(ds), attributes=attributes_from_header(ds, bands)
     )
+
+
+def _is_image_storage(ds: pydicom.Dataset) -> bool:
+    """Whether the object's SOP class is an image storage class, or it has image attributes."""
+    meta = getattr(ds, "file_meta", None)
+    sop_class = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta else None)
+    name = UID(str(sop_class)).name if sop_class else ""
+    return "Image Storage" in name or ("Rows" in ds and "Columns" in ds)
 
 
 def _read_dataset(path: Path) -> pydicom.Dataset:

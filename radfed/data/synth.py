@@ -244,7 +244,7 @@ def _dataset(
     ds.SeriesInstanceUID = generate_uid(_UID_ROOT, entropy_srcs=[uid_seed, "series"])
     ds.Modality = "CR"
     ds.StudyDate = ds.ContentDate = "20250101"
-    ds.PatientName = "SYNTHETIC^CASE"
+    ds.PatientName = ""  # a de-identified export: type 2, present and empty
     ds.PatientID = patient_id
     ds.PatientSex = sex
     ds.PatientAge = f"{age:03d}Y"

@@ -1,0 +1,96 @@
+"""`radfed site check`: every problem by manifest line, composition, pre-flight, exit code."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+from typer.testing import CliRunner
+
+from radfed.cli import app
+from radfed.config import RunConfig
+from radfed.data.check import check_site
+
+runner = CliRunner()
+CONFIG = RunConfig(image_size=32, val_fraction=0.25, test_fraction=0.25)
+
+
+def _rows(site: Path) -> list[dict[str, str]]:
+    with (site / "manifest.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write(site: Path, rows: list[dict[str, str]]) -> None:
+    with (site / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_clean_site_can_train_and_shows_its_composition(site_copy: Path) -> None:
+    report = check_site(site_copy, CONFIG)
+    assert report.can_train, report.blockers
+    assert report.cases_usable == report.cases_listed == len(_rows(site_copy))
+    assert report.preflight == "ok"
+    composition = report.composition
+    assert sum(entry["cases"] for entry in composition.values()) == report.cases_usable
+    assert set(composition["train"]["sex"]) <= {"F", "M"}
+    assert report.identifying_tags == {}
+
+
+def test_every_problem_is_reported_by_line(site_copy: Path) -> None:
+    # Prepare: a truncated image (line 2), a non-image object (line 3), a duplicate of line 4
+    # (line 6), a bad label (line 5), and an identifying element left in one header
+    rows = _rows(site_copy)
+    (site_copy / rows[0]["image"]).write_bytes((site_copy / rows[0]["image"]).read_bytes()[:300])
+    shutil.copy(
+        str(get_testdata_file("rtstruct.dcm", download=False)), site_copy / rows[1]["image"]
+    )
+    rows[3]["label"] = "maybe"
+    shutil.copy(site_copy / rows[2]["image"], site_copy / "images" / "copy.dcm")
+    rows.insert(4, {**rows[2], "image": "images/copy.dcm"})
+    _write(site_copy, rows)
+    ds = pydicom.dcmread(site_copy / rows[5]["image"])
+    ds.PatientName = "Doe^Jane"
+    ds.save_as(site_copy / rows[5]["image"])
+    # Execute
+    report = check_site(site_copy, CONFIG)
+    # Assert
+    by_line = {p["line"]: p["reason"] for p in report.problems}
+    assert "truncated" in by_line[2] or "unreadable" in by_line[2]
+    assert "non-image" in by_line[3]
+    assert "0 or 1" in by_line[5]
+    assert report.duplicates == [[4, 6]]
+    assert report.identifying_tags == {"PatientName": 1}
+    assert not report.can_train and "more than once" in report.blockers[0]
+
+
+def test_cli_exit_codes_and_json_without_identifying_values(site_copy: Path) -> None:
+    ok = runner.invoke(
+        app, ["site", "check", str(site_copy), "--run-config", "image-size=32", "--json"]
+    )
+    assert ok.exit_code == 0, ok.output
+    document = json.loads(ok.output)
+    assert document["can_train"] is True
+    text = json.dumps(document)
+    for row in _rows(site_copy):
+        assert row["patient_id"] not in text and row["image"] not in text
+    assert str(site_copy.parent) not in text
+    rows = _rows(site_copy)
+    leaking = [{**r, "split": "train"} for r in rows]
+    leaking.append({**rows[0], "split": "val"})  # the same patient in two splits
+    _write(site_copy, leaking)
+    bad = runner.invoke(app, ["site", "check", str(site_copy), "--run-config", "image-size=32"])
+    assert bad.exit_code == 1
+    assert "the same patient is in splits 'train' and 'val'" in bad.output
+    assert "result: the site cannot train" in bad.output
+
+
+def test_a_folder_without_manifest_cannot_train(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["site", "check", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "no manifest.csv" in result.output
