@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -15,11 +16,13 @@ from radfed.errors import DataError
 
 __all__ = [
     "SPLIT_FILE",
+    "TEST_USE_FILE",
     "PatientInfo",
     "assign_splits",
     "check_given_splits",
     "load_or_make_splits",
     "patient_key",
+    "record_test_use",
 ]
 
 SPLIT_FILE = "split.json"
@@ -155,3 +158,28 @@ def load_or_make_splits(
         tmp.write_text(json.dumps(document, indent=1))
         tmp.replace(path)
     return {k: stored[k] for k in patients}
+
+
+TEST_USE_FILE = "test_uses.json"
+
+
+def record_test_use(state_dir: Path, *, run_id: int, server_round: int) -> int:
+    """Count one evaluation of the sealed test split in the site's state; returns the total.
+
+    Every look at the test split is a chance to overfit to it: the count tells the site
+    (and the study report) how often it has been used.
+    """
+    path = state_dir / TEST_USE_FILE
+    uses: list[dict[str, int]] = []
+    if path.is_file():
+        try:
+            uses = list(json.loads(path.read_text())["uses"])
+        except (ValueError, KeyError, TypeError):
+            msg = f"{path.name}: unreadable test-use log in the site state folder; restore it from backup"
+            raise DataError(msg) from None
+    uses.append({"run": run_id, "round": server_round, "time": int(time.time())})
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"version": 1, "uses": uses}, indent=1))
+    tmp.replace(path)
+    return len(uses)

@@ -12,7 +12,8 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordD
 
 from radfed.config import RunConfig
 from radfed.data.attributes import AgeBands
-from radfed.data.site import SiteData, list_sites, load_site
+from radfed.data.site import STATE_DIR_NAME, SiteData, list_sites, load_site
+from radfed.data.splits import record_test_use
 from radfed.errors import ConfigError, DataError, RadfedError
 from radfed.federation.records import (
     ARRAYS_KEY,
@@ -100,13 +101,19 @@ def _site_data(path: Path, config: RunConfig) -> SiteData:
     return _SITE_MEMO[key]
 
 
+def _server_round(msg: Message) -> int:
+    config = msg.content.config_records.get("config")
+    value = config.get("server-round", 0) if config is not None else 0
+    return int(value) if isinstance(value, int) else 0
+
+
 def _train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_run_config(context.run_config)
     name, path = resolve_site(context.node_config, config)
     site = _site_data(path, config)
     model = build_model(config)
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())  # type: ignore[union-attr]
-    server_round = int(msg.content["config"].get("server-round", 0))  # type: ignore[union-attr, arg-type]
+    server_round = _server_round(msg)
     seed = config.seed + 1000 * server_round + zlib.crc32(name.encode())
     result = train(model, site.splits["train"], config, seed=seed)
     if result.num_examples == 0:
@@ -132,6 +139,11 @@ def _evaluate(msg: Message, context: Context) -> Message:
     site = _site_data(path, config)
     model = build_model(config)
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())  # type: ignore[union-attr]
+    if "test" in config.eval_splits:
+        uses = record_test_use(
+            path / STATE_DIR_NAME, run_id=msg.metadata.run_id, server_round=_server_round(msg)
+        )
+        logger.warning("the sealed test split is evaluated (use %d at this site)", uses)
     stats = evaluate(model, site, config)
     content = RecordDict(
         {

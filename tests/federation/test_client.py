@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -131,3 +133,18 @@ def test_simulated_nodes_map_to_sorted_site_folders(synth_root: Path) -> None:
         resolve_site({"partition-id": 0, "num-partitions": 3}, RunConfig())
     with pytest.raises(ConfigError, match="node config names no site"):
         resolve_site({}, config)
+
+
+def test_sealed_test_split_is_evaluated_only_on_request_and_counted(site_copy: Path) -> None:
+    uses = site_copy / ".radfed" / "test_uses.json"
+    context = make_context(CONFIG.to_run_config(), _deployed(site_copy))
+    handle_evaluate(_request("evaluate"), context)
+    assert not uses.exists()
+    asking = dataclasses.replace(CONFIG, eval_splits=("val", "test"))
+    context = make_context(asking.to_run_config(), _deployed(site_copy))
+    for expected in (1, 2):
+        reply = handle_evaluate(_request("evaluate", server_round=expected), context)
+        assert not reply.has_error()
+        assert "test.tp" in reply.content["metrics"]  # type: ignore[operator]
+        document = json.loads(uses.read_text())
+        assert len(document["uses"]) == expected and document["uses"][-1]["round"] == expected
