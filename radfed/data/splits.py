@@ -175,7 +175,7 @@ def record_test_use(state_dir: Path, *, run_id: int, server_round: int) -> int:
         try:
             uses = list(json.loads(path.read_text())["uses"])
         except (ValueError, KeyError, TypeError):
-            msg = f"{path.name}: unreadable test-use log in the site state folder; restore it from backup"
+            msg = f"{path.name}: unreadable test-use log in the site state folder; restore it"
             raise DataError(msg) from None
     uses.append({"run": run_id, "round": server_round, "time": int(time.time())})
     state_dir.mkdir(parents=True, exist_ok=True)
