@@ -38,6 +38,9 @@ class RunConfig:
         min_sites: sites that must be connected before a round starts.
         round_timeout: seconds the server waits for replies in a round.
         age_bands: ascending age-band edges in years (``18,40,60,80``).
+        spatial_dims: 2 for images, 3 for volumes (series folders, multi-frame, NIfTI).
+        voi_lut: apply each image's VOI LUT or window after the modality LUT.
+        target_spacing: resample to this spacing in mm per axis before resizing (empty: off).
     """
 
     task: str = "classification"
@@ -58,6 +61,9 @@ class RunConfig:
     min_sites: int = 2
     round_timeout: float = 3600.0
     age_bands: tuple[int, ...] = (18, 40, 60, 80)
+    spatial_dims: int = 2
+    voi_lut: bool = False
+    target_spacing: tuple[float, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -85,6 +91,14 @@ class RunConfig:
             "age-bands",
             ",".join(map(str, self.age_bands)),
             "ascending positive years, e.g. '18,40,60,80'",
+        )
+        _check(self.spatial_dims in (2, 3), "spatial-dims", self.spatial_dims, "2 or 3")
+        _check(
+            not self.target_spacing
+            or (len(self.target_spacing) == self.spatial_dims and min(self.target_spacing) > 0),
+            "target-spacing",
+            ",".join(map(str, self.target_spacing)),
+            "empty or one positive spacing in mm per spatial axis",
         )
         bad = [s for s in self.eval_splits if s not in SPLITS]
         _check(
@@ -149,7 +163,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if kind.startswith("tuple"):
             items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
             texts = tuple(s.strip() for s in items if s.strip())
-            return tuple(int(t) for t in texts) if "int" in kind else texts
+            if "int" in kind:
+                return tuple(int(t) for t in texts)
+            return tuple(float(t) for t in texts) if "float" in kind else texts
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
     except (TypeError, ValueError):
         msg = f"run config {key!r} must be of type {kind}, got {value!r}"
         raise ConfigError(msg) from None

@@ -36,10 +36,14 @@ class CaseCache:
         self.misses = 0
 
     def key(self, path: Path) -> str:
+        """Content digest of a file, or of every file (names and bytes) in a series folder."""
         digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            digest.update(file.name.encode() + b"\0")
+            with file.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
         return f"{digest.hexdigest()[:32]}-{self._settings}"
 
     def get_or_compute(self, path: Path, compute: Callable[[Path], Entry]) -> Entry:

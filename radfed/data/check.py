@@ -16,10 +16,9 @@ from typing import Any
 import pydicom
 
 from radfed.config import RunConfig
-from radfed.data.attributes import AgeBands
-from radfed.data.dicom import ImageReadError, read_dicom_image
+from radfed.data.dicom import ImageReadError, read_image
 from radfed.data.manifest import MANIFEST_NAME, RowProblem, read_manifest
-from radfed.data.site import SiteData, load_site
+from radfed.data.site import SiteData, load_site_for
 from radfed.errors import RadfedError
 
 __all__ = ["IDENTIFYING_KEYWORDS", "SiteReport", "check_site"]
@@ -88,7 +87,7 @@ def check_site(site_dir: Path, config: RunConfig, *, preflight: bool = True) -> 
     by_pixels: dict[str, list[int]] = defaultdict(list)
     for case in manifest.cases:
         try:
-            image = read_dicom_image(case.image)
+            image = read_image(case.image, voi=config.voi_lut)
         except ImageReadError as err:
             _add_problems(report, [RowProblem(case.line, err.reason)], "image")
             continue
@@ -101,15 +100,7 @@ def check_site(site_dir: Path, config: RunConfig, *, preflight: bool = True) -> 
             "(duplicates inflate metrics and may cross splits)"
         )
     try:
-        site = load_site(
-            site_dir,
-            task=config.task,
-            image_size=config.image_size,
-            val_fraction=config.val_fraction,
-            test_fraction=config.test_fraction,
-            seed=config.seed,
-            age_bands=AgeBands(config.age_bands),
-        )
+        site = load_site_for(site_dir, config)
     except RadfedError as err:
         report.blockers.append(str(err))
         return report

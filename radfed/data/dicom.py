@@ -1,24 +1,33 @@
-"""Reading one DICOM image into float pixel values (modality LUT applied, MONOCHROME1 inverted)."""
+"""Reading case images (DICOM files, DICOM series, NIfTI) into float pixels in modality units."""
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom import config as pydicom_config
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
 from radfed.data.attributes import STANDARD_BANDS, AgeBands, attributes_from_header
 from radfed.errors import DataError
 
-__all__ = ["NON_IMAGE_MODALITIES", "DicomImage", "ImageReadError", "read_dicom_image"]
+__all__ = [
+    "NON_IMAGE_MODALITIES",
+    "DicomImage",
+    "ImageReadError",
+    "pixels_of",
+    "read_dicom_image",
+    "read_image",
+]
 
 #: Modalities of objects that hold no image to train on, even when they carry pixel data.
 NON_IMAGE_MODALITIES = frozenset(
@@ -52,64 +61,173 @@ class ImageReadError(DataError):
 
 @dataclass(frozen=True)
 class DicomImage:
-    """Pixels of one 2-D image in modality units, with their pixel spacing.
+    """Pixels of one image or volume in modality units, with their spacing.
 
     Attributes:
-        pixels: array of shape ``(H, W)``, float32; higher means brighter (MONOCHROME2).
-        spacing: (row, column) spacing in mm, or None when the header has none.
+        pixels: float32 array of shape ``(H, W)`` or ``(D, H, W)``; higher means brighter.
+        spacing: spacing in mm per axis (same order as ``pixels``), or None when unknown.
         attributes: subgroup attributes from the header (``radfed.data.attributes``); they
-            stay on site memory and in aggregate cell keys, never in logs.
+            stay in site memory and in aggregate cell keys, never in logs.
     """
 
     pixels: np.ndarray
-    spacing: tuple[float, float] | None
+    spacing: tuple[float, ...] | None
     attributes: dict[str, str]
 
 
-def read_dicom_image(path: Path, bands: AgeBands = STANDARD_BANDS) -> DicomImage:
-    """Read a single-frame 2-D DICOM image.
+def read_image(path: Path, bands: AgeBands = STANDARD_BANDS, *, voi: bool = False) -> DicomImage:
+    """Read a case image: a DICOM file, a directory holding one DICOM series, or NIfTI.
+
+    Args:
+        path: the image named by the manifest.
+        bands: age bands of the ``age_band`` attribute.
+        voi: apply the header's VOI LUT or window (DICOM only) after the modality LUT.
+
+    Raises:
+        ImageReadError: with a reason that never quotes a header value.
+    """
+    try:
+        if path.is_dir():
+            from radfed.data.series import read_series
+
+            return read_series(path, bands, voi=voi)
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            return _read_nifti(path)
+        return read_dicom_image(path, bands, voi=voi)
+    except ImageReadError:
+        raise
+    except Exception:
+        raise ImageReadError("unreadable image file (malformed structure)") from None
+
+
+def read_dicom_image(
+    path: Path, bands: AgeBands = STANDARD_BANDS, *, voi: bool = False
+) -> DicomImage:
+    """Read a DICOM image file: single-frame 2-D, or multi-frame as a ``(D, H, W)`` volume.
 
     Args:
         path: a DICOM file (Part 10, or a bare dataset without preamble).
+        bands: age bands of the ``age_band`` attribute.
+        voi: apply the header's VOI LUT or window after the modality LUT.
 
     Returns:
         The image with rescale slope/intercept applied and MONOCHROME1 inverted.
 
     Raises:
-        ImageReadError: the file is missing, not DICOM, not an image, truncated,
-            compressed without a codec, or not 2-D. The reason never quotes header values.
+        ImageReadError: the file is missing, not DICOM, not an image, truncated, in colour,
+            or compressed without a codec. The reason never quotes header values.
     """
     with _quiet_pydicom():
         ds = _read_dataset(path)
-        modality = str(ds.get("Modality", "")).strip().upper()
-        if modality in NON_IMAGE_MODALITIES:
-            raise ImageReadError("non-image object (no image pixel data): not an image to train on")
-        if "PixelData" not in ds:
-            if _is_image_storage(ds):  # an image whose end was cut off
-                raise ImageReadError("truncated DICOM file: the pixel data is missing")
-            raise ImageReadError("non-image object (no image pixel data): not an image to train on")
+        pixels = pixels_of(ds, voi=voi)
         try:
-            raw = ds.pixel_array
-        except NotImplementedError:
+            spacing = _spacing(ds, pixels.ndim)
+            attributes = attributes_from_header(ds, bands)
+        except Exception:
+            raise ImageReadError("malformed header elements") from None
+    return DicomImage(pixels=pixels, spacing=spacing, attributes=attributes)
+
+
+def pixels_of(ds: pydicom.Dataset, *, voi: bool = False) -> np.ndarray:
+    """Grayscale pixels of a dataset in modality units (MONOCHROME1 inverted), float32."""
+    modality = str(ds.get("Modality", "")).strip().upper()
+    if modality in NON_IMAGE_MODALITIES:
+        raise ImageReadError("non-image object (no image pixel data): not an image to train on")
+    if "PixelData" not in ds:
+        if _is_image_storage(ds):  # an image whose end was cut off
+            raise ImageReadError("truncated DICOM file: the pixel data is missing")
+        raise ImageReadError("non-image object (no image pixel data): not an image to train on")
+    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+        raise ImageReadError("colour image: radfed trains on grayscale images; export grayscale")
+    try:
+        raw = ds.pixel_array
+    except Exception:
+        if _missing_codec(ds):
             raise ImageReadError(
-                "compressed pixel data needs a codec: install radfed's 'codecs' extra"
+                "compressed pixel data needs a codec: install radfed's 'codecs' extra "
+                "(pip install 'radfed[codecs]')"
             ) from None
-        except (ValueError, AttributeError, KeyError, TypeError, OSError, RuntimeError):
-            raise ImageReadError(
-                "pixel data is truncated or inconsistent with the header"
-            ) from None
-        if raw.ndim != 2:
-            raise ImageReadError(f"expected a single-frame 2-D image, got {raw.ndim}-D pixel data")
-        try:
-            pixels = np.asarray(apply_modality_lut(raw, ds), dtype=np.float32)
-        except (ValueError, TypeError, AttributeError):
-            raise ImageReadError("invalid modality LUT or rescale attributes") from None
+        raise ImageReadError("pixel data is truncated or inconsistent with the header") from None
+    if raw.ndim not in (2, 3):
+        raise ImageReadError(f"expected 2-D or 3-D grayscale pixel data, got {raw.ndim}-D")
+    try:
+        pixels = np.asarray(_modality(raw, ds), dtype=np.float32)
+        if voi:
+            pixels = np.asarray(apply_voi_lut(pixels, ds), dtype=np.float32)
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError):
+        raise ImageReadError("invalid modality or VOI LUT attributes") from None
     if not np.isfinite(pixels).all():
         raise ImageReadError("pixel values are not finite after the modality LUT")
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
         pixels = pixels.max() + pixels.min() - pixels
+    return pixels
+
+
+def _modality(raw: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Modality LUT; enhanced multi-frame files keep rescale values in functional groups."""
+    if "RescaleSlope" in ds or "ModalityLUTSequence" in ds or raw.ndim == 2:
+        return np.asarray(apply_modality_lut(raw, ds))
+    shared = _first(ds, "SharedFunctionalGroupsSequence", "PixelValueTransformationSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    out = raw.astype(np.float64)
+    for index in range(raw.shape[0]):
+        item = shared
+        if per_frame is not None and index < len(per_frame):
+            item = _first(per_frame[index], "PixelValueTransformationSequence") or shared
+        if item is not None:
+            slope = float(item.get("RescaleSlope", 1) or 1)
+            intercept = float(item.get("RescaleIntercept", 0) or 0)
+            out[index] = out[index] * slope + intercept
+    return out
+
+
+def _missing_codec(ds: pydicom.Dataset) -> bool:
+    """Whether the transfer syntax is compressed and no installed plugin can decode it."""
+    from pydicom.pixels import get_decoder
+
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or not UID(str(syntax)).is_compressed:
+        return False
+    try:
+        return not get_decoder(UID(str(syntax))).is_available
+    except NotImplementedError:  # no decoder exists at all for this syntax
+        return True
+
+
+def _first(ds: pydicom.Dataset, *keywords: str) -> pydicom.Dataset | None:
+    """The first item down a chain of sequences, or None."""
+    item: pydicom.Dataset | None = ds
+    for keyword in keywords:
+        sequence = item.get(keyword) if item is not None else None
+        if not sequence:
+            return None
+        item = sequence[0]
+    return item
+
+
+def _read_nifti(path: Path) -> DicomImage:
+    """NIfTI through nibabel: ``(X, Y[, Z])`` on disk becomes ``(H, W)`` or ``(D, H, W)``."""
+    try:
+        import nibabel
+    except ImportError:  # pragma: no cover - nibabel is a dependency
+        raise ImageReadError("NIfTI needs nibabel: pip install nibabel") from None
+    try:
+        image: Any = nibabel.load(str(path))
+        data = np.asarray(image.get_fdata(dtype=np.float32))
+        zooms = tuple(float(z) for z in image.header.get_zooms()[: data.ndim])
+    except Exception:
+        raise ImageReadError("unreadable or truncated NIfTI file") from None
+    data = np.squeeze(data)
+    if data.ndim not in (2, 3):
+        raise ImageReadError(f"expected a 2-D or 3-D NIfTI image, got {data.ndim}-D")
+    axes = tuple(reversed(range(data.ndim)))  # (X, Y, Z) -> (Z, Y, X)
+    pixels = np.ascontiguousarray(np.transpose(data, axes), dtype=np.float32)
+    if not np.isfinite(pixels).all():
+        raise ImageReadError("NIfTI image holds non-finite values")
+    spacing = tuple(reversed(zooms[: data.ndim])) if len(zooms) >= data.ndim else None
     return DicomImage(
-        pixels=pixels, spacing=_spacing(ds), attributes=attributes_from_header(ds, bands)
+        pixels=pixels, spacing=spacing, attributes=attributes_from_header(pydicom.Dataset())
     )
 
 
@@ -129,7 +247,7 @@ def _read_dataset(path: Path) -> pydicom.Dataset:
         raise ImageReadError("file not found") from None
     except InvalidDicomError:
         pass
-    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError):
+    except Exception:
         raise ImageReadError("unreadable or truncated DICOM file") from None
     try:
         ds = pydicom.dcmread(path, force=True)
@@ -137,27 +255,37 @@ def _read_dataset(path: Path) -> pydicom.Dataset:
         if "SOPClassUID" not in ds and "Modality" not in ds:
             raise ValueError
         return ds
-    except (OSError, ValueError, EOFError, KeyError, TypeError, AttributeError, InvalidDicomError):
+    except Exception:
         raise ImageReadError("not a DICOM file") from None
 
 
 @contextmanager
 def _quiet_pydicom() -> Iterator[None]:
-    """Read without pydicom's validation warnings: they quote header values into logs."""
+    """Read without pydicom's warnings or log records: they quote header values."""
     before = pydicom_config.settings.reading_validation_mode
+    pydicom_log = logging.getLogger("pydicom")
+    level = pydicom_log.level
     pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    pydicom_log.setLevel(logging.CRITICAL + 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         pydicom_config.settings.reading_validation_mode = before
+        pydicom_log.setLevel(level)
 
 
-def _spacing(ds: pydicom.Dataset) -> tuple[float, float] | None:
+def _spacing(ds: pydicom.Dataset, ndim: int) -> tuple[float, ...] | None:
+    """Spacing per axis of ``pixels`` (row, column; slice first for volumes)."""
     try:
-        value = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+        measures = _first(ds, "SharedFunctionalGroupsSequence", "PixelMeasuresSequence")
+        source = measures if measures is not None and "PixelSpacing" in measures else ds
+        value = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
         row, col = (float(v) for v in value)
+        if ndim == 2:
+            return (row, col)
+        between = source.get("SpacingBetweenSlices") or source.get("SliceThickness")
+        return (float(between), row, col) if between else None
     except (TypeError, ValueError, AttributeError):
         return None
-    return (row, col)

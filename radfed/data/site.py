@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from radfed.config import RunConfig
 from radfed.data.attributes import STANDARD_BANDS, AgeBands, merge_manifest_attributes
 from radfed.data.cache import CaseCache
-from radfed.data.dicom import ImageReadError, read_dicom_image
+from radfed.data.dicom import ImageReadError, read_image
 from radfed.data.manifest import Case, RowProblem, read_manifest
 from radfed.data.splits import PatientInfo, check_given_splits, load_or_make_splits, patient_key
 from radfed.errors import DataError
 from radfed.log import logger
 
-__all__ = ["STATE_DIR_NAME", "SiteData", "SplitData", "list_sites", "load_site"]
+__all__ = ["STATE_DIR_NAME", "SiteData", "SplitData", "list_sites", "load_site", "load_site_for"]
 
 #: The site's own state folder inside the site folder (splits, later the cache).
 STATE_DIR_NAME = ".radfed"
@@ -28,7 +29,7 @@ class SplitData:
     """Model-ready cases of one split.
 
     Attributes:
-        images: float32 tensor of shape ``(N, 1, S, S)`` scaled to [0, 1].
+        images: float32 tensor of shape ``(N, 1, S, S[, S])`` scaled to [0, 1].
         labels: int64 tensor of shape ``(N,)``.
         attributes: subgroup attributes of each case (header, overridden by the manifest).
     """
@@ -86,6 +87,9 @@ def load_site(
     state_dir: Path | None = None,
     age_bands: AgeBands = STANDARD_BANDS,
     use_cache: bool = True,
+    spatial_dims: int = 2,
+    voi: bool = False,
+    target_spacing: tuple[float, ...] = (),
 ) -> SiteData:
     """Read every case of a site and split it.
 
@@ -102,6 +106,9 @@ def load_site(
         state_dir: the site's state folder; default ``site_dir/.radfed``.
         age_bands: the age bands of the ``age_band`` attribute.
         use_cache: read and fill the preprocessed cache in the state folder.
+        spatial_dims: 2 for images, 3 for volumes; cases of the other kind are skipped.
+        voi: apply the header's VOI LUT or window after the modality LUT.
+        target_spacing: resample to this spacing in mm per axis before resizing (empty: off).
 
     Raises:
         DataError: no manifest, no usable case, or patient leakage in a given split.
@@ -109,18 +116,29 @@ def load_site(
     state = state_dir or site_dir / STATE_DIR_NAME
     manifest = read_manifest(site_dir, task)
     problems = list(manifest.problems)
-    cache = CaseCache(state, {"image_size": image_size, "age_bands": list(age_bands.edges)})
+    settings = {
+        "image_size": image_size,
+        "age_bands": list(age_bands.edges),
+        "spatial_dims": spatial_dims,
+        "voi": voi,
+        "target_spacing": list(target_spacing),
+    }
+    cache = CaseCache(state, settings)
 
     def decode(path: Path) -> tuple[np.ndarray, dict[str, str]]:
-        image = read_dicom_image(path, age_bands)
-        return _preprocess(image.pixels, image_size), image.attributes
+        image = read_image(path, age_bands, voi=voi)
+        if image.pixels.ndim != spatial_dims:
+            kind = "3-D volume" if image.pixels.ndim == 3 else "2-D image"
+            raise ImageReadError(f"{kind} in a {spatial_dims}-D run (set spatial-dims)")
+        pixels = _resample(image.pixels, image.spacing, target_spacing)
+        return _preprocess(pixels, image_size), image.attributes
 
     pixels: list[np.ndarray] = []
     kept: list[Case] = []
     attributes: list[dict[str, str]] = []
     for case in manifest.cases:
         try:
-            if not case.image.is_file():
+            if not case.image.exists():
                 raise ImageReadError("file not found")
             array, header = (
                 cache.get_or_compute(case.image, decode) if use_cache else decode(case.image)
@@ -205,13 +223,52 @@ def _split_cases(
     return [assignment[k] for k in keys]
 
 
+def _resample(
+    pixels: np.ndarray, spacing: tuple[float, ...] | None, target: tuple[float, ...]
+) -> np.ndarray:
+    """Resample to the target spacing (mm per axis) when both are known; else unchanged."""
+    if not target or spacing is None or len(spacing) != pixels.ndim:
+        return pixels
+    if len(target) != pixels.ndim:
+        raise ImageReadError(f"target-spacing has {len(target)} values for a {pixels.ndim}-D image")
+    shape = [
+        max(1, round(n * s / t)) for n, s, t in zip(pixels.shape, spacing, target, strict=True)
+    ]
+    mode = "bilinear" if pixels.ndim == 2 else "trilinear"
+    resized = torch.nn.functional.interpolate(
+        torch.from_numpy(np.ascontiguousarray(pixels))[None, None],
+        size=shape,
+        mode=mode,
+        align_corners=False,
+    )
+    out: np.ndarray = resized[0, 0].numpy()
+    return out
+
+
 def _preprocess(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Resize to ``(size, size)`` and scale the 1st..99th percentile range to [0, 1]."""
+    """Resize every axis to ``size`` and scale the 1st..99th percentile range to [0, 1]."""
     from monai.transforms import Resize, ScaleIntensityRangePercentiles
 
-    resized = Resize((size, size), mode="area")(torch.from_numpy(pixels[None]))
+    resized = Resize((size,) * pixels.ndim, mode="area")(torch.from_numpy(pixels[None]))
     scaled = ScaleIntensityRangePercentiles(lower=1, upper=99, b_min=0.0, b_max=1.0, clip=True)(
         resized
     )
     out: np.ndarray = np.asarray(scaled, dtype=np.float32)[0]
     return out
+
+
+def load_site_for(site_dir: Path, config: RunConfig, *, state_dir: Path | None = None) -> SiteData:
+    """``load_site`` with the run's data settings."""
+    return load_site(
+        site_dir,
+        image_size=config.image_size,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        task=config.task,
+        state_dir=state_dir,
+        age_bands=AgeBands(config.age_bands),
+        spatial_dims=config.spatial_dims,
+        voi=config.voi_lut,
+        target_spacing=config.target_spacing,
+    )

@@ -11,8 +11,7 @@ from typing import Any
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from radfed.config import RunConfig
-from radfed.data.attributes import AgeBands
-from radfed.data.site import STATE_DIR_NAME, SiteData, list_sites, load_site
+from radfed.data.site import STATE_DIR_NAME, SiteData, list_sites, load_site_for
 from radfed.data.splits import record_test_use
 from radfed.errors import ConfigError, DataError, RadfedError
 from radfed.federation.records import (
@@ -78,27 +77,31 @@ def _site_data(path: Path, config: RunConfig) -> SiteData:
     """Load the site once per process and settings (a simulated node keeps its process)."""
     manifest = path / "manifest.csv"
     stamp = manifest.stat().st_mtime_ns if manifest.exists() else 0
-    key = (
-        str(path.resolve()),
-        stamp,
-        config.task,
-        config.image_size,
-        config.val_fraction,
-        config.test_fraction,
-        config.seed,
-        config.age_bands,
-    )
+    settings = {k: v for k, v in config.to_run_config().items() if k not in _NOT_DATA_SETTINGS}
+    key = (str(path.resolve()), stamp, tuple(sorted(settings.items())))
     if key not in _SITE_MEMO:
-        _SITE_MEMO[key] = load_site(
-            path,
-            task=config.task,
-            image_size=config.image_size,
-            val_fraction=config.val_fraction,
-            test_fraction=config.test_fraction,
-            seed=config.seed,
-            age_bands=AgeBands(config.age_bands),
-        )
+        _SITE_MEMO.clear()  # one site per process in a deployment; bounded memory in simulation
+        _SITE_MEMO[key] = load_site_for(path, config)
     return _SITE_MEMO[key]
+
+
+#: Run settings that do not change how a site's data is loaded.
+_NOT_DATA_SETTINGS = frozenset(
+    {
+        "num-server-rounds",
+        "out-dir",
+        "model",
+        "local-epochs",
+        "batch-size",
+        "learning-rate",
+        "eval-splits",
+        "threshold",
+        "score-bins",
+        "min-sites",
+        "round-timeout",
+        "data-root",
+    }
+)
 
 
 def _server_round(msg: Message) -> int:

@@ -23,6 +23,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from radfed import STATS_SCHEMA_VERSION, __version__
+from radfed.federation.run_folder import POOLED_SITE
 from radfed.metrics.binary import BinaryStats
 
 __all__ = [
@@ -74,7 +75,8 @@ def read_site_identity(content: RecordDict) -> SiteIdentity:
     """Read and check the identity of a reply.
 
     Raises:
-        InvalidReply: no identity, or a radfed/schema version this server cannot read.
+        InvalidReply: no identity, the name reserved for pooled metrics, or a radfed/schema
+            version this server cannot read.
     """
     record = content.config_records.get(SITE_KEY)
     if record is None:
@@ -89,6 +91,12 @@ def read_site_identity(content: RecordDict) -> SiteIdentity:
         or not isinstance(schema, int)
     ):
         raise InvalidReply("reply carries a malformed site identity")
+    if name == POOLED_SITE:
+        msg = (
+            f"site name {name!r} is reserved for the pooled metrics; "
+            "give the site another name in its node config"
+        )
+        raise InvalidReply(msg)
     if schema != STATS_SCHEMA_VERSION:
         msg = (
             f"site {name!r} sends statistics schema {schema}, this server reads "
@@ -130,8 +138,9 @@ def unpack_classification_stats(
     """The reply's MetricRecord -> statistics per split, checked for consistency.
 
     Raises:
-        InvalidReply: a key is missing or extra, a count is negative or not an integer,
-            a histogram has the wrong length, or histograms and counts disagree.
+        InvalidReply: a key is missing or extra, the schema version is not this server's,
+            a count is negative or not an integer, a histogram has the wrong length, or
+            histograms and counts disagree.
     """
     expected = {"num-examples", "schema-version"}
     for split in splits:
@@ -140,6 +149,15 @@ def unpack_classification_stats(
         missing = sorted(expected - set(record.keys()))
         extra = sorted(set(record.keys()) - expected)
         raise InvalidReply(f"statistics keys differ from schema (missing {missing}, extra {extra})")
+    schema = record["schema-version"]
+    if isinstance(schema, bool) or not isinstance(schema, int):
+        raise InvalidReply("schema-version must be an integer")
+    if schema != STATS_SCHEMA_VERSION:
+        msg = (
+            f"statistics schema-version {schema}, this server reads {STATS_SCHEMA_VERSION}; "
+            "install the same radfed version at site and server"
+        )
+        raise InvalidReply(msg)
     out: dict[str, BinaryStats] = {}
     for split in splits:
         counts = [_count(record[f"{split}.{k}"], f"{split}.{k}") for k in _COUNT_KEYS]
@@ -168,11 +186,25 @@ def _histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
     return tuple(_count(v, key) for v in value)
 
 
-def validate_arrays(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> None:
-    """Check an update against the global model: same names, shapes, dtypes; finite values.
+def validate_arrays(
+    record: ArrayRecord,
+    reference: Mapping[str, torch.Tensor],
+    *,
+    max_update_norm: float | None = None,
+) -> None:
+    """Check an update against the global model: names, decoded shapes and dtypes, values.
+
+    Each array is decoded as aggregation will decode it, so the checks hold for the data
+    and not only for the declared ``shape``/``dtype`` metadata.
+
+    Args:
+        record: the update as received.
+        reference: the current global weights.
+        max_update_norm: largest allowed L2 distance between the update and ``reference``,
+            over the floating-point tensors taken together; None for no bound.
 
     Raises:
-        InvalidReply: naming the first offending array.
+        InvalidReply: naming the first offending array, or the norm and its bound.
     """
     if list(record.keys()) != list(reference.keys()):
         missing = sorted(set(reference) - set(record.keys()))
@@ -180,19 +212,49 @@ def validate_arrays(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) 
         raise InvalidReply(
             f"weights differ from the model (missing {missing[:3]}, extra {extra[:3]})"
         )
+    squared = 0.0
     for name, ref in reference.items():
-        array = record[name]
-        if tuple(array.shape) != tuple(ref.shape):
+        expected = ref.detach().cpu().numpy()
+        values = _decode(record, name)
+        if values.shape != expected.shape:
             raise InvalidReply(
-                f"weight {name!r} has shape {tuple(array.shape)}, expected {tuple(ref.shape)}"
+                f"weight {name!r} has shape {values.shape}, expected {expected.shape}"
             )
-        if array.dtype != str(ref.numpy().dtype):
+        if values.dtype != expected.dtype:
             raise InvalidReply(
-                f"weight {name!r} has dtype {array.dtype}, expected {ref.numpy().dtype}"
+                f"weight {name!r} has dtype {values.dtype}, expected {expected.dtype}"
             )
-        values = array.numpy()
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
+        if values.dtype.kind != "f":
+            continue
+        if not np.isfinite(values).all():
             raise InvalidReply(f"weight {name!r} holds non-finite values")
+        if max_update_norm is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                diff = values.astype(np.float64) - expected.astype(np.float64)
+                squared += float(np.sum(np.square(diff)))
+    if max_update_norm is not None:
+        norm = math.sqrt(squared)
+        if not norm <= max_update_norm:
+            raise InvalidReply(
+                f"update is {norm:.3g} from the global model (L2), above the bound "
+                f"{max_update_norm:.3g}"
+            )
+
+
+def _decode(record: ArrayRecord, name: str) -> np.ndarray:
+    """One array of ``record`` decoded as aggregation decodes it.
+
+    Raises:
+        InvalidReply: the array cannot be decoded to a NumPy array (the cause is not told:
+            its text may quote the received bytes).
+    """
+    try:
+        values = record[name].numpy()
+    except Exception:
+        raise InvalidReply(f"weight {name!r} cannot be decoded as a NumPy array") from None
+    if not isinstance(values, np.ndarray):
+        raise InvalidReply(f"weight {name!r} cannot be decoded as a NumPy array")
+    return values
 
 
 def cast_like(

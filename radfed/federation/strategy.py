@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from radfed.config import RunConfig
 from radfed.federation.records import (
     ARRAYS_KEY,
+    METRICS_KEY,
     InvalidReply,
     cast_like,
     read_site_identity,
@@ -24,19 +26,50 @@ from radfed.metrics.binary import BinaryStats, binary_metrics
 
 __all__ = ["RadfedFedAvg"]
 
+_R = TypeVar("_R", ArrayRecord, MetricRecord)
+
+#: The keys of a training reply's MetricRecord, exactly: Flower fails the round otherwise.
+_TRAIN_METRIC_KEYS = frozenset({"num-examples", "train-loss"})
+
 
 class RadfedFedAvg(FedAvg):
     """FedAvg over checked updates, writing the run folder as rounds complete.
 
     Every reply is checked on its own before aggregation; a bad one is logged with the
-    site name and dropped, never allowed to fail the round. Evaluation replies carry
-    sufficient statistics: the per-site and pooled metrics are computed from them and
-    written to metrics.jsonl (pooled from summed statistics, never averaged).
+    site name and dropped, never allowed to fail the round. An accepted training reply
+    holds exactly one ArrayRecord and one MetricRecord of fixed keys, so Flower's own
+    consistency check cannot fail on the accepted set. Only the first reply of a round
+    from each site name is used. Evaluation replies carry sufficient statistics: the
+    per-site and pooled metrics are computed from them and written to metrics.jsonl
+    (pooled from summed statistics, never averaged).
+
+    Args:
+        config: the run configuration.
+        reference: the initial global weights.
+        run: the run folder to write.
+        max_update_norm: largest allowed L2 distance between an update and the current
+            global weights (floating-point tensors only); None for no bound.
+        max_examples: largest ``num-examples`` a reply may report.
+
+    Raises:
+        ValueError: a bound that is not positive.
     """
 
     def __init__(
-        self, *, config: RunConfig, reference: Mapping[str, torch.Tensor], run: RunFolder
+        self,
+        *,
+        config: RunConfig,
+        reference: Mapping[str, torch.Tensor],
+        run: RunFolder,
+        max_update_norm: float | None = None,
+        max_examples: int = 10_000_000,
     ) -> None:
+        if max_update_norm is not None and not 0 < max_update_norm < math.inf:
+            msg = f"max_update_norm must be positive and finite, or None; got {max_update_norm!r}"
+            raise ValueError(msg)
+        if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
+            msg = f"max_examples must be a positive integer, got {max_examples!r}"
+            raise ValueError(msg)
         super().__init__(
             fraction_train=1.0,
             fraction_evaluate=1.0,
@@ -47,14 +80,19 @@ class RadfedFedAvg(FedAvg):
         self.config = config
         self.reference = {k: v.detach().cpu() for k, v in reference.items()}
         self.run = run
+        self.max_update_norm = max_update_norm
+        self.max_examples = max_examples
         self.site_names: dict[int, str] = {}
 
     def summary(self) -> None:
         super().summary()
         logger.info(
-            "strategy FedAvg: %d rounds, at least %d sites, statistics-based metrics",
+            "strategy FedAvg: %d rounds, at least %d sites, statistics-based metrics, "
+            "update norm bound %s, at most %d examples per reply",
             self.config.num_server_rounds,
             self.config.min_sites,
+            "none" if self.max_update_norm is None else f"{self.max_update_norm:g}",
+            self.max_examples,
         )
 
     # ------------------------------------------------------------------ training
@@ -65,14 +103,8 @@ class RadfedFedAvg(FedAvg):
         losses: dict[str, float] = {}
         for msg, site in self._checked(server_round, replies, "update"):
             try:
-                validate_arrays(msg.content[ARRAYS_KEY], self.reference)  # type: ignore[arg-type]
-                reported = next(iter(msg.content.metric_records.values()))
-                n, loss = reported.get("num-examples"), reported.get("train-loss")
-                if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-                    raise InvalidReply("num-examples must be a positive integer")
-                if not isinstance(loss, float) or not math.isfinite(loss):
-                    raise InvalidReply("train-loss must be a finite float")
-            except (InvalidReply, KeyError, StopIteration) as err:
+                loss = self._check_update(msg.content)
+            except InvalidReply as err:
                 self._drop(server_round, site, "update", err)
                 continue
             accepted.append(msg)
@@ -104,11 +136,8 @@ class RadfedFedAvg(FedAvg):
         per_site: dict[str, Mapping[str, BinaryStats]] = {}
         for msg, site in self._checked(server_round, replies, "statistics"):
             try:
-                record = next(iter(msg.content.metric_records.values()))
-                per_site[site] = unpack_classification_stats(
-                    record, self.config.eval_splits, self.config.score_bins
-                )
-            except (InvalidReply, StopIteration) as err:
+                per_site[site] = self._check_statistics(msg.content)
+            except InvalidReply as err:
                 self._drop(server_round, site, "statistics", err)
         if not per_site:
             logger.warning("round %d: no valid statistics", server_round)
@@ -138,11 +167,56 @@ class RadfedFedAvg(FedAvg):
             )
         return MetricRecord(summary)  # type: ignore[arg-type]
 
+    # ------------------------------------------------------------------ checks
+    def _check_update(self, content: RecordDict) -> float:
+        """Check a training reply; return its training loss.
+
+        Raises:
+            InvalidReply: records other than one ArrayRecord and one MetricRecord of the
+                training keys, bad weights (see ``validate_arrays``), or bad values.
+        """
+        arrays = _only(content.array_records, ARRAYS_KEY, "ArrayRecord")
+        reported = _only(content.metric_records, METRICS_KEY, "MetricRecord")
+        if set(reported.keys()) != _TRAIN_METRIC_KEYS:
+            missing = sorted(_TRAIN_METRIC_KEYS - set(reported.keys()))
+            extra = sorted(set(reported.keys()) - _TRAIN_METRIC_KEYS)
+            raise InvalidReply(f"metric keys differ (missing {missing}, extra {extra[:3]})")
+        n = reported["num-examples"]
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise InvalidReply("num-examples must be a positive integer")
+        self._check_examples(n)
+        loss = reported["train-loss"]
+        if not isinstance(loss, float) or not math.isfinite(loss):
+            raise InvalidReply("train-loss must be a finite float")
+        validate_arrays(arrays, self.reference, max_update_norm=self.max_update_norm)
+        return loss
+
+    def _check_statistics(self, content: RecordDict) -> dict[str, BinaryStats]:
+        """Check an evaluation reply; return its statistics per split.
+
+        Raises:
+            InvalidReply: not exactly one MetricRecord, or bad statistics.
+        """
+        record = _only(content.metric_records, METRICS_KEY, "MetricRecord")
+        stats = unpack_classification_stats(record, self.config.eval_splits, self.config.score_bins)
+        self._check_examples(sum(s.n for s in stats.values()))
+        return stats
+
+    def _check_examples(self, n: int) -> None:
+        """Refuse a count that would let one site outweigh all others without bound."""
+        if n > self.max_examples:
+            raise InvalidReply(f"num-examples {n} is above the bound {self.max_examples}")
+
     # ------------------------------------------------------------------ helpers
     def _checked(
         self, server_round: int, replies: Iterable[Message], what: str
     ) -> Iterable[tuple[Message, str]]:
-        """Replies that carry content and a valid site identity, with the site name."""
+        """Replies that carry content and a valid site identity, with the site name.
+
+        Only the first reply of the round from a site name is passed on: a later one
+        would overwrite it (or be counted twice) and is dropped with a warning.
+        """
+        seen: set[str] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -158,11 +232,36 @@ class RadfedFedAvg(FedAvg):
             except InvalidReply as err:
                 self._drop(server_round, self.site_names.get(node, f"node {node}"), what, err)
                 continue
+            if site in seen:
+                logger.warning(
+                    "round %d: dropped %s from %s (node %d): this round already has a reply "
+                    "from that site name",
+                    server_round,
+                    what,
+                    site,
+                    node,
+                )
+                continue
+            seen.add(site)
             self.site_names[node] = site
             yield msg, site
 
     def _drop(self, server_round: int, site: str, what: str, err: Exception) -> None:
         logger.warning("round %d: dropped %s from %s: %s", server_round, what, site, err)
+
+
+def _only(records: Mapping[str, _R], key: str, kind: str) -> _R:
+    """The one record of a kind in a reply, which must be named ``key``.
+
+    Raises:
+        InvalidReply: no record of that kind, more than one, or one under another name.
+    """
+    if list(records.keys()) != [key]:
+        names = sorted(records.keys())
+        raise InvalidReply(
+            f"reply must carry exactly one {kind} named {key!r}, got {len(names)} {names[:3]}"
+        )
+    return records[key]
 
 
 def _fmt(value: float | None) -> str:

@@ -36,16 +36,18 @@ def build_model(config: RunConfig) -> nn.Module:
                 block="basic",
                 layers=[1, 1, 1, 1],
                 block_inplanes=[8, 16, 32, 64],
-                spatial_dims=2,
+                spatial_dims=config.spatial_dims,
                 n_input_channels=1,
                 num_classes=1,
                 conv1_t_size=5,
                 conv1_t_stride=1,
             )
         if config.model == "resnet18":
-            return nets.resnet18(spatial_dims=2, n_input_channels=1, num_classes=1)
+            return nets.resnet18(
+                spatial_dims=config.spatial_dims, n_input_channels=1, num_classes=1
+            )
         if config.model == "densenet121":
-            return nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=1)
+            return nets.DenseNet121(spatial_dims=config.spatial_dims, in_channels=1, out_channels=1)
     msg = f"run config 'model' must be one of {', '.join(MODELS)}, got {config.model!r}"
     raise ConfigError(msg)
 

@@ -18,9 +18,9 @@ def test_second_load_comes_from_the_cache(site_copy: Path, monkeypatch: pytest.M
     # Prepare
     first = load_site(site_copy, **SETTINGS)
     calls: list[Path] = []
-    original = site_module.read_dicom_image
+    original = site_module.read_image
     monkeypatch.setattr(
-        site_module, "read_dicom_image", lambda p, b: calls.append(p) or original(p, b)
+        site_module, "read_image", lambda p, b, voi: calls.append(p) or original(p, b, voi=voi)
     )
     # Execute
     second = load_site(site_copy, **SETTINGS)
@@ -36,9 +36,9 @@ def test_changed_setting_or_file_is_decoded_again(
 ) -> None:
     load_site(site_copy, **SETTINGS)
     calls: list[Path] = []
-    original = site_module.read_dicom_image
+    original = site_module.read_image
     monkeypatch.setattr(
-        site_module, "read_dicom_image", lambda p, b: calls.append(p) or original(p, b)
+        site_module, "read_image", lambda p, b, voi: calls.append(p) or original(p, b, voi=voi)
     )
     # Another image size: every case misses
     bigger = load_site(site_copy, **{**SETTINGS, "image_size": 48})
