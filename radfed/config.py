@@ -41,6 +41,11 @@ class RunConfig:
         spatial_dims: 2 for images, 3 for volumes (series folders, multi-frame, NIfTI).
         voi_lut: apply each image's VOI LUT or window after the modality LUT.
         target_spacing: resample to this spacing in mm per axis before resizing (empty: off).
+        min_cell_size: a statistics cell with fewer cases leaves a site only as suppressed,
+            and score-histogram bins are merged to hold at least this many cases; a site's
+            own ``min-cell-size`` node setting can only raise it.
+        max_update_norm: the server drops an update further than this (L2) from the global
+            model; 0 turns the check off.
     """
 
     task: str = "classification"
@@ -64,6 +69,8 @@ class RunConfig:
     spatial_dims: int = 2
     voi_lut: bool = False
     target_spacing: tuple[float, ...] = ()
+    min_cell_size: int = 10
+    max_update_norm: float = 0.0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -92,6 +99,8 @@ class RunConfig:
             ",".join(map(str, self.age_bands)),
             "ascending positive years, e.g. '18,40,60,80'",
         )
+        _check(self.min_cell_size >= 1, "min-cell-size", self.min_cell_size, ">= 1")
+        _check(self.max_update_norm >= 0, "max-update-norm", self.max_update_norm, ">= 0 (0: off)")
         _check(self.spatial_dims in (2, 3), "spatial-dims", self.spatial_dims, "2 or 3")
         _check(
             not self.target_spacing

@@ -28,7 +28,7 @@ def test_synth_writes_sites_and_reports_counts(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "site-b" in result.output
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["site-a", "site-b"]
+    assert sorted(p.name for p in (tmp_path / "d").iterdir() if p.is_dir()) == ["site-a", "site-b"]
 
 
 def test_simulate_refuses_a_data_root_without_sites_before_flower_starts(tmp_path: Path) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from radfed.log import logger
+
 __all__ = ["CACHE_DIR_NAME", "CaseCache"]
 
 CACHE_DIR_NAME = "cache"
@@ -34,6 +36,7 @@ class CaseCache:
         self._settings = hashlib.sha256(text.encode()).hexdigest()[:16]
         self.hits = 0
         self.misses = 0
+        self.write_failed = False
 
     def key(self, path: Path) -> str:
         """Content digest of a file, or of every file (names and bytes) in a series folder."""
@@ -64,7 +67,12 @@ class CaseCache:
                 entry_path.unlink(missing_ok=True)  # a damaged entry is rebuilt
         pixels, attributes = compute(path)
         self.misses += 1
-        self._store(entry_path, pixels, attributes)
+        try:
+            self._store(entry_path, pixels, attributes)
+        except OSError:
+            if not self.write_failed:  # a read-only state folder: slower, not broken
+                logger.warning("preprocessed cache not writable; cases are decoded every time")
+            self.write_failed = True
         return pixels, attributes
 
     def _store(self, entry_path: Path, pixels: np.ndarray, attributes: dict[str, str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,26 +79,46 @@ def read_manifest(site_dir: Path, task: str = "classification") -> Manifest:
         raise DataError(msg)
     target = _TARGET_COLUMN[task]
     required = ("image", "patient_id", target)
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in required if c not in header]
-        if missing:
-            msg = (
-                f"{where}: missing required column(s) {', '.join(missing)}; "
-                f"the header must name {', '.join(required)} (found: {', '.join(header) or 'none'})"
-            )
-            raise DataError(msg)
-        reader.fieldnames = header
-        cases: list[Case] = []
-        problems: list[RowProblem] = []
-        for index, row in enumerate(reader):
-            line = index + 2
-            result = _parse_row(site_dir, row, target, line)
-            if isinstance(result, RowProblem):
-                problems.append(result)
-            else:
-                cases.append(result)
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        msg = f"{where}: not UTF-8 text; save the manifest as CSV UTF-8 (e.g. 'CSV UTF-8' in Excel)"
+        raise DataError(msg) from None
+    try:
+        return _parse(site_dir, text, where, required, target)
+    except csv.Error:
+        msg = f"{where}: malformed CSV (an unclosed quote or an oversized field); fix the file"
+        raise DataError(msg) from None
+
+
+def _parse(
+    site_dir: Path, text: str, where: str, required: tuple[str, ...], target: str
+) -> Manifest:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    doubled = sorted({h for h in header if header.count(h) > 1 and h})
+    if doubled:
+        msg = f"{where}: column(s) {', '.join(doubled)} appear more than once; keep one of each"
+        raise DataError(msg)
+    missing = [c for c in required if c not in header]
+    if missing:
+        msg = (
+            f"{where}: missing required column(s) {', '.join(missing)}; "
+            f"the header must name {', '.join(required)} (found: {', '.join(header) or 'none'})"
+        )
+        raise DataError(msg)
+    reader.fieldnames = header
+    cases: list[Case] = []
+    problems: list[RowProblem] = []
+    line = 1
+    for row in reader:
+        line += 1  # first line of the record; a quoted field may span lines
+        result = _parse_row(site_dir, row, target, line)
+        if isinstance(result, RowProblem):
+            problems.append(result)
+        else:
+            cases.append(result)
+        line = reader.line_num
     if not cases:
         msg = f"{where}: no usable row ({len(problems)} skipped); fix the rows reported above"
         raise DataError(msg)

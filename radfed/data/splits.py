@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,49 +43,57 @@ def assign_splits(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    fixed: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Assign each patient to ``train``, ``val`` or ``test``.
+    """Assign each patient to ``train``, ``val`` or ``test``, stratified by (label, sex).
 
-    Patients are grouped into strata by (label, sex); within each stratum, shuffled with
-    ``seed``, the split sizes follow the fractions by largest remainder, so every stratum
-    is represented in proportion. The result depends only on the inputs and the seed.
+    Patients in ``fixed`` keep their split and count towards the targets; every other
+    patient, in a seeded random order within its stratum, joins the split furthest below
+    its target share, both within the stratum and overall. Proportions therefore hold per
+    stratum and overall, also when patients arrive a few at a time.
 
     Args:
-        patients: patient key -> stratification info.
+        patients: patient key -> stratification info (fixed ones included).
         val_fraction: share of patients for validation.
         test_fraction: share of patients for the sealed test split.
         seed: random seed.
+        fixed: patient key -> split already assigned.
 
     Returns:
-        patient key -> split name.
+        patient key -> split name, for every patient.
     """
-    strata: dict[tuple[int, str], list[str]] = defaultdict(list)
-    for key in sorted(patients):
-        info = patients[key]
-        strata[(info.label, info.sex)].append(key)
-    rng = np.random.default_rng(seed)
+    fixed = dict(fixed or {})
     fractions = {
         "train": 1.0 - val_fraction - test_fraction,
         "val": val_fraction,
         "test": test_fraction,
     }
-    # Carry the rounding remainders across strata so small strata add up to the target.
-    carry = dict.fromkeys(fractions, 0.0)
-    out: dict[str, str] = {}
+    strata: dict[tuple[int, str], list[str]] = defaultdict(list)
+    in_stratum: dict[tuple[int, str], Counter[str]] = defaultdict(Counter)
+    overall: Counter[str] = Counter()
+    for key in sorted(patients):
+        stratum = (patients[key].label, patients[key].sex)
+        if key in fixed:
+            in_stratum[stratum][fixed[key]] += 1
+            overall[fixed[key]] += 1
+        else:
+            strata[stratum].append(key)
+    rng = np.random.default_rng(seed)
+    out = {k: v for k, v in fixed.items() if k in patients}
     for stratum in sorted(strata):
         members = strata[stratum]
-        order = rng.permutation(len(members))
-        wanted = {s: len(members) * f + carry[s] for s, f in fractions.items()}
-        counts = {s: int(np.floor(w)) for s, w in wanted.items()}
-        left = len(members) - sum(counts.values())
-        for s in sorted(wanted, key=lambda s: wanted[s] - counts[s], reverse=True)[:left]:
-            counts[s] += 1
-        carry = {s: wanted[s] - counts[s] for s in fractions}
-        position = 0
-        for split in ("val", "test", "train"):
-            for index in order[position : position + counts[split]]:
-                out[members[index]] = split
-            position += counts[split]
+        counts = in_stratum[stratum]
+        for index in rng.permutation(len(members)):
+            n_stratum, n_overall = sum(counts.values()) + 1, sum(overall.values()) + 1
+            split = max(
+                fractions,
+                key=lambda s: (
+                    (fractions[s] * n_stratum - counts[s]) + (fractions[s] * n_overall - overall[s])
+                ),
+            )
+            out[members[index]] = split
+            counts[split] += 1
+            overall[split] += 1
     return out
 
 
@@ -125,7 +133,11 @@ def load_or_make_splits(
     """Return the stored split of every patient, assigning and storing new patients.
 
     Patients already in ``state_dir/split.json`` keep their split whatever the seed or
-    fractions are now; new patients are split among themselves and added.
+    fractions are now; new patients are assigned so that the proportions, counted over
+    all patients, move towards the targets.
+
+    Raises:
+        DataError: the split file is unreadable, or the state folder is not writable.
 
     Args:
         state_dir: the site's state folder.
@@ -139,25 +151,46 @@ def load_or_make_splits(
             stored = {str(k): str(v) for k, v in document["assignments"].items()}
         except (ValueError, KeyError, TypeError, AttributeError):
             msg = (
-                f"{path}: unreadable split file; restore it from backup (or delete it to re-split)"
+                f"{state_dir.name}/{SPLIT_FILE}: unreadable split file in the site state folder; "
+                "restore it from backup (or delete it to re-split)"
             )
             raise DataError(msg) from None
-    new = {k: v for k, v in patients.items() if k not in stored}
-    if new or not path.is_file():
+    if any(k not in stored for k in patients) or not path.is_file():
         stored.update(
-            assign_splits(new, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+            assign_splits(
+                patients,
+                val_fraction=val_fraction,
+                test_fraction=test_fraction,
+                seed=seed,
+                fixed={k: v for k, v in stored.items() if k in patients},
+            )
         )
+        _write_state(
+            state_dir,
+            path,
+            {
+                "version": _SPLIT_VERSION,
+                "seed": seed,
+                "fractions": {"val": val_fraction, "test": test_fraction},
+                "assignments": dict(sorted(stored.items())),
+            },
+        )
+    return {k: stored[k] for k in patients}
+
+
+def _write_state(state_dir: Path, path: Path, document: object) -> None:
+    """Write a state file atomically; a read-only site folder gets a message with the fix."""
+    try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        document = {
-            "version": _SPLIT_VERSION,
-            "seed": seed,
-            "fractions": {"val": val_fraction, "test": test_fraction},
-            "assignments": dict(sorted(stored.items())),
-        }
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(document, indent=1))
         tmp.replace(path)
-    return {k: stored[k] for k in patients}
+    except OSError:
+        msg = (
+            f"cannot write {state_dir.name}/{path.name}: the site state folder is not writable; "
+            "make it writable or point the site at a writable state folder"
+        )
+        raise DataError(msg) from None
 
 
 TEST_USE_FILE = "test_uses.json"
@@ -178,8 +211,5 @@ def record_test_use(state_dir: Path, *, run_id: int, server_round: int) -> int:
             msg = f"{path.name}: unreadable test-use log in the site state folder; restore it"
             raise DataError(msg) from None
     uses.append({"run": run_id, "round": server_round, "time": int(time.time())})
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": 1, "uses": uses}, indent=1))
-    tmp.replace(path)
+    _write_state(state_dir, path, {"version": 1, "uses": uses})
     return len(uses)

@@ -21,7 +21,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from radfed import __version__
 from radfed.errors import ConfigError
 
-__all__ = ["SiteProfile", "SiteSummary", "site_profiles", "synth_classification"]
+__all__ = ["SYNTH_MARKER", "SiteProfile", "SiteSummary", "site_profiles", "synth_classification"]
+
+#: File that marks a data root as generated (and safe for --overwrite to replace).
+SYNTH_MARKER = ".radfed-synth"
 
 _CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 _UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root for UIDs derived from entropy sources
@@ -135,7 +138,15 @@ def synth_classification(
         if not overwrite:
             msg = f"{out} is not empty; choose another --out or pass --overwrite"
             raise ConfigError(msg)
+        if not (out / SYNTH_MARKER).is_file():
+            msg = (
+                f"{out} was not written by 'radfed synth' (no {SYNTH_MARKER}); "
+                "refusing to delete it: choose another --out"
+            )
+            raise ConfigError(msg)
         shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SYNTH_MARKER).write_text(f"written by radfed {__version__} synth, seed {seed}\n")
     return [
         _write_site(out / p.name, p, seed=seed, index=i, size=image_size)
         for i, p in enumerate(profiles)

@@ -47,8 +47,13 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> tuple[str
         ConfigError: neither is set, or the partitions do not match the site folders.
     """
     if "data-path" in node_config:
-        path = Path(str(node_config["data-path"])).expanduser()
-        return str(node_config.get("site-name") or path.name), path
+        name = str(node_config.get("site-name") or "").strip()
+        if not name:  # the folder name could say more than the site wants to (it leaves)
+            raise ConfigError(
+                "node config has data-path but no site-name; start the SuperNode "
+                'with --node-config \'site-name="NAME" data-path="..."\''
+            )
+        return name, Path(str(node_config["data-path"])).expanduser()
     if "partition-id" in node_config:
         if not config.data_root:
             raise ConfigError("run config 'data-root' is empty; set it to a folder of site folders")
@@ -104,6 +109,14 @@ _NOT_DATA_SETTINGS = frozenset(
 )
 
 
+def _site_min_cell(node_config: Mapping[str, Any]) -> int:
+    """The site's own minimum cell size (``--node-config 'min-cell-size=20'``); 1 if unset."""
+    value = node_config.get("min-cell-size", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError("node config 'min-cell-size' must be a positive integer")
+    return value
+
+
 def _server_round(msg: Message) -> int:
     config = msg.content.config_records.get("config")
     value = config.get("server-round", 0) if config is not None else 0
@@ -147,7 +160,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
             path / STATE_DIR_NAME, run_id=msg.metadata.run_id, server_round=_server_round(msg)
         )
         logger.warning("the sealed test split is evaluated (use %d at this site)", uses)
-    stats = evaluate(model, site, config)
+    k = max(config.min_cell_size, _site_min_cell(context.node_config))
+    stats = {split: s.with_min_cell(k) for split, s in evaluate(model, site, config).items()}
     content = RecordDict(
         {
             METRICS_KEY: pack_classification_stats(stats),

@@ -4,8 +4,10 @@ Statistics schema 1 (classification), in the reply's one MetricRecord:
 
 - ``num-examples`` (int): cases evaluated (train replies: cases trained on);
 - ``schema-version`` (int): ``radfed.STATS_SCHEMA_VERSION``;
-- per evaluated split ``S``: ``S.tp``, ``S.fp``, ``S.tn``, ``S.fn`` (int) and
-  ``S.pos-hist``, ``S.neg-hist`` (lists of ``score-bins`` ints).
+- per evaluated split ``S``: ``S.suppressed`` (0/1: fewer cases than the site's minimum
+  cell size; all counts are then zero), ``S.tp``, ``S.fp``, ``S.tn``, ``S.fn`` (int) and
+  ``S.pos-hist``, ``S.neg-hist`` (lists of ``score-bins`` ints; adjacent bins merged until
+  each non-empty bin holds at least the minimum cell size).
 
 The reply's ConfigRecord ``site`` holds ``name``, ``radfed-version`` and ``schema-version``.
 Nothing else leaves a site: no per-case value, no path, id, header value or exception text.
@@ -125,6 +127,7 @@ def pack_classification_stats(stats: Mapping[str, BinaryStats]) -> MetricRecord:
         "schema-version": STATS_SCHEMA_VERSION,
     }
     for split, s in stats.items():
+        record[f"{split}.suppressed"] = int(s.suppressed)
         for key in _COUNT_KEYS:
             record[f"{split}.{key}"] = int(getattr(s, key))
         record[f"{split}.pos-hist"] = [int(v) for v in s.pos_hist]
@@ -144,7 +147,7 @@ def unpack_classification_stats(
     """
     expected = {"num-examples", "schema-version"}
     for split in splits:
-        expected |= {f"{split}.{k}" for k in (*_COUNT_KEYS, "pos-hist", "neg-hist")}
+        expected |= {f"{split}.{k}" for k in (*_COUNT_KEYS, "pos-hist", "neg-hist", "suppressed")}
     if set(record.keys()) != expected:
         missing = sorted(expected - set(record.keys()))
         extra = sorted(set(record.keys()) - expected)
@@ -168,7 +171,12 @@ def unpack_classification_stats(
         tp, fp, tn, fn = counts
         if sum(hists[0]) != tp + fn or sum(hists[1]) != tn + fp:
             raise InvalidReply(f"{split}: score histograms disagree with the confusion counts")
-        out[split] = BinaryStats(tp, fp, tn, fn, hists[0], hists[1])
+        suppressed = record[f"{split}.suppressed"]
+        if suppressed not in (0, 1) or isinstance(suppressed, bool):
+            raise InvalidReply(f"{split}.suppressed must be 0 or 1")
+        if suppressed and tp + fp + tn + fn:
+            raise InvalidReply(f"{split}: a suppressed cell must not carry counts")
+        out[split] = BinaryStats(tp, fp, tn, fn, hists[0], hists[1], bool(suppressed))
     if _count(record["num-examples"], "num-examples") != sum(s.n for s in out.values()):
         raise InvalidReply("num-examples disagrees with the statistics")
     return out

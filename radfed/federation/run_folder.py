@@ -59,10 +59,27 @@ class RunFolder:
         return folder
 
     def append_metrics(
-        self, round_: int, site: str, split: str, n: int, metrics: Mapping[str, float | None]
+        self,
+        round_: int,
+        site: str,
+        split: str,
+        n: int,
+        metrics: Mapping[str, float | None],
+        *,
+        suppressed: bool = False,
     ) -> None:
-        """Append one (round, site, split) line to metrics.jsonl."""
-        line = {"round": round_, "site": site, "split": split, "n": n, "metrics": dict(metrics)}
+        """Append one (round, site, split) line to metrics.jsonl.
+
+        A suppressed cell (fewer cases than the site's minimum cell size) has ``n`` null.
+        """
+        line = {
+            "round": round_,
+            "site": site,
+            "split": split,
+            "n": None if suppressed else n,
+            "suppressed": suppressed,
+            "metrics": dict(metrics),
+        }
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
 

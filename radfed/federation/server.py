@@ -29,7 +29,9 @@ def run_server(grid: Grid, context: Context) -> Path:
     reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
     run.save_checkpoint(0, reference, config)
     logger.info("run folder: %s", run.path)
-    strategy = RadfedFedAvg(config=config, reference=reference, run=run)
+    strategy = RadfedFedAvg(
+        config=config, reference=reference, run=run, max_update_norm=config.max_update_norm or None
+    )
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(reference),

@@ -154,8 +154,10 @@ class RadfedFedAvg(FedAvg):
             aucs = []
             for name, stats in rows.items():
                 values = binary_metrics(stats)
-                self.run.append_metrics(server_round, name, split, stats.n, values)
-                aucs.append(f"{name} {_fmt(values['auc'])}")
+                self.run.append_metrics(
+                    server_round, name, split, stats.n, values, suppressed=stats.suppressed
+                )
+                aucs.append(f"{name} {'suppressed' if stats.suppressed else _fmt(values['auc'])}")
                 if name == POOLED_SITE:
                     summary.update({f"{split}-{k}": v for k, v in values.items() if v is not None})
             logger.info(

@@ -34,6 +34,8 @@ class BinaryStats:
         tp, fp, tn, fn: confusion counts at the threshold (``score >= threshold`` is positive).
         pos_hist: counts of positive cases per score bin, shape ``(B,)``.
         neg_hist: counts of negative cases per score bin, shape ``(B,)``.
+        suppressed: the cell held fewer cases than the site's minimum cell size; every
+            count is zero and the cell is left out of pooled values.
     """
 
     tp: int
@@ -42,11 +44,12 @@ class BinaryStats:
     fn: int
     pos_hist: tuple[int, ...]
     neg_hist: tuple[int, ...]
+    suppressed: bool = False
 
     @classmethod
-    def empty(cls, bins: int) -> BinaryStats:
+    def empty(cls, bins: int, *, suppressed: bool = False) -> BinaryStats:
         zeros = (0,) * bins
-        return cls(0, 0, 0, 0, zeros, zeros)
+        return cls(0, 0, 0, 0, zeros, zeros, suppressed)
 
     @classmethod
     def from_scores(
@@ -83,6 +86,37 @@ class BinaryStats:
     def n(self) -> int:
         return self.tp + self.fp + self.tn + self.fn
 
+    def with_min_cell(self, k: int) -> BinaryStats:
+        """What may leave a site under a minimum cell size ``k``.
+
+        Fewer than ``k`` cases: a suppressed cell without counts. Otherwise adjacent score
+        bins are merged (from low to high scores) until every non-empty bin holds at least
+        ``k`` cases, so no bin pins down the score and label of fewer than ``k`` cases; a
+        merged run is stored in its first bin. The AUC of the result stays within its own
+        ``auc_tie_bound`` of the exact AUC.
+        """
+        if k <= 1:
+            return self
+        if self.n < k:
+            return BinaryStats.empty(len(self.pos_hist), suppressed=True)
+        pos, neg = list(self.pos_hist), list(self.neg_hist)
+        out_pos, out_neg = [0] * len(pos), [0] * len(neg)
+        start, run_pos, run_neg = 0, 0, 0
+        runs: list[tuple[int, int, int]] = []
+        for index, (p, q) in enumerate(zip(pos, neg, strict=True)):
+            if run_pos + run_neg == 0:
+                start = index
+            run_pos, run_neg = run_pos + p, run_neg + q
+            if run_pos + run_neg >= k:
+                runs.append((start, run_pos, run_neg))
+                run_pos, run_neg = 0, 0
+        if run_pos + run_neg:  # a short last run joins the one before
+            first, p, q = runs.pop()
+            runs.append((first, p + run_pos, q + run_neg))
+        for first, p, q in runs:
+            out_pos[first], out_neg[first] = p, q
+        return BinaryStats(self.tp, self.fp, self.tn, self.fn, tuple(out_pos), tuple(out_neg))
+
     def __add__(self, other: BinaryStats) -> BinaryStats:
         if len(self.pos_hist) != len(other.pos_hist):
             msg = f"cannot merge histograms of {len(self.pos_hist)} and {len(other.pos_hist)} bins"
@@ -98,10 +132,11 @@ class BinaryStats:
 
     @staticmethod
     def merge(parts: Iterable[BinaryStats], bins: int) -> BinaryStats:
-        """Sum any number of statistics (the empty sum has ``bins`` empty bins)."""
+        """Sum any number of statistics, leaving suppressed cells out."""
         total = BinaryStats.empty(bins)
         for part in parts:
-            total = total + part
+            if not part.suppressed:
+                total = total + part
         return total
 
 
@@ -175,7 +210,11 @@ def auc_tie_bound(
 
 
 def binary_metrics(s: BinaryStats) -> dict[str, float | None]:
-    """Every reported metric of one set of statistics (None where undefined)."""
+    """Every reported metric of one set of statistics (None where undefined).
+
+    ``auc_tie_bound`` is the largest possible distance of ``auc`` from the exact AUC of
+    the cases (the histograms' resolution, coarser where bins were merged for privacy).
+    """
     auc = auc_from_histograms(s.pos_hist, s.neg_hist)
     prevalence = _ratio(s.tp + s.fn, s.n)
     out = {
@@ -184,5 +223,6 @@ def binary_metrics(s: BinaryStats) -> dict[str, float | None]:
         "specificity": specificity(s),
         "accuracy": accuracy(s),
         "prevalence": prevalence,
+        "auc_tie_bound": auc_tie_bound(s.pos_hist, s.neg_hist),
     }
     return {k: (None if v is None or math.isnan(v) else round(v, 6)) for k, v in out.items()}

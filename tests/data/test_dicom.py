@@ -99,3 +99,15 @@ def test_synthetic_rescale_intercept_round_trips(synth_root: Path) -> None:
 )
 def test_sex_values_seen_in_real_headers(value: str | None, expected: str) -> None:
     assert normalise_sex(value) == expected
+
+
+def test_monochrome1_dense_regions_come_out_bright(tmp_path: Path) -> None:
+    # In MONOCHROME1 a low stored value is displayed white: a dense square on a dark field.
+    ds = pydicom.dcmread(_testfile("CT_small.dcm"))
+    stored = np.full((32, 32), 3000, dtype=np.uint16)
+    stored[8:16, 8:16] = 100
+    ds.set_pixel_data(stored, "MONOCHROME1", 12)
+    ds.RescaleSlope, ds.RescaleIntercept = "1", "0"
+    ds.save_as(tmp_path / "mono1.dcm")
+    pixels = read_dicom_image(tmp_path / "mono1.dcm").pixels
+    assert pixels[8:16, 8:16].min() > pixels[20:, 20:].max()

@@ -56,3 +56,21 @@ def test_a_manifest_without_any_usable_row_is_an_error(tmp_path: Path) -> None:
     (site / "manifest.csv").write_text("image,patient_id,label\na.dcm,P1,2\n")
     with pytest.raises(DataError, match="no usable row"):
         read_manifest(site)
+
+
+def test_manifest_encoding_duplicate_columns_and_multiline_fields(tmp_path: Path) -> None:
+    site = tmp_path / "site-x"
+    site.mkdir()
+    (site / "manifest.csv").write_bytes(
+        "image,patient_id,label,note\na.dcm,P1,1,Müller\n".encode("latin-1")
+    )
+    with pytest.raises(DataError, match="not UTF-8"):
+        read_manifest(site)
+    (site / "manifest.csv").write_text("image,patient_id,label,label\na.dcm,P1,1,0\n")
+    with pytest.raises(DataError, match="label appear more than once"):
+        read_manifest(site)
+    (site / "manifest.csv").write_text(
+        'image,patient_id,label,note\na.dcm,P1,1,"two\nlines"\nb.dcm,P2,x,\n'
+    )
+    manifest = read_manifest(site)
+    assert [p.line for p in manifest.problems] == [4]  # the record after a 2-line record

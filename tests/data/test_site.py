@@ -94,8 +94,12 @@ def test_logs_hold_no_patient_id_path_or_header_value(
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="radfed")
     caplog.clear()  # preparing the files made pydicom warn; only the loading counts
+    logging.captureWarnings(True)  # Python warnings (pydicom's included) become log records
     # Execute
-    load_site(site_copy, **SETTINGS)
+    try:
+        load_site(site_copy, **SETTINGS)
+    finally:
+        logging.captureWarnings(False)
     # Assert
     assert caplog.records, "expected the site to log its summary"
     for secret in filter(None, secrets):

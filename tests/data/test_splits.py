@@ -66,3 +66,21 @@ def test_given_splits_with_patient_leakage_are_refused() -> None:
     check_given_splits([("a", "train", 2), ("b", "val", 3), ("a", "train", 4)])
     with pytest.raises(DataError, match="lines 2 and 5"):
         check_given_splits([("a", "train", 2), ("b", "val", 3), ("a", "val", 5)])
+
+
+def test_patients_enrolled_one_at_a_time_still_reach_every_split(tmp_path: Path) -> None:
+    patients = _patients(60)
+    keys = list(patients)
+    for count in range(1, len(keys) + 1):  # the manifest grows by one patient at a time
+        enrolled = {k: patients[k] for k in keys[:count]}
+        load_or_make_splits(tmp_path, enrolled, val_fraction=0.2, test_fraction=0.2, seed=1)
+    final = load_or_make_splits(tmp_path, patients, val_fraction=0.2, test_fraction=0.2, seed=1)
+    counts = Counter(final.values())
+    assert counts == {"train": 36, "val": 12, "test": 12}
+
+
+def test_unwritable_state_folder_gets_a_clear_message(tmp_path: Path) -> None:
+    blocked = tmp_path / "state"
+    blocked.write_text("a file where the state folder should be")  # fails even for root
+    with pytest.raises(DataError, match="not writable"):
+        load_or_make_splits(blocked, _patients(5), val_fraction=0.2, test_fraction=0.2, seed=1)

@@ -64,5 +64,11 @@ def test_refuses_to_overwrite_by_accident(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--overwrite"):
         synth_classification(tmp_path, sites=1, cases_per_site=8, image_size=32)
     synth_classification(tmp_path, sites=1, cases_per_site=8, image_size=32, overwrite=True)
+    precious = tmp_path.parent / "hospital-export"
+    precious.mkdir()
+    (precious / "study.dcm").write_bytes(b"real data")
+    with pytest.raises(ConfigError, match="not written by 'radfed synth'"):
+        synth_classification(precious, sites=1, cases_per_site=8, image_size=32, overwrite=True)
+    assert (precious / "study.dcm").exists()
     with pytest.raises(ConfigError, match="--sites"):
         site_profiles(0, 10, 0)

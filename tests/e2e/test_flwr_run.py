@@ -57,7 +57,7 @@ def test_flwr_run_dot_trains_and_writes_the_run_folder(tmp_path: Path) -> None:
     }
     run_config = (
         f'data-root="{data}" out-dir="{out}" min-sites=2 num-server-rounds=2 '
-        "image-size=32 local-epochs=1"
+        "image-size=32 local-epochs=1 min-cell-size=2"
     )
     command = [
         str(Path(bin_dir) / "flwr"),

@@ -59,7 +59,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "--seed",
         "5",
         "--run-config",
-        "image-size=32 local-epochs=2 batch-size=8",
+        # min-cell-size=1: no bins merged, so the AUC can be compared at full resolution
+        "image-size=32 local-epochs=2 batch-size=8 min-cell-size=1",
     ]
     process = subprocess.Popen(
         command,
@@ -98,7 +99,9 @@ def test_every_site_has_metrics_every_round(finished_run: tuple[Path, Path]) -> 
             "specificity",
             "accuracy",
             "prevalence",
+            "auc_tie_bound",
         }
+        assert line["suppressed"] is False
     for r in range(1, ROUNDS + 1):
         sites_n = sum(
             line["n"]

@@ -100,7 +100,8 @@ def test_site_failure_replies_with_a_code_not_the_exception_text(
     caplog.set_level(logging.INFO, logger="radfed")
     # Execute
     reply = handle_train(
-        _request("train"), make_context(CONFIG.to_run_config(), {"data-path": str(site)})
+        _request("train"),
+        make_context(CONFIG.to_run_config(), {"site-name": "x", "data-path": str(site)}),
     )
     # Assert
     assert reply.has_error()
@@ -148,3 +149,35 @@ def test_sealed_test_split_is_evaluated_only_on_request_and_counted(site_copy: P
         assert "test.tp" in reply.content["metrics"]  # type: ignore[operator]
         document = json.loads(uses.read_text())
         assert len(document["uses"]) == expected and document["uses"][-1]["round"] == expected
+
+
+def test_deployed_node_must_name_its_site(site_copy: Path) -> None:
+    reply = handle_train(
+        _request("train"), make_context(CONFIG.to_run_config(), {"data-path": str(site_copy)})
+    )
+    assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
+
+
+def test_what_leaves_holds_no_cell_below_k_and_no_single_case_bin(site_copy: Path) -> None:
+    # Prepare: the run asks for k=3, the site's own policy demands k=6
+    config = dataclasses.replace(CONFIG, min_cell_size=3, score_bins=1000)
+    context = make_context(config.to_run_config(), {**_deployed(site_copy), "min-cell-size": 6})
+    # Execute
+    reply = handle_evaluate(_request("evaluate"), context)
+    # Assert
+    record = reply.content["metrics"]
+    stats = unpack_classification_stats(record, config.eval_splits, config.score_bins)  # type: ignore[arg-type]
+    for split, s in stats.items():
+        if s.suppressed:
+            assert s.n == 0
+            continue
+        assert s.n >= 6, split
+        totals = [p + q for p, q in zip(s.pos_hist, s.neg_hist, strict=True)]
+        assert all(t == 0 or t >= 6 for t in totals), split
+    everything = CONFIG.to_run_config() | {"min-cell-size": 10_000}
+    suppressed = handle_evaluate(
+        _request("evaluate"), make_context(everything, _deployed(site_copy))
+    )
+    values = suppressed.content["metrics"]
+    assert all(values[f"{split}.suppressed"] == 1 for split in CONFIG.eval_splits)  # type: ignore[index]
+    assert values["num-examples"] == 0  # type: ignore[index]

@@ -38,7 +38,7 @@ def _train_reply(
     n: int,
     *,
     loss: float = 0.5,
-    metrics: dict[str, int | float] | None = None,
+    metrics: dict[str, int | float | list[int] | list[float]] | None = None,
     arrays: ArrayRecord | None = None,
     extra: dict[str, ArrayRecord | MetricRecord] | None = None,
 ) -> Message:
@@ -291,7 +291,7 @@ def test_statistics_of_another_schema_or_shape_are_dropped(
     rng = np.random.default_rng(2)
     y, s = rng.integers(0, 2, 40), rng.random(40)
     other_schema = _eval_reply("site-b", 2, s, y)
-    other_schema.content["metrics"]["schema-version"] = STATS_SCHEMA_VERSION + 1  # type: ignore[index]
+    other_schema.content.metric_records["metrics"]["schema-version"] = STATS_SCHEMA_VERSION + 1
     two_records = _eval_reply("site-c", 3, s, y)
     two_records.content["more"] = MetricRecord({"num-examples": 1})
     huge = _eval_reply("site-d", 4, s, y)
@@ -315,3 +315,31 @@ def test_statistics_of_another_schema_or_shape_are_dropped(
     )
     assert none is None
     assert "dropped statistics from site-d: num-examples 40 is above the bound 39" in caplog.text
+
+
+def test_suppressed_site_is_reported_as_such_and_left_out_of_the_pool(tmp_path: Path) -> None:
+    # Prepare: site-b has 5 validation cases under a minimum cell size of 10
+    rng = np.random.default_rng(3)
+    y1, y2 = rng.integers(0, 2, 40), rng.integers(0, 2, 5)
+    s1, s2 = rng.random(40), rng.random(5)
+    small = BinaryStats.from_scores(s2, y2, bins=CONFIG.score_bins).with_min_cell(10)
+    content = RecordDict(
+        {
+            "metrics": pack_classification_stats({"val": small}),
+            "site": SiteIdentity.local("site-b").to_record(),
+        }
+    )
+    strategy = _strategy(tmp_path)
+    # Execute
+    strategy.aggregate_evaluate(
+        1,
+        [
+            _eval_reply("site-a", 1, s1, y1),
+            make_message(content, message_type="evaluate", src_node_id=2),
+        ],
+    )
+    # Assert
+    lines = {line["site"]: line for line in strategy.run.read_metrics()}
+    assert lines["site-b"]["suppressed"] is True and lines["site-b"]["n"] is None
+    assert lines["site-b"]["metrics"]["auc"] is None
+    assert lines["ALL"]["n"] == 40 and lines["ALL"]["metrics"] == lines["site-a"]["metrics"]

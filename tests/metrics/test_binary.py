@@ -104,3 +104,37 @@ def test_histogram_auc_is_within_its_tie_bound(
     bound = auc_tie_bound(stats.pos_hist, stats.neg_hist)
     assert auc is not None and bound is not None
     assert abs(auc - roc_auc_score(labels, scores)) <= bound + 1e-12
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    scores=st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=80),
+    data=st.data(),
+    k=st.integers(1, 15),
+)
+def test_min_cell_policy_hides_small_bins_and_keeps_auc_within_its_bound(
+    scores: list[float], data: st.DataObject, k: int
+) -> None:
+    labels = data.draw(st.lists(st.integers(0, 1), min_size=len(scores), max_size=len(scores)))
+    stats = BinaryStats.from_scores(np.array(scores), np.array(labels), bins=100)
+    safe = stats.with_min_cell(k)
+    if len(scores) < k:
+        assert safe.suppressed and safe.n == 0 and not any(safe.pos_hist) and not any(safe.neg_hist)
+        return
+    totals = [p + q for p, q in zip(safe.pos_hist, safe.neg_hist, strict=True)]
+    assert all(t == 0 or t >= k for t in totals)
+    assert (safe.tp, safe.fp, safe.tn, safe.fn) == (stats.tp, stats.fp, stats.tn, stats.fn)
+    assert sum(safe.pos_hist) == sum(stats.pos_hist) and sum(safe.neg_hist) == sum(stats.neg_hist)
+    if len(set(labels)) == 2:
+        auc = auc_from_histograms(safe.pos_hist, safe.neg_hist)
+        bound = auc_tie_bound(safe.pos_hist, safe.neg_hist)
+        assert auc is not None and bound is not None
+        assert abs(auc - roc_auc_score(labels, scores)) <= bound + 1e-12
+
+
+def test_suppressed_cells_stay_out_of_pooled_values() -> None:
+    big = BinaryStats.from_scores(*_cases(5, 50))
+    small = BinaryStats.from_scores(*_cases(6, 4)).with_min_cell(10)
+    assert small.suppressed
+    assert BinaryStats.merge([big, small], bins=1000) == big
+    assert binary_metrics(small)["auc"] is None
