@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 demo: install
-	$(BIN)/radfed synth --task classification --sites 3 --cases-per-site 150 --seed 7 \
+	$(BIN)/radfed synth --task classification --sites 3 --cases-per-site 300 --seed 7 \
 		--out $(DEMO_DATA) --overwrite
 	$(BIN)/radfed simulate --data $(DEMO_DATA) --task classification --rounds 3 --seed 7 \
 		--out $(DEMO_RUN) --overwrite

@@ -188,17 +188,15 @@ def _print_summary(folder: Path) -> None:
     lines = list(run.read_metrics())
     last = max(line["round"] for line in lines)
     table = Table(title=f"round {last} (pooled = {POOLED_SITE}, from merged statistics)")
-    for column in ("site", "split", "n", "AUC", "sensitivity", "specificity", "accuracy"):
+    columns = ("site", "split", "n", "AUC", "± at most", "sensitivity", "specificity", "accuracy")
+    for column in columns:
         table.add_column(column)
+    keys = ("auc", "auc_tie_bound", "sensitivity", "specificity", "accuracy")
     for line in lines:
         if line["round"] == last:
             m = line["metrics"]
-            table.add_row(
-                line["site"],
-                line["split"],
-                str(line["n"]),
-                *(_fmt(m.get(k)) for k in ("auc", "sensitivity", "specificity", "accuracy")),
-            )
+            n = "suppressed" if line.get("suppressed") else str(line["n"])
+            table.add_row(line["site"], line["split"], n, *(_fmt(m.get(k)) for k in keys))
     out = Console()
     out.print(table)
     out.print(f"run folder: {folder}")
