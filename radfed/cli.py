@@ -181,6 +181,37 @@ def site_check(
     raise typer.Exit(code=0 if report.can_train else 1)
 
 
+@site_app.command("index")
+def site_index(
+    export: Annotated[
+        Path, typer.Argument(help="The hospital DICOM export (e.g. a DICOMDIR tree).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The site folder to write manifest.csv into.")],
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV with 'label' and one of sop/series/study_instance_uid, accession_number."
+        ),
+    ] = None,
+) -> None:
+    """Group an export into cases, pseudonymise patient ids and write the site's manifest."""
+    from radfed.data.index import index_export
+
+    _setup_logging(False)
+    try:
+        summary = index_export(export, out, labels=labels)
+    except RadfedError as err:
+        _fail(err)
+        return
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped.items())) or "none"
+    typer.echo(
+        f"{summary.cases} cases ({summary.series_cases} series) from {summary.patients} "
+        f"patients; {summary.labelled} labelled; {summary.dicom} DICOM of {summary.files} "
+        f"files; skipped: {skipped}"
+    )
+    typer.echo(f"wrote {out / 'manifest.csv'}; next: radfed site check {out}")
+
+
 def _print_summary(folder: Path) -> None:
     from radfed.federation.run_folder import POOLED_SITE, RunFolder
 

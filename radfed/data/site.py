@@ -116,6 +116,14 @@ def load_site(
     state = state_dir or site_dir / STATE_DIR_NAME
     manifest = read_manifest(site_dir, task)
     problems = list(manifest.problems)
+    if not manifest.cases:
+        for problem in problems:
+            logger.warning("%s", problem)
+        msg = (
+            f"{site_dir.name}/manifest.csv: no usable row ({len(problems)} skipped); "
+            "fix the rows reported above"
+        )
+        raise DataError(msg)
     settings = {
         "image_size": image_size,
         "age_bands": list(age_bands.edges),
