@@ -59,26 +59,40 @@ def _main(
 @app.command()
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Data root to create (one folder per site).")],
-    task: Annotated[str, typer.Option(help="Task whose targets to generate.")] = "classification",
+    task: Annotated[
+        str,
+        typer.Option(
+            help="Targets to write: classification (label), detection (boxes), segmentation (mask)."
+        ),
+    ] = "classification",
     sites: Annotated[int, typer.Option(help="Number of sites.")] = 3,
     cases_per_site: Annotated[int, typer.Option(help="Average cases per site.")] = 60,
     seed: Annotated[int, typer.Option(help="Seed of everything generated.")] = 0,
-    image_size: Annotated[int, typer.Option(help="Rows and columns of each image.")] = 64,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out.")] = False,
+    image_size: Annotated[int, typer.Option(help="Size of every axis of each image.")] = 64,
+    dims: Annotated[int, typer.Option(help="2 for images, 3 for volumes (multi-frame DICOM).")] = 2,
+    bias: Annotated[
+        str,
+        typer.Option(
+            help="Plant a subgroup effect with a known answer at one site: none, contrast "
+            "(fainter lesions in women aged 60+), marker (burned-in marker tied to the label)."
+        ),
+    ] = "none",
+    overwrite: Annotated[bool, typer.Option(help="Replace an --out that synth wrote.")] = False,
 ) -> None:
     """Generate hospital sites as real DICOM files plus a manifest per site."""
-    from radfed.data.synth import synth_classification
+    from radfed.data.synth import synth_sites
 
     _setup_logging(False)
-    if task != "classification":
-        _fail(RadfedError(f"--task {task!r} is not available yet; use classification"))
     try:
-        summaries = synth_classification(
+        summaries = synth_sites(
             out,
+            task=task,
             sites=sites,
             cases_per_site=cases_per_site,
             seed=seed,
             image_size=image_size,
+            dims=dims,
+            bias=bias,
             overwrite=overwrite,
         )
     except RadfedError as err:

@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 
 from radfed.config import RunConfig
 from radfed.data.dicom import ImageReadError, read_image
-from radfed.data.manifest import MANIFEST_NAME, RowProblem, read_manifest
+from radfed.data.manifest import MANIFEST_NAME, Case, RowProblem, read_manifest
 from radfed.data.site import SiteData, load_site_for
 from radfed.errors import RadfedError
 
@@ -93,6 +94,9 @@ def check_site(site_dir: Path, config: RunConfig, *, preflight: bool = True) -> 
             continue
         by_pixels[hashlib.sha256(image.pixels.tobytes()).hexdigest()].append(case.line)
         _scan_header(report, case.image)
+        target_problem = _check_target(case, image.pixels.shape, config)
+        if target_problem:
+            _add_problems(report, [RowProblem(case.line, target_problem)], "target")
     report.duplicates = sorted(lines for lines in by_pixels.values() if len(lines) > 1)
     if report.duplicates:
         report.blockers.append(
@@ -109,11 +113,42 @@ def check_site(site_dir: Path, config: RunConfig, *, preflight: bool = True) -> 
     train = site.splits["train"]
     if len(train) < 2 or len(set(train.labels.tolist())) < 2:
         report.blockers.append("the train split needs at least two cases of each label")
-    if preflight and len(train) >= 2:
+    if config.task not in TRAINABLE_TASKS:
+        report.preflight = "not run"
+        report.blockers.append(
+            f"this radfed version cannot train {config.task} yet; the data checks above still hold"
+        )
+    elif preflight and len(train) >= 2:
         report.preflight = _preflight(site, config)
         if report.preflight != "ok":
             report.blockers.append(f"pre-flight training step failed: {report.preflight}")
     return report
+
+
+#: Tasks this radfed version can train (the pre-flight step needs one).
+TRAINABLE_TASKS = ("classification",)
+
+
+def _check_target(case: Case, shape: tuple[int, ...], config: RunConfig) -> str | None:
+    """Why a case's boxes or mask do not fit its image, or None."""
+    if case.boxes:
+        sizes = (shape[-1], shape[-2]) if len(shape) == 2 else (shape[-1], shape[-2], shape[0])
+        for number, box in enumerate(case.boxes, start=1):
+            half = len(box) // 2
+            if half != len(shape):
+                return f"box {number} has {half}-D coordinates for a {len(shape)}-D image"
+            if any(box[i] < 0 or box[i + half] > sizes[i] for i in range(half)):
+                return f"box {number} lies outside the image"
+    if case.mask is not None:
+        try:
+            mask = read_image(case.mask).pixels
+        except ImageReadError as err:
+            return f"mask unreadable: {err.reason}"
+        if mask.shape != shape:
+            return f"mask shape {mask.shape} differs from the image shape {shape}"
+        if not np.array_equal(mask, np.round(mask)) or mask.min() < 0:
+            return "mask values must be non-negative integer labels"
+    return None
 
 
 def _add_problems(

@@ -151,15 +151,17 @@ def pixels_of(ds: pydicom.Dataset, *, voi: bool = False) -> np.ndarray:
     if raw.ndim not in (2, 3):
         raise ImageReadError(f"expected 2-D or 3-D grayscale pixel data, got {raw.ndim}-D")
     try:
-        pixels = np.asarray(_modality(raw, ds), dtype=np.float32)
+        values = np.asarray(_modality(raw, ds), dtype=np.float64)
         if voi:
-            pixels = np.asarray(apply_voi_lut(pixels, ds), dtype=np.float32)
+            values = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
     except (ValueError, TypeError, AttributeError, IndexError, KeyError):
         raise ImageReadError("invalid modality or VOI LUT attributes") from None
-    if not np.isfinite(pixels).all():
-        raise ImageReadError("pixel values are not finite after the modality LUT")
     if str(ds.get("PhotometricInterpretation", "")).strip() == "MONOCHROME1":
-        pixels = pixels.max() + pixels.min() - pixels
+        values = values.max() + values.min() - values
+    with np.errstate(over="ignore", invalid="ignore"):
+        pixels = values.astype(np.float32)
+    if not np.isfinite(pixels).all():  # checked last: float32 overflows too
+        raise ImageReadError("pixel values are not finite (or too large) after the modality LUT")
     return pixels
 
 

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from radfed.config import SPLITS
 from radfed.errors import DataError
 
-__all__ = ["MANIFEST_NAME", "Case", "Manifest", "RowProblem", "read_manifest"]
+__all__ = ["MANIFEST_NAME", "TARGET_COLUMN", "Case", "Manifest", "RowProblem", "read_manifest"]
 
 MANIFEST_NAME = "manifest.csv"
-_TARGET_COLUMN = {"classification": "label"}
+#: The target column of each task.
+TARGET_COLUMN = {"classification": "label", "detection": "boxes", "segmentation": "mask"}
 
 
 @dataclass(frozen=True)
@@ -24,9 +26,13 @@ class Case:
         line: line number in manifest.csv (the header is line 1).
         image: absolute path of the image (never leaves the site, never logged).
         patient_id: pseudonymous patient id (never leaves the site, never logged).
-        label: the class label (classification).
+        label: the class label (classification); for detection 1 when the case has a box,
+            for segmentation the ``label`` column when present, else 0 (used to stratify).
         split: the split given in the manifest, or None.
         attributes: other columns (subgroup attributes such as sex or age).
+        boxes: detection boxes ``[x1, y1, x2, y2]`` (or ``[x1, y1, z1, x2, y2, z2]``) in
+            pixel coordinates; None for other tasks.
+        mask: absolute path of the segmentation mask; None for other tasks.
     """
 
     line: int
@@ -35,6 +41,8 @@ class Case:
     label: int
     split: str | None
     attributes: dict[str, str] = field(default_factory=dict)
+    boxes: tuple[tuple[float, ...], ...] | None = None
+    mask: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -69,16 +77,16 @@ def read_manifest(site_dir: Path, task: str = "classification") -> Manifest:
     """
     path = site_dir / MANIFEST_NAME
     where = f"{site_dir.name}/{MANIFEST_NAME}"  # named by site, never by full path
-    if task not in _TARGET_COLUMN:
-        msg = f"task {task!r} is not supported; choose one of {sorted(_TARGET_COLUMN)}"
+    if task not in TARGET_COLUMN:
+        msg = f"task {task!r} is not supported; choose one of {sorted(TARGET_COLUMN)}"
         raise DataError(msg)
     if not path.is_file():
         msg = (
             f"{where}: no {MANIFEST_NAME} in the site folder; write one with the columns "
-            "image, patient_id, label (see README: site folder)"
+            f"image, patient_id, {TARGET_COLUMN[task]} (see README: site folder)"
         )
         raise DataError(msg)
-    target = _TARGET_COLUMN[task]
+    target = TARGET_COLUMN[task]
     required = ("image", "patient_id", target)
     try:
         text = path.read_bytes().decode("utf-8-sig")
@@ -127,22 +135,34 @@ def _parse_row(
     site_dir: Path, row: dict[str, str | None], target: str, line: int
 ) -> Case | RowProblem:
     values = {k: (v or "").strip() for k, v in row.items() if k is not None}
-    image, patient_id, label_text = values["image"], values["patient_id"], values[target]
+    image, patient_id = values["image"], values["patient_id"]
     if not image:
         return RowProblem(line, "empty 'image'; give a path relative to the site folder")
     if not patient_id:
         return RowProblem(line, "empty 'patient_id'; every case needs a pseudonymous patient id")
+    boxes: tuple[tuple[float, ...], ...] | None = None
+    mask: Path | None = None
+    label_text = values.get("label", "")
+    if target == "boxes":
+        parsed = _parse_boxes(values["boxes"])
+        if isinstance(parsed, str):
+            return RowProblem(line, parsed)
+        boxes, label_text = parsed, "1" if parsed else "0"
+    elif target == "mask":
+        if not values["mask"] or Path(values["mask"]).is_absolute():
+            return RowProblem(line, "'mask' must be a path relative to the site folder")
+        mask = (site_dir / values["mask"]).resolve()
+        label_text = label_text or "0"
     if label_text not in {"0", "1"}:
-        return RowProblem(line, f"'{target}' must be 0 or 1; fix the value")
+        return RowProblem(line, "'label' must be 0 or 1; fix the value")
     split = values.get("split") or None
     if split is not None and split not in SPLITS:
         return RowProblem(line, f"'split' must be one of {', '.join(SPLITS)} or empty")
     if Path(image).is_absolute():
         return RowProblem(line, "'image' is an absolute path; give it relative to the site folder")
     image_path = (site_dir / image).resolve()
-    attributes = {
-        k: v for k, v in values.items() if k not in {"image", "patient_id", target, "split"} and v
-    }
+    reserved = {"image", "patient_id", "label", "split", target}
+    attributes = {k: v for k, v in values.items() if k not in reserved and v}
     return Case(
         line=line,
         image=image_path,
@@ -150,4 +170,29 @@ def _parse_row(
         label=int(label_text),
         split=split,
         attributes=attributes,
+        boxes=boxes,
+        mask=mask,
     )
+
+
+def _parse_boxes(text: str) -> tuple[tuple[float, ...], ...] | str:
+    """Boxes from a JSON list of ``[x1, y1, x2, y2]`` (or 6 numbers in 3-D); a reason if bad."""
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return "'boxes' must be a JSON list of [x1, y1, x2, y2] boxes (use [] for none)"
+    if not isinstance(value, list) or not all(isinstance(b, list) for b in value):
+        return "'boxes' must be a JSON list of [x1, y1, x2, y2] boxes (use [] for none)"
+    boxes = []
+    for box in value:
+        if len(box) not in (4, 6) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in box
+        ):
+            return "each box needs 4 numbers (2-D) or 6 (3-D)"
+        half = len(box) // 2
+        if any(box[i] >= box[i + half] for i in range(half)):
+            return "each box must have x1 < x2 and y1 < y2 (and z1 < z2)"
+        boxes.append(tuple(float(v) for v in box))
+    if len({len(b) for b in boxes}) > 1:
+        return "'boxes' mixes 2-D and 3-D boxes"
+    return tuple(boxes)

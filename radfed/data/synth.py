@@ -10,9 +10,12 @@ bright lesion over a smooth anatomical background (both from MONAI's
 from __future__ import annotations
 
 import csv
+import dataclasses
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -21,12 +24,26 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from radfed import __version__
 from radfed.errors import ConfigError
 
-__all__ = ["SYNTH_MARKER", "SiteProfile", "SiteSummary", "site_profiles", "synth_classification"]
+__all__ = [
+    "BIAS_PRESETS",
+    "SYNTH_MARKER",
+    "TASKS",
+    "SiteProfile",
+    "SiteSummary",
+    "site_profiles",
+    "synth_classification",
+    "synth_sites",
+]
 
 #: File that marks a data root as generated (and safe for --overwrite to replace).
-SYNTH_MARKER = ".radfed-synth"
+SYNTH_MARKER = "synth.json"
+#: Tasks whose targets synth writes.
+TASKS = ("classification", "detection", "segmentation")
+#: Planted subgroup effects with a known answer (see ``_plant``).
+BIAS_PRESETS = ("none", "contrast", "marker")
 
 _CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
+_ENHANCED_CT_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2.1")
 _UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root for UIDs derived from entropy sources
 _VENDORS = (
     ("SIEMENS", "Fictional General Hospital"),
@@ -106,34 +123,57 @@ def site_profiles(sites: int, cases_per_site: int, seed: int) -> list[SiteProfil
     return out
 
 
-def synth_classification(
+def synth_classification(out: Path, **kwargs: Any) -> list[SiteSummary]:
+    """``synth_sites`` for the classification task (see there)."""
+    return synth_sites(out, task="classification", **kwargs)
+
+
+def synth_sites(
     out: Path,
     *,
+    task: str = "classification",
     sites: int = 3,
     cases_per_site: int = 60,
     seed: int = 0,
     image_size: int = 64,
+    dims: int = 2,
+    bias: str = "none",
     overwrite: bool = False,
 ) -> list[SiteSummary]:
-    """Write ``out/<site>/manifest.csv`` and one DICOM file per case.
+    """Write ``out/<site>/manifest.csv`` and one DICOM file per case (multi-frame in 3-D).
 
-    Same arguments, same bytes: UIDs, dates and pixels all derive from the seed.
+    Targets by task: ``label`` (classification: a lesion or not), ``boxes`` (detection:
+    one box per connected lesion, ``[x1, y1, x2, y2]`` with x the column and y the row,
+    ends exclusive; ``[x1, y1, z1, x2, y2, z2]`` in 3-D), ``mask`` (segmentation: a NIfTI
+    mask per case, plus ``label``). ``out/synth.json`` records the settings, each site's
+    profile and the planted bias with its known answer. Same arguments, same bytes.
 
     Args:
         out: the data root to create.
+        task: ``classification``, ``detection`` or ``segmentation``.
         sites: number of sites.
         cases_per_site: average number of cases per site (sites differ around it).
         seed: the seed of everything generated.
-        image_size: rows and columns of each image (at least 32).
-        overwrite: replace an existing, non-empty ``out``.
+        image_size: size of every axis of each image (at least 32 in 2-D, 16 in 3-D).
+        dims: 2 for images, 3 for volumes.
+        bias: a preset of ``BIAS_PRESETS`` planted at one site, or ``none``.
+        overwrite: replace an ``out`` that synth wrote before.
 
     Raises:
-        ConfigError: bad counts, or ``out`` is not empty and ``overwrite`` is False.
+        ConfigError: bad settings, or ``out`` is not empty and may not be replaced.
     """
-    if image_size < 32:
-        msg = f"--image-size must be at least 32, got {image_size}"
-        raise ConfigError(msg)
+    if task not in TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    if dims not in (2, 3):
+        raise ConfigError(f"--dims must be 2 or 3, got {dims}")
+    if image_size < (32 if dims == 2 else 16):
+        raise ConfigError(
+            f"--image-size must be at least {32 if dims == 2 else 16} in {dims}-D, got {image_size}"
+        )
+    if bias not in BIAS_PRESETS:
+        raise ConfigError(f"--bias must be one of {', '.join(BIAS_PRESETS)}, got {bias!r}")
     profiles = site_profiles(sites, cases_per_site, seed)
+    planted = _plant(bias, profiles)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             msg = f"{out} is not empty; choose another --out or pass --overwrite"
@@ -146,18 +186,56 @@ def synth_classification(
             raise ConfigError(msg)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / SYNTH_MARKER).write_text(f"written by radfed {__version__} synth, seed {seed}\n")
+    description = {
+        "radfed-version": __version__,
+        "task": task,
+        "seed": seed,
+        "dims": dims,
+        "image-size": image_size,
+        "bias": planted,
+        "sites": [dataclasses.asdict(p) for p in profiles],
+    }
+    (out / SYNTH_MARKER).write_text(json.dumps(description, indent=1) + "\n")
+    spec = _Spec(task=task, size=image_size, dims=dims, planted=planted)
     return [
-        _write_site(out / p.name, p, seed=seed, index=i, size=image_size)
-        for i, p in enumerate(profiles)
+        _write_site(out / p.name, p, seed=seed, index=i, spec=spec) for i, p in enumerate(profiles)
     ]
 
 
+@dataclass(frozen=True)
+class _Spec:
+    task: str
+    size: int
+    dims: int
+    planted: dict[str, Any]
+
+
+def _plant(bias: str, profiles: list[SiteProfile]) -> dict[str, Any]:
+    """The planted effect and its known answer (which site, which group, what happens)."""
+    if bias == "none":
+        return {"preset": "none"}
+    site = profiles[min(1, len(profiles) - 1)].name if bias == "contrast" else profiles[-1].name
+    if bias == "contrast":
+        return {
+            "preset": bias,
+            "site": site,
+            "group": {"sex": "F", "min_age": 60},
+            "effect": "lesion contrast x0.35 for women aged 60 and over: the model misses them",
+        }
+    return {
+        "preset": bias,
+        "site": site,
+        "effect": "a burned-in corner marker in 90% of positive and 10% of negative cases",
+    }
+
+
 def _write_site(
-    folder: Path, profile: SiteProfile, *, seed: int, index: int, size: int
+    folder: Path, profile: SiteProfile, *, seed: int, index: int, spec: _Spec
 ) -> SiteSummary:
     rng = np.random.default_rng([seed, index])
     (folder / "images").mkdir(parents=True)
+    if spec.task == "segmentation":
+        (folder / "masks").mkdir()
     n_patients = max(4, int(np.ceil(profile.cases * 0.8)))
     # Every patient has one case; the remaining cases are follow-ups of random patients.
     owners = np.concatenate(
@@ -168,9 +246,24 @@ def _write_site(
     labels = (rng.random(profile.cases) < profile.prevalence).astype(int)
     labels[:2], labels[2:4] = 1, 0  # both classes present at every site
     prefix = profile.name.split("-")[-1].upper()
+    here = spec.planted.get("site") == profile.name
     rows = []
     for case, (owner, label) in enumerate(zip(owners, labels, strict=True)):
-        pixels = _image(size, bool(label), profile, np.random.RandomState(rng.integers(2**31)))
+        state = np.random.RandomState(rng.integers(2**31))
+        contrast = profile.lesion_contrast
+        if here and spec.planted["preset"] == "contrast" and sex[owner] == "F" and age[owner] >= 60:
+            contrast *= 0.35
+        lesions = (
+            0 if not label else (1 if spec.task == "classification" else int(state.randint(1, 4)))
+        )
+        pixels, mask = _image(spec, lesions, contrast, profile, state)
+        if (
+            here
+            and spec.planted["preset"] == "marker"
+            and state.random_sample() < (0.9 if label else 0.1)
+        ):
+            corner = (slice(1, 1 + max(2, spec.size // 12)),) * spec.dims
+            pixels[corner] = 1.0
         name = f"images/case-{case + 1:04d}.dcm"
         patient_id = f"{prefix}{owner + 1:05d}"
         ds = _dataset(
@@ -182,9 +275,16 @@ def _write_site(
             uid_seed=f"{seed}/{profile.name}/{case}",
         )
         ds.save_as(folder / name, enforce_file_format=True)
-        rows.append({"image": name, "patient_id": patient_id, "label": int(label)})
+        row: dict[str, object] = {"image": name, "patient_id": patient_id}
+        if spec.task == "detection":
+            row["boxes"] = json.dumps(_boxes(mask))
+        elif spec.task == "segmentation":
+            row["mask"] = f"masks/case-{case + 1:04d}.nii.gz"
+            _save_mask(mask, folder / str(row["mask"]))
+        row["label"] = int(label)
+        rows.append(row)
     with (folder / "manifest.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "patient_id", "label"])
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     return SiteSummary(
@@ -197,14 +297,18 @@ def _write_site(
     )
 
 
-def _image(size: int, lesion: bool, p: SiteProfile, state: np.random.RandomState) -> np.ndarray:
-    """Modality values in [0, 1] of shape ``(size, size)``."""
-    from monai.data import create_test_image_2d
+def _image(
+    spec: _Spec, lesions: int, contrast: float, p: SiteProfile, state: np.random.RandomState
+) -> tuple[np.ndarray, np.ndarray]:
+    """Modality values in [0, 1] and the lesion mask, both of shape ``(S,) * dims``."""
+    from monai.data import create_test_image_2d, create_test_image_3d
     from scipy.ndimage import gaussian_filter
 
-    anatomy, _ = create_test_image_2d(
-        size,
-        size,
+    size = spec.size
+    make: Any = create_test_image_2d if spec.dims == 2 else create_test_image_3d
+    shape = (size,) * spec.dims
+    anatomy, _ = make(
+        *shape,
         num_objs=6,
         rad_max=size // 4,
         rad_min=size // 8,
@@ -212,21 +316,47 @@ def _image(size: int, lesion: bool, p: SiteProfile, state: np.random.RandomState
         random_state=state,
     )
     image = 0.25 + 0.35 * gaussian_filter(anatomy, sigma=size / 32)
-    if lesion:
-        _, mask = create_test_image_2d(
-            size,
-            size,
-            num_objs=1,
+    mask = np.zeros(shape, dtype=np.uint8)
+    if lesions:
+        _, seg = make(
+            *shape,
+            num_objs=lesions,
             rad_max=max(4, size // 10),
             rad_min=3,
             num_seg_classes=1,
             random_state=state,
         )
-        image = image + p.lesion_contrast * gaussian_filter(mask.astype(np.float32), sigma=0.7)
+        mask = (seg > 0).astype(np.uint8)
+        image = image + contrast * gaussian_filter(mask.astype(np.float32), sigma=0.7)
     image = image + state.normal(0.0, p.noise, image.shape)
     image = np.clip(image, 0.0, 1.0) ** p.gamma * p.intensity_scale
     out: np.ndarray = np.clip(image / 1.3, 0.0, 1.0).astype(np.float32)
-    return out
+    return out, mask
+
+
+def _boxes(mask: np.ndarray) -> list[list[int]]:
+    """One box per connected lesion: ``[x1, y1, x2, y2]`` (x column, y row, ends exclusive)."""
+    from scipy.ndimage import find_objects, label
+
+    components, _ = label(mask)
+    boxes = []
+    for found in find_objects(components):
+        if found is None:
+            continue
+        starts = [s.start for s in found]  # (row, col) or (slice, row, col)
+        stops = [s.stop for s in found]
+        order = [1, 0] if mask.ndim == 2 else [2, 1, 0]  # -> x, y(, z)
+        boxes.append([starts[i] for i in order] + [stops[i] for i in order])
+    return boxes
+
+
+def _save_mask(mask: np.ndarray, path: Path) -> None:
+    """A NIfTI mask that radfed's reader returns in the image's ``(H, W)``/``(D, H, W)`` order."""
+    import nibabel
+
+    data = np.ascontiguousarray(np.transpose(mask, tuple(reversed(range(mask.ndim)))))
+    image: Any = nibabel.Nifti1Image(data.astype(np.uint8), np.eye(4))  # type: ignore[no-untyped-call]
+    nibabel.save(image, path)
 
 
 def _dataset(
@@ -241,19 +371,21 @@ def _dataset(
     )
     if p.monochrome1:
         stored = (top - stored).astype(np.uint16)
+    volume = pixels.ndim == 3
+    sop_class = _ENHANCED_CT_STORAGE if volume else _CR_IMAGE_STORAGE
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = _CR_IMAGE_STORAGE
+    meta.MediaStorageSOPClassUID = sop_class
     sop_uid = generate_uid(_UID_ROOT, entropy_srcs=[uid_seed, "sop"])
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationVersionName = f"RADFED_{__version__}"[:16]
     ds = Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID = _CR_IMAGE_STORAGE
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = generate_uid(_UID_ROOT, entropy_srcs=[uid_seed, "study"])
     ds.SeriesInstanceUID = generate_uid(_UID_ROOT, entropy_srcs=[uid_seed, "series"])
-    ds.Modality = "CR"
+    ds.Modality = "CT" if volume else "CR"
     ds.StudyDate = ds.ContentDate = "20250101"
     ds.PatientName = ""  # a de-identified export: type 2, present and empty
     ds.PatientID = patient_id
@@ -262,9 +394,20 @@ def _dataset(
     ds.Manufacturer = p.manufacturer
     ds.InstitutionName = p.institution
     ds.BodyPartExamined = "CHEST"
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.RescaleSlope = f"{p.rescale_slope:g}"
-    ds.RescaleIntercept = f"{p.rescale_intercept:g}"
+    if volume:  # enhanced multi-frame: spacing and rescale live in the functional groups
+        shared, measures, transform = Dataset(), Dataset(), Dataset()
+        measures.PixelSpacing, measures.SliceThickness = [1.0, 1.0], "1"
+        transform.RescaleSlope = f"{p.rescale_slope:g}"
+        transform.RescaleIntercept = f"{p.rescale_intercept:g}"
+        transform.RescaleType = "US"
+        shared.PixelMeasuresSequence = [measures]
+        shared.PixelValueTransformationSequence = [transform]
+        ds.SharedFunctionalGroupsSequence = [shared]
+        ds.NumberOfFrames = pixels.shape[0]
+    else:
+        ds.PixelSpacing = [0.5, 0.5]
+        ds.RescaleSlope = f"{p.rescale_slope:g}"
+        ds.RescaleIntercept = f"{p.rescale_intercept:g}"
     ds.set_pixel_data(
         stored,
         "MONOCHROME1" if p.monochrome1 else "MONOCHROME2",

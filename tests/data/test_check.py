@@ -94,3 +94,39 @@ def test_a_folder_without_manifest_cannot_train(tmp_path: Path) -> None:
     result = runner.invoke(app, ["site", "check", str(tmp_path)])
     assert result.exit_code == 1
     assert "no manifest.csv" in result.output
+
+
+def test_targets_that_do_not_fit_their_images_are_reported(tmp_path: Path) -> None:
+    import dataclasses
+
+    import nibabel
+    import numpy as np
+
+    from radfed.data.synth import synth_sites
+
+    synth_sites(
+        tmp_path / "det", task="detection", sites=1, cases_per_site=8, image_size=32, seed=2
+    )
+    site = tmp_path / "det" / "site-a"
+    rows = _rows(site)
+    rows[0]["boxes"] = "[[10, 10, 40, 20]]"  # x2 beyond the 32 columns
+    rows[1]["boxes"] = "[[1, 2, 3]]"  # not a box
+    _write(site, rows)
+    report = check_site(site, dataclasses.replace(CONFIG, task="detection"))
+    by_line = {p["line"]: p["reason"] for p in report.problems}
+    assert by_line[2] == "box 1 lies outside the image"
+    assert "4 numbers" in by_line[3]
+    assert any("cannot train detection yet" in b for b in report.blockers)
+
+    synth_sites(
+        tmp_path / "seg", task="segmentation", sites=1, cases_per_site=8, image_size=32, seed=2
+    )
+    site = tmp_path / "seg" / "site-a"
+    rows = _rows(site)
+    nibabel.save(
+        nibabel.Nifti1Image(np.zeros((16, 16), dtype=np.uint8), np.eye(4)), site / rows[0]["mask"]
+    )
+    report = check_site(site, dataclasses.replace(CONFIG, task="segmentation"))
+    assert {p["line"]: p["reason"] for p in report.problems}[2].startswith(
+        "mask shape (16, 16) differs"
+    )

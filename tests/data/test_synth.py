@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
-from radfed.data.synth import site_profiles, synth_classification
+from radfed.data.dicom import read_image
+from radfed.data.synth import site_profiles, synth_classification, synth_sites
 from radfed.errors import ConfigError
 
 
@@ -72,3 +74,67 @@ def test_refuses_to_overwrite_by_accident(tmp_path: Path) -> None:
     assert (precious / "study.dcm").exists()
     with pytest.raises(ConfigError, match="--sites"):
         site_profiles(0, 10, 0)
+
+
+def _manifest(site: Path) -> list[dict[str, str]]:
+    with (site / "manifest.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_detection_boxes_enclose_the_lesions(tmp_path: Path) -> None:
+    synth_sites(tmp_path / "d", task="detection", sites=1, cases_per_site=8, image_size=48, seed=3)
+    rows = _manifest(tmp_path / "d" / "site-a")
+    positives = [r for r in rows if r["label"] == "1"]
+    assert positives and all(json.loads(r["boxes"]) == [] for r in rows if r["label"] == "0")
+    for row in positives:
+        image = read_image(tmp_path / "d" / "site-a" / row["image"]).pixels
+        boxes = json.loads(row["boxes"])
+        assert 1 <= len(boxes) <= 3
+        for x1, y1, x2, y2 in boxes:
+            assert 0 <= x1 < x2 <= image.shape[1] and 0 <= y1 < y2 <= image.shape[0]
+            inside = image[y1:y2, x1:x2].mean()
+            assert inside > np.median(image)  # a lesion is brighter than the typical pixel
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_segmentation_masks_match_their_images(tmp_path: Path, dims: int) -> None:
+    size = 48 if dims == 2 else 24
+    synth_sites(
+        tmp_path / "s",
+        task="segmentation",
+        sites=1,
+        cases_per_site=8,
+        image_size=size,
+        dims=dims,
+        seed=4,
+    )
+    for row in _manifest(tmp_path / "s" / "site-a"):
+        image = read_image(tmp_path / "s" / "site-a" / row["image"]).pixels
+        mask = read_image(tmp_path / "s" / "site-a" / row["mask"]).pixels
+        assert image.shape == mask.shape == (size,) * dims
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        assert (mask.sum() > 0) == (row["label"] == "1")
+        if mask.sum():
+            assert image[mask > 0].mean() > image[mask == 0].mean()
+
+
+def test_bias_presets_are_planted_where_synth_json_says(tmp_path: Path) -> None:
+    common = {"sites": 3, "cases_per_site": 40, "image_size": 32, "seed": 9}
+    synth_sites(tmp_path / "plain", **common)
+    synth_sites(tmp_path / "biased", bias="contrast", **common)
+    planted = json.loads((tmp_path / "biased" / "synth.json").read_text())["bias"]
+    assert planted["site"] == "site-b" and planted["group"] == {"sex": "F", "min_age": 60}
+    # Only site-b's older women changed: every other file is byte-identical to the plain run
+    changed = []
+    for path in sorted((tmp_path / "plain").rglob("*.dcm")):
+        other = tmp_path / "biased" / path.relative_to(tmp_path / "plain")
+        if path.read_bytes() != other.read_bytes():
+            ds = pydicom.dcmread(other, stop_before_pixels=True)
+            changed.append((path.parent.parent.name, ds.PatientSex, int(ds.PatientAge[:3])))
+    assert changed and all(
+        site == "site-b" and sex == "F" and age >= 60 for site, sex, age in changed
+    )
+    synth_sites(tmp_path / "marker", bias="marker", **common)
+    assert json.loads((tmp_path / "marker" / "synth.json").read_text())["bias"]["site"] == "site-c"
+    with pytest.raises(ConfigError, match="--bias"):
+        synth_sites(tmp_path / "x", bias="unknown", **common)
