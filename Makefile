@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED ?= 0
 export FLWR_DISABLE_UPDATE_CHECK ?= 1
 export RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO ?= 0
 
-.PHONY: install demo test test-fast check lint types format clean
+.PHONY: install demo test test-fast check lint types format bench clean
 
 install: $(STAMP)
 
@@ -32,9 +32,12 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not e2e"
 
+bench: install
+	$(BIN)/python bench/data_bench.py
+
 lint: install
-	$(BIN)/ruff format --check radfed server client tests
-	$(BIN)/ruff check radfed server client tests
+	$(BIN)/ruff format --check radfed server client tests bench
+	$(BIN)/ruff check radfed server client tests bench
 
 types: install
 	$(BIN)/mypy
@@ -42,8 +45,8 @@ types: install
 check: lint types test
 
 format: install
-	$(BIN)/ruff format radfed server client tests
-	$(BIN)/ruff check --fix radfed server client tests
+	$(BIN)/ruff format radfed server client tests bench
+	$(BIN)/ruff check --fix radfed server client tests bench
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache .mypy_cache .ruff_cache
