@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -97,8 +98,6 @@ def test_a_folder_without_manifest_cannot_train(tmp_path: Path) -> None:
 
 
 def test_targets_that_do_not_fit_their_images_are_reported(tmp_path: Path) -> None:
-    import dataclasses
-
     import nibabel
     import numpy as np
 
@@ -130,3 +129,59 @@ def test_targets_that_do_not_fit_their_images_are_reported(tmp_path: Path) -> No
     assert {p["line"]: p["reason"] for p in report.problems}[2].startswith(
         "mask shape (16, 16) differs"
     )
+
+
+def test_real_files_leave_no_header_value_in_logs_or_report(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    # Prepare: a site made of pydicom's real files, identifying headers as they come
+    site = tmp_path / "site-real"
+    (site / "img").mkdir(parents=True)
+    names = [
+        "CT_small.dcm",
+        "MR_small.dcm",
+        "examples_overlay.dcm",
+        "MR_small_RLE.dcm",
+        "rtstruct.dcm",
+        "MR_truncated.dcm",
+        "JPEG2000.dcm",
+    ]
+    lines, secrets = ["image,patient_id,label"], set()
+    for index, name in enumerate(names):
+        source = get_testdata_file(name, download=False)
+        if source is None:
+            continue
+        shutil.copy(str(source), site / "img" / name)
+        ds = pydicom.dcmread(str(source), stop_before_pixels=True, force=True)
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "InstitutionName",
+            "ReferringPhysicianName",
+            "StudyInstanceUID",
+            "AccessionNumber",
+        ):
+            value = str(ds.get(keyword, "") or "").strip()
+            if len(value) >= 4:
+                secrets.add(value)
+        lines.append(f"img/{name},P{index},{index % 2}")
+    (site / "manifest.csv").write_text("\n".join(lines) + "\n")
+    assert secrets, "the real files should carry identifying values"
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="radfed")
+    logging.captureWarnings(True)
+    # Execute
+    try:
+        report = check_site(
+            site,
+            dataclasses.replace(CONFIG, image_size=16, val_fraction=0.0, test_fraction=0.0),
+            preflight=False,
+        )
+    finally:
+        logging.captureWarnings(False)
+    # Assert
+    text = caplog.text + json.dumps(report.to_json())
+    assert report.problems  # the non-image and truncated files were reported
+    for secret in secrets:
+        assert secret not in text, "a header value reached a log line or the report"
