@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from torch import nn
 
 from radfed.config import RunConfig
 from radfed.data.site import STATE_DIR_NAME, SiteData, list_sites, load_site_for
@@ -123,12 +124,18 @@ def _server_round(msg: Message) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
-def _train(msg: Message, context: Context) -> Message:
+def _prepare(msg: Message, context: Context) -> tuple[RunConfig, str, Path, SiteData, nn.Module]:
+    """The run settings, this site's name, folder and data, and the received global model."""
     config = RunConfig.from_run_config(context.run_config)
     name, path = resolve_site(context.node_config, config)
     site = _site_data(path, config)
     model = build_model(config)
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())  # type: ignore[union-attr]
+    return config, name, path, site, model
+
+
+def _train(msg: Message, context: Context) -> Message:
+    config, name, _, site, model = _prepare(msg, context)
     server_round = _server_round(msg)
     seed = config.seed + 1000 * server_round + zlib.crc32(name.encode())
     result = train(model, site.splits["train"], config, seed=seed)
@@ -150,11 +157,7 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    config = RunConfig.from_run_config(context.run_config)
-    name, path = resolve_site(context.node_config, config)
-    site = _site_data(path, config)
-    model = build_model(config)
-    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())  # type: ignore[union-attr]
+    config, name, path, site, model = _prepare(msg, context)
     if "test" in config.eval_splits:
         uses = record_test_use(
             path / STATE_DIR_NAME, run_id=msg.metadata.run_id, server_round=_server_round(msg)
