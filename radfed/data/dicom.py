@@ -25,6 +25,8 @@ __all__ = [
     "DicomImage",
     "ImageReadError",
     "pixels_of",
+    "quiet_pydicom",
+    "read_dataset",
     "read_dicom_image",
     "read_image",
 ]
@@ -117,8 +119,8 @@ def read_dicom_image(
         ImageReadError: the file is missing, not DICOM, not an image, truncated, in colour,
             or compressed without a codec. The reason never quotes header values.
     """
-    with _quiet_pydicom():
-        ds = _read_dataset(path)
+    with quiet_pydicom():
+        ds = read_dataset(path)
         pixels = pixels_of(ds, voi=voi)
         try:
             spacing = _spacing(ds, pixels.ndim)
@@ -241,7 +243,7 @@ def _is_image_storage(ds: pydicom.Dataset) -> bool:
     return "Image Storage" in name or ("Rows" in ds and "Columns" in ds)
 
 
-def _read_dataset(path: Path) -> pydicom.Dataset:
+def read_dataset(path: Path) -> pydicom.Dataset:
     """Part 10 files, and bare datasets without preamble or file meta."""
     try:
         return pydicom.dcmread(path)
@@ -262,7 +264,7 @@ def _read_dataset(path: Path) -> pydicom.Dataset:
 
 
 @contextmanager
-def _quiet_pydicom() -> Iterator[None]:
+def quiet_pydicom() -> Iterator[None]:
     """Read without pydicom's warnings or log records: they quote header values."""
     before = pydicom_config.settings.reading_validation_mode
     pydicom_log = logging.getLogger("pydicom")

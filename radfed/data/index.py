@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pydicom
 
-from radfed.data.dicom import NON_IMAGE_MODALITIES, _quiet_pydicom
+from radfed.data.dicom import NON_IMAGE_MODALITIES, quiet_pydicom
 from radfed.data.manifest import MANIFEST_NAME
 from radfed.data.site import STATE_DIR_NAME
 from radfed.errors import DataError
@@ -130,7 +130,7 @@ def _scan(export: Path, summary: IndexSummary) -> list[_File]:
             summary.skipped["DICOMDIR index file"] += 1
             continue
         try:
-            with _quiet_pydicom(), warnings.catch_warnings():
+            with quiet_pydicom(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
         except Exception:

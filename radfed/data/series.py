@@ -8,7 +8,7 @@ import numpy as np
 import pydicom
 
 from radfed.data.attributes import STANDARD_BANDS, AgeBands, attributes_from_header
-from radfed.data.dicom import DicomImage, ImageReadError, _quiet_pydicom, _read_dataset, pixels_of
+from radfed.data.dicom import DicomImage, ImageReadError, pixels_of, quiet_pydicom, read_dataset
 
 __all__ = ["read_series"]
 
@@ -25,11 +25,11 @@ def read_series(folder: Path, bands: AgeBands = STANDARD_BANDS, *, voi: bool = F
             an unreadable slice (the whole case is skipped; the reason names which check).
     """
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR")
-    with _quiet_pydicom():
+    with quiet_pydicom():
         slices = []
         for path in files:
             try:
-                slices.append(_read_dataset(path))
+                slices.append(read_dataset(path))
             except ImageReadError:
                 continue  # not DICOM: ignored inside a series folder
         if not slices:

@@ -280,8 +280,3 @@ def cast_like(
             value = torch.round(value)
         out[name] = value.to(ref.dtype)
     return out
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """A JSON-safe float (NaN and infinities become None)."""
-    return None if value is None or not math.isfinite(value) else value

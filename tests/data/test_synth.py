@@ -89,7 +89,7 @@ def test_detection_boxes_enclose_the_lesions(tmp_path: Path) -> None:
     for row in positives:
         image = read_image(tmp_path / "d" / "site-a" / row["image"]).pixels
         boxes = json.loads(row["boxes"])
-        assert 1 <= len(boxes) <= 3
+        assert len(boxes) in (1, 2, 3)
         for x1, y1, x2, y2 in boxes:
             assert 0 <= x1 < x2 <= image.shape[1] and 0 <= y1 < y2 <= image.shape[0]
             inside = image[y1:y2, x1:x2].mean()
