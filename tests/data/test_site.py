@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import csv
 import logging
-import warnings
 import shutil
+import warnings
 from pathlib import Path
 
 import pydicom
