@@ -117,6 +117,12 @@ def simulate(
     task: Annotated[str, typer.Option(help="Task to train.")] = "classification",
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of model, splits and training.")] = 42,
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="fedavg, fedprox, fedadam, fedyogi or fedavgm ('--run-config fedbn=true': FedBN)."
+        ),
+    ] = "fedavg",
     run_config: Annotated[
         list[str] | None,
         typer.Option(
@@ -140,6 +146,7 @@ def simulate(
         "task": task,
         "num-server-rounds": rounds,
         "seed": seed,
+        "strategy": strategy,
     }
     try:
         folder = run_simulation(data, out, overrides, verbose=verbose)

@@ -46,6 +46,10 @@ class RunConfig:
             own ``min-cell-size`` node setting can only raise it.
         max_update_norm: the server drops an update further than this (L2) from the global
             model; 0 turns the check off.
+        strategy: ``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi`` or ``fedavgm``.
+        proximal_mu: FedProx's proximal weight (sites add ``mu/2 * ||w - w_global||^2``).
+        server_lr: the server optimiser's learning rate (FedAdam, FedYogi).
+        fedbn: keep normalisation layers local (FedBN): neither sent nor overwritten.
     """
 
     task: str = "classification"
@@ -71,6 +75,10 @@ class RunConfig:
     target_spacing: tuple[float, ...] = ()
     min_cell_size: int = 10
     max_update_norm: float = 0.0
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    fedbn: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -101,6 +109,15 @@ class RunConfig:
         )
         _check(self.min_cell_size >= 1, "min-cell-size", self.min_cell_size, ">= 1")
         _check(self.max_update_norm >= 0, "max-update-norm", self.max_update_norm, ">= 0 (0: off)")
+        strategies = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
+        _check(
+            self.strategy in strategies,
+            "strategy",
+            self.strategy,
+            f"one of {', '.join(strategies)}",
+        )
+        _check(self.proximal_mu >= 0, "proximal-mu", self.proximal_mu, ">= 0")
+        _check(self.server_lr > 0, "server-lr", self.server_lr, "> 0")
         _check(self.spatial_dims in (2, 3), "spatial-dims", self.spatial_dims, "2 or 3")
         _check(
             not self.target_spacing

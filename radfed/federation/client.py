@@ -22,6 +22,7 @@ from radfed.federation.records import (
     SiteIdentity,
     pack_classification_stats,
 )
+from radfed.federation.weights import LocalState, load_global, shared_state
 from radfed.log import logger
 from radfed.tasks import build_model, evaluate, train
 
@@ -118,6 +119,15 @@ def _site_min_cell(node_config: Mapping[str, Any]) -> int:
     return value
 
 
+def _train_setting(msg: Message, key: str) -> float:
+    """A number the strategy put in the train config (e.g. FedProx's ``proximal-mu``), or 0."""
+    config = msg.content.config_records.get("config")
+    value = config.get(key, 0.0) if config is not None else 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"train config {key!r} must be a non-negative number")
+    return float(value)
+
+
 def _server_round(msg: Message) -> int:
     config = msg.content.config_records.get("config")
     value = config.get("server-round", 0) if config is not None else 0
@@ -130,15 +140,20 @@ def _prepare(msg: Message, context: Context) -> tuple[RunConfig, str, Path, Site
     name, path = resolve_site(context.node_config, config)
     site = _site_data(path, config)
     model = build_model(config)
-    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())  # type: ignore[union-attr]
+    if config.fedbn:  # this site's own normalisation layers from its earlier rounds
+        LocalState(path / STATE_DIR_NAME, msg.metadata.run_id).restore(model)
+    load_global(model, msg.content[ARRAYS_KEY], config.fedbn)  # type: ignore[arg-type]
     return config, name, path, site, model
 
 
 def _train(msg: Message, context: Context) -> Message:
-    config, name, _, site, model = _prepare(msg, context)
+    config, name, path, site, model = _prepare(msg, context)
     server_round = _server_round(msg)
     seed = config.seed + 1000 * server_round + zlib.crc32(name.encode())
-    result = train(model, site.splits["train"], config, seed=seed)
+    mu = _train_setting(msg, "proximal-mu")
+    result = train(model, site.splits["train"], config, seed=seed, proximal_mu=mu)
+    if config.fedbn:
+        LocalState(path / STATE_DIR_NAME, msg.metadata.run_id).save(model)
     if result.num_examples == 0:
         raise DataError("the train split is empty; add cases or lower val/test fractions")
     logger.info(
@@ -146,7 +161,7 @@ def _train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict(
         {
-            ARRAYS_KEY: ArrayRecord(model.state_dict()),
+            ARRAYS_KEY: ArrayRecord(shared_state(model, config.fedbn)),
             METRICS_KEY: MetricRecord(
                 {"num-examples": result.num_examples, "train-loss": float(result.loss)}
             ),

@@ -9,7 +9,8 @@ from flwr.serverapp import Grid
 
 from radfed.config import RunConfig
 from radfed.federation.run_folder import RunFolder
-from radfed.federation.strategy import RadfedFedAvg
+from radfed.federation.strategy import make_strategy
+from radfed.federation.weights import shared_state
 from radfed.log import logger
 from radfed.plots import plot_curves
 from radfed.tasks import build_model
@@ -26,12 +27,10 @@ def run_server(grid: Grid, context: Context) -> Path:
     config = RunConfig.from_run_config(context.run_config)
     run = RunFolder.start(Path(config.out_dir).resolve(), config)
     model = build_model(config)
-    reference = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    reference = {k: v.detach().clone() for k, v in shared_state(model, config.fedbn).items()}
     run.save_checkpoint(0, reference, config)
     logger.info("run folder: %s", run.path)
-    strategy = RadfedFedAvg(
-        config=config, reference=reference, run=run, max_update_norm=config.max_update_norm or None
-    )
+    strategy = make_strategy(config, reference, run, max_update_norm=config.max_update_norm or None)
     strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(reference),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from radfed.config import RunConfig
 from radfed.federation.records import (
@@ -24,7 +24,7 @@ from radfed.federation.run_folder import POOLED_SITE, RunFolder
 from radfed.log import logger
 from radfed.metrics.binary import BinaryStats, binary_metrics
 
-__all__ = ["RadfedFedAvg"]
+__all__ = ["STRATEGIES", "RadfedChecks", "RadfedFedAvg", "make_strategy"]
 
 _R = TypeVar("_R", ArrayRecord, MetricRecord)
 
@@ -32,8 +32,10 @@ _R = TypeVar("_R", ArrayRecord, MetricRecord)
 _TRAIN_METRIC_KEYS = frozenset({"num-examples", "train-loss"})
 
 
-class RadfedFedAvg(FedAvg):
-    """FedAvg over checked updates, writing the run folder as rounds complete.
+class RadfedChecks:
+    """radfed's behaviour on top of any Flower Message-API strategy (used as a mixin).
+
+    Aggregation itself is the base strategy's (FedAvg, FedProx, FedAdam, ...).
 
     Every reply is checked on its own before aggregation; a bad one is logged with the
     site name and dropped, never allowed to fail the round. An accepted training reply
@@ -63,6 +65,7 @@ class RadfedFedAvg(FedAvg):
         run: RunFolder,
         max_update_norm: float | None = None,
         max_examples: int = 10_000_000,
+        **base_options: Any,
     ) -> None:
         if max_update_norm is not None and not 0 < max_update_norm < math.inf:
             msg = f"max_update_norm must be positive and finite, or None; got {max_update_norm!r}"
@@ -70,12 +73,13 @@ class RadfedFedAvg(FedAvg):
         if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
             msg = f"max_examples must be a positive integer, got {max_examples!r}"
             raise ValueError(msg)
-        super().__init__(
+        super().__init__(  # type: ignore[call-arg]
             fraction_train=1.0,
             fraction_evaluate=1.0,
             min_train_nodes=config.min_sites,
             min_evaluate_nodes=config.min_sites,
             min_available_nodes=config.min_sites,
+            **base_options,
         )
         self.config = config
         self.reference = {k: v.detach().cpu() for k, v in reference.items()}
@@ -85,10 +89,11 @@ class RadfedFedAvg(FedAvg):
         self.site_names: dict[int, str] = {}
 
     def summary(self) -> None:
-        super().summary()
+        super().summary()  # type: ignore[misc]
         logger.info(
-            "strategy FedAvg: %d rounds, at least %d sites, statistics-based metrics, "
+            "strategy %s: %d rounds, at least %d sites, statistics-based metrics, "
             "update norm bound %s, at most %d examples per reply",
+            self.config.strategy,
             self.config.num_server_rounds,
             self.config.min_sites,
             "none" if self.max_update_norm is None else f"{self.max_update_norm:g}",
@@ -112,7 +117,7 @@ class RadfedFedAvg(FedAvg):
         arrays: ArrayRecord | None = None
         metrics: MetricRecord | None = None
         if accepted:
-            arrays, metrics = super().aggregate_train(server_round, accepted)
+            arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
         if arrays is not None:
             state = cast_like(arrays, self.reference)
             arrays = ArrayRecord(state)
@@ -268,3 +273,43 @@ def _only(records: Mapping[str, _R], key: str, kind: str) -> _R:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+class RadfedFedAvg(RadfedChecks, FedAvg):
+    """FedAvg with radfed's checks, checkpoints and statistics-based metrics."""
+
+
+#: Strategy names of the ``strategy`` run setting and the Flower class each extends.
+STRATEGIES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedavgm": FedAvgM,
+}
+
+
+def make_strategy(
+    config: RunConfig,
+    reference: Mapping[str, torch.Tensor],
+    run: RunFolder,
+    **bounds: Any,
+) -> FedAvg:
+    """The strategy named by ``config.strategy``, with radfed's checks and outputs.
+
+    FedProx sends ``proximal-mu`` (the site adds the proximal term); FedAdam and FedYogi
+    keep a server optimiser with learning rate ``server-lr``; FedAvgM uses server momentum.
+    """
+    base = STRATEGIES[config.strategy]
+    options: dict[str, Any] = {}
+    if base is FedProx:
+        options["proximal_mu"] = config.proximal_mu
+    elif base in (FedAdam, FedYogi):
+        options.update(eta=config.server_lr, eta_l=config.learning_rate, beta_1=0.9, beta_2=0.99)
+    elif base is FedAvgM:
+        options.update(server_learning_rate=1.0, server_momentum=0.9)
+    cls = (
+        RadfedFedAvg if base is FedAvg else type(f"Radfed{base.__name__}", (RadfedChecks, base), {})
+    )
+    strategy: FedAvg = cls(config=config, reference=reference, run=run, **bounds, **options)
+    return strategy  # a RadfedChecks too

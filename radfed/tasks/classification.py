@@ -52,7 +52,9 @@ def build_model(config: RunConfig) -> nn.Module:
     raise ConfigError(msg)
 
 
-def train(model: nn.Module, data: SplitData, config: RunConfig, *, seed: int) -> TrainResult:
+def train(
+    model: nn.Module, data: SplitData, config: RunConfig, *, seed: int, proximal_mu: float = 0.0
+) -> TrainResult:
     """Local epochs of Adam on binary cross-entropy; CUDA with mixed precision when present.
 
     Args:
@@ -60,9 +62,11 @@ def train(model: nn.Module, data: SplitData, config: RunConfig, *, seed: int) ->
         data: the site's training split.
         config: run settings (epochs, batch size, learning rate).
         seed: shuffling seed for this site and round.
+        proximal_mu: FedProx: add ``mu/2 * ||w - w_global||^2`` over the trainable weights.
     """
     device = pick_device()
     model.to(device).train()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scaler = grad_scaler(device)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -81,6 +85,11 @@ def train(model: nn.Module, data: SplitData, config: RunConfig, *, seed: int) ->
             with autocast(device):
                 logits = model(images).reshape(-1)
                 loss = loss_fn(logits.float(), labels)
+            if anchor:
+                drift = sum(
+                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                )
+                loss = loss + 0.5 * proximal_mu * drift
             scaler.scale(loss).backward()
             scaler.step(optimiser)
             scaler.update()

@@ -173,3 +173,59 @@ def test_pooled_auc_equals_sklearn_on_pooled_cases(finished_run: tuple[Path, Pat
     assert reported["ALL"]["metrics"]["accuracy"] == pytest.approx(
         accuracy, abs=1.01 / len(pooled_labels)
     )
+
+
+def test_fedadam_with_fedbn_runs_end_to_end(tmp_path: Path) -> None:
+    # Prepare
+    data, out = tmp_path / "data", tmp_path / "run"
+    synth_classification(data, sites=2, cases_per_site=20, seed=8, image_size=32)
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "radfed",
+        "simulate",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--rounds",
+        "2",
+        "--strategy",
+        "fedadam",
+        "--run-config",
+        "image-size=32 local-epochs=1 fedbn=true min-cell-size=1",
+    ]
+    # Execute
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=420)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    # Assert: the run completed, the global model holds no normalisation layer, and each site
+    # kept its own
+    assert process.returncode == 0, output
+    final = load_checkpoint(out / "checkpoints" / "round-002.pt")["state_dict"]
+    assert final and not any("bn" in k or "downsample.1" in k for k in final)
+    for site in ("site-a", "site-b"):
+        assert list((data / site / ".radfed" / "fedbn").glob("run-*.pt"))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {(line["round"], line["site"]) for line in lines} >= {
+        (2, "site-a"),
+        (2, "site-b"),
+        (2, "ALL"),
+    }

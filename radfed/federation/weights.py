@@ -1,0 +1,72 @@
+"""Which weights travel: all of them, or (FedBN) all but the normalisation layers."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord
+from torch import nn
+
+from radfed.errors import RadfedError
+
+__all__ = ["LocalState", "load_global", "local_keys", "shared_state"]
+
+_NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def local_keys(model: nn.Module) -> set[str]:
+    """State-dict names of every normalisation layer (weights, biases, running statistics)."""
+    keys: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, _NORM_LAYERS):
+            keys |= {f"{prefix}.{name}" if prefix else name for name in module.state_dict()}
+    return keys
+
+
+def shared_state(model: nn.Module, fedbn: bool) -> OrderedDict[str, torch.Tensor]:
+    """The part of the state dict that leaves the site (FedBN keeps normalisation local)."""
+    state = OrderedDict(model.state_dict())
+    if not fedbn:
+        return state
+    private = local_keys(model)
+    return OrderedDict((k, v) for k, v in state.items() if k not in private)
+
+
+def load_global(model: nn.Module, arrays: ArrayRecord, fedbn: bool) -> None:
+    """Load the received global weights; with FedBN the local normalisation layers stay.
+
+    Raises:
+        RadfedError: the received names do not match what this site expects to receive.
+    """
+    state = arrays.to_torch_state_dict()
+    if not fedbn:
+        model.load_state_dict(state)
+        return
+    if set(state) != set(model.state_dict()) - local_keys(model):
+        raise RadfedError("the global model's layers do not match this site's FedBN model")
+    model.load_state_dict(state, strict=False)  # the local normalisation layers stay as they are
+
+
+class LocalState:
+    """A site's own normalisation layers across rounds of one run (FedBN), on its disk."""
+
+    def __init__(self, state_dir: Path, run_id: int) -> None:
+        self.path = state_dir / "fedbn" / f"run-{run_id}.pt"
+
+    def restore(self, model: nn.Module) -> bool:
+        """Load the stored local layers into ``model``; False before the first round."""
+        if not self.path.is_file():
+            return False
+        stored = torch.load(self.path, map_location="cpu", weights_only=True)
+        model.load_state_dict(stored, strict=False)
+        return True
+
+    def save(self, model: nn.Module) -> None:
+        state = model.state_dict()
+        local = {k: state[k] for k in local_keys(model)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(local, tmp)
+        tmp.replace(self.path)
