@@ -50,6 +50,10 @@ class RunConfig:
         proximal_mu: FedProx's proximal weight (sites add ``mu/2 * ||w - w_global||^2``).
         server_lr: the server optimiser's learning rate (FedAdam, FedYogi).
         fedbn: keep normalisation layers local (FedBN): neither sent nor overwritten.
+        loss: ``bce``, ``weighted-bce`` (each site weighs its positives by its own class
+            ratio) or ``focal``.
+        init_checkpoint: a weights file on the server to start from (transfer learning);
+            a radfed checkpoint or a plain state dict; nothing is downloaded.
     """
 
     task: str = "classification"
@@ -79,6 +83,8 @@ class RunConfig:
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     fedbn: bool = False
+    loss: str = "bce"
+    init_checkpoint: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +122,8 @@ class RunConfig:
             self.strategy,
             f"one of {', '.join(strategies)}",
         )
+        losses = ("bce", "weighted-bce", "focal")
+        _check(self.loss in losses, "loss", self.loss, f"one of {', '.join(losses)}")
         _check(self.proximal_mu >= 0, "proximal-mu", self.proximal_mu, ">= 0")
         _check(self.server_lr > 0, "server-lr", self.server_lr, "> 0")
         _check(self.spatial_dims in (2, 3), "spatial-dims", self.spatial_dims, "2 or 3")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid
+from torch import nn
 
 from radfed.config import RunConfig
+from radfed.errors import ConfigError
 from radfed.federation.run_folder import RunFolder
 from radfed.federation.strategy import make_strategy
 from radfed.federation.weights import shared_state
@@ -16,6 +19,32 @@ from radfed.plots import plot_curves
 from radfed.tasks import build_model
 
 __all__ = ["run_server"]
+
+
+def load_initial_weights(model: nn.Module, path: Path) -> None:
+    """Start from local weights (a radfed checkpoint or a state dict) instead of the seed.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or its weights do not fit the model.
+    """
+    if not path.is_file():
+        raise ConfigError(f"init-checkpoint {path} not found; give a local weights file")
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise ConfigError(
+            f"init-checkpoint {path.name} is not a tensor-only weights file"
+        ) from None
+    state = stored.get("state_dict", stored) if isinstance(stored, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"init-checkpoint {path.name} holds no state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise ConfigError(
+            f"init-checkpoint {path.name} does not fit the configured model"
+        ) from None
+    logger.info("starting from the weights in %s", path.name)
 
 
 def run_server(grid: Grid, context: Context) -> Path:
@@ -27,6 +56,8 @@ def run_server(grid: Grid, context: Context) -> Path:
     config = RunConfig.from_run_config(context.run_config)
     run = RunFolder.start(Path(config.out_dir).resolve(), config)
     model = build_model(config)
+    if config.init_checkpoint:
+        load_initial_weights(model, Path(config.init_checkpoint).expanduser())
     reference = {k: v.detach().clone() for k, v in shared_state(model, config.fedbn).items()}
     run.save_checkpoint(0, reference, config)
     logger.info("run folder: %s", run.path)

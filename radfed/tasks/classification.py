@@ -14,10 +14,12 @@ from radfed.errors import ConfigError
 from radfed.metrics.binary import BinaryStats
 from radfed.tasks.runtime import TrainResult, autocast, grad_scaler, pick_device, seeded_generator
 
-__all__ = ["MODELS", "build_model", "evaluate", "predict", "train"]
+__all__ = ["LOSSES", "MODELS", "build_model", "evaluate", "make_loss", "predict", "train"]
 
 #: Network names accepted by the ``model`` run-config key.
-MODELS = ("cnn", "resnet18", "densenet121")
+MODELS = ("cnn", "resnet18", "resnet50", "densenet121", "efficientnet-b0")
+#: Loss names accepted by the ``loss`` run-config key.
+LOSSES = ("bce", "weighted-bce", "focal")
 
 
 def build_model(config: RunConfig) -> nn.Module:
@@ -46,10 +48,56 @@ def build_model(config: RunConfig) -> nn.Module:
             return nets.resnet18(
                 spatial_dims=config.spatial_dims, n_input_channels=1, num_classes=1
             )
+        if config.model == "resnet50":
+            return nets.resnet50(
+                spatial_dims=config.spatial_dims, n_input_channels=1, num_classes=1
+            )
         if config.model == "densenet121":
             return nets.DenseNet121(spatial_dims=config.spatial_dims, in_channels=1, out_channels=1)
+        if config.model == "efficientnet-b0":  # random initialisation: nothing is downloaded
+            return nets.EfficientNetBN(
+                "efficientnet-b0",
+                pretrained=False,
+                progress=False,
+                spatial_dims=config.spatial_dims,
+                in_channels=1,
+                num_classes=1,
+            )
     msg = f"run config 'model' must be one of {', '.join(MODELS)}, got {config.model!r}"
     raise ConfigError(msg)
+
+
+def make_loss(name: str, labels: torch.Tensor) -> nn.Module:
+    """The training loss for logits of shape ``(B,)`` against 0/1 targets.
+
+    ``weighted-bce`` weighs positives by the site's own negative-to-positive ratio (class
+    imbalance differs by site); ``focal`` is MONAI's focal loss (gamma 2) on the sigmoid.
+    """
+    if name == "bce":
+        return nn.BCEWithLogitsLoss()
+    if name == "weighted-bce":
+        positives = float(labels.sum())
+        ratio = (len(labels) - positives) / positives if positives else 1.0
+        return nn.BCEWithLogitsLoss(pos_weight=torch.tensor(ratio))
+    if name == "focal":
+        from monai.losses import FocalLoss
+
+        focal = FocalLoss(gamma=2.0)  # sigmoid-based unless use_softmax
+        return _Flat(focal)
+    msg = f"run config 'loss' must be one of {', '.join(LOSSES)}, got {name!r}"
+    raise ConfigError(msg)
+
+
+class _Flat(nn.Module):
+    """Adapts a MONAI ``(B, C, ...)`` loss to flat logits and targets of shape ``(B,)``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.inner(logits[:, None], targets[:, None])
+        return out
 
 
 def train(
@@ -69,7 +117,7 @@ def train(
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scaler = grad_scaler(device)
-    loss_fn = nn.BCEWithLogitsLoss()
+    loss_fn = make_loss(config.loss, data.labels)
     generator = seeded_generator(seed)
     n = len(data)
     total, seen = 0.0, 0
