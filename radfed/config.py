@@ -54,6 +54,8 @@ class RunConfig:
             ratio) or ``focal``.
         init_checkpoint: a weights file on the server to start from (transfer learning);
             a radfed checkpoint or a plain state dict; nothing is downloaded.
+        early_stopping_patience: stop a site's local epochs when its validation loss has
+            not improved for this many epochs, keeping the best weights (0: off).
     """
 
     task: str = "classification"
@@ -85,6 +87,7 @@ class RunConfig:
     fedbn: bool = False
     loss: str = "bce"
     init_checkpoint: str = ""
+    early_stopping_patience: int = 0
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -121,6 +124,12 @@ class RunConfig:
             "strategy",
             self.strategy,
             f"one of {', '.join(strategies)}",
+        )
+        _check(
+            self.early_stopping_patience >= 0,
+            "early-stopping-patience",
+            self.early_stopping_patience,
+            ">= 0 (0: off)",
         )
         losses = ("bce", "weighted-bce", "focal")
         _check(self.loss in losses, "loss", self.loss, f"one of {', '.join(losses)}")

@@ -151,7 +151,9 @@ def _train(msg: Message, context: Context) -> Message:
     server_round = _server_round(msg)
     seed = config.seed + 1000 * server_round + zlib.crc32(name.encode())
     mu = _train_setting(msg, "proximal-mu")
-    result = train(model, site.splits["train"], config, seed=seed, proximal_mu=mu)
+    result = train(
+        model, site.splits["train"], config, seed=seed, proximal_mu=mu, val=site.splits["val"]
+    )
     if config.fedbn:
         LocalState(path / STATE_DIR_NAME, msg.metadata.run_id).save(model)
     if result.num_examples == 0:

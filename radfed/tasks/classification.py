@@ -101,7 +101,13 @@ class _Flat(nn.Module):
 
 
 def train(
-    model: nn.Module, data: SplitData, config: RunConfig, *, seed: int, proximal_mu: float = 0.0
+    model: nn.Module,
+    data: SplitData,
+    config: RunConfig,
+    *,
+    seed: int,
+    proximal_mu: float = 0.0,
+    val: SplitData | None = None,
 ) -> TrainResult:
     """Local epochs of Adam on binary cross-entropy; CUDA with mixed precision when present.
 
@@ -111,6 +117,9 @@ def train(
         config: run settings (epochs, batch size, learning rate).
         seed: shuffling seed for this site and round.
         proximal_mu: FedProx: add ``mu/2 * ||w - w_global||^2`` over the trainable weights.
+        val: the site's validation split; with ``early-stopping-patience`` > 0, local
+            training stops when its loss has not improved for that many epochs, and the
+            weights of the best epoch are kept.
     """
     device = pick_device()
     model.to(device).train()
@@ -120,8 +129,12 @@ def train(
     loss_fn = make_loss(config.loss, data.labels)
     generator = seeded_generator(seed)
     n = len(data)
-    total, seen = 0.0, 0
+    total, seen, epochs = 0.0, 0, 0
+    watch = config.early_stopping_patience > 0 and val is not None and len(val) > 0
+    best_loss, best_state, stale = float("inf"), None, 0
     for _ in range(config.local_epochs):
+        epochs += 1
+        model.train()
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, config.batch_size):
             index = order[start : start + config.batch_size]
@@ -143,8 +156,35 @@ def train(
             scaler.update()
             total += float(loss.detach()) * len(index)
             seen += len(index)
+        if watch:
+            assert val is not None
+            current = _mean_loss(model, val, loss_fn, device)
+            if current < best_loss:
+                best_loss, stale = current, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= config.early_stopping_patience:
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     model.to("cpu")
-    return TrainResult(num_examples=n, loss=total / seen if seen else float("nan"))
+    return TrainResult(num_examples=n, loss=total / seen if seen else float("nan"), epochs=epochs)
+
+
+@torch.no_grad()
+def _mean_loss(
+    model: nn.Module, data: SplitData, loss_fn: nn.Module, device: torch.device
+) -> float:
+    model.eval()
+    total = 0.0
+    for start in range(0, len(data), 64):
+        images = data.images[start : start + 64].to(device)
+        labels = data.labels[start : start + 64].to(device, dtype=torch.float32)
+        with autocast(device):
+            logits = model(images).reshape(-1)
+        total += float(loss_fn(logits.float(), labels)) * len(labels)
+    return total / len(data)
 
 
 @torch.no_grad()

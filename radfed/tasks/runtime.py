@@ -12,10 +12,11 @@ __all__ = ["TrainResult", "autocast", "grad_scaler", "pick_device", "seeded_gene
 
 @dataclass(frozen=True)
 class TrainResult:
-    """What a local training pass reports: cases trained on and mean loss."""
+    """What a local training pass reports: cases trained on, mean loss, epochs run."""
 
     num_examples: int
     loss: float
+    epochs: int = 0
 
 
 def pick_device() -> torch.device:

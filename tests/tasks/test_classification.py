@@ -72,3 +72,33 @@ def test_transfer_learning_starts_from_a_local_checkpoint(tmp_path: Path) -> Non
         load_initial_weights(other, path)
     with pytest.raises(ConfigError, match="not found"):
         load_initial_weights(model, tmp_path / "absent.pt")
+
+
+def test_early_stopping_keeps_the_best_epoch_when_validation_gets_worse() -> None:
+    from radfed.data.site import SplitData
+    from radfed.tasks.classification import _mean_loss, train
+
+    # Prepare: validation labels are the training labels flipped, so fitting the training
+    # split makes the validation loss worse from the first epoch on
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(32, 1, 32, 32, generator=generator)
+    images[:16, :, 10:14, 10:14] += 2.0  # a bright spot marks the positives
+    labels = torch.tensor([1] * 16 + [0] * 16)
+    data, flipped = SplitData(images, labels), SplitData(images, 1 - labels)
+    config = dataclasses.replace(
+        CONFIG, local_epochs=8, batch_size=8, learning_rate=0.01, early_stopping_patience=2
+    )
+    model = build_model(config)
+    # Execute
+    result = train(model, data, config, seed=1, val=flipped)
+    # Assert: stopped early, after the patience ran out
+    assert result.epochs < config.local_epochs
+    full = build_model(config)
+    plain = train(
+        full, data, dataclasses.replace(config, early_stopping_patience=0), seed=1, val=flipped
+    )
+    assert plain.epochs == config.local_epochs
+    # the kept weights are the best epoch's: better on validation than training to the end
+    loss_fn = make_loss("bce", labels)
+    device = torch.device("cpu")
+    assert _mean_loss(model, flipped, loss_fn, device) < _mean_loss(full, flipped, loss_fn, device)
