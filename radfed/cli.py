@@ -233,6 +233,30 @@ def site_index(
     typer.echo(f"wrote {out / 'manifest.csv'}; next: radfed site check {out}")
 
 
+@app.command()
+def explain(
+    checkpoint: Annotated[
+        Path, typer.Option(help="A radfed checkpoint (run folder checkpoints/).")
+    ],
+    data: Annotated[Path, typer.Option("--data", help="The site folder.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the PNG maps (stays at the site).")
+    ],
+    split: Annotated[str, typer.Option(help="Split to explain.")] = "val",
+    cases: Annotated[int, typer.Option(help="How many cases.")] = 8,
+) -> None:
+    """Grad-CAM and occlusion maps of a site's cases, written locally as images."""
+    from radfed.explain import explain_site
+
+    _setup_logging(False)
+    try:
+        explained = explain_site(checkpoint, data, out, split=split, cases=cases)
+    except RadfedError as err:
+        _fail(err)
+        return
+    typer.echo(f"wrote {len(explained)} maps to {out}")
+
+
 def _print_summary(folder: Path) -> None:
     from radfed.federation.run_folder import POOLED_SITE, RunFolder
 
