@@ -34,6 +34,7 @@ test-fast: install
 
 bench: install
 	$(BIN)/python bench/data_bench.py
+	$(BIN)/python bench/train_bench.py
 
 lint: install
 	$(BIN)/ruff format --check radfed server client tests bench
