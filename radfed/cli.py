@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from radfed import __version__
@@ -40,6 +43,26 @@ def _setup_logging(verbose: bool) -> None:
     if not verbose:
         # Flower logs every message at INFO; radfed's own lines show the progress.
         logging.getLogger("flwr").setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
+    """A progress bar on a terminal (none in logs and CI); yields ``update(done, total)``."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not console.is_terminal,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
 
 
 def _fail(err: Exception) -> None:
@@ -84,17 +107,19 @@ def synth(
 
     _setup_logging(False)
     try:
-        summaries = synth_sites(
-            out,
-            task=task,
-            sites=sites,
-            cases_per_site=cases_per_site,
-            seed=seed,
-            image_size=image_size,
-            dims=dims,
-            bias=bias,
-            overwrite=overwrite,
-        )
+        with _progress("writing cases") as update:
+            summaries = synth_sites(
+                out,
+                progress=update,
+                task=task,
+                sites=sites,
+                cases_per_site=cases_per_site,
+                seed=seed,
+                image_size=image_size,
+                dims=dims,
+                bias=bias,
+                overwrite=overwrite,
+            )
     except RadfedError as err:
         _fail(err)
         return
@@ -191,7 +216,10 @@ def site_check(
     _setup_logging(False)
     logging.getLogger("radfed").setLevel(logging.ERROR)  # the report says it all
     try:
-        report = check_site(site_dir, _run_config(task, run_config), preflight=preflight)
+        with _progress("reading cases") as update:
+            report = check_site(
+                site_dir, _run_config(task, run_config), preflight=preflight, progress=update
+            )
     except RadfedError as err:
         _fail(err)
         return

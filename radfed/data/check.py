@@ -21,6 +21,7 @@ from radfed.data.dicom import ImageReadError, read_image
 from radfed.data.manifest import MANIFEST_NAME, Case, RowProblem, read_manifest
 from radfed.data.site import SiteData, load_site_for
 from radfed.errors import RadfedError
+from radfed.log import ProgressFn
 
 __all__ = ["IDENTIFYING_KEYWORDS", "SiteReport", "check_site"]
 
@@ -69,13 +70,16 @@ class SiteReport:
         return {**asdict(self), "can_train": self.can_train}
 
 
-def check_site(site_dir: Path, config: RunConfig, *, preflight: bool = True) -> SiteReport:
+def check_site(
+    site_dir: Path, config: RunConfig, *, preflight: bool = True, progress: ProgressFn | None = None
+) -> SiteReport:
     """Read every case of a site and report what would stop or distort training.
 
     Args:
         site_dir: the site folder.
         config: run settings (task, image size, split fractions and seed, age bands).
         preflight: run one training step on a few cases at the end.
+        progress: called with (cases read, cases listed) as the check goes.
     """
     report = SiteReport(site=site_dir.name, task=config.task)
     try:
@@ -86,7 +90,9 @@ def check_site(site_dir: Path, config: RunConfig, *, preflight: bool = True) -> 
     report.cases_listed = len(manifest.cases) + len(manifest.problems)
     _add_problems(report, manifest.problems, "manifest")
     by_pixels: dict[str, list[int]] = defaultdict(list)
-    for case in manifest.cases:
+    for number, case in enumerate(manifest.cases, start=1):
+        if progress is not None:
+            progress(number, len(manifest.cases))
         try:
             image = read_image(case.image, voi=config.voi_lut)
         except ImageReadError as err:

@@ -13,6 +13,7 @@ import csv
 import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from radfed import __version__
 from radfed.errors import ConfigError
+from radfed.log import ProgressFn
 
 __all__ = [
     "BIAS_PRESETS",
@@ -139,6 +141,7 @@ def synth_sites(
     dims: int = 2,
     bias: str = "none",
     overwrite: bool = False,
+    progress: ProgressFn | None = None,
 ) -> list[SiteSummary]:
     """Write ``out/<site>/manifest.csv`` and one DICOM file per case (multi-frame in 3-D).
 
@@ -158,6 +161,7 @@ def synth_sites(
         dims: 2 for images, 3 for volumes.
         bias: a preset of ``BIAS_PRESETS`` planted at one site, or ``none``.
         overwrite: replace an ``out`` that synth wrote before.
+        progress: called with (cases written, cases in all) as generation goes.
 
     Raises:
         ConfigError: bad settings, or ``out`` is not empty and may not be replaced.
@@ -197,9 +201,19 @@ def synth_sites(
     }
     (out / SYNTH_MARKER).write_text(json.dumps(description, indent=1) + "\n")
     spec = _Spec(task=task, size=image_size, dims=dims, planted=planted)
-    return [
-        _write_site(out / p.name, p, seed=seed, index=i, spec=spec) for i, p in enumerate(profiles)
-    ]
+    total = sum(p.cases for p in profiles)
+    summaries: list[SiteSummary] = []
+    for i, p in enumerate(profiles):
+        done = sum(s.cases for s in summaries)
+
+        def report(n: int, done: int = done) -> None:
+            if progress is not None:
+                progress(done + n, total)
+
+        summaries.append(
+            _write_site(out / p.name, p, seed=seed, index=i, spec=spec, progress=report)
+        )
+    return summaries
 
 
 @dataclass(frozen=True)
@@ -230,7 +244,13 @@ def _plant(bias: str, profiles: list[SiteProfile]) -> dict[str, Any]:
 
 
 def _write_site(
-    folder: Path, profile: SiteProfile, *, seed: int, index: int, spec: _Spec
+    folder: Path,
+    profile: SiteProfile,
+    *,
+    seed: int,
+    index: int,
+    spec: _Spec,
+    progress: Callable[[int], None] | None = None,
 ) -> SiteSummary:
     rng = np.random.default_rng([seed, index])
     (folder / "images").mkdir(parents=True)
@@ -283,6 +303,8 @@ def _write_site(
             _save_mask(mask, folder / str(row["mask"]))
         row["label"] = int(label)
         rows.append(row)
+        if progress is not None:
+            progress(case + 1)
     with (folder / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()

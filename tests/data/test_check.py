@@ -185,3 +185,10 @@ def test_real_files_leave_no_header_value_in_logs_or_report(tmp_path: Path, capl
     assert report.problems  # the non-image and truncated files were reported
     for secret in secrets:
         assert secret not in text, "a header value reached a log line or the report"
+
+
+def test_check_reports_progress_per_case(site_copy: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    check_site(site_copy, CONFIG, preflight=False, progress=lambda d, t: calls.append((d, t)))
+    rows = len(_rows(site_copy))
+    assert calls[-1] == (rows, rows) and len(calls) == rows

@@ -138,3 +138,17 @@ def test_bias_presets_are_planted_where_synth_json_says(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "marker" / "synth.json").read_text())["bias"]["site"] == "site-c"
     with pytest.raises(ConfigError, match="--bias"):
         synth_sites(tmp_path / "x", bias="unknown", **common)
+
+
+def test_progress_reports_every_case_once(tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    summaries = synth_sites(
+        tmp_path / "p",
+        sites=2,
+        cases_per_site=8,
+        image_size=32,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    total = sum(s.cases for s in summaries)
+    assert [done for done, _ in calls] == list(range(1, total + 1))
+    assert {t for _, t in calls} == {total}
