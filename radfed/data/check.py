@@ -22,6 +22,7 @@ from radfed.data.manifest import MANIFEST_NAME, Case, RowProblem, read_manifest
 from radfed.data.site import SiteData, load_site_for
 from radfed.errors import RadfedError
 from radfed.log import ProgressFn
+from radfed.tasks import TRAINABLE_TASKS
 
 __all__ = ["IDENTIFYING_KEYWORDS", "SiteReport", "check_site"]
 
@@ -129,10 +130,6 @@ def check_site(
         if report.preflight != "ok":
             report.blockers.append(f"pre-flight training step failed: {report.preflight}")
     return report
-
-
-#: Tasks this radfed version can train (the pre-flight step needs one).
-TRAINABLE_TASKS = ("classification",)
 
 
 def _check_target(case: Case, shape: tuple[int, ...], config: RunConfig) -> str | None:

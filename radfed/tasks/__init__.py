@@ -3,4 +3,16 @@
 from radfed.tasks.classification import MODELS, build_model, evaluate, predict, train
 from radfed.tasks.runtime import TrainResult, pick_device
 
-__all__ = ["MODELS", "TrainResult", "build_model", "evaluate", "pick_device", "predict", "train"]
+#: Tasks this radfed version can train federatedly.
+TRAINABLE_TASKS = ("classification",)
+
+__all__ = [
+    "MODELS",
+    "TRAINABLE_TASKS",
+    "TrainResult",
+    "build_model",
+    "evaluate",
+    "pick_device",
+    "predict",
+    "train",
+]
