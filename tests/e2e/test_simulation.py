@@ -34,34 +34,15 @@ def _tie_bound(scores: np.ndarray, labels: np.ndarray, bins: int) -> float:
     return 0.5 * float(np.sum(pos * neg)) / float(pos.sum() * neg.sum())
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("e2e")
-    data, out = root / "data", root / "run"
-    synth_classification(data, sites=3, cases_per_site=30, seed=21, image_size=32)
+def run_simulate(flwr_home: Path, *args: str) -> str:
+    """Run `radfed simulate` as its own process group; stop the group by PID whatever happens."""
     env = {
         **os.environ,
-        "FLWR_HOME": str(root / "flwr-home"),
+        "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
     }
-    command = [
-        sys.executable,
-        "-m",
-        "radfed",
-        "simulate",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        "--rounds",
-        str(ROUNDS),
-        "--seed",
-        "5",
-        "--run-config",
-        # min-cell-size=1: no bins merged, so the AUC can be compared at full resolution
-        "image-size=32 local-epochs=2 batch-size=8 min-cell-size=1",
-    ]
+    command = [sys.executable, "-m", "radfed", "simulate", *args]
     process = subprocess.Popen(
         command,
         env=env,
@@ -77,6 +58,28 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             os.killpg(process.pid, signal.SIGKILL)  # the simulation and everything it started
             process.wait()
     assert process.returncode == 0, output
+    return output
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("e2e")
+    data, out = root / "data", root / "run"
+    synth_classification(data, sites=3, cases_per_site=30, seed=21, image_size=32)
+    output = run_simulate(
+        root / "flwr-home",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--rounds",
+        str(ROUNDS),
+        "--seed",
+        "5",
+        "--run-config",
+        # min-cell-size=1: no bins merged, so the AUC can be compared at full resolution
+        "image-size=32 local-epochs=2 batch-size=8 min-cell-size=1",
+    )
     assert f"round {ROUNDS}/{ROUNDS} val AUC" in output  # progress is shown per round
     return data, out
 
@@ -179,17 +182,9 @@ def test_fedadam_with_fedbn_runs_end_to_end(tmp_path: Path) -> None:
     # Prepare
     data, out = tmp_path / "data", tmp_path / "run"
     synth_classification(data, sites=2, cases_per_site=20, seed=8, image_size=32)
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "radfed",
-        "simulate",
+    # Execute
+    run_simulate(
+        tmp_path / "flwr-home",
         "--data",
         str(data),
         "--out",
@@ -200,25 +195,8 @@ def test_fedadam_with_fedbn_runs_end_to_end(tmp_path: Path) -> None:
         "fedadam",
         "--run-config",
         "image-size=32 local-epochs=1 fedbn=true min-cell-size=1",
-    ]
-    # Execute
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
     )
-    try:
-        output, _ = process.communicate(timeout=420)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    # Assert: the run completed, the global model holds no normalisation layer, and each site
-    # kept its own
-    assert process.returncode == 0, output
+    # Assert: the global model holds no normalisation layer, and each site kept its own
     final = load_checkpoint(out / "checkpoints" / "round-002.pt")["state_dict"]
     assert final and not any("bn" in k or "downsample.1" in k for k in final)
     for site in ("site-a", "site-b"):
