@@ -119,19 +119,18 @@ def _site_min_cell(node_config: Mapping[str, Any]) -> int:
     return value
 
 
-def _train_setting(msg: Message, key: str) -> float:
-    """A number the strategy put in the train config (e.g. FedProx's ``proximal-mu``), or 0."""
+def _setting(msg: Message, key: str) -> float:
+    """A number the strategy put in the message's config (``server-round``, FedProx's
+    ``proximal-mu``), or 0 when absent."""
     config = msg.content.config_records.get("config")
     value = config.get(key, 0.0) if config is not None else 0.0
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"train config {key!r} must be a non-negative number")
+        raise ConfigError(f"message config {key!r} must be a non-negative number")
     return float(value)
 
 
 def _server_round(msg: Message) -> int:
-    config = msg.content.config_records.get("config")
-    value = config.get("server-round", 0) if config is not None else 0
-    return int(value) if isinstance(value, int) else 0
+    return int(_setting(msg, "server-round"))
 
 
 def _prepare(msg: Message, context: Context) -> tuple[RunConfig, str, Path, SiteData, nn.Module]:
@@ -150,7 +149,7 @@ def _train(msg: Message, context: Context) -> Message:
     config, name, path, site, model = _prepare(msg, context)
     server_round = _server_round(msg)
     seed = config.seed + 1000 * server_round + zlib.crc32(name.encode())
-    mu = _train_setting(msg, "proximal-mu")
+    mu = _setting(msg, "proximal-mu")
     result = train(
         model, site.splits["train"], config, seed=seed, proximal_mu=mu, val=site.splits["val"]
     )
