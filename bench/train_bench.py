@@ -24,7 +24,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from radfed.config import RunConfig
 from radfed.data.site import SplitData
-from radfed.tasks import build_model, pick_device, train
+from radfed.tasks import pick_device
+from radfed.tasks.classification import build_model, train
 
 
 def _data(cases: int, size: int) -> SplitData:

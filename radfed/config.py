@@ -25,7 +25,10 @@ class RunConfig:
         data_root: in simulation, a folder of site folders (``DATA/<site>/manifest.csv``).
         out_dir: the run folder the server writes.
         seed: seeds model initialisation, splits and local training.
-        model: network name of the task (``cnn``, ``resnet18``, ``densenet121``).
+        model: network name of the task; empty for the task's default (classification
+            ``cnn``, detection ``retinanet``, segmentation ``unet``).
+        num_classes: classification classes; 2 is binary (one logit), more is multi-class
+            (labels ``0 .. num_classes - 1``, softmax).
         image_size: images are resized to ``image_size x image_size`` pixels.
         local_epochs: local epochs per round at each site.
         batch_size: local mini-batch size.
@@ -50,12 +53,26 @@ class RunConfig:
         proximal_mu: FedProx's proximal weight (sites add ``mu/2 * ||w - w_global||^2``).
         server_lr: the server optimiser's learning rate (FedAdam, FedYogi).
         fedbn: keep normalisation layers local (FedBN): neither sent nor overwritten.
-        loss: ``bce``, ``weighted-bce`` (each site weighs its positives by its own class
-            ratio) or ``focal``.
+        loss: the task's loss; empty for its default. Classification: ``bce``,
+            ``weighted-bce`` (each site weighs its classes by its own class ratio) or
+            ``focal``; segmentation: ``dice-ce`` or ``dice``; detection: ``retinanet``.
         init_checkpoint: a weights file on the server to start from (transfer learning);
             a radfed checkpoint or a plain state dict; nothing is downloaded.
         early_stopping_patience: stop a site's local epochs when its validation loss has
             not improved for this many epochs, keeping the best weights (0: off).
+        num_workers: DataLoader worker processes for local training (0: in the main process).
+        metric_bins: bins of the per-case metric histograms of detection and segmentation.
+        patch_size: segmentation trains on random patches of this size and infers with a
+            sliding window of it (0: whole images).
+        sw_overlap: overlap of neighbouring sliding-window patches, in [0, 1).
+        det_score_thresh: detection: boxes scoring below this are discarded before NMS.
+        det_nms_thresh: detection: IoU above which NMS suppresses the lower-scoring box.
+        det_detections_per_image: detection: boxes kept per image after NMS.
+        det_fg_iou: detection matcher: anchors with IoU at least this are foreground.
+        det_bg_iou: detection matcher: anchors with IoU below this are background.
+        det_batch_size_per_image: detection sampler: anchors sampled per image for the
+            classification loss.
+        det_positive_fraction: detection sampler: share of foreground among them.
     """
 
     task: str = "classification"
@@ -63,7 +80,8 @@ class RunConfig:
     data_root: str = ""
     out_dir: str = "runs/latest"
     seed: int = 42
-    model: str = "cnn"
+    model: str = ""
+    num_classes: int = 2
     image_size: int = 64
     local_epochs: int = 3
     batch_size: int = 16
@@ -85,9 +103,20 @@ class RunConfig:
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     fedbn: bool = False
-    loss: str = "bce"
+    loss: str = ""
     init_checkpoint: str = ""
     early_stopping_patience: int = 0
+    num_workers: int = 0
+    metric_bins: int = 100
+    patch_size: int = 0
+    sw_overlap: float = 0.25
+    det_score_thresh: float = 0.05
+    det_nms_thresh: float = 0.22
+    det_detections_per_image: int = 100
+    det_fg_iou: float = 0.5
+    det_bg_iou: float = 0.4
+    det_batch_size_per_image: int = 64
+    det_positive_fraction: float = 0.3
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -131,8 +160,37 @@ class RunConfig:
             self.early_stopping_patience,
             ">= 0 (0: off)",
         )
-        losses = ("bce", "weighted-bce", "focal")
-        _check(self.loss in losses, "loss", self.loss, f"one of {', '.join(losses)}")
+        _check(self.num_classes >= 2, "num-classes", self.num_classes, ">= 2")
+        _check(self.num_workers >= 0, "num-workers", self.num_workers, ">= 0")
+        _check(10 <= self.metric_bins <= 10_000, "metric-bins", self.metric_bins, "in [10, 10000]")
+        _check(self.patch_size >= 0, "patch-size", self.patch_size, ">= 0 (0: whole images)")
+        _check(0 <= self.sw_overlap < 1, "sw-overlap", self.sw_overlap, "in [0, 1)")
+        for key, value in (
+            ("det-score-thresh", self.det_score_thresh),
+            ("det-nms-thresh", self.det_nms_thresh),
+            ("det-fg-iou", self.det_fg_iou),
+            ("det-bg-iou", self.det_bg_iou),
+            ("det-positive-fraction", self.det_positive_fraction),
+        ):
+            _check(0 <= value <= 1, key, value, "in [0, 1]")
+        _check(
+            self.det_bg_iou <= self.det_fg_iou,
+            "det-bg-iou",
+            self.det_bg_iou,
+            f"<= det-fg-iou ({self.det_fg_iou})",
+        )
+        _check(
+            self.det_detections_per_image >= 1,
+            "det-detections-per-image",
+            self.det_detections_per_image,
+            ">= 1",
+        )
+        _check(
+            self.det_batch_size_per_image >= 1,
+            "det-batch-size-per-image",
+            self.det_batch_size_per_image,
+            ">= 1",
+        )
         _check(self.proximal_mu >= 0, "proximal-mu", self.proximal_mu, ">= 0")
         _check(self.server_lr > 0, "server-lr", self.server_lr, "> 0")
         _check(self.spatial_dims in (2, 3), "spatial-dims", self.spatial_dims, "2 or 3")

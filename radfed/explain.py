@@ -19,7 +19,7 @@ from radfed.data.site import load_site_for
 from radfed.errors import ConfigError
 from radfed.federation.run_folder import load_checkpoint
 from radfed.log import logger
-from radfed.tasks import build_model, predict
+from radfed.tasks.classification import build_model, predict
 
 __all__ = ["ExplainedCase", "explain_site", "last_conv_layer"]
 
@@ -64,6 +64,9 @@ def explain_site(
         raise ConfigError(f"checkpoint {checkpoint} not found")
     stored = load_checkpoint(checkpoint)
     config = RunConfig.from_run_config(stored["run-config"])
+    if config.task != "classification":
+        msg = f"radfed explain maps classifiers; this checkpoint is a {config.task} model"
+        raise ConfigError(msg)
     model = build_model(config)
     model.load_state_dict(stored["state_dict"], strict=not config.fedbn)
     model.eval()
@@ -85,19 +88,27 @@ def explain_site(
         verbose=False,
         activate=False,
     )
-    scores = predict(model, data)
+    probabilities = predict(model, data, config)
+    # multi-class: explain the predicted class of each case
+    classes = (
+        np.zeros(len(probabilities), dtype=np.int64)
+        if probabilities.ndim == 1
+        else probabilities.argmax(axis=1)
+    )
+    scores = probabilities if probabilities.ndim == 1 else probabilities.max(axis=1)
     out.mkdir(parents=True, exist_ok=True)
     explained = []
     for index in range(count):
         image = data.images[index : index + 1]
         with warnings.catch_warnings():  # MONAI's indexing deprecation notices
             warnings.simplefilter("ignore")
-            cam = gradcam(x=image, class_idx=0)[0, 0].detach().numpy()
+            target = int(classes[index])
+            cam = gradcam(x=image, class_idx=target)[0, 0].detach().numpy()
             occluded, _ = occlusion(image)
             with torch.no_grad():
-                logit = float(model(image).reshape(-1)[0])
+                logit = float(model(image)[0, target])
         # the logit after masking each region: where it drops most is what the model used
-        drop = logit - occluded[0, 0].detach().numpy()
+        drop = logit - occluded[0, target].detach().numpy()
         maps = (_unit(cam), _unit(drop))
         figure = out / f"{split}-{index:04d}.png"
         _plot(

@@ -19,7 +19,7 @@ from radfed.data.manifest import read_manifest
 from radfed.data.site import list_sites
 from radfed.errors import ConfigError
 from radfed.log import logger
-from radfed.tasks import TRAINABLE_TASKS
+from radfed.tasks import get_task
 
 __all__ = ["APP_ENV", "find_app_dir", "simulate"]
 
@@ -116,13 +116,7 @@ def simulate(
     except ValueError as err:
         raise ConfigError(f"unknown run-config key: {err}") from None
     config = RunConfig.from_run_config(run_config)
-    if config.task not in TRAINABLE_TASKS:
-        msg = (
-            f"--task {config.task} cannot train in this radfed version (only "
-            f"{', '.join(TRAINABLE_TASKS)}); 'radfed site check --task {config.task}' "
-            "checks its data"
-        )
-        raise ConfigError(msg)
+    get_task(config.task).check(config)
     logger.info(
         "simulating %d sites (%s), %d rounds, app %s",
         len(sites),

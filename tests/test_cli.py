@@ -69,27 +69,19 @@ def test_simulate_refuses_an_unknown_run_config_key(synth_root: Path, tmp_path: 
     assert "no-such-key" in result.output
 
 
-def test_simulate_refuses_a_task_that_cannot_train_yet(tmp_path: Path) -> None:
-    data = tmp_path / "det"
+def test_simulate_refuses_a_model_the_task_does_not_have(synth_root: Path, tmp_path: Path) -> None:
     result = runner.invoke(
         app,
         [
-            "synth",
+            "simulate",
+            "--data",
+            str(synth_root),
             "--out",
-            str(data),
-            "--task",
-            "detection",
-            "--sites",
-            "2",
-            "--cases-per-site",
-            "8",
-            "--image-size",
-            "32",
+            str(tmp_path / "r"),
+            "--run-config",
+            'model="unet"',
         ],
     )
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(
-        app, ["simulate", "--data", str(data), "--out", str(tmp_path / "r"), "--task", "detection"]
-    )
     assert result.exit_code == 2
-    assert "--task detection cannot train in this radfed version" in result.output
+    assert "'model' for classification must be one of cnn, resnet18" in result.output
+    assert not (tmp_path / "r").exists()

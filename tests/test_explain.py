@@ -13,7 +13,7 @@ from radfed.config import RunConfig
 from radfed.errors import ConfigError
 from radfed.explain import explain_site, last_conv_layer
 from radfed.federation.run_folder import RunFolder
-from radfed.tasks import build_model
+from radfed.tasks.classification import build_model
 
 CONFIG = RunConfig(image_size=32, val_fraction=0.25, test_fraction=0.25)
 

@@ -22,7 +22,7 @@ __all__ = ["CACHE_DIR_NAME", "CaseCache"]
 
 CACHE_DIR_NAME = "cache"
 #: Bump when preprocessing changes in a way the settings do not capture.
-_PREPROCESSING_VERSION = 1
+_PREPROCESSING_VERSION = 2
 
 Entry = tuple[np.ndarray, dict[str, str]]
 

@@ -22,7 +22,6 @@ from radfed.data.manifest import MANIFEST_NAME, Case, RowProblem, read_manifest
 from radfed.data.site import SiteData, load_site_for
 from radfed.errors import RadfedError
 from radfed.log import ProgressFn
-from radfed.tasks import TRAINABLE_TASKS
 
 __all__ = ["IDENTIFYING_KEYWORDS", "SiteReport", "check_site"]
 
@@ -120,12 +119,7 @@ def check_site(
     train = site.splits["train"]
     if len(train) < 2 or len(set(train.labels.tolist())) < 2:
         report.blockers.append("the train split needs at least two cases of each label")
-    if config.task not in TRAINABLE_TASKS:
-        report.preflight = "not run"
-        report.blockers.append(
-            f"this radfed version cannot train {config.task} yet; the data checks above still hold"
-        )
-    elif preflight and len(train) >= 2:
+    if preflight and len(train) >= 2:
         report.preflight = _preflight(site, config)
         if report.preflight != "ok":
             report.blockers.append(f"pre-flight training step failed: {report.preflight}")
@@ -199,15 +193,16 @@ def _preflight(site: SiteData, config: RunConfig) -> str:
 
     import torch
 
-    from radfed.data.site import SplitData
-    from radfed.tasks import build_model, train
+    from radfed.tasks import get_task
 
     data = site.splits["train"]
-    few = SplitData(images=data.images[:8], labels=data.labels[:8])
+    few = data.subset(range(min(8, len(data))))
     step_config = dataclasses.replace(config, local_epochs=1, batch_size=len(few))
     try:
-        model = build_model(step_config)
-        result = train(model, few, step_config, seed=config.seed)
+        task = get_task(config.task)
+        task.check(step_config)
+        model = task.build_model(step_config)
+        result = task.train(model, few, step_config, seed=config.seed)
         if not torch.isfinite(torch.tensor(result.loss)):
             return "the loss is not finite"
     except Exception as err:

@@ -153,8 +153,8 @@ def _parse_row(
             return RowProblem(line, "'mask' must be a path relative to the site folder")
         mask = (site_dir / values["mask"]).resolve()
         label_text = label_text or "0"
-    if label_text not in {"0", "1"}:
-        return RowProblem(line, "'label' must be 0 or 1; fix the value")
+    if not (label_text.isascii() and label_text.isdigit()) or len(label_text) > 4:
+        return RowProblem(line, "'label' must be a class number (0 or 1; 0..C-1 for C classes)")
     split = values.get("split") or None
     if split is not None and split not in SPLITS:
         return RowProblem(line, f"'split' must be one of {', '.join(SPLITS)} or empty")

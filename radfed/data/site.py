@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,14 +33,33 @@ class SplitData:
         images: float32 tensor of shape ``(N, 1, S, S[, S])`` scaled to [0, 1].
         labels: int64 tensor of shape ``(N,)``.
         attributes: subgroup attributes of each case (header, overridden by the manifest).
+        boxes: detection only: per case a float32 array of shape ``(M, 4)`` (``x1, y1, x2,
+            y2``) or ``(M, 6)`` (``x1, y1, z1, x2, y2, z2``), ends exclusive, in the pixel
+            coordinates of ``images`` (x along the last axis); empty for other tasks.
+        masks: segmentation only: uint8 tensor of shape ``(N, 1, S, S[, S])``, 1 inside the
+            structure, aligned with ``images``; None for other tasks.
     """
 
     images: torch.Tensor
     labels: torch.Tensor
     attributes: tuple[dict[str, str], ...] = ()
+    boxes: tuple[np.ndarray, ...] = ()
+    masks: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def subset(self, index: Sequence[int] | torch.Tensor) -> SplitData:
+        """The cases at positions ``index``, every field sliced alike."""
+        chosen = torch.as_tensor(index, dtype=torch.int64)
+        positions = chosen.tolist()
+        return SplitData(
+            images=self.images[chosen],
+            labels=self.labels[chosen],
+            attributes=tuple(self.attributes[i] for i in positions) if self.attributes else (),
+            boxes=tuple(self.boxes[i] for i in positions) if self.boxes else (),
+            masks=self.masks[chosen] if self.masks is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,7 @@ def load_site(
         "target_spacing": list(target_spacing),
     }
     cache = CaseCache(state, settings)
+    mask_cache = CaseCache(state, {**settings, "target": "mask"})
 
     def decode(path: Path) -> tuple[np.ndarray, dict[str, str]]:
         image = read_image(path, age_bands, voi=voi)
@@ -139,18 +160,42 @@ def load_site(
             kind = "3-D volume" if image.pixels.ndim == 3 else "2-D image"
             raise ImageReadError(f"{kind} in a {spatial_dims}-D run (set spatial-dims)")
         pixels = _resample(image.pixels, image.spacing, target_spacing)
-        return _preprocess(pixels, image_size), image.attributes
+        shape = {_SHAPE_KEY: ",".join(map(str, image.pixels.shape))}
+        return _preprocess(pixels, image_size), {**image.attributes, **shape}
+
+    def decode_mask(path: Path) -> tuple[np.ndarray, dict[str, str]]:
+        image = read_image(path, age_bands)
+        if image.pixels.ndim != spatial_dims:
+            raise ImageReadError(f"mask is not {spatial_dims}-D")
+        pixels = _resample(image.pixels, image.spacing, target_spacing, mode="nearest")
+        return _resize_mask(pixels, image_size), {
+            _SHAPE_KEY: ",".join(map(str, image.pixels.shape))
+        }
+
+    def fetch(
+        store: CaseCache, path: Path, compute: Callable[[Path], tuple[np.ndarray, dict[str, str]]]
+    ) -> tuple[np.ndarray, dict[str, str]]:
+        if not path.exists():
+            raise ImageReadError("file not found")
+        return store.get_or_compute(path, compute) if use_cache else compute(path)
 
     pixels: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    boxes: list[np.ndarray] = []
     kept: list[Case] = []
     attributes: list[dict[str, str]] = []
     for case in manifest.cases:
         try:
-            if not case.image.exists():
-                raise ImageReadError("file not found")
-            array, header = (
-                cache.get_or_compute(case.image, decode) if use_cache else decode(case.image)
-            )
+            array, header = fetch(cache, case.image, decode)
+            header = dict(header)
+            shape = tuple(int(v) for v in header.pop(_SHAPE_KEY).split(","))
+            if case.mask is not None:
+                mask, mask_header = fetch(mask_cache, case.mask, decode_mask)
+                if mask_header[_SHAPE_KEY] != ",".join(map(str, shape)):
+                    raise ImageReadError("mask shape differs from the image shape")
+                masks.append(mask)
+            if case.boxes is not None:
+                boxes.append(_scale_boxes(case.boxes, shape, image_size))
         except ImageReadError as err:
             problems.append(RowProblem(case.line, f"image skipped: {err.reason}"))
             continue
@@ -179,6 +224,7 @@ def load_site(
         seed=seed,
     )
     stacked = torch.from_numpy(np.stack(pixels))[:, None]
+    stacked_masks = torch.from_numpy(np.stack(masks))[:, None] if masks else None
     labels = torch.tensor([c.label for c in kept], dtype=torch.int64)
     out: dict[str, SplitData] = {}
     for name in ("train", "val", "test"):
@@ -187,6 +233,8 @@ def load_site(
             images=stacked[index].contiguous(),
             labels=labels[index].contiguous(),
             attributes=tuple(attributes[i] for i in index.tolist()),
+            boxes=tuple(boxes[i] for i in index.tolist()) if boxes else (),
+            masks=stacked_masks[index].contiguous() if stacked_masks is not None else None,
         )
     counts = Counter(splits)
     logger.info(
@@ -231,8 +279,44 @@ def _split_cases(
     return [assignment[k] for k in keys]
 
 
+#: Attribute key under which a cache entry records the image's shape before preprocessing.
+_SHAPE_KEY = "__shape__"
+
+
+def _scale_boxes(
+    boxes: tuple[tuple[float, ...], ...], shape: tuple[int, ...], size: int
+) -> np.ndarray:
+    """Boxes in the original pixel grid -> the resized ``(size,) * dims`` grid, ``(M, 2*dims)``.
+
+    Box coordinates run x, y(, z) while the pixel axes run (z,) y, x.
+    """
+    dims = len(shape)
+    out = np.zeros((len(boxes), 2 * dims), dtype=np.float32)
+    if not boxes:
+        return out
+    if len(boxes[0]) != 2 * dims:
+        raise ImageReadError(f"boxes have {len(boxes[0])} values for a {dims}-D image")
+    scale = np.array([size / n for n in reversed(shape)] * 2, dtype=np.float64)
+    out[:] = np.asarray(boxes, dtype=np.float64) * scale
+    return out
+
+
+def _resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A label mask resized to ``(size,) * dims`` by nearest neighbour; uint8, 1 = inside."""
+    tensor = torch.from_numpy(np.ascontiguousarray(mask > 0.5).astype(np.float32))[None, None]
+    resized = torch.nn.functional.interpolate(
+        tensor, size=(size,) * mask.ndim, mode="nearest-exact"
+    )
+    out: np.ndarray = resized[0, 0].numpy().astype(np.uint8)
+    return out
+
+
 def _resample(
-    pixels: np.ndarray, spacing: tuple[float, ...] | None, target: tuple[float, ...]
+    pixels: np.ndarray,
+    spacing: tuple[float, ...] | None,
+    target: tuple[float, ...],
+    *,
+    mode: str = "linear",
 ) -> np.ndarray:
     """Resample to the target spacing (mm per axis) when both are known; else unchanged."""
     if not target or spacing is None or len(spacing) != pixels.ndim:
@@ -242,13 +326,14 @@ def _resample(
     shape = [
         max(1, round(n * s / t)) for n, s, t in zip(pixels.shape, spacing, target, strict=True)
     ]
-    mode = "bilinear" if pixels.ndim == 2 else "trilinear"
-    resized = torch.nn.functional.interpolate(
-        torch.from_numpy(np.ascontiguousarray(pixels))[None, None],
-        size=shape,
-        mode=mode,
-        align_corners=False,
-    )
+    source = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+    if mode == "nearest":
+        resized = torch.nn.functional.interpolate(source, size=shape, mode="nearest-exact")
+    else:
+        linear = "bilinear" if pixels.ndim == 2 else "trilinear"
+        resized = torch.nn.functional.interpolate(
+            source, size=shape, mode=linear, align_corners=False
+        )
     out: np.ndarray = resized[0, 0].numpy()
     return out
 

@@ -20,11 +20,11 @@ from radfed.federation.records import (
     METRICS_KEY,
     SITE_KEY,
     SiteIdentity,
-    pack_classification_stats,
+    pack_stats,
 )
 from radfed.federation.weights import LocalState, load_global, shared_state
 from radfed.log import logger
-from radfed.tasks import build_model, evaluate, train
+from radfed.tasks import Task, get_task
 
 __all__ = ["ErrorCode", "handle_evaluate", "handle_train", "resolve_site"]
 
@@ -133,24 +133,29 @@ def _server_round(msg: Message) -> int:
     return int(_setting(msg, "server-round"))
 
 
-def _prepare(msg: Message, context: Context) -> tuple[RunConfig, str, Path, SiteData, nn.Module]:
-    """The run settings, this site's name, folder and data, and the received global model."""
+def _prepare(
+    msg: Message, context: Context
+) -> tuple[RunConfig, Task, str, Path, SiteData, nn.Module]:
+    """The run settings and task, this site's name, folder and data, and the received
+    global model."""
     config = RunConfig.from_run_config(context.run_config)
+    task = get_task(config.task)
+    task.check(config)
     name, path = resolve_site(context.node_config, config)
     site = _site_data(path, config)
-    model = build_model(config)
+    model = task.build_model(config)
     if config.fedbn:  # this site's own normalisation layers from its earlier rounds
         LocalState(path / STATE_DIR_NAME, msg.metadata.run_id).restore(model)
     load_global(model, msg.content[ARRAYS_KEY], config.fedbn)  # type: ignore[arg-type]
-    return config, name, path, site, model
+    return config, task, name, path, site, model
 
 
 def _train(msg: Message, context: Context) -> Message:
-    config, name, path, site, model = _prepare(msg, context)
+    config, task, name, path, site, model = _prepare(msg, context)
     server_round = _server_round(msg)
     seed = config.seed + 1000 * server_round + zlib.crc32(name.encode())
     mu = _setting(msg, "proximal-mu")
-    result = train(
+    result = task.train(
         model, site.splits["train"], config, seed=seed, proximal_mu=mu, val=site.splits["val"]
     )
     if config.fedbn:
@@ -173,17 +178,20 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    config, name, path, site, model = _prepare(msg, context)
+    config, task, name, path, site, model = _prepare(msg, context)
     if "test" in config.eval_splits:
         uses = record_test_use(
             path / STATE_DIR_NAME, run_id=msg.metadata.run_id, server_round=_server_round(msg)
         )
         logger.warning("the sealed test split is evaluated (use %d at this site)", uses)
     k = max(config.min_cell_size, _site_min_cell(context.node_config))
-    stats = {split: s.with_min_cell(k) for split, s in evaluate(model, site, config).items()}
+    stats = {}
+    for split in config.eval_splits:
+        outputs = task.predict(model, site.splits[split], config)
+        stats[split] = outputs.stats(range(len(outputs))).with_min_cell(k)
     content = RecordDict(
         {
-            METRICS_KEY: pack_classification_stats(stats),
+            METRICS_KEY: pack_stats(task, stats),
             SITE_KEY: SiteIdentity.local(name).to_record(),
         }
     )

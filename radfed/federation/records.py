@@ -1,13 +1,15 @@
 """What travels between site and server: weights, site identity and statistics, and their checks.
 
-Statistics schema 1 (classification), in the reply's one MetricRecord:
+Statistics schema 1, in the reply's one MetricRecord:
 
 - ``num-examples`` (int): cases evaluated (train replies: cases trained on);
 - ``schema-version`` (int): ``radfed.STATS_SCHEMA_VERSION``;
 - per evaluated split ``S``: ``S.suppressed`` (0/1: fewer cases than the site's minimum
-  cell size; all counts are then zero), ``S.tp``, ``S.fp``, ``S.tn``, ``S.fn`` (int) and
-  ``S.pos-hist``, ``S.neg-hist`` (lists of ``score-bins`` ints; adjacent bins merged until
-  each non-empty bin holds at least the minimum cell size).
+  cell size; all counts are then zero) and ``S.<key>`` for each key of the task's
+  statistics (``Task.to_values``; fixed keys and lengths for a run config). For binary
+  classification: ``tp``, ``fp``, ``tn``, ``fn`` and ``pos-hist``, ``neg-hist`` (lists of
+  ``score-bins`` ints; adjacent bins merged until each non-empty bin holds at least the
+  minimum cell size). The task modules document theirs.
 
 The reply's ConfigRecord ``site`` holds ``name``, ``radfed-version`` and ``schema-version``.
 Nothing else leaves a site: no per-case value, no path, id, header value or exception text.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +27,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from radfed import STATS_SCHEMA_VERSION, __version__
+from radfed.config import RunConfig
 from radfed.federation.run_folder import POOLED_SITE
-from radfed.metrics.binary import BinaryStats
+from radfed.tasks.base import SplitStats, StatsValue, Task
 
 __all__ = [
     "ARRAYS_KEY",
@@ -35,16 +38,15 @@ __all__ = [
     "InvalidReply",
     "SiteIdentity",
     "cast_like",
-    "pack_classification_stats",
+    "pack_stats",
     "read_site_identity",
-    "unpack_classification_stats",
+    "unpack_stats",
     "validate_arrays",
 ]
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
-_COUNT_KEYS = ("tp", "fp", "tn", "fn")
 
 
 class InvalidReply(ValueError):
@@ -120,38 +122,37 @@ def _release(version: str) -> tuple[str, ...]:
     return tuple(parts[:2]) if parts[0] == "0" else tuple(parts[:1])
 
 
-def pack_classification_stats(stats: Mapping[str, BinaryStats]) -> MetricRecord:
+def pack_stats(task: Task, stats: Mapping[str, SplitStats]) -> MetricRecord:
     """Statistics per split -> the reply's MetricRecord (schema above)."""
-    record: dict[str, int | list[int]] = {
+    record: dict[str, StatsValue] = {
         "num-examples": sum(s.n for s in stats.values()),
         "schema-version": STATS_SCHEMA_VERSION,
     }
     for split, s in stats.items():
         record[f"{split}.suppressed"] = int(s.suppressed)
-        for key in _COUNT_KEYS:
-            record[f"{split}.{key}"] = int(getattr(s, key))
-        record[f"{split}.pos-hist"] = [int(v) for v in s.pos_hist]
-        record[f"{split}.neg-hist"] = [int(v) for v in s.neg_hist]
+        for key, value in task.to_values(s).items():
+            record[f"{split}.{key}"] = value
     return MetricRecord(record)  # type: ignore[arg-type]
 
 
-def unpack_classification_stats(
-    record: MetricRecord, splits: Sequence[str], bins: int
-) -> dict[str, BinaryStats]:
-    """The reply's MetricRecord -> statistics per split, checked for consistency.
+def unpack_stats(task: Task, record: MetricRecord, config: RunConfig) -> dict[str, SplitStats]:
+    """The reply's MetricRecord -> statistics per evaluated split, checked.
 
     Raises:
         InvalidReply: a key is missing or extra, the schema version is not this server's,
-            a count is negative or not an integer, a histogram has the wrong length, or
-            histograms and counts disagree.
+            a value breaks the task's statistics (wrong type, length, negative, totals that
+            disagree), or a suppressed cell carries counts.
     """
+    names = list(task.to_values(task.empty_stats(config)))
     expected = {"num-examples", "schema-version"}
-    for split in splits:
-        expected |= {f"{split}.{k}" for k in (*_COUNT_KEYS, "pos-hist", "neg-hist", "suppressed")}
+    for split in config.eval_splits:
+        expected |= {f"{split}.suppressed", *(f"{split}.{k}" for k in names)}
     if set(record.keys()) != expected:
         missing = sorted(expected - set(record.keys()))
         extra = sorted(set(record.keys()) - expected)
-        raise InvalidReply(f"statistics keys differ from schema (missing {missing}, extra {extra})")
+        raise InvalidReply(
+            f"statistics keys differ from schema (missing {missing[:5]}, extra {extra[:5]})"
+        )
     schema = record["schema-version"]
     if isinstance(schema, bool) or not isinstance(schema, int):
         raise InvalidReply("schema-version must be an integer")
@@ -161,22 +162,18 @@ def unpack_classification_stats(
             "install the same radfed version at site and server"
         )
         raise InvalidReply(msg)
-    out: dict[str, BinaryStats] = {}
-    for split in splits:
-        counts = [_count(record[f"{split}.{k}"], f"{split}.{k}") for k in _COUNT_KEYS]
-        hists = [
-            _histogram(record[f"{split}.{k}"], f"{split}.{k}", bins)
-            for k in ("pos-hist", "neg-hist")
-        ]
-        tp, fp, tn, fn = counts
-        if sum(hists[0]) != tp + fn or sum(hists[1]) != tn + fp:
-            raise InvalidReply(f"{split}: score histograms disagree with the confusion counts")
+    out: dict[str, SplitStats] = {}
+    for split in config.eval_splits:
+        try:
+            stats = task.from_values({k: record[f"{split}.{k}"] for k in names}, config)
+        except ValueError as err:
+            raise InvalidReply(f"{split}: {err}") from None
         suppressed = record[f"{split}.suppressed"]
         if suppressed not in (0, 1) or isinstance(suppressed, bool):
             raise InvalidReply(f"{split}.suppressed must be 0 or 1")
-        if suppressed and tp + fp + tn + fn:
+        if suppressed and stats.n:
             raise InvalidReply(f"{split}: a suppressed cell must not carry counts")
-        out[split] = BinaryStats(tp, fp, tn, fn, hists[0], hists[1], bool(suppressed))
+        out[split] = task.empty_stats(config, suppressed=True) if suppressed else stats
     if _count(record["num-examples"], "num-examples") != sum(s.n for s in out.values()):
         raise InvalidReply("num-examples disagrees with the statistics")
     return out
@@ -186,12 +183,6 @@ def _count(value: object, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidReply(f"{key} must be a non-negative integer")
     return value
-
-
-def _histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) != bins:
-        raise InvalidReply(f"{key} must be a list of {bins} counts")
-    return tuple(_count(v, key) for v in value)
 
 
 def validate_arrays(

@@ -16,7 +16,7 @@ from radfed.federation.strategy import make_strategy
 from radfed.federation.weights import shared_state
 from radfed.log import logger
 from radfed.plots import plot_curves
-from radfed.tasks import TRAINABLE_TASKS, build_model
+from radfed.tasks import get_task
 
 __all__ = ["run_server"]
 
@@ -54,10 +54,10 @@ def run_server(grid: Grid, context: Context) -> Path:
         The run folder.
     """
     config = RunConfig.from_run_config(context.run_config)
-    if config.task not in TRAINABLE_TASKS:
-        raise ConfigError(f"task {config.task!r} cannot train in this radfed version")
+    task = get_task(config.task)
+    task.check(config)
     run = RunFolder.start(Path(config.out_dir).resolve(), config)
-    model = build_model(config)
+    model = task.build_model(config)
     if config.init_checkpoint:
         load_initial_weights(model, Path(config.init_checkpoint).expanduser())
     reference = {k: v.detach().clone() for k, v in shared_state(model, config.fedbn).items()}

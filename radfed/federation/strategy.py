@@ -17,12 +17,13 @@ from radfed.federation.records import (
     InvalidReply,
     cast_like,
     read_site_identity,
-    unpack_classification_stats,
+    unpack_stats,
     validate_arrays,
 )
 from radfed.federation.run_folder import POOLED_SITE, RunFolder
 from radfed.log import logger
-from radfed.metrics.binary import BinaryStats, binary_metrics
+from radfed.tasks import SplitStats, get_task
+from radfed.tasks.base import merge_stats
 
 __all__ = ["STRATEGIES", "RadfedChecks", "RadfedFedAvg", "make_strategy"]
 
@@ -82,6 +83,7 @@ class RadfedChecks:
             **base_options,
         )
         self.config = config
+        self.task = get_task(config.task)
         self.reference = {k: v.detach().cpu() for k, v in reference.items()}
         self.run = run
         self.max_update_norm = max_update_norm
@@ -138,7 +140,7 @@ class RadfedChecks:
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        per_site: dict[str, Mapping[str, BinaryStats]] = {}
+        per_site: dict[str, Mapping[str, SplitStats]] = {}
         for msg, site in self._checked(server_round, replies, "statistics"):
             try:
                 per_site[site] = self._check_statistics(msg.content)
@@ -149,28 +151,29 @@ class RadfedChecks:
             return None
         summary: dict[str, float] = {}
         for split in self.config.eval_splits:
-            pooled = BinaryStats.merge(
-                (s[split] for s in per_site.values()), self.config.score_bins
-            )
+            pooled = merge_stats(self.task, (s[split] for s in per_site.values()), self.config)
             rows = {
                 **{name: stats[split] for name, stats in sorted(per_site.items())},
                 POOLED_SITE: pooled,
             }
-            aucs = []
+            headline, shown = self.task.headline, []
             for name, stats in rows.items():
-                values = binary_metrics(stats)
+                values = self.task.metrics(stats)
                 self.run.append_metrics(
                     server_round, name, split, stats.n, values, suppressed=stats.suppressed
                 )
-                aucs.append(f"{name} {'suppressed' if stats.suppressed else _fmt(values['auc'])}")
+                shown.append(
+                    f"{name} {'suppressed' if stats.suppressed else _fmt(values.get(headline))}"
+                )
                 if name == POOLED_SITE:
                     summary.update({f"{split}-{k}": v for k, v in values.items() if v is not None})
             logger.info(
-                "round %d/%d %s AUC: %s",
+                "round %d/%d %s %s: %s",
                 server_round,
                 self.config.num_server_rounds,
                 split,
-                " | ".join(aucs),
+                headline,
+                " | ".join(shown),
             )
         return MetricRecord(summary)  # type: ignore[arg-type]
 
@@ -198,14 +201,14 @@ class RadfedChecks:
         validate_arrays(arrays, self.reference, max_update_norm=self.max_update_norm)
         return loss
 
-    def _check_statistics(self, content: RecordDict) -> dict[str, BinaryStats]:
+    def _check_statistics(self, content: RecordDict) -> dict[str, SplitStats]:
         """Check an evaluation reply; return its statistics per split.
 
         Raises:
             InvalidReply: not exactly one MetricRecord, or bad statistics.
         """
         record = _only(content.metric_records, METRICS_KEY, "MetricRecord")
-        stats = unpack_classification_stats(record, self.config.eval_splits, self.config.score_bins)
+        stats = unpack_stats(self.task, record, self.config)
         self._check_examples(sum(s.n for s in stats.values()))
         return stats
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from radfed.metrics.histograms import merge_sparse_bins
+
 __all__ = [
     "BinaryStats",
     "BinaryStatsAccumulator",
@@ -99,23 +101,8 @@ class BinaryStats:
             return self
         if self.n < k:
             return BinaryStats.empty(len(self.pos_hist), suppressed=True)
-        pos, neg = list(self.pos_hist), list(self.neg_hist)
-        out_pos, out_neg = [0] * len(pos), [0] * len(neg)
-        start, run_pos, run_neg = 0, 0, 0
-        runs: list[tuple[int, int, int]] = []
-        for index, (p, q) in enumerate(zip(pos, neg, strict=True)):
-            if run_pos + run_neg == 0:
-                start = index
-            run_pos, run_neg = run_pos + p, run_neg + q
-            if run_pos + run_neg >= k:
-                runs.append((start, run_pos, run_neg))
-                run_pos, run_neg = 0, 0
-        if run_pos + run_neg:  # a short last run joins the one before
-            first, p, q = runs.pop()
-            runs.append((first, p + run_pos, q + run_neg))
-        for first, p, q in runs:
-            out_pos[first], out_neg[first] = p, q
-        return BinaryStats(self.tp, self.fp, self.tn, self.fn, tuple(out_pos), tuple(out_neg))
+        pos, neg = merge_sparse_bins((self.pos_hist, self.neg_hist), k)
+        return BinaryStats(self.tp, self.fp, self.tn, self.fn, pos, neg)
 
     def __add__(self, other: BinaryStats) -> BinaryStats:
         if len(self.pos_hist) != len(other.pos_hist):

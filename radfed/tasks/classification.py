@@ -1,91 +1,147 @@
-"""Binary image classification: MONAI networks, local training, per-split statistics."""
+"""Image classification, binary or multi-class: MONAI networks, local training, statistics."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from radfed.config import RunConfig
-from radfed.data.site import SiteData, SplitData
-from radfed.errors import ConfigError
-from radfed.metrics.binary import BinaryStats
-from radfed.tasks.runtime import TrainResult, autocast, grad_scaler, pick_device, seeded_generator
+from radfed.data.site import SplitData
+from radfed.errors import ConfigError, DataError
+from radfed.metrics.binary import BinaryStats, binary_metrics
+from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
+from radfed.tasks.base import StatsValue, choose
+from radfed.tasks.runtime import TrainResult, autocast, fit, loader, pick_device
 
-__all__ = ["LOSSES", "MODELS", "build_model", "evaluate", "make_loss", "predict", "train"]
+__all__ = [
+    "LOSSES",
+    "MODELS",
+    "TASK",
+    "ClassificationTask",
+    "ScoreOutputs",
+    "build_model",
+    "make_loss",
+]
 
-#: Network names accepted by the ``model`` run-config key.
+#: Network names accepted by the ``model`` run-config key; the first is the default.
 MODELS = ("cnn", "resnet18", "resnet50", "densenet121", "efficientnet-b0")
-#: Loss names accepted by the ``loss`` run-config key.
-LOSSES = ("bce", "weighted-bce", "focal")
+#: Loss names of binary and of multi-class classification; the first is the default.
+BINARY_LOSSES = ("bce", "weighted-bce", "focal")
+MULTICLASS_LOSSES = ("ce", "weighted-ce", "focal")
+LOSSES = (*BINARY_LOSSES, *MULTICLASS_LOSSES[:2])
+
+ClassStats = BinaryStats | MulticlassStats
 
 
 def build_model(config: RunConfig) -> nn.Module:
-    """A MONAI network with one output logit for 1-channel ``(B, 1, S, S)`` images.
+    """A MONAI network for 1-channel ``(B, 1, S, S[, S])`` images.
 
-    The weights are initialised from ``config.seed`` so the server and every site agree.
+    It has one output logit for binary classification (``num-classes`` 2) and one per
+    class otherwise. The weights are initialised from ``config.seed`` so the server and
+    every site agree.
     """
     from monai.networks import nets
 
+    model = choose(config.model, MODELS, "model", "classification")
+    outputs = _outputs(config)
+    dims = config.spatial_dims
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        if config.model == "cnn":
+        if model == "cnn":
             # A narrow ResNet-10 with global pooling and batch norm: fast on CPU, translation
             # invariant (a lesion may be anywhere), integer BN buffers included.
             return nets.ResNet(
                 block="basic",
                 layers=[1, 1, 1, 1],
                 block_inplanes=[8, 16, 32, 64],
-                spatial_dims=config.spatial_dims,
+                spatial_dims=dims,
                 n_input_channels=1,
-                num_classes=1,
+                num_classes=outputs,
                 conv1_t_size=5,
                 conv1_t_stride=1,
             )
-        if config.model == "resnet18":
-            return nets.resnet18(
-                spatial_dims=config.spatial_dims, n_input_channels=1, num_classes=1
-            )
-        if config.model == "resnet50":
-            return nets.resnet50(
-                spatial_dims=config.spatial_dims, n_input_channels=1, num_classes=1
-            )
-        if config.model == "densenet121":
-            return nets.DenseNet121(spatial_dims=config.spatial_dims, in_channels=1, out_channels=1)
-        if config.model == "efficientnet-b0":  # random initialisation: nothing is downloaded
-            return nets.EfficientNetBN(
-                "efficientnet-b0",
-                pretrained=False,
-                progress=False,
-                spatial_dims=config.spatial_dims,
-                in_channels=1,
-                num_classes=1,
-            )
-    msg = f"run config 'model' must be one of {', '.join(MODELS)}, got {config.model!r}"
-    raise ConfigError(msg)
+        if model == "resnet18":
+            return nets.resnet18(spatial_dims=dims, n_input_channels=1, num_classes=outputs)
+        if model == "resnet50":
+            return nets.resnet50(spatial_dims=dims, n_input_channels=1, num_classes=outputs)
+        if model == "densenet121":
+            return nets.DenseNet121(spatial_dims=dims, in_channels=1, out_channels=outputs)
+        # efficientnet-b0, randomly initialised: nothing is downloaded
+        return nets.EfficientNetBN(
+            "efficientnet-b0",
+            pretrained=False,
+            progress=False,
+            spatial_dims=dims,
+            in_channels=1,
+            num_classes=outputs,
+        )
 
 
-def make_loss(name: str, labels: torch.Tensor) -> nn.Module:
-    """The training loss for logits of shape ``(B,)`` against 0/1 targets.
+def _outputs(config: RunConfig) -> int:
+    """Logits per case: one for binary classification, one per class otherwise."""
+    return 1 if config.num_classes == 2 else config.num_classes
 
-    ``weighted-bce`` weighs positives by the site's own negative-to-positive ratio (class
-    imbalance differs by site); ``focal`` is MONAI's focal loss (gamma 2) on the sigmoid.
+
+def _loss_name(config: RunConfig) -> str:
+    """The configured loss, or the default (``bce`` for binary, ``ce`` for multi-class)."""
+    allowed = BINARY_LOSSES if config.num_classes == 2 else MULTICLASS_LOSSES
+    kind = "binary" if config.num_classes == 2 else f"{config.num_classes}-class"
+    return choose(config.loss, allowed, "loss", f"{kind} classification")
+
+
+def make_loss(name: str, labels: torch.Tensor, classes: int = 2) -> nn.Module:
+    """The training loss of logits against class numbers.
+
+    Binary (``classes`` 2): logits ``(B,)`` against 0/1 targets; ``weighted-bce`` weighs
+    positives by the site's own negative-to-positive ratio (class imbalance differs by
+    site); ``focal`` is MONAI's focal loss (gamma 2) on the sigmoid. Multi-class: logits
+    ``(B, C)`` against class numbers ``(B,)``; ``ce`` is softmax cross-entropy,
+    ``weighted-ce`` weighs each class by the site's inverse class frequency, ``focal`` is
+    MONAI's softmax focal loss.
     """
-    if name == "bce":
-        return nn.BCEWithLogitsLoss()
-    if name == "weighted-bce":
-        positives = float(labels.sum())
-        ratio = (len(labels) - positives) / positives if positives else 1.0
-        return nn.BCEWithLogitsLoss(pos_weight=torch.tensor(ratio))
+    if classes == 2:
+        if name == "bce":
+            return nn.BCEWithLogitsLoss()
+        if name == "weighted-bce":
+            positives = float(labels.sum())
+            ratio = (len(labels) - positives) / positives if positives else 1.0
+            return nn.BCEWithLogitsLoss(pos_weight=torch.tensor(ratio))
+    else:
+        if name == "ce":
+            return nn.CrossEntropyLoss()
+        if name == "weighted-ce":
+            counts = torch.bincount(labels, minlength=classes).float()
+            weights = torch.where(counts > 0, len(labels) / (classes * counts.clamp(min=1)), 1.0)
+            return nn.CrossEntropyLoss(weight=weights)
     if name == "focal":
         from monai.losses import FocalLoss
 
-        focal = FocalLoss(gamma=2.0)  # sigmoid-based unless use_softmax
-        return _Flat(focal)
-    msg = f"run config 'loss' must be one of {', '.join(LOSSES)}, got {name!r}"
+        if classes == 2:
+            return _Flat(FocalLoss(gamma=2.0))  # sigmoid-based unless use_softmax
+        return _OneHot(FocalLoss(gamma=2.0, use_softmax=True), classes)
+    allowed = BINARY_LOSSES if classes == 2 else MULTICLASS_LOSSES
+    msg = f"run config 'loss' must be one of {', '.join(allowed)}, got {name!r}"
     raise ConfigError(msg)
+
+
+class _OneHot(nn.Module):
+    """Adapts a MONAI ``(B, C)`` loss to class numbers of shape ``(B,)``."""
+
+    def __init__(self, inner: nn.Module, classes: int) -> None:
+        super().__init__()
+        self.inner = inner
+        self.classes = classes
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        onehot = nn.functional.one_hot(targets, self.classes).to(logits.dtype)
+        out: torch.Tensor = self.inner(logits, onehot)
+        return out
 
 
 class _Flat(nn.Module):
@@ -100,6 +156,28 @@ class _Flat(nn.Module):
         return out
 
 
+def _targets(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    return labels.float() if classes == 2 else labels.long()
+
+
+def _logits(model: nn.Module, images: torch.Tensor, classes: int) -> torch.Tensor:
+    out: torch.Tensor = model(images)
+    return out.reshape(-1).float() if classes == 2 else out.float()
+
+
+def _probabilities(logits: torch.Tensor, classes: int) -> torch.Tensor:
+    return torch.sigmoid(logits) if classes == 2 else torch.softmax(logits, dim=1)
+
+
+def _check_labels(data: SplitData, classes: int) -> None:
+    if len(data) and int(data.labels.max()) >= classes:
+        msg = (
+            f"a label is {int(data.labels.max())} but num-classes is {classes}; "
+            "set num-classes to the number of classes (labels run 0..C-1)"
+        )
+        raise DataError(msg)
+
+
 def train(
     model: nn.Module,
     data: SplitData,
@@ -109,106 +187,221 @@ def train(
     proximal_mu: float = 0.0,
     val: SplitData | None = None,
 ) -> TrainResult:
-    """Local epochs of Adam on binary cross-entropy; CUDA with mixed precision when present.
+    """Local epochs of Adam on the configured loss (see ``Task.train``)."""
+    classes = config.num_classes
+    _check_labels(data, classes)
+    loss_fn = make_loss(_loss_name(config), data.labels, classes)
+    # one loader for all epochs: each pass over it draws a new order from its generator
+    batches = loader(
+        TensorDataset(data.images, data.labels),
+        batch_size=config.batch_size,
+        seed=seed,
+        num_workers=config.num_workers,
+    )
 
-    Args:
-        model: the network, holding the global weights of this round.
-        data: the site's training split.
-        config: run settings (epochs, batch size, learning rate).
-        seed: shuffling seed for this site and round.
-        proximal_mu: FedProx: add ``mu/2 * ||w - w_global||^2`` over the trainable weights.
-        val: the site's validation split; with ``early-stopping-patience`` > 0, local
-            training stops when its loss has not improved for that many epochs, and the
-            weights of the best epoch are kept.
-    """
-    device = pick_device()
-    model.to(device).train()
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    scaler = grad_scaler(device)
-    loss_fn = make_loss(config.loss, data.labels)
-    generator = seeded_generator(seed)
-    n = len(data)
-    total, seen, epochs = 0.0, 0, 0
-    watch = config.early_stopping_patience > 0 and val is not None and len(val) > 0
-    best_loss, best_state, stale = float("inf"), None, 0
-    for _ in range(config.local_epochs):
-        epochs += 1
-        model.train()
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, config.batch_size):
-            index = order[start : start + config.batch_size]
-            if len(index) < 2:  # batch norm needs two samples
-                continue
-            images = data.images[index].to(device, non_blocking=True)
-            labels = data.labels[index].to(device, dtype=torch.float32)
-            optimiser.zero_grad(set_to_none=True)
+    def step_loss(
+        net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device
+    ) -> tuple[torch.Tensor, int]:
+        images, labels = batch
+        if len(labels) < 2:  # batch norm needs two samples
+            return torch.zeros(()), 0
+        logits = _logits(net, images.to(device, non_blocking=True), classes)
+        return loss_fn.to(device)(logits, _targets(labels.to(device), classes)), len(labels)
+
+    def val_loss(net: nn.Module, device: torch.device) -> float:
+        assert val is not None
+        total = 0.0
+        for start in range(0, len(val), 64):
+            images = val.images[start : start + 64].to(device)
+            labels = val.labels[start : start + 64].to(device)
             with autocast(device):
-                logits = model(images).reshape(-1)
-                loss = loss_fn(logits.float(), labels)
-            if anchor:
-                drift = sum(
-                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
-                )
-                loss = loss + 0.5 * proximal_mu * drift
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-            total += float(loss.detach()) * len(index)
-            seen += len(index)
-        if watch:
-            assert val is not None
-            current = _mean_loss(model, val, loss_fn, device)
-            if current < best_loss:
-                best_loss, stale = current, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= config.early_stopping_patience:
-                    break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.to("cpu")
-    return TrainResult(num_examples=n, loss=total / seen if seen else float("nan"), epochs=epochs)
+                logits = _logits(net, images, classes)
+            total += float(loss_fn.to(device)(logits, _targets(labels, classes))) * len(labels)
+        return total / len(val)
+
+    return fit(
+        model,
+        lambda: batches,
+        step_loss,
+        config,
+        num_examples=len(data),
+        proximal_mu=proximal_mu,
+        val_loss=val_loss if val is not None and len(val) else None,
+    )
 
 
 @torch.no_grad()
-def _mean_loss(
-    model: nn.Module, data: SplitData, loss_fn: nn.Module, device: torch.device
-) -> float:
-    model.eval()
-    total = 0.0
-    for start in range(0, len(data), 64):
-        images = data.images[start : start + 64].to(device)
-        labels = data.labels[start : start + 64].to(device, dtype=torch.float32)
-        with autocast(device):
-            logits = model(images).reshape(-1)
-        total += float(loss_fn(logits.float(), labels)) * len(labels)
-    return total / len(data)
+def predict(
+    model: nn.Module, data: SplitData, config: RunConfig | None = None, *, batch_size: int = 64
+) -> np.ndarray:
+    """Class probabilities: shape ``(N,)`` (the positive class) when binary, else ``(N, C)``.
 
-
-@torch.no_grad()
-def predict(model: nn.Module, data: SplitData, *, batch_size: int = 64) -> np.ndarray:
-    """Probabilities of the positive class, shape ``(N,)``; they never leave the site."""
+    They never leave the site.
+    """
+    classes = config.num_classes if config is not None else 2
     device = pick_device()
     model.to(device).eval()
     out = []
     for start in range(0, len(data), batch_size):
         images = data.images[start : start + batch_size].to(device)
         with autocast(device):
-            logits = model(images).reshape(-1)
-        out.append(torch.sigmoid(logits.float()).cpu())
+            logits = _logits(model, images, classes)
+        out.append(_probabilities(logits, classes).cpu())
     model.to("cpu")
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+    if out:
+        return torch.cat(out).numpy()
+    return np.zeros((0,) if classes == 2 else (0, classes), dtype=np.float32)
 
 
-def evaluate(model: nn.Module, site: SiteData, config: RunConfig) -> Mapping[str, BinaryStats]:
-    """Sufficient statistics of each split in ``config.eval_splits`` (empty splits give zeros)."""
-    out: dict[str, BinaryStats] = {}
-    for split in config.eval_splits:
-        data = site.splits[split]
-        scores = predict(model, data)
-        out[split] = BinaryStats.from_scores(
-            scores, data.labels.numpy(), threshold=config.threshold, bins=config.score_bins
+@dataclass(frozen=True)
+class ScoreOutputs:
+    """Per-case probabilities and labels of a split (kept at the site)."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    classes: int
+    threshold: float
+    bins: int
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def stats(self, index: Sequence[int] | np.ndarray) -> ClassStats:
+        chosen = np.asarray(index, dtype=np.int64)
+        if self.classes == 2:
+            return BinaryStats.from_scores(
+                self.scores[chosen], self.labels[chosen], threshold=self.threshold, bins=self.bins
+            )
+        return MulticlassStats.from_scores(self.scores[chosen], self.labels[chosen], bins=self.bins)
+
+    def rows(self) -> list[dict[str, float | int | str]]:
+        out: list[dict[str, float | int | str]] = []
+        for i, label in enumerate(self.labels.tolist()):
+            row: dict[str, float | int | str] = {"index": i, "label": int(label)}
+            if self.classes == 2:
+                row["score"] = float(self.scores[i])
+            else:
+                row.update({f"score_{c}": float(self.scores[i, c]) for c in range(self.classes)})
+                row["predicted"] = int(self.scores[i].argmax())
+            out.append(row)
+        return out
+
+
+_COUNT_KEYS = ("tp", "fp", "tn", "fn")
+
+
+class ClassificationTask:
+    """Binary (one sigmoid logit) or multi-class (softmax) image classification.
+
+    Statistics: binary: ``tp``, ``fp``, ``tn``, ``fn`` at ``threshold`` and ``pos-hist``,
+    ``neg-hist`` of ``score-bins`` counts; multi-class: ``confusion`` (C x C counts, row =
+    true class, flattened) and per class ``c`` its one-vs-rest ``class-c.pos-hist`` and
+    ``class-c.neg-hist``.
+    """
+
+    name = "classification"
+    models = MODELS
+    losses = LOSSES
+    headline = "auc"
+
+    def check(self, config: RunConfig) -> None:
+        choose(config.model, MODELS, "model", self.name)
+        _loss_name(config)
+
+    def build_model(self, config: RunConfig) -> nn.Module:
+        return build_model(config)
+
+    def train(
+        self,
+        model: nn.Module,
+        data: SplitData,
+        config: RunConfig,
+        *,
+        seed: int,
+        proximal_mu: float = 0.0,
+        val: SplitData | None = None,
+    ) -> TrainResult:
+        return train(model, data, config, seed=seed, proximal_mu=proximal_mu, val=val)
+
+    def predict(self, model: nn.Module, data: SplitData, config: RunConfig) -> ScoreOutputs:
+        _check_labels(data, config.num_classes)
+        return ScoreOutputs(
+            scores=predict(model, data, config),
+            labels=data.labels.numpy(),
+            classes=config.num_classes,
+            threshold=config.threshold,
+            bins=config.score_bins,
         )
-    return out
+
+    def empty_stats(self, config: RunConfig, *, suppressed: bool = False) -> ClassStats:
+        if config.num_classes == 2:
+            return BinaryStats.empty(config.score_bins, suppressed=suppressed)
+        return MulticlassStats.empty(config.num_classes, config.score_bins, suppressed=suppressed)
+
+    def to_values(self, stats: Any) -> dict[str, StatsValue]:
+        if isinstance(stats, BinaryStats):
+            return _binary_values(stats)
+        assert isinstance(stats, MulticlassStats)
+        values: dict[str, StatsValue] = {"confusion": [v for row in stats.confusion for v in row]}
+        for c, part in enumerate(stats.per_class):
+            values[f"class-{c}.pos-hist"] = list(part.pos_hist)
+            values[f"class-{c}.neg-hist"] = list(part.neg_hist)
+        return values
+
+    def from_values(self, values: Mapping[str, object], config: RunConfig) -> ClassStats:
+        bins, classes = config.score_bins, config.num_classes
+        if classes == 2:
+            counts = [_count(values.get(k), k) for k in _COUNT_KEYS]
+            pos, neg = (_histogram(values.get(k), k, bins) for k in ("pos-hist", "neg-hist"))
+            tp, fp, tn, fn = counts
+            if sum(pos) != tp + fn or sum(neg) != tn + fp:
+                raise ValueError("score histograms disagree with the confusion counts")
+            return BinaryStats(tp, fp, tn, fn, pos, neg)
+        flat = values.get("confusion")
+        if not isinstance(flat, list) or len(flat) != classes * classes:
+            raise ValueError(f"confusion must be a list of {classes * classes} counts")
+        cells = [_count(v, "confusion") for v in flat]
+        confusion = tuple(tuple(cells[r * classes : (r + 1) * classes]) for r in range(classes))
+        n = sum(cells)
+        per_class = []
+        for c in range(classes):
+            pos = _histogram(values.get(f"class-{c}.pos-hist"), f"class-{c}.pos-hist", bins)
+            neg = _histogram(values.get(f"class-{c}.neg-hist"), f"class-{c}.neg-hist", bins)
+            support = sum(confusion[c])
+            decided = sum(row[c] for row in confusion)
+            if sum(pos) != support or sum(neg) != n - support:
+                raise ValueError(f"class-{c} histograms disagree with the confusion matrix")
+            tp = confusion[c][c]
+            per_class.append(
+                BinaryStats(tp, decided - tp, n - support - decided + tp, support - tp, pos, neg)
+            )
+        return MulticlassStats(confusion, tuple(per_class))
+
+    def metrics(self, stats: Any) -> dict[str, float | None]:
+        if isinstance(stats, BinaryStats):
+            return binary_metrics(stats)
+        assert isinstance(stats, MulticlassStats)
+        return multiclass_metrics(stats)
+
+
+def _binary_values(stats: BinaryStats) -> dict[str, StatsValue]:
+    values: dict[str, StatsValue] = {k: int(getattr(stats, k)) for k in _COUNT_KEYS}
+    values["pos-hist"] = [int(v) for v in stats.pos_hist]
+    values["neg-hist"] = [int(v) for v in stats.neg_hist]
+    return values
+
+
+def _count(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} must be a non-negative integer")
+    return value
+
+
+def _histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or len(value) != bins:
+        raise ValueError(f"{key} must be a list of {bins} counts")
+    return tuple(_count(v, key) for v in value)
+
+
+#: The classification task of the registry.
+TASK = ClassificationTask()

@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["TrainResult", "autocast", "grad_scaler", "pick_device", "seeded_generator"]
+from radfed.config import RunConfig
+
+__all__ = [
+    "TrainResult",
+    "autocast",
+    "fit",
+    "grad_scaler",
+    "loader",
+    "pick_device",
+    "seeded_generator",
+]
 
 
 @dataclass(frozen=True)
@@ -41,3 +55,100 @@ def seeded_generator(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
+
+
+def loader(
+    dataset: Dataset[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    shuffle: bool = True,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader[Any]:
+    """A DataLoader whose order and worker seeds follow ``seed``; pinned memory on CUDA."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=seeded_generator(seed),
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=collate_fn,
+        persistent_workers=False,
+    )
+
+
+def fit(
+    model: nn.Module,
+    batches: Callable[[], Iterable[Any]],
+    step_loss: Callable[[nn.Module, Any, torch.device], tuple[torch.Tensor, int]],
+    config: RunConfig,
+    *,
+    num_examples: int,
+    proximal_mu: float = 0.0,
+    val_loss: Callable[[nn.Module, torch.device], float] | None = None,
+) -> TrainResult:
+    """The local training loop every task shares: Adam, mixed precision on CUDA, FedProx,
+    early stopping.
+
+    Args:
+        model: the network holding this round's global weights; left on the CPU.
+        batches: the batches of one epoch; called once per epoch. Return the same
+            DataLoader each time: every pass over it draws a new order from its generator.
+        step_loss: the task's loss of one batch (run under autocast) and the number of
+            cases it held; a batch of 0 cases is skipped.
+        config: ``local-epochs``, ``learning-rate``, ``early-stopping-patience``.
+        num_examples: the cases trained on, reported to the server.
+        proximal_mu: FedProx: add ``mu/2 * ||w - w_global||^2`` over the trainable weights.
+        val_loss: the mean validation loss of the model in eval mode; with
+            ``early-stopping-patience`` > 0 training stops when it has not improved for that
+            many epochs, and the weights of the best epoch are kept.
+    """
+    device = pick_device()
+    model.to(device).train()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    scaler = grad_scaler(device)
+    watch = config.early_stopping_patience > 0 and val_loss is not None
+    total, seen, epochs = 0.0, 0, 0
+    best_loss, best_state, stale = float("inf"), None, 0
+    for _ in range(config.local_epochs):
+        epochs += 1
+        model.train()
+        for batch in batches():
+            optimiser.zero_grad(set_to_none=True)
+            with autocast(device):
+                loss, count = step_loss(model, batch, device)
+            if count == 0:
+                continue
+            loss = loss.float()
+            if anchor:
+                drift = torch.zeros((), device=device)
+                for weight, start in zip(model.parameters(), anchor, strict=True):
+                    drift = drift + ((weight - start) ** 2).sum()
+                loss = loss + 0.5 * proximal_mu * drift
+            scaled: torch.Tensor = scaler.scale(loss)
+            torch.autograd.backward(scaled)
+            scaler.step(optimiser)
+            scaler.update()
+            total += float(loss.detach()) * count
+            seen += count
+        if watch:
+            assert val_loss is not None
+            model.eval()
+            with torch.no_grad():
+                current = val_loss(model, device)
+            if current < best_loss:
+                best_loss, stale = current, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                stale += 1
+                if stale >= config.early_stopping_patience:
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.to("cpu")
+    return TrainResult(
+        num_examples=num_examples, loss=total / seen if seen else float("nan"), epochs=epochs
+    )

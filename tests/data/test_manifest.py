@@ -55,7 +55,7 @@ def test_bad_rows_are_skipped_with_their_line_numbers(tmp_path: Path) -> None:
 def test_a_manifest_without_any_usable_row_cannot_load(tmp_path: Path) -> None:
     site = tmp_path / "site-x"
     site.mkdir()
-    (site / "manifest.csv").write_text("image,patient_id,label\na.dcm,P1,2\n")
+    (site / "manifest.csv").write_text("image,patient_id,label\na.dcm,P1,yes\n")
     assert [p.line for p in read_manifest(site).problems] == [2]
     with pytest.raises(DataError, match="no usable row"):
         load_site(site, image_size=32, val_fraction=0.2, test_fraction=0.2, seed=1)

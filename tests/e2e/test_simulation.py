@@ -19,7 +19,7 @@ from radfed.config import RunConfig
 from radfed.data.site import load_site
 from radfed.data.synth import synth_classification
 from radfed.federation.run_folder import load_checkpoint
-from radfed.tasks import build_model, predict
+from radfed.tasks.classification import build_model, predict
 
 pytestmark = pytest.mark.e2e
 ROUNDS = 2

@@ -16,8 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from radfed.config import RunConfig
 from radfed.errors import ConfigError
 from radfed.federation.client import ErrorCode, handle_evaluate, handle_train, resolve_site
-from radfed.federation.records import unpack_classification_stats
-from radfed.tasks import build_model
+from radfed.federation.records import unpack_stats
+from radfed.tasks.classification import TASK, build_model
 from tests.helpers import make_context, make_message
 
 CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=100, seed=3)
@@ -78,9 +78,7 @@ def test_evaluate_reply_holds_statistics_and_nothing_identifying(site_copy: Path
     # Assert: the statistics parse against the schema, counts match the site
     assert not reply.has_error()
     assert not reply.content.array_records
-    stats = unpack_classification_stats(
-        reply.content["metrics"], CONFIG.eval_splits, CONFIG.score_bins
-    )  # type: ignore[arg-type]
+    stats = unpack_stats(TASK, reply.content["metrics"], CONFIG)  # type: ignore[arg-type]
     assert sum(s.n for s in stats.values()) < len(rows)  # the sealed test split was not evaluated
     # Assert: no string leaves except the site identity, and it holds no secret
     strings = [str(v) for record in reply.content.config_records.values() for v in record.values()]
@@ -166,7 +164,7 @@ def test_what_leaves_holds_no_cell_below_k_and_no_single_case_bin(site_copy: Pat
     reply = handle_evaluate(_request("evaluate"), context)
     # Assert
     record = reply.content["metrics"]
-    stats = unpack_classification_stats(record, config.eval_splits, config.score_bins)  # type: ignore[arg-type]
+    stats = unpack_stats(TASK, record, config)  # type: ignore[arg-type]
     for split, s in stats.items():
         if s.suppressed:
             assert s.n == 0

@@ -8,19 +8,22 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from radfed import STATS_SCHEMA_VERSION
+from radfed.config import RunConfig
 from radfed.federation.records import (
     InvalidReply,
     SiteIdentity,
     cast_like,
-    pack_classification_stats,
+    pack_stats,
     read_site_identity,
-    unpack_classification_stats,
+    unpack_stats,
     validate_arrays,
 )
 from radfed.federation.run_folder import POOLED_SITE
 from radfed.metrics.binary import BinaryStats
+from radfed.tasks.classification import TASK
 
 BINS = 20
+_CONFIG = RunConfig(score_bins=BINS, eval_splits=("train", "val"))
 
 
 def _stats() -> dict[str, BinaryStats]:
@@ -33,9 +36,9 @@ def _stats() -> dict[str, BinaryStats]:
 
 def test_statistics_round_trip() -> None:
     stats = _stats()
-    record = pack_classification_stats(stats)
+    record = pack_stats(TASK, stats)
     assert record["num-examples"] == 60 and record["schema-version"] == STATS_SCHEMA_VERSION
-    assert unpack_classification_stats(record, ("train", "val"), BINS) == stats
+    assert unpack_stats(TASK, record, _CONFIG) == stats
 
 
 @pytest.mark.parametrize(
@@ -55,10 +58,10 @@ def test_statistics_round_trip() -> None:
     ],
 )
 def test_inconsistent_statistics_are_refused(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
-    record = MetricRecord(dict(pack_classification_stats(_stats())))
+    record = MetricRecord(dict(pack_stats(TASK, _stats())))
     mutate(record)
     with pytest.raises(InvalidReply, match=message):
-        unpack_classification_stats(record, ("train", "val"), BINS)
+        unpack_stats(TASK, record, _CONFIG)
 
 
 def test_site_identity_and_version_checks() -> None:

@@ -16,7 +16,7 @@ from radfed.federation.records import SiteIdentity
 from radfed.federation.run_folder import RunFolder
 from radfed.federation.strategy import STRATEGIES, make_strategy
 from radfed.federation.weights import local_keys, shared_state
-from radfed.tasks import build_model
+from radfed.tasks.classification import build_model
 from tests.helpers import make_context, make_message
 
 CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=100, seed=3, min_sites=1)

@@ -16,10 +16,11 @@ from sklearn.metrics import roc_auc_score
 
 from radfed import STATS_SCHEMA_VERSION
 from radfed.config import RunConfig
-from radfed.federation.records import SiteIdentity, pack_classification_stats
+from radfed.federation.records import SiteIdentity, pack_stats
 from radfed.federation.run_folder import RunFolder
 from radfed.federation.strategy import RadfedFedAvg
 from radfed.metrics.binary import BinaryStats
+from radfed.tasks.classification import TASK
 from tests.helpers import make_message
 
 CONFIG = RunConfig(num_server_rounds=2, min_sites=1, score_bins=1000, eval_splits=("val",))
@@ -103,7 +104,7 @@ def test_no_valid_update_keeps_the_global_model(tmp_path: Path) -> None:
 def _eval_reply(site: str, node: int, scores: np.ndarray, labels: np.ndarray) -> Message:
     stats = {"val": BinaryStats.from_scores(scores, labels, bins=CONFIG.score_bins)}
     content = RecordDict(
-        {"metrics": pack_classification_stats(stats), "site": SiteIdentity.local(site).to_record()}
+        {"metrics": pack_stats(TASK, stats), "site": SiteIdentity.local(site).to_record()}
     )
     return make_message(content, message_type="evaluate", src_node_id=node)
 
@@ -325,7 +326,7 @@ def test_suppressed_site_is_reported_as_such_and_left_out_of_the_pool(tmp_path: 
     small = BinaryStats.from_scores(s2, y2, bins=CONFIG.score_bins).with_min_cell(10)
     content = RecordDict(
         {
-            "metrics": pack_classification_stats({"val": small}),
+            "metrics": pack_stats(TASK, {"val": small}),
             "site": SiteIdentity.local("site-b").to_record(),
         }
     )

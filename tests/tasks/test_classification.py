@@ -10,7 +10,7 @@ import torch
 from torchvision.ops import sigmoid_focal_loss
 
 from radfed.config import RunConfig
-from radfed.errors import ConfigError
+from radfed.errors import ConfigError, DataError
 from radfed.federation.run_folder import RunFolder
 from radfed.federation.server import load_initial_weights
 from radfed.tasks.classification import MODELS, build_model, make_loss
@@ -76,7 +76,7 @@ def test_transfer_learning_starts_from_a_local_checkpoint(tmp_path: Path) -> Non
 
 def test_early_stopping_keeps_the_best_epoch_when_validation_gets_worse() -> None:
     from radfed.data.site import SplitData
-    from radfed.tasks.classification import _mean_loss, train
+    from radfed.tasks.classification import train
 
     # Prepare: validation labels are the training labels flipped, so fitting the training
     # split makes the validation loss worse from the first epoch on
@@ -100,5 +100,38 @@ def test_early_stopping_keeps_the_best_epoch_when_validation_gets_worse() -> Non
     assert plain.epochs == config.local_epochs
     # the kept weights are the best epoch's: better on validation than training to the end
     loss_fn = make_loss("bce", labels)
-    device = torch.device("cpu")
-    assert _mean_loss(model, flipped, loss_fn, device) < _mean_loss(full, flipped, loss_fn, device)
+
+    def val_loss(net: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(loss_fn(net.eval()(flipped.images).reshape(-1), flipped.labels.float()))
+
+    assert val_loss(model) < val_loss(full)
+
+
+def test_multi_class_training_learns_three_classes() -> None:
+    from radfed.data.site import SplitData
+    from radfed.tasks.classification import TASK
+
+    # Prepare: class c has a bright spot in its own third of the image
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(60) % 3
+    images = torch.rand(60, 1, 32, 32, generator=generator) * 0.2
+    for i, c in enumerate(labels.tolist()):
+        images[i, :, 12:18, 2 + 10 * c : 8 + 10 * c] += 1.0
+    data = SplitData(images, labels)
+    config = dataclasses.replace(
+        CONFIG, num_classes=3, local_epochs=6, batch_size=12, learning_rate=0.01
+    )
+    TASK.check(config)
+    model = TASK.build_model(config)
+    # Execute
+    TASK.train(model, data, config, seed=0)
+    outputs = TASK.predict(model, data, config)
+    values = TASK.metrics(outputs.stats(range(len(outputs))))
+    # Assert: three logits, and the classes are told apart
+    assert outputs.scores.shape == (60, 3)
+    assert values["accuracy"] is not None and values["accuracy"] > 0.8
+    with pytest.raises(DataError, match="num-classes"):
+        TASK.train(model, data, dataclasses.replace(config, num_classes=2), seed=0)
+    with pytest.raises(ConfigError, match="'loss' for 3-class classification"):
+        TASK.check(dataclasses.replace(config, loss="bce"))

@@ -1,0 +1,51 @@
+"""Histogram helpers shared by every task's statistics: privacy coarsening of sparse bins."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["merge_sparse_bins"]
+
+
+def merge_sparse_bins(histograms: Sequence[Sequence[int]], k: int) -> list[tuple[int, ...]]:
+    """Merge adjacent bins of aligned histograms until every non-empty bin holds ``k`` entries.
+
+    The histograms share their bin edges (e.g. positive and negative score histograms) and
+    are merged jointly, from low to high bins: a run of bins is closed once the entries of
+    all histograms in it together reach ``k``, and stored in the run's first bin. A short
+    last run joins the run before it. So no bin pins down fewer than ``k`` entries.
+
+    Args:
+        histograms: equally long count sequences.
+        k: the minimum entries per non-empty merged bin; ``k <= 1`` returns them unchanged.
+
+    Raises:
+        ValueError: histograms of different lengths.
+    """
+    lengths = {len(h) for h in histograms}
+    if len(lengths) > 1:
+        msg = f"histograms to merge differ in length: {sorted(lengths)}"
+        raise ValueError(msg)
+    if k <= 1 or not histograms:
+        return [tuple(int(v) for v in h) for h in histograms]
+    width = lengths.pop()
+    runs: list[tuple[int, list[int]]] = []
+    start, run = 0, [0] * len(histograms)
+    for index in range(width):
+        if sum(run) == 0:
+            start = index
+        run = [r + int(h[index]) for r, h in zip(run, histograms, strict=True)]
+        if sum(run) >= k:
+            runs.append((start, run))
+            run = [0] * len(histograms)
+    if sum(run):
+        if runs:
+            first, before = runs.pop()
+            runs.append((first, [a + b for a, b in zip(before, run, strict=True)]))
+        else:  # fewer than k entries in all: one bin
+            runs.append((start, run))
+    out = [[0] * width for _ in histograms]
+    for first, counts in runs:
+        for h, count in enumerate(counts):
+            out[h][first] = count
+    return [tuple(h) for h in out]
