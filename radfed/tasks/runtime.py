@@ -111,7 +111,7 @@ def fit(
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     scaler = grad_scaler(device)
     watch = config.early_stopping_patience > 0 and val_loss is not None
-    total, seen, epochs = 0.0, 0, 0
+    total, seen, epochs = torch.zeros((), device=device), 0, 0
     best_loss, best_state, stale = float("inf"), None, 0
     for _ in range(config.local_epochs):
         epochs += 1
@@ -132,7 +132,7 @@ def fit(
             torch.autograd.backward(scaled)
             scaler.step(optimiser)
             scaler.update()
-            total += float(loss.detach()) * count
+            total = total + loss.detach() * count  # summed on the device: no sync per step
             seen += count
         if watch:
             assert val_loss is not None
@@ -150,5 +150,7 @@ def fit(
         model.load_state_dict(best_state)
     model.to("cpu")
     return TrainResult(
-        num_examples=num_examples, loss=total / seen if seen else float("nan"), epochs=epochs
+        num_examples=num_examples,
+        loss=float(total) / seen if seen else float("nan"),
+        epochs=epochs,
     )

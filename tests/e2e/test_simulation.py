@@ -80,7 +80,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         # min-cell-size=1: no bins merged, so the AUC can be compared at full resolution
         "image-size=32 local-epochs=2 batch-size=8 min-cell-size=1",
     )
-    assert f"round {ROUNDS}/{ROUNDS} val AUC" in output  # progress is shown per round
+    assert f"round {ROUNDS}/{ROUNDS} val auc" in output  # progress is shown per round
     return data, out
 
 
