@@ -16,7 +16,7 @@ from radfed.data.site import SplitData
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.binary import BinaryStats, binary_metrics
 from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
-from radfed.tasks.base import StatsValue, choose
+from radfed.tasks.base import StatsValue, Task, choose
 from radfed.tasks.runtime import TrainResult, autocast, fit, loader, pick_device
 
 __all__ = [
@@ -300,8 +300,8 @@ class ClassificationTask:
     """
 
     name = "classification"
-    models = MODELS
-    losses = LOSSES
+    models: tuple[str, ...] = MODELS
+    losses: tuple[str, ...] = LOSSES
     headline = "auc"
 
     def check(self, config: RunConfig) -> None:
@@ -404,4 +404,4 @@ def _histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
 
 
 #: The classification task of the registry.
-TASK = ClassificationTask()
+TASK: Task = ClassificationTask()

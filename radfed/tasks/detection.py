@@ -21,7 +21,7 @@ from radfed.config import RunConfig
 from radfed.data.site import SplitData
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.detection import IOU_THRESHOLDS, DetectionStats, detection_metrics
-from radfed.tasks.base import SplitStats, StatsValue, choose
+from radfed.tasks.base import SplitStats, StatsValue, Task, choose
 from radfed.tasks.runtime import TrainResult, autocast, fit, loader, pick_device
 
 if TYPE_CHECKING:
@@ -516,4 +516,4 @@ def _histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
 
 
 #: The detection task of the registry.
-TASK = DetectionTask()
+TASK: Task = DetectionTask()

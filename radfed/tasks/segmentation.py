@@ -25,7 +25,7 @@ from radfed.metrics.segmentation import (
     hd95_range,
     segmentation_metrics,
 )
-from radfed.tasks.base import SplitStats, StatsValue, choose
+from radfed.tasks.base import SplitStats, StatsValue, Task, choose
 from radfed.tasks.runtime import TrainResult, autocast, fit, loader, pick_device
 
 __all__ = [
@@ -513,4 +513,4 @@ def _histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
 
 
 #: The segmentation task of the registry.
-TASK = SegmentationTask()
+TASK: Task = SegmentationTask()
