@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -287,15 +288,16 @@ def explain(
 
 def _print_summary(folder: Path) -> None:
     from radfed.federation.run_folder import POOLED_SITE, RunFolder
+    from radfed.tasks import get_task
 
     run = RunFolder(folder)
     lines = list(run.read_metrics())
     last = max(line["round"] for line in lines)
+    config = json.loads((folder / "config.json").read_text())["run-config"]
+    keys = get_task(config["task"]).summary
     table = Table(title=f"round {last} (pooled = {POOLED_SITE}, from merged statistics)")
-    columns = ("site", "split", "n", "AUC", "± at most", "sensitivity", "specificity", "accuracy")
-    for column in columns:
+    for column in ("site", "split", "n", *keys):
         table.add_column(column)
-    keys = ("auc", "auc_tie_bound", "sensitivity", "specificity", "accuracy")
     for line in lines:
         if line["round"] == last:
             m = line["metrics"]

@@ -10,11 +10,16 @@ from radfed.federation.run_folder import POOLED_SITE, RunFolder
 __all__ = ["CURVES_NAME", "plot_curves"]
 
 CURVES_NAME = "curves.png"
-_METRICS = ("auc", "sensitivity", "specificity")
 
 
-def plot_curves(run: RunFolder) -> Path:
+def plot_curves(
+    run: RunFolder, metrics: tuple[str, ...] = ("auc", "sensitivity", "specificity")
+) -> Path:
     """Plot each metric per site (and pooled, dashed) over rounds, one row per split.
+
+    Args:
+        run: the run folder.
+        metrics: rates in [0, 1] to plot, one column each (the task's ``summary[:3]``).
 
     Returns:
         The PNG written into the run folder.
@@ -30,19 +35,19 @@ def plot_curves(run: RunFolder) -> Path:
     for line in run.read_metrics():
         if line["split"] not in splits:
             splits.append(line["split"])
-        for metric in _METRICS:
+        for metric in metrics:
             value = line["metrics"].get(metric)
             if value is not None:
                 series[(line["split"], metric, line["site"])].append((line["round"], value))
     fig, axes = plt.subplots(
         len(splits) or 1,
-        len(_METRICS),
-        figsize=(4 * len(_METRICS), 3 * max(1, len(splits))),
+        len(metrics),
+        figsize=(4 * len(metrics), 3 * max(1, len(splits))),
         squeeze=False,
         sharey=True,
     )
     for row, split in enumerate(splits):
-        for col, metric in enumerate(_METRICS):
+        for col, metric in enumerate(metrics):
             ax = axes[row][col]
             for (s, m, site), points in sorted(series.items()):
                 if (s, m) != (split, metric):

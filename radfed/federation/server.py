@@ -72,7 +72,7 @@ def run_server(grid: Grid, context: Context) -> Path:
         train_config=ConfigRecord({}),
         evaluate_config=ConfigRecord({}),
     )
-    figure = plot_curves(run)
+    figure = plot_curves(run, task.summary[:3])
     logger.info(
         "run finished: %d rounds; metrics in %s, curves in %s",
         config.num_server_rounds,

@@ -70,12 +70,15 @@ class Task(Protocol):
         models: accepted ``model`` values; the first is the default.
         losses: accepted ``loss`` values; the first is the default.
         headline: the metric logged per site and round.
+        summary: the metrics of summary tables; the first three are rates in [0, 1]
+            plotted over rounds.
     """
 
     name: str
     models: tuple[str, ...]
     losses: tuple[str, ...]
     headline: str
+    summary: tuple[str, ...]
 
     def check(self, config: RunConfig) -> None:
         """Refuse settings this task cannot run with (raises ConfigError)."""

@@ -303,6 +303,14 @@ class ClassificationTask:
     models: tuple[str, ...] = MODELS
     losses: tuple[str, ...] = LOSSES
     headline = "auc"
+    summary: tuple[str, ...] = (
+        "auc",
+        "sensitivity",
+        "specificity",
+        "accuracy",
+        "balanced_accuracy",
+        "auc_tie_bound",
+    )
 
     def check(self, config: RunConfig) -> None:
         choose(config.model, MODELS, "model", self.name)

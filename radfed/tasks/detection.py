@@ -415,6 +415,13 @@ class DetectionTask:
     models = MODELS
     losses = LOSSES
     headline = "ap50"
+    summary: tuple[str, ...] = (
+        "ap50",
+        "ap50_95",
+        "froc_mean",
+        "froc_1",
+        "detections_per_image",
+    )
 
     def check(self, config: RunConfig) -> None:
         _check(config)

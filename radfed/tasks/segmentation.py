@@ -357,6 +357,14 @@ class SegmentationTask:
     models: tuple[str, ...] = MODELS
     losses: tuple[str, ...] = LOSSES
     headline: str = "dice_mean"
+    summary: tuple[str, ...] = (
+        "dice_mean",
+        "dice_median",
+        "iou_mean",
+        "hd95_median",
+        "fp_case_rate",
+        "miss_rate",
+    )
 
     def check(self, config: RunConfig) -> None:
         _check(config)

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +16,7 @@ from radfed.data.site import load_site
 from radfed.data.synth import synth_classification
 from radfed.federation.run_folder import load_checkpoint
 from radfed.tasks.classification import build_model, predict
+from tests.e2e.processes import run_simulate
 
 pytestmark = pytest.mark.e2e
 ROUNDS = 2
@@ -32,33 +29,6 @@ def _tie_bound(scores: np.ndarray, labels: np.ndarray, bins: int) -> float:
     pos = np.bincount(index[labels == 1], minlength=bins)
     neg = np.bincount(index[labels == 0], minlength=bins)
     return 0.5 * float(np.sum(pos * neg)) / float(pos.sum() * neg.sum())
-
-
-def run_simulate(flwr_home: Path, *args: str) -> str:
-    """Run `radfed simulate` as its own process group; stop the group by PID whatever happens."""
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    }
-    command = [sys.executable, "-m", "radfed", "simulate", *args]
-    process = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=420)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)  # the simulation and everything it started
-            process.wait()
-    assert process.returncode == 0, output
-    return output
 
 
 @pytest.fixture(scope="module")
