@@ -135,3 +135,20 @@ def test_multi_class_training_learns_three_classes() -> None:
         TASK.train(model, data, dataclasses.replace(config, num_classes=2), seed=0)
     with pytest.raises(ConfigError, match="'loss' for 3-class classification"):
         TASK.check(dataclasses.replace(config, loss="bce"))
+
+
+def test_dataloader_workers_give_the_same_update_as_the_main_process() -> None:
+    from radfed.data.site import SplitData
+    from radfed.tasks.classification import train
+
+    # Prepare
+    generator = torch.Generator().manual_seed(3)
+    data = SplitData(torch.rand(24, 1, 32, 32, generator=generator), torch.arange(24) % 2)
+    config = dataclasses.replace(CONFIG, local_epochs=2, batch_size=8)
+    inline, workers = build_model(config), build_model(config)
+    # Execute
+    train(inline, data, config, seed=5)
+    train(workers, data, dataclasses.replace(config, num_workers=2), seed=5)
+    # Assert: the order comes from the seed, not from the worker processes
+    for key, value in inline.state_dict().items():
+        assert torch.equal(value, workers.state_dict()[key]), key
