@@ -156,6 +156,10 @@ def simulate(
             help="Further run-config values, e.g. 'local-epochs=2 model=\"resnet18\"'.",
         ),
     ] = None,
+    holdout_site: Annotated[
+        str,
+        typer.Option(help="A site that does not train and is evaluated as held out."),
+    ] = "",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's own log.")] = False,
 ) -> None:
@@ -173,6 +177,7 @@ def simulate(
         "num-server-rounds": rounds,
         "seed": seed,
         "strategy": strategy,
+        **({"holdout-site": holdout_site} if holdout_site else {}),
     }
     try:
         folder = run_simulation(data, out, overrides, verbose=verbose)
@@ -286,6 +291,49 @@ def explain(
     typer.echo(f"wrote {len(explained)} maps to {out}")
 
 
+@app.command()
+def report(
+    run: Annotated[Path, typer.Argument(help="A run folder (holding bias_report.json).")],
+) -> None:
+    """Re-render a run's bias report (bias_report.html) from its bias_report.json."""
+    from radfed.federation.run_folder import RunFolder
+    from radfed.federation.server import render_report
+
+    _setup_logging(False)
+    folder = RunFolder(run)
+    if not folder.bias_report_path.is_file():
+        _fail(ConfigError(f"{run} holds no bias_report.json; give the folder of a finished run"))
+        return
+    html = render_report(folder)
+    typer.echo(f"bias report: {html}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A radfed checkpoint file.")],
+    data: Annotated[Path, typer.Option("--data", help="The site folder.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for predictions.csv and statistics.json.")
+    ],
+    split: Annotated[
+        str, typer.Option(help="train, val or test (sealed: each use is counted).")
+    ] = "val",
+    min_cell_size: Annotated[
+        int, typer.Option(help="The site's minimum cell size (0: the run's).")
+    ] = 0,
+) -> None:
+    """Evaluate a model on one site locally: per-case outputs stay here; shows what would leave."""
+    from radfed.evaluate import evaluate_site
+
+    _setup_logging(False)
+    try:
+        result = evaluate_site(checkpoint, data, out, split=split, min_cell_size=min_cell_size)
+    except RadfedError as err:
+        _fail(err)
+        return
+    typer.echo(f"{result.cases} cases: {result.predictions} (stays here), {result.statistics}")
+
+
 def _print_summary(folder: Path) -> None:
     from radfed.federation.run_folder import POOLED_SITE, RunFolder
     from radfed.tasks import get_task
@@ -310,6 +358,7 @@ def _print_summary(folder: Path) -> None:
     out.print(f"  config:      {folder / 'config.json'}")
     out.print(f"  checkpoints: {run.checkpoints}")
     out.print(f"  curves:      {folder / 'curves.png'}")
+    out.print(f"  bias report: {folder / 'bias_report.html'}")
 
 
 def _fmt(value: float | None) -> str:

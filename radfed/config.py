@@ -73,6 +73,12 @@ class RunConfig:
         det_batch_size_per_image: detection sampler: anchors sampled per image for the
             classification loss.
         det_positive_fraction: detection sampler: share of foreground among them.
+        subgroups: attributes reported per subgroup (header or manifest attributes, e.g.
+            ``sex``, ``age_band``, ``manufacturer``); ``a*b`` is the intersection of two.
+        bias_margin: the bias report flags a gap when the interval of the difference
+            excludes 0 and the difference is at least this large.
+        holdout_site: in simulation, a site that does not train and is evaluated as a
+            held-out site (geographic validation); empty for none.
     """
 
     task: str = "classification"
@@ -117,6 +123,9 @@ class RunConfig:
     det_bg_iou: float = 0.4
     det_batch_size_per_image: int = 64
     det_positive_fraction: float = 0.3
+    subgroups: tuple[str, ...] = ("sex", "age_band", "manufacturer", "sex*age_band")
+    bias_margin: float = 0.05
+    holdout_site: str = ""
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -161,6 +170,15 @@ class RunConfig:
             ">= 0 (0: off)",
         )
         _check(self.num_classes >= 2, "num-classes", self.num_classes, ">= 2")
+        _check(0 <= self.bias_margin < 1, "bias-margin", self.bias_margin, "in [0, 1)")
+        for name in self.subgroups:
+            parts = name.split("*")
+            _check(
+                len(parts) <= 2 and all(p.isidentifier() for p in parts) and "age" not in parts,
+                "subgroups",
+                ",".join(self.subgroups),
+                "attribute names (a*b for an intersection of two); use age_band, not age",
+            )
         _check(self.num_workers >= 0, "num-workers", self.num_workers, ">= 0")
         _check(10 <= self.metric_bins <= 10_000, "metric-bins", self.metric_bins, "in [10, 10000]")
         _check(self.patch_size >= 0, "patch-size", self.patch_size, ">= 0 (0: whole images)")

@@ -117,6 +117,12 @@ def simulate(
         raise ConfigError(f"unknown run-config key: {err}") from None
     config = RunConfig.from_run_config(run_config)
     get_task(config.task).check(config)
+    names = [site.name for site in sites]
+    if config.holdout_site and config.holdout_site not in names:
+        msg = f"--holdout-site {config.holdout_site!r} is not a site folder of the data root ({', '.join(names)})"
+        raise ConfigError(msg)
+    if config.holdout_site and len(names) < 2:
+        raise ConfigError("--holdout-site needs at least one other site to train")
     logger.info(
         "simulating %d sites (%s), %d rounds, app %s",
         len(sites),

@@ -38,6 +38,7 @@ class SplitData:
             coordinates of ``images`` (x along the last axis); empty for other tasks.
         masks: segmentation only: uint8 tensor of shape ``(N, 1, S, S[, S])``, 1 inside the
             structure, aligned with ``images``; None for other tasks.
+        lines: the manifest line of each case (for the site's own audit tables).
     """
 
     images: torch.Tensor
@@ -45,6 +46,7 @@ class SplitData:
     attributes: tuple[dict[str, str], ...] = ()
     boxes: tuple[np.ndarray, ...] = ()
     masks: torch.Tensor | None = None
+    lines: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -59,6 +61,7 @@ class SplitData:
             attributes=tuple(self.attributes[i] for i in positions) if self.attributes else (),
             boxes=tuple(self.boxes[i] for i in positions) if self.boxes else (),
             masks=self.masks[chosen] if self.masks is not None else None,
+            lines=tuple(self.lines[i] for i in positions) if self.lines else (),
         )
 
 
@@ -235,6 +238,7 @@ def load_site(
             attributes=tuple(attributes[i] for i in index.tolist()),
             boxes=tuple(boxes[i] for i in index.tolist()) if boxes else (),
             masks=stacked_masks[index].contiguous() if stacked_masks is not None else None,
+            lines=tuple(kept[i].line for i in index.tolist()),
         )
     counts = Counter(splits)
     logger.info(

@@ -15,16 +15,20 @@ from radfed.config import RunConfig
 from radfed.data.site import STATE_DIR_NAME, SiteData, list_sites, load_site_for
 from radfed.data.splits import record_test_use
 from radfed.errors import ConfigError, DataError, RadfedError
+from radfed.evaluate import evaluate_cells
 from radfed.federation.records import (
     ARRAYS_KEY,
+    CELLS_KEY,
     METRICS_KEY,
     SITE_KEY,
+    CellStats,
     SiteIdentity,
+    cell_names,
     pack_stats,
 )
 from radfed.federation.weights import LocalState, load_global, shared_state
 from radfed.log import logger
-from radfed.tasks import Task, get_task
+from radfed.tasks import SplitStats, Task, get_task
 
 __all__ = ["ErrorCode", "handle_evaluate", "handle_train", "resolve_site"]
 
@@ -35,6 +39,7 @@ class ErrorCode:
     CONFIG = 3001
     DATA = 3002
     RADFED = 3003
+    HELD_OUT = 3004  # this site is the run's held-out site: it evaluates but never trains
     UNEXPECTED = 3099
 
 
@@ -150,8 +155,14 @@ def _prepare(
     return config, task, name, path, site, model
 
 
+class HeldOut(RadfedError):
+    """This site is the run's held-out site; it does not train."""
+
+
 def _train(msg: Message, context: Context) -> Message:
     config, task, name, path, site, model = _prepare(msg, context)
+    if config.holdout_site and name == config.holdout_site:
+        raise HeldOut("held-out site: not training in this run (evaluated only)")
     server_round = _server_round(msg)
     seed = config.seed + 1000 * server_round + zlib.crc32(name.encode())
     mu = _setting(msg, "proximal-mu")
@@ -185,13 +196,17 @@ def _evaluate(msg: Message, context: Context) -> Message:
         )
         logger.warning("the sealed test split is evaluated (use %d at this site)", uses)
     k = max(config.min_cell_size, _site_min_cell(context.node_config))
-    stats = {}
+    stats: dict[str, SplitStats] = {}
+    positives: dict[str, int] = {}
+    cells: dict[str, list[CellStats]] = {}
     for split in config.eval_splits:
-        outputs = task.predict(model, site.splits[split], config)
-        stats[split] = outputs.stats(range(len(outputs))).with_min_cell(k)
+        _, parts = evaluate_cells(task, model, site.splits[split], config, k)
+        stats[split], positives[split] = parts[0].stats, parts[0].positives
+        cells[split] = parts[1:]
     content = RecordDict(
         {
-            METRICS_KEY: pack_stats(task, stats),
+            METRICS_KEY: pack_stats(task, stats, cells=cells, positives=positives),
+            CELLS_KEY: cell_names(cells),
             SITE_KEY: SiteIdentity.local(name).to_record(),
         }
     )
@@ -208,11 +223,16 @@ def _guarded(
             return handler(msg, context)
         except RadfedError as err:
             # radfed's own messages name manifest lines and settings, never header values.
-            logger.error("%s failed: %s", handler.__name__.strip("_"), err)
+            log = logger.info if isinstance(err, HeldOut) else logger.error
+            log("%s failed: %s", handler.__name__.strip("_"), err)
             code = (
                 ErrorCode.CONFIG
                 if isinstance(err, ConfigError)
-                else (ErrorCode.DATA if isinstance(err, DataError) else ErrorCode.RADFED)
+                else ErrorCode.DATA
+                if isinstance(err, DataError)
+                else ErrorCode.HELD_OUT
+                if isinstance(err, HeldOut)
+                else ErrorCode.RADFED
             )
         except Exception as err:
             frame = traceback.extract_tb(err.__traceback__)[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from radfed.config import RunConfig
 __all__ = ["POOLED_SITE", "RunFolder", "load_checkpoint"]
 
 #: The ``site`` value of metrics.jsonl lines computed from the merged statistics of all sites.
+BIAS_REPORT_NAME = "bias_report.json"
 POOLED_SITE = "ALL"
 
 
@@ -82,6 +84,22 @@ class RunFolder:
         }
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
+
+    @property
+    def bias_report_path(self) -> Path:
+        return self.path / BIAS_REPORT_NAME
+
+    def write_bias_report(self, report: Mapping[str, Any]) -> Path:
+        """Replace bias_report.json atomically (readers never see half a file)."""
+        tmp = self.bias_report_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+        os.replace(tmp, self.bias_report_path)
+        return self.bias_report_path
+
+    def read_bias_report(self) -> dict[str, Any]:
+        """The last bias_report.json written."""
+        report: dict[str, Any] = json.loads(self.bias_report_path.read_text())
+        return report
 
     def read_metrics(self) -> Iterator[dict[str, Any]]:
         """The lines of metrics.jsonl as dictionaries."""

@@ -18,7 +18,20 @@ from radfed.log import logger
 from radfed.plots import plot_curves
 from radfed.tasks import get_task
 
-__all__ = ["run_server"]
+__all__ = ["render_report", "run_server"]
+
+
+def render_report(run: RunFolder) -> Path | None:
+    """Render the run's bias_report.json (the last evaluated round) to bias_report.html.
+
+    Returns:
+        The HTML file, or None when no round was evaluated.
+    """
+    from radfed.bias.render import render_html
+
+    if not run.bias_report_path.is_file():
+        return None
+    return render_html(run.read_bias_report(), run.path / "bias_report.html")
 
 
 def load_initial_weights(model: nn.Module, path: Path) -> None:
@@ -73,10 +86,12 @@ def run_server(grid: Grid, context: Context) -> Path:
         evaluate_config=ConfigRecord({}),
     )
     figure = plot_curves(run, task.summary[:3])
+    report = render_report(run)
     logger.info(
-        "run finished: %d rounds; metrics in %s, curves in %s",
+        "run finished: %d rounds; metrics in %s, curves in %s, bias report in %s",
         config.num_server_rounds,
         run.metrics_path,
         figure,
+        report or "(no evaluated round)",
     )
     return run.path

@@ -11,18 +11,21 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from radfed.config import RunConfig
+from radfed.federation.client import ErrorCode
 from radfed.federation.records import (
     ARRAYS_KEY,
+    CELLS_KEY,
     METRICS_KEY,
+    CellStats,
     InvalidReply,
     cast_like,
     read_site_identity,
-    unpack_stats,
+    unpack_cells,
     validate_arrays,
 )
 from radfed.federation.run_folder import POOLED_SITE, RunFolder
 from radfed.log import logger
-from radfed.tasks import SplitStats, get_task
+from radfed.tasks import get_task
 from radfed.tasks.base import merge_stats
 
 __all__ = ["STRATEGIES", "RadfedChecks", "RadfedFedAvg", "make_strategy"]
@@ -140,7 +143,7 @@ class RadfedChecks:
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        per_site: dict[str, Mapping[str, SplitStats]] = {}
+        per_site: dict[str, dict[str, list[CellStats]]] = {}
         for msg, site in self._checked(server_round, replies, "statistics"):
             try:
                 per_site[site] = self._check_statistics(msg.content)
@@ -151,9 +154,13 @@ class RadfedChecks:
             return None
         summary: dict[str, float] = {}
         for split in self.config.eval_splits:
-            pooled = merge_stats(self.task, (s[split] for s in per_site.values()), self.config)
+            pooled = merge_stats(  # the held-out site is reported, never pooled
+                self.task,
+                (s[split][0].stats for n, s in per_site.items() if n != self.config.holdout_site),
+                self.config,
+            )
             rows = {
-                **{name: stats[split] for name, stats in sorted(per_site.items())},
+                **{name: cells[split][0].stats for name, cells in sorted(per_site.items())},
                 POOLED_SITE: pooled,
             }
             headline, shown = self.task.headline, []
@@ -175,7 +182,19 @@ class RadfedChecks:
                 headline,
                 " | ".join(shown),
             )
+        self._write_bias_report(server_round, per_site)
         return MetricRecord(summary)  # type: ignore[arg-type]
+
+    def _write_bias_report(
+        self, server_round: int, per_site: Mapping[str, Mapping[str, list[CellStats]]]
+    ) -> None:
+        """Replace ``bias_report.json`` with this round's subgroup report."""
+        from radfed.bias.report import build_report
+
+        report = build_report(
+            self.task, self.config, per_site, server_round=server_round, run=self.run
+        )
+        self.run.write_bias_report(report)
 
     # ------------------------------------------------------------------ checks
     def _check_update(self, content: RecordDict) -> float:
@@ -201,16 +220,17 @@ class RadfedChecks:
         validate_arrays(arrays, self.reference, max_update_norm=self.max_update_norm)
         return loss
 
-    def _check_statistics(self, content: RecordDict) -> dict[str, SplitStats]:
-        """Check an evaluation reply; return its statistics per split.
+    def _check_statistics(self, content: RecordDict) -> dict[str, list[CellStats]]:
+        """Check an evaluation reply; return per split its cells (``all`` first).
 
         Raises:
-            InvalidReply: not exactly one MetricRecord, or bad statistics.
+            InvalidReply: not exactly one MetricRecord, or bad statistics or cell names.
         """
         record = _only(content.metric_records, METRICS_KEY, "MetricRecord")
-        stats = unpack_stats(self.task, record, self.config)
-        self._check_examples(sum(s.n for s in stats.values()))
-        return stats
+        names = content.config_records.get(CELLS_KEY)
+        cells = unpack_cells(self.task, record, names, self.config)
+        self._check_examples(sum(c[0].stats.n for c in cells.values()))
+        return cells
 
     def _check_examples(self, n: int) -> None:
         """Refuse a count that would let one site outweigh all others without bound."""
@@ -229,6 +249,13 @@ class RadfedChecks:
         seen: set[str] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            if msg.has_error() and msg.error.code == ErrorCode.HELD_OUT:
+                logger.info(
+                    "round %d: %s is the held-out site; it evaluates but does not train",
+                    server_round,
+                    self.site_names.get(node, f"node {node}"),
+                )
+                continue
             if msg.has_error():
                 logger.warning(
                     "round %d: %s failed with error code %d; dropped",

@@ -13,10 +13,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
+from radfed.bias.cells import SMALL_GROUPS
 from radfed.config import RunConfig
 from radfed.errors import ConfigError
 from radfed.federation.client import ErrorCode, handle_evaluate, handle_train, resolve_site
-from radfed.federation.records import unpack_stats
+from radfed.federation.records import unpack_cells
 from radfed.tasks.classification import TASK, build_model
 from tests.helpers import make_context, make_message
 
@@ -71,15 +72,28 @@ def test_evaluate_reply_holds_statistics_and_nothing_identifying(site_copy: Path
             ds.PatientAge,
             ds.Manufacturer,
         }
-    # Execute
+    # Execute: subgroups named by normalised sex and age band only (no manufacturer)
+    config = dataclasses.replace(CONFIG, subgroups=("sex", "age_band", "sex*age_band"))
     reply = handle_evaluate(
-        _request("evaluate"), make_context(CONFIG.to_run_config(), _deployed(site_copy))
+        _request("evaluate"), make_context(config.to_run_config(), _deployed(site_copy))
     )
     # Assert: the statistics parse against the schema, counts match the site
     assert not reply.has_error()
     assert not reply.content.array_records
-    stats = unpack_stats(TASK, reply.content["metrics"], CONFIG)  # type: ignore[arg-type]
+    cells = unpack_cells(
+        TASK,
+        reply.content["metrics"],  # type: ignore[arg-type]
+        reply.content.config_records["cells"],
+        config,
+    )
+    stats = {split: parts[0].stats for split, parts in cells.items()}
     assert sum(s.n for s in stats.values()) < len(rows)  # the sealed test split was not evaluated
+    assert {c.attribute for parts in cells.values() for c in parts} == {
+        "all",
+        "sex",
+        "age_band",
+        "sex*age_band",
+    }
     # Assert: no string leaves except the site identity, and it holds no secret
     strings = [str(v) for record in reply.content.config_records.values() for v in record.values()]
     strings += [k for record in reply.content.metric_records.values() for k in record]
@@ -164,14 +178,25 @@ def test_what_leaves_holds_no_cell_below_k_and_no_single_case_bin(site_copy: Pat
     reply = handle_evaluate(_request("evaluate"), context)
     # Assert
     record = reply.content["metrics"]
-    stats = unpack_stats(TASK, record, config)  # type: ignore[arg-type]
-    for split, s in stats.items():
-        if s.suppressed:
-            assert s.n == 0
-            continue
-        assert s.n >= 6, split
-        totals = [p + q for p, q in zip(s.pos_hist, s.neg_hist, strict=True)]
-        assert all(t == 0 or t >= 6 for t in totals), split
+    names = reply.content.config_records["cells"]
+    cells = unpack_cells(TASK, record, names, config)  # type: ignore[arg-type]
+    checked = 0
+    for split, parts in cells.items():
+        for cell in parts:  # every subgroup cell, not only the whole split
+            s = cell.stats
+            if s.suppressed:
+                assert s.n == 0 and cell.positives == 0
+                continue
+            checked += 1
+            assert s.n >= 6, (split, cell.attribute, cell.group)
+            totals = [p + q for p, q in zip(s.pos_hist, s.neg_hist, strict=True)]
+            assert all(t == 0 or t >= 6 for t in totals), (split, cell.group)
+    assert checked > len(cells)  # subgroup cells were sent, not only the splits
+    # a small group is named only when its vocabulary is closed (sex, age band) or pooled
+    for parts in cells.values():
+        for cell in parts:
+            if cell.stats.suppressed and cell.attribute not in {"all", "sex", "age_band"}:
+                assert cell.attribute == "sex*age_band" or cell.group == SMALL_GROUPS, cell
     everything = CONFIG.to_run_config() | {"min-cell-size": 10_000}
     suppressed = handle_evaluate(
         _request("evaluate"), make_context(everything, _deployed(site_copy))

@@ -1,0 +1,310 @@
+"""Build the bias report (docs/bias_report.md) from the subgroup cells the sites sent.
+
+Every number comes from merged statistics: per (split, site, attribute, group) the site's
+cell, and per (split, attribute, group) the pool of the sites' non-suppressed cells.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from radfed import __version__
+from radfed.bias.cells import ALL
+from radfed.bias.estimates import METHODS, Metric, compare, estimates, interval
+from radfed.config import RunConfig
+from radfed.federation.records import CellStats
+from radfed.federation.run_folder import POOLED_SITE, RunFolder
+from radfed.metrics.binary import BinaryStats
+from radfed.tasks.base import SplitStats, Task, merge_stats
+
+__all__ = ["CONFIDENCE", "FORMAT", "FORMAT_VERSION", "build_report", "cramers_v"]
+
+FORMAT = "radfed-bias-report"
+FORMAT_VERSION = 1
+#: The level of every interval in the report.
+CONFIDENCE = 0.95
+#: Cramér's V below these is a low / moderate shortcut risk; above, high.
+_RISK_EDGES = (0.1, 0.3)
+
+SiteCells = Mapping[str, Mapping[str, Sequence[CellStats]]]
+
+
+def build_report(
+    task: Task,
+    config: RunConfig,
+    per_site: SiteCells,
+    *,
+    server_round: int,
+    run: RunFolder | None = None,
+) -> dict[str, Any]:
+    """The bias report of one round (a JSON-ready dict; layout in docs/bias_report.md).
+
+    Args:
+        task: the run's task.
+        config: the run configuration (subgroups, margin, held-out site).
+        per_site: per site, per evaluated split, its cells (``all`` first).
+        server_round: the round the statistics come from.
+        run: the run folder, for the curves over rounds (metrics.jsonl); optional.
+    """
+    splits: dict[str, Any] = {}
+    roc: dict[str, Any] = {}
+    for split in config.eval_splits:
+        rows = _rows(task, config, per_site, split)
+        splits[split] = {
+            "role": "sealed test" if split == "test" else "internal",
+            "cells": [_cell_json(row, config, split) for row in rows],
+            "gaps": _gaps(rows, config),
+        }
+        curves = {
+            row.site: _roc(row.stats)
+            for row in rows
+            if row.attribute == ALL and isinstance(row.stats, BinaryStats) and not row.suppressed
+        }
+        if curves:
+            roc[split] = curves
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "radfed_version": __version__,
+        "task": task.name,
+        "round": server_round,
+        "rounds": config.num_server_rounds,
+        "settings": {
+            "min_cell_size": config.min_cell_size,
+            "margin": config.bias_margin,
+            "confidence": CONFIDENCE,
+            "subgroups": list(config.subgroups),
+            "holdout_site": config.holdout_site or None,
+        },
+        "methods": dict(METHODS),
+        "splits": splits,
+        "composition": _composition(per_site),
+        "confounders": _confounders(per_site, config),
+        "curves": _curves(run, task.headline) if run is not None else {},
+        "roc": roc,
+    }
+
+
+class _Row:
+    """One (site or pool, attribute, group) cell of a split with its metrics."""
+
+    def __init__(self, site: str, attribute: str, group: str, stats: SplitStats, positives: int):
+        self.site, self.attribute, self.group = site, attribute, group
+        self.stats, self.positives = stats, positives
+        self.suppressed = stats.suppressed
+        self.metrics: dict[str, Metric] = {} if self.suppressed else estimates(stats)
+
+
+def _rows(task: Task, config: RunConfig, per_site: SiteCells, split: str) -> list[_Row]:
+    rows: list[_Row] = []
+    pooled: dict[tuple[str, str], list[CellStats]] = defaultdict(list)
+    for site in sorted(per_site):
+        for cell in per_site[site].get(split, ()):
+            rows.append(_Row(site, cell.attribute, cell.group, cell.stats, cell.positives))
+            if site != config.holdout_site:
+                pooled[(cell.attribute, cell.group)].append(cell)
+    for (attribute, group), cells in pooled.items():
+        kept = [c for c in cells if not c.stats.suppressed]
+        stats = merge_stats(task, (c.stats for c in kept), config)
+        if not kept:
+            stats = task.empty_stats(config, suppressed=True)
+        rows.append(_Row(POOLED_SITE, attribute, group, stats, sum(c.positives for c in kept)))
+    return rows
+
+
+def _cell_json(row: _Row, config: RunConfig, split: str) -> dict[str, Any]:
+    role = "sealed test" if split == "test" else "internal"
+    if config.holdout_site and row.site == config.holdout_site:
+        role = "held-out site"
+    return {
+        "site": row.site,
+        "attribute": row.attribute,
+        "group": row.group,
+        "role": role,
+        "n": None if row.suppressed else row.stats.n,
+        "suppressed": row.suppressed,
+        "positives": None if row.suppressed else row.positives,
+        "metrics": {
+            name: _clean(interval(metric.estimate, CONFIDENCE).to_dict())
+            for name, metric in row.metrics.items()
+        },
+    }
+
+
+def _gaps(rows: list[_Row], config: RunConfig) -> list[dict[str, Any]]:
+    """Worst against best group per (site, attribute, metric), flagged when significant."""
+    groups: dict[tuple[str, str], list[_Row]] = defaultdict(list)
+    for row in rows:
+        if row.attribute != ALL and not row.suppressed and row.stats.n > 0:
+            groups[(row.site, row.attribute)].append(row)
+    out: list[dict[str, Any]] = []
+    for (site, attribute), members in groups.items():
+        names = [n for n, m in members[0].metrics.items() if m.compared] if members else []
+        for name in names:
+            valued = []
+            for row in members:
+                value = interval(row.metrics[name].estimate, CONFIDENCE).value
+                if value is not None:
+                    valued.append((value, row))
+            if len(valued) < 2:
+                continue
+            better = members[0].metrics[name].higher_is_better
+            valued.sort(key=lambda item: item[0], reverse=not better)
+            (worst_value, worst), (best_value, best) = valued[0], valued[-1]
+            pairs = len(valued) * (len(valued) - 1) // 2
+            level = 1 - (1 - CONFIDENCE) / pairs  # Bonferroni over the group pairs
+            difference, ratio = compare(
+                worst.metrics[name].estimate, best.metrics[name].estimate, level
+            )
+            flagged, reason = _flag(difference.to_dict(), config.bias_margin)
+            out.append(
+                {
+                    "site": site,
+                    "attribute": attribute,
+                    "metric": name,
+                    "worst": {
+                        "group": worst.group,
+                        "value": _round(worst_value),
+                        "n": worst.stats.n,
+                    },
+                    "best": {"group": best.group, "value": _round(best_value), "n": best.stats.n},
+                    "difference": _clean(difference.to_dict()),
+                    "ratio": _clean(ratio.to_dict()),
+                    "confidence": round(level, 6),
+                    "flagged": flagged,
+                    "reason": reason,
+                }
+            )
+    return out
+
+
+def _flag(difference: Mapping[str, float | None], margin: float) -> tuple[bool, str]:
+    value, low, high = difference["value"], difference["low"], difference["high"]
+    if value is None or low is None or high is None:
+        return False, "no interval for this metric"
+    excludes = high < 0 or low > 0
+    large = abs(value) >= margin
+    if excludes and large:
+        return True, f"interval of the difference excludes 0 and |difference| >= margin {margin:g}"
+    if not excludes:
+        return False, "interval of the difference includes 0"
+    return False, f"|difference| below margin {margin:g}"
+
+
+def _composition(per_site: SiteCells) -> list[dict[str, Any]]:
+    out = []
+    for site in sorted(per_site):
+        for split, cells in per_site[site].items():
+            first = cells[0]
+            groups: dict[str, dict[str, int]] = defaultdict(dict)
+            hidden: dict[str, list[str]] = defaultdict(list)
+            for cell in cells[1:]:
+                if cell.stats.suppressed:
+                    hidden[cell.attribute].append(cell.group)
+                else:
+                    groups[cell.attribute][cell.group] = cell.stats.n
+            n = None if first.stats.suppressed else first.stats.n
+            out.append(
+                {
+                    "site": site,
+                    "split": split,
+                    "n": n,
+                    "positives": None if n is None else first.positives,
+                    "prevalence": _round(first.positives / n) if n else None,
+                    "groups": dict(groups),
+                    "suppressed_groups": dict(hidden),
+                }
+            )
+    return out
+
+
+def cramers_v(table: np.ndarray) -> float | None:
+    """Cramér's V of a contingency table (rows: groups, columns: label); None if degenerate."""
+    table = np.asarray(table, dtype=np.float64)
+    table = table[table.sum(axis=1) > 0][:, table.sum(axis=0) > 0]
+    if table.shape[0] < 2 or table.shape[1] < 2:
+        return None
+    total = table.sum()
+    expected = np.outer(table.sum(axis=1), table.sum(axis=0)) / total
+    chi2 = float(np.sum((table - expected) ** 2 / expected))
+    return math.sqrt(chi2 / (total * (min(table.shape) - 1)))
+
+
+def _confounders(per_site: SiteCells, config: RunConfig) -> list[dict[str, Any]]:
+    """How strongly each attribute predicts the label at each site (training cases)."""
+    out = []
+    for site in sorted(per_site):
+        cells_by_split = per_site[site]
+        split = "train" if "train" in cells_by_split else next(iter(cells_by_split), None)
+        if split is None:
+            continue
+        by_attribute: dict[str, list[CellStats]] = defaultdict(list)
+        for cell in cells_by_split[split][1:]:
+            if not cell.stats.suppressed and "*" not in cell.attribute:
+                by_attribute[cell.attribute].append(cell)
+        for attribute in config.subgroups:
+            cells = by_attribute.get(attribute, [])
+            table = np.array([[c.positives, c.stats.n - c.positives] for c in cells])
+            value = cramers_v(table) if len(cells) >= 2 else None
+            if value is None:
+                continue
+            risk = (
+                "low"
+                if value < _RISK_EDGES[0]
+                else "moderate"
+                if value < _RISK_EDGES[1]
+                else "high"
+            )
+            out.append(
+                {
+                    "site": site,
+                    "split": split,
+                    "attribute": attribute,
+                    "cramers_v": _round(value),
+                    "prevalence_by_group": {
+                        c.group: _round(c.positives / c.stats.n) for c in cells if c.stats.n
+                    },
+                    "risk": risk,
+                }
+            )
+    return out
+
+
+def _curves(run: RunFolder, metric: str) -> dict[str, Any]:
+    out: dict[str, dict[str, dict[str, list[list[float]]]]] = {}
+    for line in run.read_metrics():
+        value = line["metrics"].get(metric)
+        if value is None:
+            continue
+        series = out.setdefault(line["split"], {}).setdefault(line["site"], {})
+        series.setdefault(metric, []).append([line["round"], value])
+    return out
+
+
+def _roc(stats: SplitStats) -> dict[str, Any]:
+    """ROC points from score histograms, thresholds from the highest bin down."""
+    assert isinstance(stats, BinaryStats)
+    pos = np.asarray(stats.pos_hist, dtype=np.float64)[::-1]
+    neg = np.asarray(stats.neg_hist, dtype=np.float64)[::-1]
+    if pos.sum() == 0 or neg.sum() == 0:
+        return {"fpr": [], "tpr": [], "auc": None}
+    keep = (pos + neg) > 0
+    tpr = np.concatenate(([0.0], np.cumsum(pos)[keep] / pos.sum()))
+    fpr = np.concatenate(([0.0], np.cumsum(neg)[keep] / neg.sum()))
+    value = interval(estimates(stats)["auc"].estimate, CONFIDENCE).value
+    return {"fpr": [_round(v) for v in fpr], "tpr": [_round(v) for v in tpr], "auc": value}
+
+
+def _round(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), 6)
+
+
+def _clean(values: Mapping[str, float | None]) -> dict[str, float | None]:
+    return {k: _round(v) for k, v in values.items()}
