@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from radfed.metrics import intervals as iv
-from radfed.metrics.binary import BinaryStats
+from radfed.metrics.binary import BinaryStats, auc_tie_bound
 from radfed.metrics.detection import DetectionStats, detection_metrics
 from radfed.metrics.intervals import Interval
 from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
@@ -69,7 +69,10 @@ Estimate = Proportion | Auc | Mean | Plain
 #: The interval method of each kind of estimate, as the report names it.
 METHODS = {
     "proportion": "Wilson score interval",
-    "auc": "DeLong variance from the merged score histograms (logit scale)",
+    "auc": (
+        "DeLong variance from the merged score histograms (logit scale), widened on each side "
+        "by the histogram tie bound (cases sharing a bin, more where bins were merged for k)"
+    ),
     "mean": "t interval of the exact mean, variance from the merged histogram (bin midpoints)",
     "difference": (
         "Newcombe hybrid score (proportions); DeLong variances added (AUC); Welch (means); "
@@ -138,7 +141,8 @@ def interval(estimate: Estimate, confidence: float) -> Interval:
     if isinstance(estimate, Proportion):
         return iv.wilson(estimate.successes, estimate.trials, confidence=confidence)
     if isinstance(estimate, Auc):
-        return iv.delong_auc(estimate.pos, estimate.neg, confidence=confidence)
+        fit = iv.delong_auc(estimate.pos, estimate.neg, confidence=confidence)
+        return _widen(fit, _tie(estimate), 0.0, 1.0)
     if isinstance(estimate, Mean):
         return iv.mean_from_histogram(
             estimate.hist,
@@ -148,6 +152,23 @@ def interval(estimate: Estimate, confidence: float) -> Interval:
             confidence=confidence,
         )
     return Interval(estimate.value, None, None)
+
+
+def _tie(estimate: Auc) -> float:
+    """How far the histogram AUC can be from the exact AUC of the cases (bins shared by
+    positives and negatives; coarser where bins were merged for privacy)."""
+    return auc_tie_bound(estimate.pos, estimate.neg) or 0.0
+
+
+def _widen(fit: Interval, by: float, lowest: float, highest: float) -> Interval:
+    """An interval widened on both sides by ``by`` (the tie bound), within the range."""
+    if fit.value is None:
+        return fit
+    low = fit.low if fit.low is not None else fit.value
+    high = fit.high if fit.high is not None else fit.value
+    if fit.low is None and by == 0:
+        return fit
+    return Interval(fit.value, max(lowest, low - by), min(highest, high + by))
 
 
 def compare(worst: Estimate, best: Estimate, confidence: float) -> tuple[Interval, Interval]:
@@ -160,15 +181,24 @@ def compare(worst: Estimate, best: Estimate, confidence: float) -> tuple[Interva
         )
     if isinstance(worst, Auc) and isinstance(best, Auc):
         pair = ((worst.pos, worst.neg), (best.pos, best.neg))
-        return (
-            iv.auc_difference(*pair, confidence=confidence),
-            iv.auc_ratio(*pair, confidence=confidence),
-        )
+        tie_a, tie_b = _tie(worst), _tie(best)
+        gap = _widen(iv.auc_difference(*pair, confidence=confidence), tie_a + tie_b, -1.0, 1.0)
+        share = iv.auc_ratio(*pair, confidence=confidence)
+        if (tie_a or tie_b) and share.low is not None and share.high is not None:
+            wa = interval(worst, confidence).value or 0.0
+            wb = interval(best, confidence).value or 0.0
+            if wa and wb:
+                share = Interval(
+                    share.value,
+                    share.low * max(0.0, 1 - tie_a / wa) / (1 + tie_b / wb),
+                    share.high * (1 + tie_a / wa) / max(1 - tie_b / wb, 1e-9),
+                )
+        return gap, share
     if isinstance(worst, Mean) and isinstance(best, Mean):
         a, b = (worst.hist, worst.total), (best.hist, best.total)
         bounds = {"low": worst.low, "high": max(worst.high, best.high), "confidence": confidence}
         return iv.mean_difference(a, b, **bounds), iv.mean_ratio(a, b, **bounds)
-    low, high = interval(worst, confidence).value, interval(best, confidence).value
-    difference = None if low is None or high is None else low - high
-    ratio = None if low is None or not high else low / high
-    return Interval(difference, None, None), Interval(ratio, None, None)
+    first, second = interval(worst, confidence).value, interval(best, confidence).value
+    diff = None if first is None or second is None else first - second
+    quotient = None if first is None or not second else first / second
+    return Interval(diff, None, None), Interval(quotient, None, None)

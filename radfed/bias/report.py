@@ -58,7 +58,7 @@ def build_report(
         splits[split] = {
             "role": "sealed test" if split == "test" else "internal",
             "cells": [_cell_json(row, config, split) for row in rows],
-            "gaps": _gaps(rows, config),
+            "gaps": _gaps(rows, config, in_sample=split == "train"),
         }
         curves = {
             row.site: _roc(row.stats)
@@ -136,8 +136,12 @@ def _cell_json(row: _Row, config: RunConfig, split: str) -> dict[str, Any]:
     }
 
 
-def _gaps(rows: list[_Row], config: RunConfig) -> list[dict[str, Any]]:
-    """Worst against best group per (site, attribute, metric), flagged when significant."""
+def _gaps(rows: list[_Row], config: RunConfig, *, in_sample: bool) -> list[dict[str, Any]]:
+    """Worst against best group per (site, attribute, metric), flagged when significant.
+
+    Gaps on the training cases (``in_sample``) are reported but never flagged: a model's
+    numbers on the cases it was fitted to are no evidence of how it treats a group.
+    """
     groups: dict[tuple[str, str], list[_Row]] = defaultdict(list)
     for row in rows:
         if row.attribute != ALL and not row.suppressed and row.stats.n > 0:
@@ -162,6 +166,8 @@ def _gaps(rows: list[_Row], config: RunConfig) -> list[dict[str, Any]]:
                 worst.metrics[name].estimate, best.metrics[name].estimate, level
             )
             flagged, reason = _flag(difference.to_dict(), config.bias_margin)
+            if in_sample:
+                flagged, reason = False, "training cases (in-sample): reported, not flagged"
             out.append(
                 {
                     "site": site,
