@@ -165,3 +165,14 @@ def test_cell_names_are_checked_against_the_run_subgroups() -> None:
     for bad in ("age=54", "sex", "sex=", "sex*age_band=F", f"sex={'x' * 65}", "sex=\x00"):
         with pytest.raises(ValueError):
             parse_cell_name(bad, ("sex", "sex*age_band"))
+
+
+def test_a_held_out_site_is_labelled_and_kept_out_of_the_pool() -> None:
+    config = dataclasses.replace(CONFIG, holdout_site="site-b")
+    rng = np.random.default_rng(5)
+    per_site = {name: {"val": _cells(_site(rng, 100), config)} for name in ("site-a", "site-b")}
+    cells = build_report(TASK, config, per_site, server_round=1)["splits"]["val"]["cells"]
+    every = {(c["site"], c["attribute"]): c for c in cells if c["group"] == "all"}
+    assert every[("ALL", "all")]["n"] == every[("site-a", "all")]["n"] == 100
+    assert every[("site-b", "all")]["role"] == "held-out site"
+    assert every[("site-a", "all")]["role"] == "internal"

@@ -204,3 +204,15 @@ def test_what_leaves_holds_no_cell_below_k_and_no_single_case_bin(site_copy: Pat
     values = suppressed.content["metrics"]
     assert all(values[f"{split}.suppressed"] == 1 for split in CONFIG.eval_splits)  # type: ignore[index]
     assert values["num-examples"] == 0  # type: ignore[index]
+
+
+def test_the_held_out_site_evaluates_but_never_trains(site_copy: Path) -> None:
+    # Prepare
+    config = dataclasses.replace(CONFIG, holdout_site="site-a")
+    context = make_context(config.to_run_config(), _deployed(site_copy))
+    # Execute
+    trained = handle_train(_request("train"), context)
+    evaluated = handle_evaluate(_request("evaluate"), context)
+    # Assert: no weights leave the held-out site; its statistics do
+    assert trained.has_error() and trained.error.code == ErrorCode.HELD_OUT
+    assert not evaluated.has_error() and "metrics" in evaluated.content.metric_records
