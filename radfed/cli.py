@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -359,6 +359,34 @@ def _print_summary(folder: Path) -> None:
     out.print(f"  checkpoints: {run.checkpoints}")
     out.print(f"  curves:      {folder / 'curves.png'}")
     out.print(f"  bias report: {folder / 'bias_report.html'}")
+    if run.bias_report_path.is_file():
+        _print_flags(out, run.read_bias_report())
+
+
+def _print_flags(out: Console, report: dict[str, Any]) -> None:
+    """The flagged subgroup gaps of a bias report, worst first, at most ten."""
+    flagged = [
+        (split, gap)
+        for split, body in report["splits"].items()
+        for gap in body["gaps"]
+        if gap["flagged"]
+    ]
+    if not flagged:
+        out.print(
+            f"bias report: no gap flagged (margin {report['settings']['margin']:g}, "
+            "interval of the difference must exclude 0)"
+        )
+        return
+    flagged.sort(key=lambda item: -abs(item[1]["difference"]["value"]))
+    out.print(f"bias report: {len(flagged)} gap(s) flagged, largest first:")
+    for split, gap in flagged[:10]:
+        d = gap["difference"]
+        out.print(
+            f"  {split} {gap['site']} {gap['attribute']} {gap['metric']}: "
+            f"{gap['worst']['group']} {gap['worst']['value']:.3f} vs "
+            f"{gap['best']['group']} {gap['best']['value']:.3f} "
+            f"(difference {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])"
+        )
 
 
 def _fmt(value: float | None) -> str:
