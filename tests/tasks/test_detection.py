@@ -207,8 +207,10 @@ def test_fedprox_pulls_the_update_towards_the_global_weights(
 
     # Execute
     plain, again, proximal = update(0.0), update(0.0), update(10.0)
-    # Assert: deterministic for a seed, so the difference is the proximal term's
-    assert _distance(plain, again) == 0
+    # Assert: deterministic for a seed (bitwise on CPU; cuDNN's kernels are not bitwise
+    # reproducible on a GPU), so the difference is the proximal term's
+    noise = _distance(plain, again)
+    assert noise == 0 if not torch.cuda.is_available() else noise < 0.1 * _distance(plain, proximal)
     assert _distance(plain, proximal) > 0
     assert _distance(proximal, start) < _distance(plain, start)
 
