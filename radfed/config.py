@@ -31,6 +31,8 @@ class RunConfig:
             (labels ``0 .. num_classes - 1``, softmax).
         image_size: images are resized to ``image_size x image_size`` pixels.
         local_epochs: local epochs per round at each site.
+        local_steps: when above 0, local optimiser steps per round instead of epochs (sites
+            of different sizes then do the same amount of work).
         batch_size: local mini-batch size.
         learning_rate: local Adam learning rate.
         eval_splits: splits each site evaluates every round.
@@ -90,6 +92,7 @@ class RunConfig:
     num_classes: int = 2
     image_size: int = 64
     local_epochs: int = 3
+    local_steps: int = 0
     batch_size: int = 16
     learning_rate: float = 1e-3
     eval_splits: tuple[str, ...] = ("train", "val")
@@ -170,6 +173,7 @@ class RunConfig:
             ">= 0 (0: off)",
         )
         _check(self.num_classes >= 2, "num-classes", self.num_classes, ">= 2")
+        _check(self.local_steps >= 0, "local-steps", self.local_steps, ">= 0 (0: use epochs)")
         _check(0 <= self.bias_margin < 1, "bias-margin", self.bias_margin, "in [0, 1)")
         for name in self.subgroups:
             parts = name.split("*")

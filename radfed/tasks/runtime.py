@@ -101,7 +101,9 @@ def fit(
             DataLoader each time: every pass over it draws a new order from its generator.
         step_loss: the task's loss of one batch (run under autocast) and the number of
             cases it held; a batch of 0 cases is skipped.
-        config: ``local-epochs``, ``learning-rate``, ``early-stopping-patience``.
+        config: ``local-epochs`` (or ``local-steps``: that many optimiser steps per round,
+            over as many passes as they take), ``learning-rate``,
+            ``early-stopping-patience``.
         num_examples: the cases trained on, reported to the server.
         proximal_mu: FedProx: add ``mu/2 * ||w - w_global||^2`` over the trainable weights.
         val_loss: the mean validation loss of the model in eval mode; with
@@ -116,10 +118,14 @@ def fit(
     watch = config.early_stopping_patience > 0 and val_loss is not None
     total, seen, epochs = torch.zeros((), device=device), 0, 0
     best_loss, best_state, stale = float("inf"), None, 0
-    for _ in range(config.local_epochs):
+    steps, budget = 0, config.local_steps
+    while (steps < budget) if budget else (epochs < config.local_epochs):
         epochs += 1
         model.train()
+        stepped = steps
         for batch in batches():
+            if budget and steps >= budget:
+                break
             optimiser.zero_grad(set_to_none=True)
             with autocast(device):
                 loss, count = step_loss(model, batch, device)
@@ -137,6 +143,9 @@ def fit(
             scaler.update()
             total = total + loss.detach() * count  # summed on the device: no sync per step
             seen += count
+            steps += 1
+        if steps == stepped:  # no usable batch: more passes would not help
+            break
         if watch:
             assert val_loss is not None
             model.eval()

@@ -152,3 +152,18 @@ def test_dataloader_workers_give_the_same_update_as_the_main_process() -> None:
     # Assert: the order comes from the seed, not from the worker processes
     for key, value in inline.state_dict().items():
         assert torch.equal(value, workers.state_dict()[key]), key
+
+
+def test_local_steps_bound_the_optimiser_steps_of_a_round() -> None:
+    from radfed.data.site import SplitData
+    from radfed.tasks.classification import train
+
+    # Prepare: 24 cases in batches of 8 = 3 steps per epoch
+    generator = torch.Generator().manual_seed(4)
+    data = SplitData(torch.rand(24, 1, 32, 32, generator=generator), torch.arange(24) % 2)
+    config = dataclasses.replace(CONFIG, batch_size=8, local_epochs=1)
+    # Execute
+    by_steps = train(build_model(config), data, dataclasses.replace(config, local_steps=7), seed=1)
+    by_epochs = train(build_model(config), data, config, seed=1)
+    # Assert: 7 steps take three passes (3 + 3 + 1), one epoch takes one
+    assert by_steps.epochs == 3 and by_epochs.epochs == 1
