@@ -369,20 +369,9 @@ class SegmentationTask:
     def check(self, config: RunConfig) -> None:
         _check(config)
 
-    def build_model(self, config: RunConfig) -> nn.Module:
-        return build_model(config)
-
-    def train(
-        self,
-        model: nn.Module,
-        data: SplitData,
-        config: RunConfig,
-        *,
-        seed: int,
-        proximal_mu: float = 0.0,
-        val: SplitData | None = None,
-    ) -> TrainResult:
-        return train(model, data, config, seed=seed, proximal_mu=proximal_mu, val=val)
+    # the module's functions are the task's (see their docstrings)
+    build_model = staticmethod(build_model)
+    train = staticmethod(train)
 
     def predict(self, model: nn.Module, data: SplitData, config: RunConfig) -> SegmentationOutputs:
         return SegmentationOutputs(
