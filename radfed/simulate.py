@@ -119,7 +119,10 @@ def simulate(
     get_task(config.task).check(config)
     names = [site.name for site in sites]
     if config.holdout_site and config.holdout_site not in names:
-        msg = f"--holdout-site {config.holdout_site!r} is not a site folder of the data root ({', '.join(names)})"
+        msg = (
+            f"--holdout-site {config.holdout_site!r} is not a site folder of the data root "
+            f"({', '.join(names)})"
+        )
         raise ConfigError(msg)
     if config.holdout_site and len(names) < 2:
         raise ConfigError("--holdout-site needs at least one other site to train")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from radfed.metrics import intervals as iv
-from radfed.metrics.binary import BinaryStats, auc_tie_bound
+from radfed.metrics.binary import BinaryStats, auc_tie_bound, expected_calibration_error
 from radfed.metrics.detection import DetectionStats, detection_metrics
 from radfed.metrics.intervals import Interval
 from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
@@ -101,6 +101,11 @@ def estimates(stats: object) -> dict[str, Metric]:
             "sensitivity": Metric(Proportion(stats.tp, stats.tp + stats.fn)),
             "specificity": Metric(Proportion(stats.tn, stats.tn + stats.fp)),
             "accuracy": Metric(Proportion(stats.tp + stats.tn, stats.n), compared=False),
+            "ece": Metric(
+                Plain(expected_calibration_error(stats.pos_hist, stats.neg_hist)),
+                higher_is_better=False,
+                compared=False,
+            ),
         }
     if isinstance(stats, MulticlassStats):
         values = multiclass_metrics(stats)

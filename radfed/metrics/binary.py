@@ -23,6 +23,7 @@ __all__ = [
     "auc_from_histograms",
     "auc_tie_bound",
     "binary_metrics",
+    "expected_calibration_error",
     "sensitivity",
     "specificity",
 ]
@@ -196,6 +197,34 @@ def auc_tie_bound(
     return 0.5 * float(np.sum(pos * neg)) / pairs if pairs else None
 
 
+def expected_calibration_error(
+    pos_hist: np.ndarray | tuple[int, ...],
+    neg_hist: np.ndarray | tuple[int, ...],
+    groups: int = 10,
+) -> float | None:
+    """Expected calibration error over ``groups`` equal-width probability bins.
+
+    ``sum_g n_g / N * |observed positive rate_g - mean predicted probability_g|``, as
+    scikit-learn's ``calibration_curve(strategy="uniform")`` bins it. Each case's
+    probability is taken at the midpoint of its histogram bin (within half a bin width; a
+    run of bins merged for the cell size sits at its first bin). None without cases.
+    """
+    pos = np.asarray(pos_hist, dtype=np.float64)
+    neg = np.asarray(neg_hist, dtype=np.float64)
+    total = pos + neg
+    if total.sum() == 0:
+        return None
+    bins = len(total)
+    middle = (np.arange(bins) + 0.5) / bins
+    group = np.minimum((middle * groups).astype(np.int64), groups - 1)
+    count = np.bincount(group, weights=total, minlength=groups)
+    observed = np.bincount(group, weights=pos, minlength=groups)
+    predicted = np.bincount(group, weights=total * middle, minlength=groups)
+    used = count > 0
+    gap = np.abs(observed[used] - predicted[used])  # n_g * |rate_g - confidence_g|
+    return float(gap.sum() / total.sum())
+
+
 def binary_metrics(s: BinaryStats) -> dict[str, float | None]:
     """Every reported metric of one set of statistics (None where undefined).
 
@@ -211,5 +240,6 @@ def binary_metrics(s: BinaryStats) -> dict[str, float | None]:
         "accuracy": accuracy(s),
         "prevalence": prevalence,
         "auc_tie_bound": auc_tie_bound(s.pos_hist, s.neg_hist),
+        "ece": expected_calibration_error(s.pos_hist, s.neg_hist),
     }
     return {k: (None if v is None or math.isnan(v) else round(v, 6)) for k, v in out.items()}

@@ -309,6 +309,7 @@ class ClassificationTask:
         "specificity",
         "accuracy",
         "balanced_accuracy",
+        "ece",
         "auc_tie_bound",
     )
 

@@ -73,6 +73,7 @@ def test_every_site_has_metrics_every_round(finished_run: tuple[Path, Path]) -> 
             "accuracy",
             "prevalence",
             "auc_tie_bound",
+            "ece",
         }
         assert line["suppressed"] is False
     for r in range(1, ROUNDS + 1):

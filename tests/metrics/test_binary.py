@@ -138,3 +138,26 @@ def test_suppressed_cells_stay_out_of_pooled_values() -> None:
     assert small.suppressed
     assert BinaryStats.merge([big, small], bins=1000) == big
     assert binary_metrics(small)["auc"] is None
+
+
+def test_expected_calibration_error_matches_sklearn_calibration_curve() -> None:
+    from sklearn.calibration import calibration_curve
+
+    from radfed.metrics.binary import expected_calibration_error
+
+    # Prepare: an over-confident model on two merged sites
+    rng = np.random.default_rng(7)
+    labels = rng.integers(0, 2, 2000)
+    scores = np.clip(0.5 + (labels - 0.5) * rng.uniform(0.2, 1.0, 2000), 0, 1)
+    half = BinaryStats.from_scores(scores[:900], labels[:900], bins=1000)
+    rest = BinaryStats.from_scores(scores[900:], labels[900:], bins=1000)
+    merged = half + rest
+    # Execute
+    ece = expected_calibration_error(merged.pos_hist, merged.neg_hist)
+    # Assert: scikit-learn's uniform bins on the pooled cases, within half a fine bin
+    observed, predicted = calibration_curve(labels, scores, n_bins=10, strategy="uniform")
+    counts = np.histogram(scores, bins=np.linspace(0, 1, 11))[0]
+    exact = float(np.sum(counts[counts > 0] / len(scores) * np.abs(observed - predicted)))
+    assert ece == pytest.approx(exact, abs=0.0005 + 1e-9)
+    assert binary_metrics(merged)["ece"] == pytest.approx(ece, abs=1e-6)
+    assert expected_calibration_error((0,) * 10, (0,) * 10) is None
