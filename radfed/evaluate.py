@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from radfed.bias.cells import subgroup_cells
+from radfed.bias.cells import subgroup_cells, suppressed_cells
 from radfed.config import SPLITS, RunConfig
+from radfed.data.attributes import AgeBands
 from radfed.data.site import SplitData, load_site_for
 from radfed.errors import ConfigError
 from radfed.federation.records import CellStats, cell_names, pack_stats
@@ -33,8 +34,16 @@ def evaluate_cells(
     """Per-case outputs of a split and its subgroup cells (``all`` first) under cell size ``k``."""
     outputs = task.predict(model, data, config)
     positive = (data.labels > 0).tolist()
+    bands = AgeBands(config.age_bands).labels
+    partition = subgroup_cells(data.attributes, config.subgroups, k, age_bands=bands)
+    hidden = suppressed_cells(partition, k)
     cells = []
-    for cell in subgroup_cells(data.attributes, config.subgroups, k):
+    for number, cell in enumerate(partition):
+        if number in hidden:
+            cells.append(
+                CellStats(cell.attribute, cell.group, task.empty_stats(config, suppressed=True), 0)
+            )
+            continue
         stats = outputs.stats(cell.index).with_min_cell(k)
         positives = sum(positive[i] for i in cell.index)
         cells.append(CellStats(cell.attribute, cell.group, stats, positives))

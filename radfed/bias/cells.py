@@ -2,10 +2,12 @@
 
 Cells are what the bias report compares. Group names leave the site, so they follow one
 rule: ``sex``, ``age_band`` and their intersection have closed vocabularies (``F``/``M``/
-``other``/``unknown``; the run's age bands) and are named even when their cell is
-suppressed; any other attribute (a manufacturer, a manifest column) may hold free text, so
-its groups with fewer than ``k`` cases are pooled at the site into one group,
-``other (small groups)``, before anything is named.
+``other``/``unknown``; the run's age bands), and every group of the vocabulary is listed,
+empty or not; any other value (a manufacturer, a manifest column, a manifest ``age_band``
+outside the bands) may be free text, so groups with fewer than ``k`` cases are pooled at
+the site into one group, ``other (small groups)``, before anything is named. Cells below
+``k`` leave suppressed, and so many more as keep a suppressed group from being recovered
+by subtracting the others from the whole split.
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from radfed.data.attributes import UNKNOWN
+
 __all__ = [
     "ALL",
-    "CLOSED_ATTRIBUTES",
     "SMALL_GROUPS",
     "Cell",
     "cell_name",
+    "closed_vocabulary",
     "parse_cell_name",
     "subgroup_cells",
+    "suppressed_cells",
 ]
 
 #: The attribute and group of the cell holding every case.
 ALL = "all"
-#: Attributes whose groups come from a fixed vocabulary (safe to name when small).
-CLOSED_ATTRIBUTES = frozenset({"sex", "age_band"})
+#: The normalised values of ``sex`` besides ``unknown``.
+SEXES = ("F", "M", "other")
 #: The group that pools the small groups of a free-text attribute.
 SMALL_GROUPS = "other (small groups)"
 #: Longest group name that may leave a site.
@@ -70,40 +75,91 @@ def parse_cell_name(name: str, subgroups: Sequence[str]) -> tuple[str, str]:
         raise ValueError("a cell names an attribute the run does not report")
     if not group or len(group) > MAX_GROUP_LENGTH or not group.isprintable():
         raise ValueError("a cell's group name is empty, too long or not printable")
-    if "*" in attribute and group.count("|") != 1:
+    if "*" in attribute and group != SMALL_GROUPS and group.count("|") != 1:
         raise ValueError("an intersection cell must name two groups (a|b)")
     return attribute, group
 
 
+def _clean(value: object, limit: int) -> str:
+    """A group name part: printable, single-spaced, without the separators ``|`` and ``=``."""
+    text = "".join(ch if ch.isprintable() else " " for ch in str(value or UNKNOWN))
+    text = " ".join(text.replace("|", "/").replace("=", "-").split())
+    return text[:limit] or UNKNOWN
+
+
 def _group_of(attributes: Mapping[str, str], attribute: str) -> str:
     parts = attribute.split("*")
-    values = [
-        " ".join(str(attributes.get(p) or "unknown").split())[:MAX_GROUP_LENGTH] for p in parts
-    ]
-    return "|".join(values)
+    limit = MAX_GROUP_LENGTH // len(parts) - 1
+    return "|".join(_clean(attributes.get(p), limit) for p in parts)
+
+
+def closed_vocabulary(attribute: str, age_bands: Sequence[str]) -> tuple[str, ...] | None:
+    """The fixed groups of a closed attribute (every intersection of closed parts), or None."""
+    vocabularies = {"sex": (*SEXES, UNKNOWN), "age_band": (*age_bands, UNKNOWN)}
+    parts = attribute.split("*")
+    if not all(p in vocabularies for p in parts):
+        return None
+    groups = [""]
+    for part in parts:
+        groups = [f"{g}|{v}" if g else v for g in groups for v in vocabularies[part]]
+    return tuple(groups)
 
 
 def subgroup_cells(
-    attributes: Sequence[Mapping[str, str]], subgroups: Sequence[str], k: int
+    attributes: Sequence[Mapping[str, str]],
+    subgroups: Sequence[str],
+    k: int,
+    *,
+    age_bands: Sequence[str] = (),
 ) -> list[Cell]:
     """The cells of a split: ``all`` first, then each attribute's groups in name order.
+
+    Closed attributes list every group of their vocabulary, empty ones included, so that
+    a name never says that some patient exists; a value outside the vocabulary (a
+    manifest column may say anything) is free text. Free-text groups below ``k`` are
+    pooled into ``other (small groups)``.
 
     Args:
         attributes: per case its subgroup attributes (``SplitData.attributes``).
         subgroups: the attributes to report (``RunConfig.subgroups``).
         k: the minimum cell size in force at the site.
+        age_bands: the labels of the run's age bands (``AgeBands.labels``).
     """
     cells = [Cell(ALL, ALL, tuple(range(len(attributes))))]
     for attribute in subgroups:
         groups: dict[str, list[int]] = defaultdict(list)
         for position, case in enumerate(attributes):
             groups[_group_of(case, attribute)].append(position)
-        closed = all(part in CLOSED_ATTRIBUTES for part in attribute.split("*"))
-        if not closed:
-            small = [g for g, members in groups.items() if len(members) < k]
-            if small:
-                pooled = sorted(i for g in small for i in groups.pop(g))
-                groups[SMALL_GROUPS] = sorted(groups.get(SMALL_GROUPS, []) + pooled)
+        vocabulary = closed_vocabulary(attribute, age_bands) or ()
+        small = [g for g, members in groups.items() if len(members) < k and g not in vocabulary]
+        if small:
+            pooled = sorted(i for g in small for i in groups.pop(g))
+            groups[SMALL_GROUPS] = sorted(groups.get(SMALL_GROUPS, []) + pooled)
+        for group in vocabulary:
+            groups.setdefault(group, [])
         for group in sorted(groups):
             cells.append(Cell(attribute, group, tuple(groups[group])))
     return cells
+
+
+def suppressed_cells(cells: Sequence[Cell], k: int) -> set[int]:
+    """Positions of the cells that must leave suppressed, complementary suppression included.
+
+    A cell with fewer than ``k`` cases is suppressed. Because the groups of an attribute add
+    up to the whole split, a lone suppressed group could be recovered by subtraction: while
+    the suppressed groups of an attribute hold between 1 and ``k - 1`` cases together, the
+    next-smallest group is suppressed as well.
+    """
+    out = {i for i, cell in enumerate(cells) if len(cell.index) < k}
+    by_attribute: dict[str, list[int]] = defaultdict(list)
+    for i, cell in enumerate(cells):
+        if cell.attribute != ALL:
+            by_attribute[cell.attribute].append(i)
+    for members in by_attribute.values():
+        hidden = sum(len(cells[i].index) for i in members if i in out)
+        shown = sorted((len(cells[i].index), i) for i in members if i not in out)
+        while 0 < hidden < k and shown:
+            size, i = shown.pop(0)
+            out.add(i)
+            hidden += size
+    return out

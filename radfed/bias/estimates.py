@@ -149,13 +149,17 @@ def interval(estimate: Estimate, confidence: float) -> Interval:
         fit = iv.delong_auc(estimate.pos, estimate.neg, confidence=confidence)
         return _widen(fit, _tie(estimate), 0.0, 1.0)
     if isinstance(estimate, Mean):
-        return iv.mean_from_histogram(
-            estimate.hist,
-            estimate.total,
-            low=estimate.low,
-            high=estimate.high,
-            confidence=confidence,
-        )
+        try:
+            return iv.mean_from_histogram(
+                estimate.hist,
+                estimate.total,
+                low=estimate.low,
+                high=estimate.high,
+                confidence=confidence,
+            )
+        except ValueError:  # a sum at the edge of its range by rounding: no interval
+            n = sum(estimate.hist)
+            return Interval(estimate.total / n if n else None, None, None)
     return Interval(estimate.value, None, None)
 
 

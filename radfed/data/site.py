@@ -31,7 +31,7 @@ class SplitData:
 
     Attributes:
         images: float32 tensor of shape ``(N, 1, S, S[, S])`` scaled to [0, 1].
-        labels: int64 tensor of shape ``(N,)``.
+        labels: int64 tensor of shape ``(N,)`` (segmentation: 1 when the mask is not empty).
         attributes: subgroup attributes of each case (header, overridden by the manifest).
         boxes: detection only: per case a float32 array of shape ``(M, 4)`` (``x1, y1, x2,
             y2``) or ``(M, 6)`` (``x1, y1, z1, x2, y2, z2``), ends exclusive, in the pixel
@@ -229,6 +229,8 @@ def load_site(
     stacked = torch.from_numpy(np.stack(pixels))[:, None]
     stacked_masks = torch.from_numpy(np.stack(masks))[:, None] if masks else None
     labels = torch.tensor([c.label for c in kept], dtype=torch.int64)
+    if stacked_masks is not None:  # segmentation: a case is positive when it has a structure
+        labels = (stacked_masks.flatten(1).amax(dim=1) > 0).to(torch.int64)
     out: dict[str, SplitData] = {}
     for name in ("train", "val", "test"):
         index = torch.tensor([i for i, s in enumerate(splits) if s == name], dtype=torch.int64)

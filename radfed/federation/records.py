@@ -249,11 +249,19 @@ def unpack_cells(
             "install the same radfed version at site and server"
         )
         raise InvalidReply(msg)
+    for key, value in record.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise InvalidReply(f"{key} holds a non-finite value")
+            if abs(item) > _LARGEST_COUNT:
+                raise InvalidReply(f"{key} holds a value beyond any plausible count")
     out: dict[str, list[CellStats]] = {}
     for split, entries in cells.items():
         out[split] = [
             _cell(task, record, prefix, a, g, value_keys, config) for prefix, a, g in entries
         ]
+        if any(c.stats.n > out[split][0].stats.n for c in out[split][1:]):
+            raise InvalidReply(f"{split}: a subgroup holds more cases than the split")
     if _count(record["num-examples"], "num-examples") != sum(c[0].stats.n for c in out.values()):
         raise InvalidReply("num-examples disagrees with the statistics")
     return out
@@ -261,6 +269,8 @@ def unpack_cells(
 
 #: Most cells a split may have in one reply.
 _MAX_CELLS = 500
+#: Largest number any statistic may hold (sums of far fewer never overflow int64).
+_LARGEST_COUNT = 2**40
 
 
 def _cell(

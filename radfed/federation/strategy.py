@@ -191,9 +191,13 @@ class RadfedChecks:
         """Replace ``bias_report.json`` with this round's subgroup report."""
         from radfed.bias.report import build_report
 
-        report = build_report(
-            self.task, self.config, per_site, server_round=server_round, run=self.run
-        )
+        try:
+            report = build_report(
+                self.task, self.config, per_site, server_round=server_round, run=self.run
+            )
+        except (ArithmeticError, ValueError) as err:  # never let a report stop the run
+            logger.error("round %d: bias report not written (%s)", server_round, type(err).__name__)
+            return
         self.run.write_bias_report(report)
 
     # ------------------------------------------------------------------ checks
@@ -230,6 +234,12 @@ class RadfedChecks:
         names = content.config_records.get(CELLS_KEY)
         cells = unpack_cells(self.task, record, names, self.config)
         self._check_examples(sum(c[0].stats.n for c in cells.values()))
+        try:  # statistics that pass the schema but break the metric code are dropped too
+            for parts in cells.values():
+                for cell in parts:
+                    self.task.metrics(cell.stats)
+        except (ArithmeticError, ValueError):
+            raise InvalidReply("statistics cannot be evaluated") from None
         return cells
 
     def _check_examples(self, n: int) -> None:

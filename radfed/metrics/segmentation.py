@@ -280,6 +280,17 @@ class SegmentationStats:
         if 0 < sum(hd95_hist) < k:
             hd95_withheld += sum(hd95_hist)
             hd95_hist, hd95_sum = zeros, 0.0
+        # voxel sums of a cell whose metric is withheld would give away the few cases
+        # volumes (one foreground case: its lesion volume), so they are withheld too
+        voxels = (
+            (0, 0, 0)
+            if dice_withheld or hd95_withheld
+            else (
+                self.tp_voxels,
+                self.fp_voxels,
+                self.fn_voxels,
+            )
+        )
         (dice_hist,) = merge_sparse_bins((dice_hist,), k)
         (iou_hist,) = merge_sparse_bins((iou_hist,), k)
         (hd95_hist,) = merge_sparse_bins((hd95_hist,), k)
@@ -295,9 +306,9 @@ class SegmentationStats:
             iou_sum=iou_sum,
             hd95_sum=hd95_sum,
             dice_hits=dice_hits,
-            tp_voxels=self.tp_voxels,
-            fp_voxels=self.fp_voxels,
-            fn_voxels=self.fn_voxels,
+            tp_voxels=voxels[0],
+            fp_voxels=voxels[1],
+            fn_voxels=voxels[2],
             hd95_max=self.hd95_max,
             dice_withheld=dice_withheld,
             hd95_withheld=hd95_withheld,

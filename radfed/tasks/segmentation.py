@@ -445,6 +445,7 @@ def _check_consistent(s: SegmentationStats) -> None:
     """Raise ValueError naming the first key that disagrees with the others."""
     dice_cases, hd95_cases = sum(s.dice_hist), sum(s.hd95_hist)
     slack = 1e-9 * (1 + dice_cases)  # rounding of float sums
+    voxels_sent = not (s.dice_withheld or s.hd95_withheld)
     problems = (
         (
             dice_cases + s.dice_withheld != s.missed + s.segmented,
@@ -470,12 +471,16 @@ def _check_consistent(s: SegmentationStats) -> None:
         ),
         (s.tp_voxels > 0 and not s.segmented, "tp-voxels must be 0 without segmented cases"),
         (
-            s.tp_voxels + s.fn_voxels < s.missed + s.segmented,
+            voxels_sent and s.tp_voxels + s.fn_voxels < s.missed + s.segmented,
             "tp-voxels + fn-voxels must be at least missed + segmented",
         ),
         (
-            s.tp_voxels + s.fp_voxels < s.false_positive + s.segmented,
+            voxels_sent and s.tp_voxels + s.fp_voxels < s.false_positive + s.segmented,
             "tp-voxels + fp-voxels must be at least false-positive + segmented",
+        ),
+        (
+            not voxels_sent and (s.tp_voxels or s.fp_voxels or s.fn_voxels),
+            "voxel counts must be 0 when a metric is withheld",
         ),
     )
     for bad, msg in problems:

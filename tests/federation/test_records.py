@@ -55,6 +55,7 @@ def test_statistics_round_trip() -> None:
         (lambda r: r.__setitem__("val.pos-hist", [1] * (BINS - 1)), f"list of {BINS}"),
         (lambda r: r.__setitem__("val.tn", r["val.tn"] + 1), "disagree"),
         (lambda r: r.__setitem__("num-examples", 7), "num-examples"),
+        (lambda r: r.__setitem__("val.tp", 2**41), "beyond any plausible count"),
     ],
 )
 def test_inconsistent_statistics_are_refused(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
