@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,7 +187,7 @@ def _parse_boxes(text: str) -> tuple[tuple[float, ...], ...] | str:
     boxes = []
     for box in value:
         if len(box) not in (4, 6) or not all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in box
+            isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in box
         ):
             return "each box needs 4 numbers (2-D) or 6 (3-D)"
         half = len(box) // 2

@@ -160,9 +160,10 @@ class HeldOut(RadfedError):
 
 
 def _train(msg: Message, context: Context) -> Message:
-    config, task, name, path, site, model = _prepare(msg, context)
-    if config.holdout_site and name == config.holdout_site:
+    config = RunConfig.from_run_config(context.run_config)
+    if config.holdout_site and resolve_site(context.node_config, config)[0] == config.holdout_site:
         raise HeldOut("held-out site: not training in this run (evaluated only)")
+    config, task, name, path, site, model = _prepare(msg, context)
     server_round = _server_round(msg)
     seed = config.seed + 1000 * server_round + zlib.crc32(name.encode())
     mu = _setting(msg, "proximal-mu")

@@ -77,3 +77,14 @@ def test_manifest_encoding_duplicate_columns_and_multiline_fields(tmp_path: Path
     )
     manifest = read_manifest(site)
     assert [p.line for p in manifest.problems] == [4]  # the record after a 2-line record
+
+
+def test_boxes_with_non_finite_coordinates_are_refused(tmp_path: Path) -> None:
+    site = tmp_path / "site-x"
+    site.mkdir()
+    (site / "manifest.csv").write_text(
+        'image,patient_id,boxes\na.dcm,P1,"[[1, 2, NaN, 4]]"\nb.dcm,P2,"[[1, 2, Infinity, 4]]"\n'
+    )
+    problems = read_manifest(site, "detection").problems
+    assert [p.line for p in problems] == [2, 3]
+    assert all("4 numbers" in p.reason for p in problems)
