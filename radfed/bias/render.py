@@ -163,8 +163,15 @@ def _split(name: str, split: Mapping[str, Any], report: Mapping[str, Any]) -> st
         f'<span class="role">{_e(split.get("role", "role n/a"))}</span></h2>'
     ]
     metrics = _forest_metrics(str(report.get("task")), cells)
-    if metrics:
-        parts.append(_img(_forest_figure(name, cells, metrics), f"forest plot of split {name}"))
+    shown = [c for c in cells if not c.get("suppressed")]
+    if metrics and shown:
+        parts.append(_img(_forest_figure(name, shown, metrics), f"forest plot of split {name}"))
+        if len(shown) < len(cells):
+            parts.append(
+                f'<p class="muted">{len(cells) - len(shown)} suppressed cells (fewer than k '
+                "cases, or groups of sex and age band a site does not have) are listed in the "
+                "table below, not plotted.</p>"
+            )
     elif cells:
         parts.append('<p class="muted">No subgroup holds a value to plot.</p>')
     names = list(dict.fromkeys(m for c in cells for m in _mapping(c.get("metrics"))))
