@@ -166,7 +166,9 @@ class DetectionStats:
     def with_min_cell(self, k: int) -> DetectionStats:
         """What may leave a site under a minimum cell size ``k``.
 
-        Fewer than ``k`` images: a suppressed cell without counts. Otherwise adjacent score
+        Fewer than ``k`` images, or between 1 and ``k - 1`` detections (whose scores and
+        matches the histograms would pin down): a suppressed cell without counts. Otherwise
+        adjacent score
         bins are merged (``merge_sparse_bins``, low to high scores) until every non-empty
         bin of the detection histogram holds at least ``k`` detections, and every other
         histogram is merged into the same runs. Each of them counts detections or lesions
@@ -176,7 +178,7 @@ class DetectionStats:
         """
         if k <= 1:
             return self
-        if self.n < k:
+        if self.n < k or 0 < self.detections < k:
             return DetectionStats.empty(self.bins, suppressed=True)
         (merged,) = merge_sparse_bins((self.det_hist,), k)
         starts = [b for b, count in enumerate(merged) if count]

@@ -322,3 +322,20 @@ def test_bad_inputs_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         DetectionStats.from_image(pred, score, gt, bins=10)
+
+
+def test_a_cell_with_fewer_than_k_detections_leaves_suppressed() -> None:
+    from radfed.metrics.detection import DetectionStats
+
+    # Prepare: 12 images, three detections in all
+    boxes = [np.array([[1.0, 1.0, 5.0, 5.0]], dtype=np.float32)] * 3 + [
+        np.zeros((0, 4), dtype=np.float32)
+    ] * 9
+    scores = [np.array([0.9], dtype=np.float32)] * 3 + [np.zeros(0, dtype=np.float32)] * 9
+    truth = [np.array([[1.0, 1.0, 5.0, 5.0]], dtype=np.float32)] * 12
+    stats = DetectionStats.from_images(boxes, scores, truth, bins=100)
+    # Execute / Assert: enough images, too few detections for k=10
+    assert stats.n == 12 and stats.detections == 3
+    sent = stats.with_min_cell(10)
+    assert sent.suppressed and sent.n == 0
+    assert not stats.with_min_cell(3).suppressed
