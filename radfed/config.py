@@ -31,6 +31,8 @@ class RunConfig:
             (labels ``0 .. num_classes - 1``, softmax).
         image_size: images are resized to ``image_size x image_size`` pixels.
         local_epochs: local epochs per round at each site.
+        augment: classification trains on scanner-like intensity variation (gain, offset,
+            gamma, noise) so that the model stays calibrated across sites.
         local_steps: when above 0, local optimiser steps per round instead of epochs (sites
             of different sizes then do the same amount of work).
         batch_size: local mini-batch size.
@@ -93,6 +95,7 @@ class RunConfig:
     image_size: int = 64
     local_epochs: int = 3
     local_steps: int = 0
+    augment: bool = True
     batch_size: int = 16
     learning_rate: float = 1e-3
     eval_splits: tuple[str, ...] = ("train", "val")

@@ -17,7 +17,15 @@ from radfed.errors import ConfigError, DataError
 from radfed.metrics.binary import BinaryStats, binary_metrics
 from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
 from radfed.tasks.base import StatsValue, Task, choose
-from radfed.tasks.runtime import TrainResult, autocast, fit, loader, pick_device
+from radfed.tasks.runtime import (
+    TrainResult,
+    augment_intensity,
+    autocast,
+    fit,
+    loader,
+    pick_device,
+    seeded_generator,
+)
 
 __all__ = [
     "LOSSES",
@@ -199,13 +207,18 @@ def train(
         num_workers=config.num_workers,
     )
 
+    generator = seeded_generator(seed + 1)
+
     def step_loss(
         net: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device
     ) -> tuple[torch.Tensor, int]:
         images, labels = batch
         if len(labels) < 2:  # batch norm needs two samples
             return torch.zeros(()), 0
-        logits = _logits(net, images.to(device, non_blocking=True), classes)
+        images = images.to(device, non_blocking=True)
+        if config.augment:
+            images = augment_intensity(images, generator)
+        logits = _logits(net, images, classes)
         return loss_fn.to(device)(logits, _targets(labels.to(device), classes)), len(labels)
 
     def val_loss(net: nn.Module, device: torch.device) -> float:

@@ -82,6 +82,25 @@ def loader(
     )
 
 
+def augment_intensity(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Scanner-like intensity variation of a batch ``(B, 1, S, S[, S])`` in [0, 1]: a random
+    gain, offset and gamma per image and Gaussian noise of a random level (up to 0.08).
+
+    Sites differ in exactly these ways (vendor, bit depth, noise); training on them keeps a
+    federated model calibrated at sites whose images are noisier or darker. Drawn from
+    ``generator`` (CPU), so a seed gives the same augmentation on any device.
+    """
+    shape = (images.shape[0],) + (1,) * (images.dim() - 1)
+
+    def draw(low: float, high: float) -> torch.Tensor:
+        return (torch.rand(shape, generator=generator) * (high - low) + low).to(images.device)
+
+    gamma = draw(0.8, 1.25)
+    out = images.clamp(min=0).pow(gamma) * draw(0.9, 1.1) + draw(-0.05, 0.05)
+    noise = torch.randn(images.shape, generator=generator).to(images.device)
+    return out + noise * draw(0.0, 0.08)
+
+
 def fit(
     model: nn.Module,
     batches: Callable[[], Iterable[Any]],

@@ -167,3 +167,14 @@ def test_local_steps_bound_the_optimiser_steps_of_a_round() -> None:
     by_epochs = train(build_model(config), data, config, seed=1)
     # Assert: 7 steps take three passes (3 + 3 + 1), one epoch takes one
     assert by_steps.epochs == 3 and by_epochs.epochs == 1
+
+
+def test_intensity_augmentation_is_seeded_and_varies_each_image() -> None:
+    from radfed.tasks.runtime import augment_intensity, seeded_generator
+
+    images = torch.full((4, 1, 8, 8), 0.5)
+    first = augment_intensity(images, seeded_generator(3))
+    again = augment_intensity(images, seeded_generator(3))
+    assert torch.equal(first, again)
+    assert not torch.allclose(first[0], first[1])  # each image gets its own draw
+    assert (first - images).abs().mean() > 0.01
