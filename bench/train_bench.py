@@ -71,6 +71,7 @@ class _Workload:
             batch_size=self.batch_size,
             local_epochs=self.epochs,
             seed=self.seed,
+            augment=False,  # the plain loop does not augment: compare the same work
         )
 
 
