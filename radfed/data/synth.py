@@ -39,6 +39,8 @@ __all__ = [
 
 #: File that marks a data root as generated (and safe for --overwrite to replace).
 SYNTH_MARKER = "synth.json"
+#: The marker radfed 0.1 wrote before synth.json (its folders may be replaced too).
+_OLD_MARKER = ".radfed-synth"
 #: Tasks whose targets synth writes.
 TASKS = ("classification", "detection", "segmentation")
 #: Planted subgroup effects with a known answer (see ``_plant``).
@@ -182,7 +184,7 @@ def synth_sites(
         if not overwrite:
             msg = f"{out} is not empty; choose another --out or pass --overwrite"
             raise ConfigError(msg)
-        if not (out / SYNTH_MARKER).is_file():
+        if not any((out / marker).is_file() for marker in (SYNTH_MARKER, _OLD_MARKER)):
             msg = (
                 f"{out} was not written by 'radfed synth' (no {SYNTH_MARKER}); "
                 "refusing to delete it: choose another --out"
