@@ -19,7 +19,17 @@ from radfed.data.site import SplitData
 from radfed.errors import ConfigError
 from radfed.tasks.runtime import TrainResult
 
-__all__ = ["CaseOutputs", "SplitStats", "StatsValue", "Task", "choose", "merge_stats"]
+__all__ = [
+    "CaseOutputs",
+    "SplitStats",
+    "StatsValue",
+    "Task",
+    "choose",
+    "merge_stats",
+    "record_count",
+    "record_histogram",
+    "record_value",
+]
 
 #: A value of a statistics record (Flower MetricRecord values).
 StatsValue = int | float | list[int] | list[float]
@@ -151,3 +161,24 @@ def merge_stats(task: Task, parts: Iterable[SplitStats], config: RunConfig) -> S
         if not part.suppressed:
             total = total + part
     return total
+
+
+def record_value(values: Mapping[str, object], key: str) -> object:
+    """``values[key]`` of a received statistics record (raises ValueError naming a missing key)."""
+    if key not in values:
+        raise ValueError(f"{key} is missing")
+    return values[key]
+
+
+def record_count(value: object, key: str) -> int:
+    """A received count: a non-negative int (bools refused); never quotes the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key} must be a non-negative integer")
+    return value
+
+
+def record_histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
+    """A received histogram: a list of ``bins`` counts."""
+    if not isinstance(value, list) or len(value) != bins:
+        raise ValueError(f"{key} must be a list of {bins} counts")
+    return tuple(record_count(v, key) for v in value)

@@ -16,7 +16,7 @@ from radfed.data.site import SplitData
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.binary import BinaryStats, binary_metrics
 from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
-from radfed.tasks.base import StatsValue, Task, choose
+from radfed.tasks.base import StatsValue, Task, choose, record_count, record_histogram
 from radfed.tasks.runtime import (
     TrainResult,
     augment_intensity,
@@ -362,8 +362,8 @@ class ClassificationTask:
     def from_values(self, values: Mapping[str, object], config: RunConfig) -> ClassStats:
         bins, classes = config.score_bins, config.num_classes
         if classes == 2:
-            counts = [_count(values.get(k), k) for k in _COUNT_KEYS]
-            pos, neg = (_histogram(values.get(k), k, bins) for k in ("pos-hist", "neg-hist"))
+            counts = [record_count(values.get(k), k) for k in _COUNT_KEYS]
+            pos, neg = (record_histogram(values.get(k), k, bins) for k in ("pos-hist", "neg-hist"))
             tp, fp, tn, fn = counts
             if sum(pos) != tp + fn or sum(neg) != tn + fp:
                 raise ValueError("score histograms disagree with the confusion counts")
@@ -371,13 +371,13 @@ class ClassificationTask:
         flat = values.get("confusion")
         if not isinstance(flat, list) or len(flat) != classes * classes:
             raise ValueError(f"confusion must be a list of {classes * classes} counts")
-        cells = [_count(v, "confusion") for v in flat]
+        cells = [record_count(v, "confusion") for v in flat]
         confusion = tuple(tuple(cells[r * classes : (r + 1) * classes]) for r in range(classes))
         n = sum(cells)
         per_class = []
         for c in range(classes):
-            pos = _histogram(values.get(f"class-{c}.pos-hist"), f"class-{c}.pos-hist", bins)
-            neg = _histogram(values.get(f"class-{c}.neg-hist"), f"class-{c}.neg-hist", bins)
+            pos = record_histogram(values.get(f"class-{c}.pos-hist"), f"class-{c}.pos-hist", bins)
+            neg = record_histogram(values.get(f"class-{c}.neg-hist"), f"class-{c}.neg-hist", bins)
             support = sum(confusion[c])
             decided = sum(row[c] for row in confusion)
             if sum(pos) != support or sum(neg) != n - support:
@@ -400,18 +400,6 @@ def _binary_values(stats: BinaryStats) -> dict[str, StatsValue]:
     values["pos-hist"] = [int(v) for v in stats.pos_hist]
     values["neg-hist"] = [int(v) for v in stats.neg_hist]
     return values
-
-
-def _count(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{key} must be a non-negative integer")
-    return value
-
-
-def _histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) != bins:
-        raise ValueError(f"{key} must be a list of {bins} counts")
-    return tuple(_count(v, key) for v in value)
 
 
 #: The classification task of the registry.

@@ -21,7 +21,15 @@ from radfed.config import RunConfig
 from radfed.data.site import SplitData
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.detection import IOU_THRESHOLDS, DetectionStats, detection_metrics
-from radfed.tasks.base import SplitStats, StatsValue, Task, choose
+from radfed.tasks.base import (
+    SplitStats,
+    StatsValue,
+    Task,
+    choose,
+    record_count,
+    record_histogram,
+    record_value,
+)
 from radfed.tasks.runtime import TrainResult, autocast, fit, loader, pick_device
 
 if TYPE_CHECKING:
@@ -462,8 +470,8 @@ def stats_from_values(values: Mapping[str, object], *, bins: int) -> DetectionSt
         ValueError: naming the key whose value is missing, of the wrong type or length,
             negative, or inconsistent with the others (never quoting a value).
     """
-    images, missed = (_count(_get(values, k), k) for k in COUNT_KEYS)
-    hists = {k: _histogram(_get(values, k), k, bins) for k in HIST_KEYS}
+    images, missed = (record_count(record_value(values, k), k) for k in COUNT_KEYS)
+    hists = {k: record_histogram(record_value(values, k), k, bins) for k in HIST_KEYS}
     det = hists["det-hist"]
     for key in (*TP_HIST_KEYS, "fp-hist"):
         if any(part > whole for part, whole in zip(hists[key], det, strict=True)):
@@ -491,24 +499,6 @@ def _detection_stats(stats: object) -> DetectionStats:
         msg = f"detection statistics expected, got {type(stats).__name__}"
         raise TypeError(msg)
     return stats
-
-
-def _get(values: Mapping[str, object], key: str) -> object:
-    if key not in values:
-        raise ValueError(f"{key} is missing")
-    return values[key]
-
-
-def _count(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{key} must be a non-negative integer")
-    return value
-
-
-def _histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) != bins:
-        raise ValueError(f"{key} must be a list of {bins} counts")
-    return tuple(_count(v, key) for v in value)
 
 
 #: The detection task of the registry.

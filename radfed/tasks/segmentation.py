@@ -25,7 +25,15 @@ from radfed.metrics.segmentation import (
     hd95_range,
     segmentation_metrics,
 )
-from radfed.tasks.base import SplitStats, StatsValue, Task, choose
+from radfed.tasks.base import (
+    SplitStats,
+    StatsValue,
+    Task,
+    choose,
+    record_count,
+    record_histogram,
+    record_value,
+)
 from radfed.tasks.runtime import TrainResult, autocast, fit, loader, pick_device
 
 __all__ = [
@@ -431,11 +439,11 @@ def stats_from_values(
     """
     fields: dict[str, Any] = {}
     for key in COUNT_KEYS:
-        fields[_attribute(key)] = _count(_get(values, key), key)
+        fields[_attribute(key)] = record_count(record_value(values, key), key)
     for key in SUM_KEYS:
-        fields[_attribute(key)] = _sum(_get(values, key), key)
+        fields[_attribute(key)] = _sum(record_value(values, key), key)
     for key in HIST_KEYS:
-        fields[_attribute(key)] = _histogram(_get(values, key), key, bins)
+        fields[_attribute(key)] = record_histogram(record_value(values, key), key, bins)
     stats = SegmentationStats(**fields, hd95_max=hd95_max)
     _check_consistent(stats)
     return stats
@@ -488,30 +496,12 @@ def _check_consistent(s: SegmentationStats) -> None:
             raise ValueError(msg)
 
 
-def _get(values: Mapping[str, object], key: str) -> object:
-    if key not in values:
-        raise ValueError(f"{key} is missing")
-    return values[key]
-
-
-def _count(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{key} must be a non-negative integer")
-    return value
-
-
 def _sum(value: object, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{key} must be a number")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{key} must be finite and non-negative")
     return float(value)
-
-
-def _histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
-    if not isinstance(value, list) or len(value) != bins:
-        raise ValueError(f"{key} must be a list of {bins} counts")
-    return tuple(_count(v, key) for v in value)
 
 
 #: The segmentation task of the registry.

@@ -233,7 +233,7 @@ def test_early_stopping_on_the_validation_loss(site: dict[str, SplitData]) -> No
     # Assert: the loss in eval mode leaves batch-norm statistics alone
     assert np.isfinite(float(losses["classification"] + losses["box_regression"]))
     assert _distance(before, _state(model)) > 0
-    assert 1 <= result.epochs <= 3 and np.isfinite(result.loss)
+    assert result.epochs in (1, 2, 3) and np.isfinite(result.loss)
 
 
 def test_a_split_without_boxes_is_refused(site: dict[str, SplitData]) -> None:
