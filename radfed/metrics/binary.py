@@ -9,7 +9,6 @@ exactly for counts, and for AUC within the tie bound of ``auc_tie_bound``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,15 +116,6 @@ class BinaryStats:
             pos_hist=tuple(a + b for a, b in zip(self.pos_hist, other.pos_hist, strict=True)),
             neg_hist=tuple(a + b for a, b in zip(self.neg_hist, other.neg_hist, strict=True)),
         )
-
-    @staticmethod
-    def merge(parts: Iterable[BinaryStats], bins: int) -> BinaryStats:
-        """Sum any number of statistics, leaving suppressed cells out."""
-        total = BinaryStats.empty(bins)
-        for part in parts:
-            if not part.suppressed:
-                total = total + part
-        return total
 
 
 class BinaryStatsAccumulator:

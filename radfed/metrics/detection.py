@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -213,15 +213,6 @@ class DetectionStats:
             missed=self.missed + other.missed,
             fp_hist=_sum(self.fp_hist, other.fp_hist),
         )
-
-    @staticmethod
-    def merge(parts: Iterable[DetectionStats], bins: int) -> DetectionStats:
-        """Sum any number of statistics, leaving suppressed cells out."""
-        total = DetectionStats.empty(bins)
-        for part in parts:
-            if not part.suppressed:
-                total = total + part
-        return total
 
 
 class DetectionStatsAccumulator:

@@ -8,7 +8,6 @@ them; macro one-vs-rest AUC, accuracy and per-class rates come from the sums.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,15 +106,6 @@ class MulticlassStats:
         )
         per_class = tuple(a + b for a, b in zip(self.per_class, other.per_class, strict=True))
         return MulticlassStats(confusion, per_class)
-
-    @staticmethod
-    def merge(parts: Iterable[MulticlassStats], classes: int, bins: int) -> MulticlassStats:
-        """Sum any number of statistics, leaving suppressed cells out."""
-        total = MulticlassStats.empty(classes, bins)
-        for part in parts:
-            if not part.suppressed:
-                total = total + part
-        return total
 
 
 def multiclass_metrics(s: MulticlassStats) -> dict[str, float | None]:

@@ -345,15 +345,6 @@ class SegmentationStats:
             hd95_withheld=self.hd95_withheld + other.hd95_withheld,
         )
 
-    @staticmethod
-    def merge(parts: Iterable[SegmentationStats], bins: int, hd95_max: float) -> SegmentationStats:
-        """Sum any number of statistics, leaving suppressed cells out."""
-        total = SegmentationStats.empty(bins, hd95_max)
-        for part in parts:
-            if not part.suppressed:
-                total = total + part
-        return total
-
 
 def _histogram(values: np.ndarray, bins: int, top: float) -> tuple[int, ...]:
     """Counts of ``values`` in ``bins`` equal-width bins on ``[0, top]`` (clipped into it)."""

@@ -17,6 +17,7 @@ from torch import nn
 from radfed.config import RunConfig
 from radfed.data.site import SplitData
 from radfed.errors import ConfigError
+from radfed.metrics.pooling import pool
 from radfed.tasks.runtime import TrainResult
 
 __all__ = [
@@ -156,11 +157,7 @@ def choose(value: str, allowed: tuple[str, ...], key: str, task: str) -> str:
 
 def merge_stats(task: Task, parts: Iterable[SplitStats], config: RunConfig) -> SplitStats:
     """The pooled statistics of ``parts`` (suppressed cells are left out)."""
-    total = task.empty_stats(config)
-    for part in parts:
-        if not part.suppressed:
-            total = total + part
-    return total
+    return pool(parts, task.empty_stats(config))
 
 
 def record_value(values: Mapping[str, object], key: str) -> object:

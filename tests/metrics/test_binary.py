@@ -15,6 +15,7 @@ from radfed.metrics.binary import (
     auc_tie_bound,
     binary_metrics,
 )
+from radfed.metrics.pooling import pool
 
 
 def _cases(seed: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -48,7 +49,7 @@ def test_pooled_statistics_equal_statistics_of_pooled_cases() -> None:
     # Prepare: three sites with different score distributions
     parts = [_cases(seed, n) for seed, n in ((1, 80), (2, 150), (3, 40))]
     # Execute
-    merged = BinaryStats.merge((BinaryStats.from_scores(s, y) for s, y in parts), bins=1000)
+    merged = pool((BinaryStats.from_scores(s, y) for s, y in parts), BinaryStats.empty(1000))
     pooled = BinaryStats.from_scores(
         np.concatenate([s for s, _ in parts]), np.concatenate([y for _, y in parts])
     )
@@ -136,7 +137,7 @@ def test_suppressed_cells_stay_out_of_pooled_values() -> None:
     big = BinaryStats.from_scores(*_cases(5, 50))
     small = BinaryStats.from_scores(*_cases(6, 4)).with_min_cell(10)
     assert small.suppressed
-    assert BinaryStats.merge([big, small], bins=1000) == big
+    assert pool([big, small], BinaryStats.empty(1000)) == big
     assert binary_metrics(small)["auc"] is None
 
 

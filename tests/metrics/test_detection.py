@@ -20,6 +20,7 @@ from radfed.metrics.detection import (
     froc_sensitivities,
     match_detections,
 )
+from radfed.metrics.pooling import pool
 
 _SIZE = 64  # image side in pixels
 _CELL = 16  # ground-truth boxes sit in distinct 16-pixel cells, so they never overlap
@@ -177,7 +178,7 @@ def test_pooled_statistics_equal_statistics_of_pooled_images() -> None:
     pooled = DetectionStats.from_images(preds, scores, truth, bins=100)
     # Assert: exactly equal, so every metric is the pooled one
     assert site_a + site_b == pooled
-    assert DetectionStats.merge([site_a, site_b], bins=100) == pooled
+    assert pool([site_a, site_b], DetectionStats.empty(100)) == pooled
     assert detection_metrics(site_a + site_b) == detection_metrics(pooled)
     assert pooled.n == 20 and pooled.lesions == sum(len(t) for t in truth)
 
@@ -262,7 +263,7 @@ def test_with_min_cell_suppresses_small_cells_and_coarsens_sparse_bins() -> None
     coarse = stats.with_min_cell(10)
     # Assert: too few images: nothing but the flag
     assert small.suppressed and small == DetectionStats.empty(100, suppressed=True)
-    assert DetectionStats.merge([stats, small], bins=100) == stats
+    assert pool([stats, small], DetectionStats.empty(100)) == stats
     # every non-empty bin of every histogram holds at least k detections
     assert not coarse.suppressed and stats.with_min_cell(1) == stats
     for bin_, count in enumerate(coarse.det_hist):

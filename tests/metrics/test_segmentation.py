@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
 
+from radfed.metrics.pooling import pool
 from radfed.metrics.segmentation import (
     CaseKind,
     CaseMetrics,
@@ -136,10 +137,9 @@ def test_pooled_statistics_give_exact_means_and_histogram_medians() -> None:
     site_a, site_b = _synthetic_cases(1, 120, top), _synthetic_cases(2, 70, top)
     pooled_cases = CaseMetrics.concat([site_a, site_b])
     # Execute
-    merged = SegmentationStats.merge(
+    merged = pool(
         [SegmentationStats.from_cases(c, bins=100, hd95_max=top) for c in (site_a, site_b)],
-        bins=100,
-        hd95_max=top,
+        SegmentationStats.empty(100, top),
     )
     metrics = segmentation_metrics(merged)
     # Assert: histograms and counts equal those of the pooled cases, sums to rounding
@@ -185,7 +185,7 @@ def test_min_cell_suppresses_small_cells_and_merges_sparse_bins() -> None:
     # Assert: fewer than k cases -> nothing but the flag; pooled values leave it out
     assert small.with_min_cell(5).suppressed and small.with_min_cell(5).n == 0
     assert small.with_min_cell(5).dice_sum == 0.0
-    merged = SegmentationStats.merge([coarse, small.with_min_cell(5)], bins=50, hd95_max=top)
+    merged = pool([coarse, small.with_min_cell(5)], SegmentationStats.empty(50, top))
     assert merged == coarse
     # no non-empty bin pins down fewer than k cases; counts and sums stay
     for name in ("dice_hist", "iou_hist", "hd95_hist"):
