@@ -1,8 +1,11 @@
 """Seeded synthetic hospital sites written as real DICOM (for the demo, tests and benchmarks).
 
 Each site differs the way real hospitals do: scanner vendor, intensity scale and gamma,
-noise, bit depth, MONOCHROME1 versus MONOCHROME2, rescale slope/intercept, label
-prevalence, number of cases and patient demographics. A positive case holds a small
+bit depth, MONOCHROME1 versus MONOCHROME2, rescale slope/intercept, label prevalence,
+number of cases and patient demographics. Cases are equally hard everywhere (the same noise
+and lesion contrast at every site): a difference in difficulty between sites or groups is a
+bias, and only ``--bias`` plants one, so that on data without it the bias report has nothing
+true to flag. A positive case holds a small
 bright lesion over a smooth anatomical background (both from MONAI's
 ``create_test_image_2d``); a negative case has the background only.
 """
@@ -56,6 +59,10 @@ _VENDORS = (
     ("FUJIFILM Corporation", "Fictional Children's Centre"),
     ("Canon Medical Systems", "Fictional Regional Hospital"),
 )
+
+
+#: Image noise (std, in [0, 1] units) and lesion contrast, the same at every site.
+NOISE, LESION_CONTRAST = 0.04, 0.35
 
 
 @dataclass(frozen=True)
@@ -116,8 +123,8 @@ def site_profiles(sites: int, cases_per_site: int, seed: int) -> list[SiteProfil
                 age_mean=float(rng.uniform(45, 70)),
                 intensity_scale=float(rng.uniform(0.7, 1.3)),
                 gamma=float(rng.uniform(0.8, 1.25)),
-                noise=float(rng.uniform(0.02, 0.06)),
-                lesion_contrast=float(rng.uniform(0.3, 0.4)),
+                noise=NOISE,
+                lesion_contrast=LESION_CONTRAST,
                 bits_stored=(12, 16, 10)[i % 3],
                 monochrome1=i % 3 == 2,
                 rescale_slope=(1.0, 0.5, 1.0)[i % 3],
