@@ -1,0 +1,278 @@
+"""The site's audit log: one hash-chained JSON line for every message that leaves the site.
+
+``SITE_DIR/.radfed/audit.jsonl`` (0600, in a 0700 folder) is append-only. Each line is a
+JSON object with sorted keys::
+
+    {"bytes": 1234, "error-code": null, "hash": "...", "kind": "train", "prev": "...",
+     "records": {"arrays": {"arrays": [{"dtype": "float32", "name": "fc.weight",
+     "shape": [2, 8]}], "type": "array"}, "metrics": {"keys": ["num-examples"],
+     "type": "metric"}}, "round": 3, "run": 7, "seq": 12, "sha256": "...",
+     "time": "2025-01-01T12:00:00.000+00:00"}
+
+``bytes`` and ``sha256`` are the length and SHA-256 of the content as Flower serializes it
+(``flwr.common.serde.recorddict_to_proto``, deterministic protobuf encoding); ``records``
+names what left (array names, shapes and dtypes; metric and config keys), never a value.
+``seq`` counts lines from 1, ``prev`` is the SHA-256 of the previous line (64 zeros on the
+first) and ``hash`` the SHA-256 of the line's own canonical JSON without ``hash``, so
+``verify`` finds an edited, removed, inserted or moved line. Removing lines at the end
+shows only against a count or hash kept elsewhere (``verify`` returns the count).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.serde import recorddict_to_proto
+
+from radfed.errors import DataError
+
+__all__ = [
+    "AUDIT_FILE_NAME",
+    "AuditEntry",
+    "AuditKind",
+    "AuditLog",
+    "read_entries",
+    "serialize_content",
+    "verify",
+]
+
+AUDIT_FILE_NAME = "audit.jsonl"
+#: ``prev`` of the first line.
+GENESIS = "0" * 64
+
+
+class AuditKind(StrEnum):
+    """What kind of reply left the site."""
+
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    QUERY = "query"
+    ERROR = "error"
+
+
+def serialize_content(content: RecordDict) -> bytes:
+    """The deterministic protobuf bytes of a reply's content, as Flower encodes it."""
+    data: bytes = recorddict_to_proto(content).SerializeToString(deterministic=True)
+    return data
+
+
+def _describe(content: RecordDict) -> dict[str, dict[str, Any]]:
+    """Names, shapes, dtypes and keys of a reply's records; never a value."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, record in content.items():
+        if isinstance(record, ArrayRecord):
+            arrays = [
+                {"name": n, "shape": list(a.shape), "dtype": a.dtype} for n, a in record.items()
+            ]
+            out[key] = {"type": "array", "arrays": arrays}
+        elif isinstance(record, MetricRecord | ConfigRecord):
+            kind = "metric" if isinstance(record, MetricRecord) else "config"
+            out[key] = {"type": kind, "keys": list(record.keys())}
+        else:  # pragma: no cover - RecordDict admits only the three record types
+            raise TypeError(f"record {key!r} has an unknown type {type(record).__name__}")
+    return out
+
+
+def _canonical(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditEntry:
+    """One line of the audit log (see the module docstring for the JSON keys)."""
+
+    seq: int
+    time: str
+    run_id: int
+    server_round: int
+    kind: AuditKind
+    nbytes: int
+    sha256: str | None
+    error_code: int | None
+    records: Mapping[str, Mapping[str, Any]]
+    prev: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The line's JSON object without its own ``hash``."""
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "run": self.run_id,
+            "round": self.server_round,
+            "kind": str(self.kind),
+            "bytes": self.nbytes,
+            "sha256": self.sha256,
+            "error-code": self.error_code,
+            "records": self.records,
+            "prev": self.prev,
+        }
+
+    def line(self) -> bytes:
+        """The line as written (without the newline), its own ``hash`` included."""
+        obj = self.to_json()
+        return _canonical({**obj, "hash": _sha256(_canonical(obj))})
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> AuditEntry:
+        """Raises KeyError, TypeError or ValueError when ``obj`` is not an entry."""
+        entry = cls(
+            seq=obj["seq"],
+            time=obj["time"],
+            run_id=obj["run"],
+            server_round=obj["round"],
+            kind=AuditKind(obj["kind"]),
+            nbytes=obj["bytes"],
+            sha256=obj["sha256"],
+            error_code=obj["error-code"],
+            records=obj["records"],
+            prev=obj["prev"],
+        )
+        if set(obj) - {"hash"} != set(entry.to_json()):
+            raise ValueError("unexpected keys")
+        return entry
+
+
+class AuditLog:
+    """Appends entries to a site's audit log; several processes may append in turn."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def for_site(cls, site_dir: Path) -> AuditLog:
+        """The log of a site folder: ``SITE_DIR/.radfed/audit.jsonl``."""
+        from radfed.data.site import STATE_DIR_NAME  # lazy: radfed.data imports torch
+
+        return cls(site_dir / STATE_DIR_NAME / AUDIT_FILE_NAME)
+
+    def record(
+        self,
+        content: RecordDict | None,
+        *,
+        run_id: int,
+        server_round: int,
+        kind: str,
+        error_code: int | None = None,
+    ) -> AuditEntry:
+        """Append one entry for a reply about to leave (``content`` None for an error reply).
+
+        Raises:
+            ValueError: ``kind`` is not train, evaluate, query or error.
+            DataError: the log's last line is not an entry (check it with ``verify``).
+        """
+        kind = AuditKind(kind)
+        payload = serialize_content(content) if content is not None else None
+        records = _describe(content) if content is not None else {}
+        self.path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the tail read and the append are one step
+            last = _last_line(self.path)
+            entry = AuditEntry(
+                seq=1 if last is None else _seq_of(last) + 1,
+                time=datetime.now(UTC).isoformat(timespec="milliseconds"),
+                run_id=int(run_id),
+                server_round=int(server_round),
+                kind=kind,
+                nbytes=0 if payload is None else len(payload),
+                sha256=None if payload is None else _sha256(payload),
+                error_code=error_code,
+                records=records,
+                prev=GENESIS if last is None else _sha256(last),
+            )
+            line = entry.line() + b"\n"
+            if os.write(fd, line) != len(line):
+                raise OSError("short write to the audit log")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return entry
+
+
+def _last_line(path: Path, block: int = 1 << 16) -> bytes | None:
+    """The file's last line without its newline, read from the end; None when empty."""
+    with path.open("rb") as f:
+        pos = f.seek(0, os.SEEK_END)
+        buf = b""
+        while True:
+            text = buf.removesuffix(b"\n")
+            cut = text.rfind(b"\n")
+            if cut >= 0 or pos == 0:
+                return text[cut + 1 :] if text or cut >= 0 else None
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            buf = f.read(step) + buf
+
+
+def _seq_of(line: bytes) -> int:
+    try:
+        seq = json.loads(line)["seq"]
+    except (ValueError, KeyError, TypeError):
+        seq = None
+    if not isinstance(seq, int) or isinstance(seq, bool):
+        msg = "the audit log's last line is not an entry; run verify, then move the file aside"
+        raise DataError(msg)
+    return seq
+
+
+def _lines(path: Path) -> list[bytes]:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"audit log {path} cannot be read ({err.strerror})") from None
+    return data.removesuffix(b"\n").split(b"\n") if data else []
+
+
+def _parse(line: bytes, number: int, path: Path) -> AuditEntry:
+    try:
+        return AuditEntry.from_json(json.loads(line))
+    except (ValueError, KeyError, TypeError):
+        msg = f"audit log {path.name}: line {number} is not an audit entry (JSON object)"
+        raise DataError(msg) from None
+
+
+def read_entries(path: Path) -> list[AuditEntry]:
+    """The entries of a log, in order, for display (``verify`` checks the chain).
+
+    Raises:
+        DataError: the file cannot be read or a line is not an entry (named by number).
+    """
+    return [_parse(line, i, path) for i, line in enumerate(_lines(path), start=1)]
+
+
+def verify(path: Path) -> int:
+    """Check every line's own hash, number and link to the line before; the entry count.
+
+    Raises:
+        DataError: naming the first line that is not an entry, was edited, or does not
+            follow the line before it (a line removed, inserted or moved).
+    """
+    prev = GENESIS
+    lines = _lines(path)
+    for number, line in enumerate(lines, start=1):
+        entry = _parse(line, number, path)
+        where = f"audit log {path.name}: line {number}"
+        if line != entry.line():  # its own hash, or its bytes, differ from what was written
+            raise DataError(f"{where} was edited: it does not match its own hash")
+        if entry.seq != number:
+            msg = f"{where} holds entry {entry.seq}: lines were removed, inserted or moved"
+            raise DataError(msg)
+        if entry.prev != prev:
+            raise DataError(f"{where} does not follow line {number - 1}: the chain is broken")
+        prev = _sha256(line)
+    return len(lines)
