@@ -3,7 +3,7 @@
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from radfed.federation import handle_evaluate, handle_train
+from radfed.federation import handle_evaluate, handle_query, handle_train
 
 app = ClientApp()
 
@@ -18,3 +18,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received model; reply with sufficient statistics only."""
     return handle_evaluate(msg, context)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Say this site's name and versions (nothing else)."""
+    return handle_query(msg, context)

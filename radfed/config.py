@@ -83,6 +83,11 @@ class RunConfig:
             excludes 0 and the difference is at least this large.
         holdout_site: in simulation, a site that does not train and is evaluated as a
             held-out site (geographic validation); empty for none.
+        sites: in a deployment, the site names expected in the run; the server names the
+            missing ones while it waits (empty: wait for ``min-sites`` sites of any name).
+        site_wait: seconds a round waits for every expected site before it starts with the
+            ``min-sites`` that are connected; with fewer, the run stops (resumable).
+        resume: continue the run in ``out-dir`` from its last completed round.
     """
 
     task: str = "classification"
@@ -132,6 +137,9 @@ class RunConfig:
     subgroups: tuple[str, ...] = ("sex", "age_band", "manufacturer", "sex*age_band")
     bias_margin: float = 0.05
     holdout_site: str = ""
+    sites: tuple[str, ...] = ()
+    site_wait: float = 300.0
+    resume: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -152,6 +160,13 @@ class RunConfig:
         _check(10 <= self.score_bins <= 100_000, "score-bins", self.score_bins, "in [10, 100000]")
         _check(self.min_sites >= 1, "min-sites", self.min_sites, ">= 1")
         _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")
+        _check(self.site_wait >= 0, "site-wait", self.site_wait, ">= 0 seconds")
+        _check(
+            len(set(self.sites)) == len(self.sites) and all(self.sites),
+            "sites",
+            ",".join(self.sites),
+            "distinct site names, comma-separated",
+        )
         _check(
             bool(self.age_bands)
             and list(self.age_bands) == sorted(set(self.age_bands))

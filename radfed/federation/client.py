@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from torch import nn
 
@@ -27,10 +31,18 @@ from radfed.federation.records import (
     pack_stats,
 )
 from radfed.federation.weights import LocalState, load_global, shared_state
-from radfed.log import logger
+from radfed.log import log_like_flower, logger
+from radfed.privacy import (
+    POLICY_FILE_NAME,
+    AuditLog,
+    PolicyRefusal,
+    SitePolicy,
+    load_policy,
+    serialize_content,
+)
 from radfed.tasks import SplitStats, Task, get_task
 
-__all__ = ["ErrorCode", "handle_evaluate", "handle_train", "resolve_site"]
+__all__ = ["ErrorCode", "handle_evaluate", "handle_query", "handle_train", "resolve_site"]
 
 
 class ErrorCode:
@@ -40,6 +52,7 @@ class ErrorCode:
     DATA = 3002
     RADFED = 3003
     HELD_OUT = 3004  # this site is the run's held-out site: it evaluates but never trains
+    POLICY = 3005  # the site's policy refuses what the run asks (task, message size, values)
     UNEXPECTED = 3099
 
 
@@ -124,6 +137,21 @@ def _site_min_cell(node_config: Mapping[str, Any]) -> int:
     return value
 
 
+def site_policy(node_config: Mapping[str, Any], site_dir: Path) -> SitePolicy:
+    """The site's policy: the file named by node config ``policy-path``, else
+    ``SITE_DIR/site-policy.toml`` when present, else the default policy (minimum cell
+    size 10) for a deployed node. A simulated node without a policy file follows the
+    run's settings: the researcher owns both sides."""
+    given = str(node_config.get("policy-path") or "").strip()
+    if given:
+        return load_policy(Path(given).expanduser())
+    default = site_dir / POLICY_FILE_NAME
+    if default.is_file():
+        return load_policy(default)
+    policy = SitePolicy.default()
+    return policy if "data-path" in node_config else dataclasses.replace(policy, k=1)
+
+
 def _setting(msg: Message, key: str) -> float:
     """A number the strategy put in the message's config (``server-round``, FedProx's
     ``proximal-mu``), or 0 when absent."""
@@ -163,6 +191,9 @@ def _train(msg: Message, context: Context) -> Message:
     config = RunConfig.from_run_config(context.run_config)
     if config.holdout_site and resolve_site(context.node_config, config)[0] == config.holdout_site:
         raise HeldOut("held-out site: not training in this run (evaluated only)")
+    name, path = resolve_site(context.node_config, config)
+    policy = site_policy(context.node_config, path)
+    policy.check_task(config.task)
     config, task, name, path, site, model = _prepare(msg, context)
     server_round = _server_round(msg)
     seed = config.seed + 1000 * server_round + zlib.crc32(name.encode())
@@ -177,9 +208,19 @@ def _train(msg: Message, context: Context) -> Message:
     logger.info(
         "round %d: trained on %d cases, loss %.4f", server_round, result.num_examples, result.loss
     )
+    state = shared_state(model, config.fedbn)
+    if policy.dp is not None:  # the site's differential privacy: clip and noise the update
+        received = {k: v.numpy() for k, v in msg.content[ARRAYS_KEY].items()}  # type: ignore[union-attr]
+        noised = policy.privatize(
+            {k: v.detach().cpu().numpy() for k, v in state.items()},
+            received,
+            # fresh entropy: noise from a seed the server could know could be subtracted
+            np.random.default_rng(),
+        )
+        state = OrderedDict((k, torch.from_numpy(v)) for k, v in noised.items())
     content = RecordDict(
         {
-            ARRAYS_KEY: ArrayRecord(shared_state(model, config.fedbn)),
+            ARRAYS_KEY: ArrayRecord(state),
             METRICS_KEY: MetricRecord(
                 {"num-examples": result.num_examples, "train-loss": float(result.loss)}
             ),
@@ -191,12 +232,14 @@ def _train(msg: Message, context: Context) -> Message:
 
 def _evaluate(msg: Message, context: Context) -> Message:
     config, task, name, path, site, model = _prepare(msg, context)
+    policy = site_policy(context.node_config, path)
+    config = dataclasses.replace(config, subgroups=policy.allowed_subgroups(config.subgroups))
     if "test" in config.eval_splits:
         uses = record_test_use(
             path / STATE_DIR_NAME, run_id=msg.metadata.run_id, server_round=_server_round(msg)
         )
         logger.warning("the sealed test split is evaluated (use %d at this site)", uses)
-    k = max(config.min_cell_size, _site_min_cell(context.node_config))
+    k = policy.min_cell_size(max(config.min_cell_size, _site_min_cell(context.node_config)))
     stats: dict[str, SplitStats] = {}
     positives: dict[str, int] = {}
     cells: dict[str, list[CellStats]] = {}
@@ -214,41 +257,100 @@ def _evaluate(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _query(msg: Message, context: Context) -> Message:
+    """Say this site's name (the server asks while it waits for a run's sites)."""
+    config = RunConfig.from_run_config(context.run_config)
+    name, _ = resolve_site(context.node_config, config)
+    return Message(
+        content=RecordDict({SITE_KEY: SiteIdentity.local(name).to_record()}), reply_to=msg
+    )
+
+
 def _guarded(
     handler: Callable[[Message, Context], Message],
 ) -> Callable[[Message, Context], Message]:
-    """Reply with an error code, never exception text; log locally without values or paths."""
+    """Reply with an error code, never exception text; log locally without values or paths.
+
+    Every reply passes the site policy's size limit and is recorded in the site's audit
+    log before it leaves.
+    """
+    kind = handler.__name__.strip("_")
 
     def run(msg: Message, context: Context) -> Message:
-        try:
-            return handler(msg, context)
-        except RadfedError as err:
-            # radfed's own messages name manifest lines and settings, never header values.
-            log = logger.info if isinstance(err, HeldOut) else logger.error
-            log("%s failed: %s", handler.__name__.strip("_"), err)
-            code = (
-                ErrorCode.CONFIG
-                if isinstance(err, ConfigError)
-                else ErrorCode.DATA
-                if isinstance(err, DataError)
-                else ErrorCode.HELD_OUT
-                if isinstance(err, HeldOut)
-                else ErrorCode.RADFED
-            )
-        except Exception as err:
-            frame = traceback.extract_tb(err.__traceback__)[-1]
-            logger.error(
-                "%s failed: %s at %s:%d (message withheld)",
-                handler.__name__.strip("_"),
-                type(err).__name__,
-                Path(frame.filename).name,
-                frame.lineno or 0,
-            )
-            code = ErrorCode.UNEXPECTED
-        return Message(error=Error(code=code, reason=f"radfed site error {code}"), reply_to=msg)
+        log_like_flower()
+        reply = _reply_or_code(handler, msg, context)
+        return _leave(reply, msg, context, kind)
 
     return run
 
 
+def _reply_or_code(
+    handler: Callable[[Message, Context], Message], msg: Message, context: Context
+) -> Message:
+    try:
+        return handler(msg, context)
+    except RadfedError as err:
+        # radfed's own messages name manifest lines and settings, never header values.
+        log = logger.info if isinstance(err, HeldOut) else logger.error
+        log("%s failed: %s", handler.__name__.strip("_"), err)
+        code = (
+            ErrorCode.CONFIG
+            if isinstance(err, ConfigError)
+            else ErrorCode.DATA
+            if isinstance(err, DataError)
+            else ErrorCode.HELD_OUT
+            if isinstance(err, HeldOut)
+            else ErrorCode.POLICY
+            if isinstance(err, PolicyRefusal)
+            else ErrorCode.RADFED
+        )
+    except Exception as err:
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        logger.error(
+            "%s failed: %s at %s:%d (message withheld)",
+            handler.__name__.strip("_"),
+            type(err).__name__,
+            Path(frame.filename).name,
+            frame.lineno or 0,
+        )
+        code = ErrorCode.UNEXPECTED
+    return _error(code, msg)
+
+
+def _error(code: int, msg: Message) -> Message:
+    return Message(error=Error(code=code, reason=f"radfed site error {code}"), reply_to=msg)
+
+
+def _leave(reply: Message, msg: Message, context: Context, kind: str) -> Message:
+    """Enforce the policy's message size and write the audit entry of ``reply``."""
+    try:
+        path = resolve_site(context.node_config, RunConfig.from_run_config(context.run_config))[1]
+        policy = site_policy(context.node_config, path)
+    except RadfedError:
+        return reply  # an error reply for a node without a site folder: nothing to audit in
+    audit = AuditLog.for_site(path)
+    if not reply.has_error():
+        try:
+            policy.check_size(len(serialize_content(reply.content)))
+        except PolicyRefusal as err:
+            logger.error("%s reply withheld: %s", kind, err)
+            reply = _error(ErrorCode.POLICY, msg)
+    server_round = _server_round(msg) if msg.content.config_records.get("config") else 0
+    if reply.has_error():
+        audit.record(
+            None,
+            run_id=msg.metadata.run_id,
+            server_round=server_round,
+            kind="error",
+            error_code=reply.error.code,
+        )
+    else:
+        audit.record(
+            reply.content, run_id=msg.metadata.run_id, server_round=server_round, kind=kind
+        )
+    return reply
+
+
 handle_train = _guarded(_train)
 handle_evaluate = _guarded(_evaluate)
+handle_query = _guarded(_query)

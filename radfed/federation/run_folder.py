@@ -14,12 +14,15 @@ import torch
 
 from radfed import STATS_SCHEMA_VERSION, __version__
 from radfed.config import RunConfig
+from radfed.errors import ConfigError
 
 __all__ = ["POOLED_SITE", "RunFolder", "load_checkpoint"]
 
-#: The ``site`` value of metrics.jsonl lines computed from the merged statistics of all sites.
 BIAS_REPORT_NAME = "bias_report.json"
+#: The ``site`` value of metrics.jsonl lines computed from the merged statistics of all sites.
 POOLED_SITE = "ALL"
+#: Run settings that may change when a run is resumed (how long to wait, not what to train).
+RESUMABLE_CHANGES = frozenset({"resume", "site-wait", "round-timeout", "sites", "min-sites"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,49 @@ class RunFolder:
         (path / "config.json").write_text(json.dumps(document, indent=2) + "\n")
         folder.metrics_path.write_text("")
         return folder
+
+    @classmethod
+    def resume(cls, path: Path, config: RunConfig) -> tuple[RunFolder, int]:
+        """Reopen a run to continue after its last completed round.
+
+        Lines and checkpoints of a round that did not complete are removed, so the resumed
+        run writes every round once.
+
+        Returns:
+            The folder and the last completed round (0: none completed).
+
+        Raises:
+            ConfigError: no run to resume there, or its settings differ from ``config`` in
+                anything but how long to wait.
+        """
+        folder = cls(path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"nothing to resume in {path}: it has no config.json; drop --resume")
+        stored = json.loads((path / "config.json").read_text()).get("run-config", {})
+        given = config.to_run_config()
+        changed = sorted(
+            k
+            for k in set(stored) | set(given)
+            if k not in RESUMABLE_CHANGES and stored.get(k) != given.get(k)
+        )
+        if changed:
+            msg = (
+                f"cannot resume {path} with different settings ({', '.join(changed[:5])}); "
+                "resume with the run's own settings or start a new run folder"
+            )
+            raise ConfigError(msg)
+        state = folder.load_state()
+        done = int(state["round"]) if state else 0
+        if not folder.checkpoint_path(done).is_file():
+            raise ConfigError(f"cannot resume {path}: checkpoint of round {done} is missing")
+        kept = [line for line in folder.read_metrics() if int(line["round"]) <= done]
+        tmp = folder.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        os.replace(tmp, folder.metrics_path)
+        for stale in folder.checkpoints.glob("round-*.pt"):
+            if int(stale.stem.split("-")[1]) > done:
+                stale.unlink()
+        return folder, done
 
     def append_metrics(
         self,
@@ -128,6 +174,23 @@ class RunFolder:
         )
         tmp.replace(path)
         return path
+
+    @property
+    def state_path(self) -> Path:
+        return self.checkpoints / "server-state.pt"
+
+    def save_state(self, round_: int, strategy: Mapping[str, Any]) -> Path:
+        """Record that ``round_`` completed, with the strategy's server-optimiser state."""
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save({"round": round_, "strategy": dict(strategy)}, tmp)
+        tmp.replace(self.state_path)
+        return self.state_path
+
+    def load_state(self) -> dict[str, Any] | None:
+        """What ``save_state`` wrote last, or None before the first completed round."""
+        if not self.state_path.is_file():
+            return None
+        return dict(torch.load(self.state_path, map_location="cpu", weights_only=True))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -5,16 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid
 from torch import nn
 
 from radfed.config import RunConfig
 from radfed.errors import ConfigError
-from radfed.federation.run_folder import RunFolder
+from radfed.federation.rounds import load_site_registry, restore_strategy_state, run_rounds
+from radfed.federation.run_folder import RunFolder, load_checkpoint
 from radfed.federation.strategy import make_strategy
 from radfed.federation.weights import shared_state
-from radfed.log import logger
+from radfed.log import log_like_flower, logger
 from radfed.plots import plot_curves
 from radfed.tasks import get_task
 
@@ -66,24 +67,39 @@ def run_server(grid: Grid, context: Context) -> Path:
     Returns:
         The run folder.
     """
+    log_like_flower()
     config = RunConfig.from_run_config(context.run_config)
     task = get_task(config.task)
     task.check(config)
-    run = RunFolder.start(Path(config.out_dir).resolve(), config)
+    out = Path(config.out_dir).resolve()
     model = task.build_model(config)
-    if config.init_checkpoint:
-        load_initial_weights(model, Path(config.init_checkpoint).expanduser())
-    reference = {k: v.detach().clone() for k, v in shared_state(model, config.fedbn).items()}
-    run.save_checkpoint(0, reference, config)
+    done = 0
+    if config.resume:
+        run, done = RunFolder.resume(out, config)
+        state = load_checkpoint(run.checkpoint_path(done))["state_dict"]
+        reference = {k: v.detach().clone() for k, v in state.items()}
+        logger.info("resuming %s after round %d of %d", out, done, config.num_server_rounds)
+    else:
+        run = RunFolder.start(out, config)
+        if config.init_checkpoint:
+            load_initial_weights(model, Path(config.init_checkpoint).expanduser())
+        reference = {k: v.detach().clone() for k, v in shared_state(model, config.fedbn).items()}
+        run.save_checkpoint(0, reference, config)
     logger.info("run folder: %s", run.path)
     strategy = make_strategy(config, reference, run, max_update_norm=config.max_update_norm or None)
-    strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(reference),
-        num_rounds=config.num_server_rounds,
-        timeout=config.round_timeout,
-        train_config=ConfigRecord({}),
-        evaluate_config=ConfigRecord({}),
+    saved = run.load_state() if config.resume else None
+    if saved:
+        restore_strategy_state(strategy, saved["strategy"])
+    registry = load_site_registry()
+    strategy.registered = registry  # type: ignore[attr-defined]  # a RadfedChecks
+    run_rounds(
+        strategy,
+        grid,
+        config,
+        run,
+        ArrayRecord(reference),
+        first_round=done + 1,
+        names=dict(registry),
     )
     figure = plot_curves(run, task.summary[:3])
     report = render_report(run)

@@ -80,9 +80,11 @@ class RadfedChecks:
         super().__init__(  # type: ignore[call-arg]
             fraction_train=1.0,
             fraction_evaluate=1.0,
-            min_train_nodes=config.min_sites,
-            min_evaluate_nodes=config.min_sites,
-            min_available_nodes=config.min_sites,
+            # radfed.federation.rounds waits for min-sites, with a deadline; Flower's own
+            # wait has none, so it only ever waits for one node here.
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
             **base_options,
         )
         self.config = config
@@ -92,6 +94,8 @@ class RadfedChecks:
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
         self.site_names: dict[int, str] = {}
+        #: node id -> site name of the keys registered with the SuperLink (a deployment)
+        self.registered: dict[int, str] = {}
 
     def summary(self) -> None:
         super().summary()  # type: ignore[misc]
@@ -278,6 +282,17 @@ class RadfedChecks:
                 site = read_site_identity(msg.content).name
             except InvalidReply as err:
                 self._drop(server_round, self.site_names.get(node, f"node {node}"), what, err)
+                continue
+            if node in self.registered and self.registered[node] != site:
+                self._drop(
+                    server_round,
+                    self.registered[node],
+                    what,
+                    InvalidReply(f"it calls itself {site!r}, not the site its key belongs to"),
+                )
+                continue
+            if self.config.sites and site not in self.config.sites:
+                self._drop(server_round, site, what, InvalidReply("not one of the run's sites"))
                 continue
             if site in seen:
                 logger.warning(

@@ -173,7 +173,8 @@ def test_deployed_node_must_name_its_site(site_copy: Path) -> None:
 def test_what_leaves_holds_no_cell_below_k_and_no_single_case_bin(site_copy: Path) -> None:
     # Prepare: the run asks for k=3, the site's own policy demands k=6
     config = dataclasses.replace(CONFIG, min_cell_size=3, score_bins=1000)
-    context = make_context(config.to_run_config(), {**_deployed(site_copy), "min-cell-size": 6})
+    (site_copy / "site-policy.toml").write_text("[policy]\nmin-cell-size = 6\n")
+    context = make_context(config.to_run_config(), _deployed(site_copy))
     # Execute
     reply = handle_evaluate(_request("evaluate"), context)
     # Assert
