@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from radfed import __version__
+from radfed.cli_common import fail, print_summary, progress, setup_logging
+from radfed.cli_deploy import launch, pki_app, server_app, site_audit, site_join
 from radfed.config import RunConfig
 from radfed.errors import ConfigError, RadfedError
 
@@ -24,51 +22,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="radfed: federated learning for radiology across hospital sites.",
 )
-console = Console(stderr=True)
 site_app = typer.Typer(no_args_is_help=True, help="Prepare and check a site folder.")
 app.add_typer(site_app, name="site")
-
-
-def _setup_logging(verbose: bool) -> None:
-    handler: logging.Handler
-    if console.is_terminal:
-        handler = RichHandler(console=console, show_path=False, show_time=True, markup=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-    else:  # logs and CI: one unwrapped line per record
-        handler = logging.StreamHandler()
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
-        )
-    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
-    logging.getLogger("radfed").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not verbose:
-        # Flower logs every message at INFO; radfed's own lines show the progress.
-        logging.getLogger("flwr").setLevel(logging.WARNING)
-
-
-@contextlib.contextmanager
-def _progress(description: str) -> Iterator[Callable[[int, int], None]]:
-    """A progress bar on a terminal (none in logs and CI); yields ``update(done, total)``."""
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not console.is_terminal,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
 
 
 @app.callback()
@@ -106,9 +61,9 @@ def synth(
     """Generate hospital sites as real DICOM files plus a manifest per site."""
     from radfed.data.synth import synth_sites
 
-    _setup_logging(False)
+    setup_logging(False)
     try:
-        with _progress("writing cases") as update:
+        with progress("writing cases") as update:
             summaries = synth_sites(
                 out,
                 progress=update,
@@ -122,7 +77,7 @@ def synth(
                 overwrite=overwrite,
             )
     except RadfedError as err:
-        _fail(err)
+        fail(err)
         return
     table = Table(title=f"{len(summaries)} sites written to {out}")
     for column in ("site", "cases", "positives", "patients", "female patients", "manufacturer"):
@@ -168,9 +123,9 @@ def simulate(
 
     from radfed.simulate import simulate as run_simulation
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     if (out / "metrics.jsonl").exists() and not overwrite:
-        _fail(RadfedError(f"{out} already holds a run; choose another --out or pass --overwrite"))
+        fail(RadfedError(f"{out} already holds a run; choose another --out or pass --overwrite"))
     overrides = {
         **parse_config_args(run_config),
         "task": task,
@@ -182,9 +137,9 @@ def simulate(
     try:
         folder = run_simulation(data, out, overrides, verbose=verbose)
     except RadfedError as err:
-        _fail(err)
+        fail(err)
         return
-    _print_summary(folder)
+    print_summary(folder)
 
 
 def _run_config(task: str, values: list[str] | None) -> RunConfig:
@@ -215,19 +170,18 @@ def site_check(
     preflight: Annotated[bool, typer.Option(help="Run one training step at the end.")] = True,
 ) -> None:
     """Read every case and report problems by manifest line; exit 1 when the site cannot train."""
-    import json
 
     from radfed.data.check import check_site, render_text
 
-    _setup_logging(False)
+    setup_logging(False)
     logging.getLogger("radfed").setLevel(logging.ERROR)  # the report says it all
     try:
-        with _progress("reading cases") as update:
+        with progress("reading cases") as update:
             report = check_site(
                 site_dir, _run_config(task, run_config), preflight=preflight, progress=update
             )
     except RadfedError as err:
-        _fail(err)
+        fail(err)
         return
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
@@ -252,11 +206,11 @@ def site_index(
     """Group an export into cases, pseudonymise patient ids and write the site's manifest."""
     from radfed.data.index import index_export
 
-    _setup_logging(False)
+    setup_logging(False)
     try:
         summary = index_export(export, out, labels=labels)
     except RadfedError as err:
-        _fail(err)
+        fail(err)
         return
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped.items())) or "none"
     typer.echo(
@@ -282,11 +236,11 @@ def explain(
     """Grad-CAM and occlusion maps of a site's cases, written locally as images."""
     from radfed.explain import explain_site
 
-    _setup_logging(False)
+    setup_logging(False)
     try:
         explained = explain_site(checkpoint, data, out, split=split, cases=cases)
     except RadfedError as err:
-        _fail(err)
+        fail(err)
         return
     typer.echo(f"wrote {len(explained)} maps to {out}")
 
@@ -299,10 +253,10 @@ def report(
     from radfed.federation.run_folder import RunFolder
     from radfed.federation.server import render_report
 
-    _setup_logging(False)
+    setup_logging(False)
     folder = RunFolder(run)
     if not folder.bias_report_path.is_file():
-        _fail(ConfigError(f"{run} holds no bias_report.json; give the folder of a finished run"))
+        fail(ConfigError(f"{run} holds no bias_report.json; give the folder of a finished run"))
         return
     html = render_report(folder)
     typer.echo(f"bias report: {html}")
@@ -325,72 +279,20 @@ def evaluate(
     """Evaluate a model on one site locally: per-case outputs stay here; shows what would leave."""
     from radfed.evaluate import evaluate_site
 
-    _setup_logging(False)
+    setup_logging(False)
     try:
         result = evaluate_site(checkpoint, data, out, split=split, min_cell_size=min_cell_size)
     except RadfedError as err:
-        _fail(err)
+        fail(err)
         return
     typer.echo(f"{result.cases} cases: {result.predictions} (stays here), {result.statistics}")
 
 
-def _print_summary(folder: Path) -> None:
-    from radfed.federation.run_folder import POOLED_SITE, RunFolder
-    from radfed.tasks import get_task
-
-    run = RunFolder(folder)
-    lines = list(run.read_metrics())
-    last = max(line["round"] for line in lines)
-    config = json.loads((folder / "config.json").read_text())["run-config"]
-    keys = get_task(config["task"]).summary
-    table = Table(title=f"round {last} (pooled = {POOLED_SITE}, from merged statistics)")
-    for column in ("site", "split", "n", *keys):
-        table.add_column(column)
-    for line in lines:
-        if line["round"] == last:
-            m = line["metrics"]
-            n = "suppressed" if line.get("suppressed") else str(line["n"])
-            table.add_row(line["site"], line["split"], n, *(_fmt(m.get(k)) for k in keys))
-    out = Console()
-    out.print(table)
-    out.print(f"run folder: {folder}")
-    out.print(f"  metrics:     {run.metrics_path}")
-    out.print(f"  config:      {folder / 'config.json'}")
-    out.print(f"  checkpoints: {run.checkpoints}")
-    out.print(f"  curves:      {folder / 'curves.png'}")
-    out.print(f"  bias report: {folder / 'bias_report.html'}")
-    if run.bias_report_path.is_file():
-        _print_flags(out, run.read_bias_report())
-
-
-def _print_flags(out: Console, report: dict[str, Any]) -> None:
-    """The flagged subgroup gaps of a bias report, worst first, at most ten."""
-    flagged = [
-        (split, gap)
-        for split, body in report["splits"].items()
-        for gap in body["gaps"]
-        if gap["flagged"]
-    ]
-    if not flagged:
-        out.print(
-            f"bias report: no gap flagged (margin {report['settings']['margin']:g}, "
-            "interval of the difference must exclude 0)"
-        )
-        return
-    flagged.sort(key=lambda item: -abs(item[1]["difference"]["value"]))
-    out.print(f"bias report: {len(flagged)} gap(s) flagged, largest first:")
-    for split, gap in flagged[:10]:
-        d = gap["difference"]
-        out.print(
-            f"  {split} {gap['site']} {gap['attribute']} {gap['metric']}: "
-            f"{gap['worst']['group']} {gap['worst']['value']:.3f} vs "
-            f"{gap['best']['group']} {gap['best']['value']:.3f} "
-            f"(difference {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])"
-        )
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+app.add_typer(pki_app, name="pki")
+app.add_typer(server_app, name="server")
+site_app.command("join")(site_join)
+site_app.command("audit")(site_audit)
+app.command()(launch)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -34,3 +35,64 @@ def run_simulate(flwr_home: Path, *args: str) -> str:
             process.wait()
     assert process.returncode == 0, output
     return output
+
+
+class Background:
+    """A radfed command running in its own process group, with its output in a log file.
+
+    ``stop`` ends the group by the PID this object started (SIGTERM, then SIGKILL), so the
+    Flower processes it spawned (SuperExec, ServerApp, ClientApp) end with it.
+    """
+
+    def __init__(self, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._handle = log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "radfed", *args],
+            env={**os.environ, **(env or {})},
+            stdout=self._handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.pid = self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout: float) -> None:
+        """Block until ``text`` appears in the output; fail with the output otherwise."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{text!r} not seen; output:\n{self.output()[-4000:]}")
+            time.sleep(0.5)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.pid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(self.pid):
+                self.process.poll()  # reap the leader, or it keeps the group alive as a zombie
+                time.sleep(0.2)
+            if not _group_alive(self.pid):
+                break
+        if self.process.poll() is None:
+            self.process.wait(timeout=5)
+        self._handle.close()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True

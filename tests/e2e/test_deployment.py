@@ -1,0 +1,224 @@
+"""A real deployment on 127.0.0.1: `radfed pki`, `radfed server start` (SuperLink with TLS
+and node authentication), `radfed site join` (SuperNodes with their keys and policies) and
+`radfed launch`, with a site sending NaN weights, a site killed mid-run, an unregistered
+site, and the server killed and resumed. Every process is stopped by its PID."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from radfed.data.synth import synth_classification
+from radfed.privacy import read_entries, verify
+from tests.e2e.processes import Background
+
+pytestmark = pytest.mark.e2e
+
+#: Settings of every run: small and quick; the run's k (2) is below what site b allows.
+#: A site that dies is noticed by its missed heartbeats (about a minute); round-timeout bounds
+#: a round whatever happens.
+RUN_CONFIG = "image-size=32 local-epochs=1 batch-size=8 min-cell-size=2 round-timeout=240.0"
+
+#: Site c imports this at start-up (PYTHONPATH) and so sends NaN weights: a broken site.
+POISON = """
+import math
+import radfed.federation.client as client
+
+_shared = client.shared_state
+
+def _poisoned(model, fedbn):
+    state = _shared(model, fedbn)
+    for value in state.values():
+        if value.is_floating_point():
+            value.fill_(math.nan)
+    return state
+
+client.shared_state = _poisoned
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Federation:
+    root: Path
+    port: int
+    pki: Path
+    data: Path
+    processes: dict[str, Background] = field(default_factory=dict)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def env(self, name: str) -> dict[str, str]:
+        home = self.root / "flwr-home" / name
+        home.mkdir(parents=True, exist_ok=True)
+        return {"FLWR_HOME": str(home)}
+
+    def start_server(self) -> Background:
+        server = Background(
+            self.root / "server.log",
+            "server",
+            "start",
+            "--pki",
+            str(self.pki),
+            "--state",
+            str(self.root / "state"),
+            "--host",
+            "127.0.0.1",
+            env=self.env("server"),
+        )
+        self.processes["server"] = server
+        server.wait_for("server ready", timeout=120)
+        return server
+
+    def join(self, site: str, **env: str) -> Background:
+        process = Background(
+            self.root / f"site-{site}.log",
+            "site",
+            "join",
+            "--pki",
+            str(self.pki / "sites" / site),
+            "--site",
+            site,
+            "--data",
+            str(self.data / f"site-{site}"),
+            "--port",
+            str(_free_port()),
+            env={**self.env(f"site-{site}"), **env},
+        )
+        self.processes[f"site-{site}"] = process
+        return process
+
+    def launch(self, out: Path, *args: str) -> Background:
+        return Background(
+            self.root / f"launch-{out.name}.log",
+            "launch",
+            "--server",
+            self.address,
+            "--pki",
+            str(self.pki),
+            "--out",
+            str(out),
+            "--run-config",
+            RUN_CONFIG,
+            *args,
+            env=self.env("launch"),
+        )
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    root = tmp_path_factory.mktemp("federation")
+    data = root / "data"
+    synth_classification(data, sites=3, cases_per_site=30, seed=5, image_size=32)
+    # site b's own policy: a minimum cell size far above the run's 2
+    (data / "site-b" / "site-policy.toml").write_text("[policy]\nmin-cell-size = 1000\n")
+    (data / "site-a" / "site-policy.toml").write_text("[policy]\nmin-cell-size = 2\n")
+    poison = root / "poison"
+    poison.mkdir()
+    (poison / "sitecustomize.py").write_text(POISON)
+    pki = root / "pki"
+    port = _free_port()
+    made = subprocess.run(
+        [
+            *(sys.executable, "-m", "radfed", "pki", "init", "--out", str(pki)),
+            *("--sites", "a,b,c", "--server-address", f"127.0.0.1:{port}"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "PRIVATE KEY" not in made.stdout + made.stderr
+    fed = Federation(root=root, port=port, pki=pki, data=data)
+    try:
+        fed.start_server()
+        fed.join("a")
+        fed.join("b")
+        fed.join("c", PYTHONPATH=str(poison))
+        yield fed
+    finally:
+        for process in fed.processes.values():
+            process.stop()
+
+
+def _metrics(run: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_site_whose_key_is_not_registered_is_refused(federation: Federation) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "radfed", "pki", "add-site", "d", "--pki", str(federation.pki)],
+        check=True,
+        capture_output=True,
+    )
+    (federation.data / "site-d").symlink_to(federation.data / "site-a")
+    intruder = federation.join("d")
+    code = intruder.wait(timeout=120)
+    assert code != 0
+    assert "305" in intruder.output()
+
+
+def test_run_survives_a_nan_site_a_killed_site_and_a_killed_server(
+    federation: Federation,
+) -> None:
+    # Execute: 2 rounds over TLS with authenticated sites. Site c sends NaN weights in
+    # round 1 and is killed after it; the server is killed during round 2 and restarted,
+    # and the run is resumed.
+    out = federation.root / "run"
+    args = ("--rounds", "2", "--min-sites", "2", "--site-wait", "20")
+    first = federation.launch(out, *args)
+    first.wait_for("round 1/2 completed", timeout=400)
+    federation.processes["site-c"].stop()
+    first.wait_for("round 2/2: 2 sites trained", timeout=400)
+    federation.processes["server"].stop()
+    first.wait(timeout=60)
+    federation.start_server()
+    resumed = federation.launch(out, *args, "--resume")
+    code = resumed.wait(timeout=400)
+    before, after = first.output(), resumed.output()
+    # Assert: c's NaN update was dropped by name; the round without c went on
+    assert code == 0, after[-4000:]
+    assert "round 1: dropped update from c" in before
+    assert "round 1/2: 2 sites trained (local loss a" in before
+    # the resumed run continued after round 1, waited for c (and the unregistered d) and
+    # went on without them
+    assert "after round 1 of 2" in after
+    assert "waiting for sites: c, d" in after and "starting without c, d" in after
+    lines = _metrics(out)
+    counts = Counter((line["round"], line["site"], line["split"]) for line in lines)
+    assert set(counts.values()) == {1}, counts  # every round once, none lost or repeated
+    assert {r for r, s, _ in counts if s == "a"} == {1, 2}
+    assert ("c", "train") in {(s, p) for r, s, p in counts if r == 1}
+    assert "c" not in {s for r, s, _ in counts if r == 2}
+    final = torch.load(out / "checkpoints" / "round-002.pt", weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v.float()).all() for v in final.values())
+    assert (out / "bias_report.html").is_file()
+    # site b enforces its own k (1000) over the run's 2: nothing it sent had counts
+    assert all(line["suppressed"] and line["n"] is None for line in lines if line["site"] == "b")
+    assert any(line["site"] == "a" and not line["suppressed"] for line in lines)
+    # site a's audit log holds every reply that left, and verifies
+    audit = federation.data / "site-a" / ".radfed" / "audit.jsonl"
+    assert verify(audit) >= 4
+    kinds = Counter((e.kind, e.server_round) for e in read_entries(audit))
+    assert kinds[("train", 1)] == 1 and kinds[("evaluate", 1)] == 1 and kinds[("evaluate", 2)] >= 1
+    shown = subprocess.run(
+        [sys.executable, "-m", "radfed", "site", "audit", str(federation.data / "site-a")],
+        capture_output=True,
+        text=True,
+    )
+    assert shown.returncode == 0 and "audit log intact" in shown.stdout
