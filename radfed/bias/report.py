@@ -48,12 +48,14 @@ def build_report(
         task: the run's task.
         config: the run configuration (subgroups, margin, held-out site).
         per_site: per site, per evaluated split, its cells (``all`` first).
-        server_round: the round the statistics come from.
+        server_round: the round the statistics come from; 0 is before training: the
+            report then holds the data's composition and confounder screen only (the
+            untrained model's metrics are not reported).
         run: the run folder, for the curves over rounds (metrics.jsonl); optional.
     """
     splits: dict[str, Any] = {}
     roc: dict[str, Any] = {}
-    for split in config.eval_splits:
+    for split in config.eval_splits if server_round > 0 else ():
         rows = _rows(task, config, per_site, split)
         splits[split] = {
             "role": "sealed test" if split == "test" else "internal",

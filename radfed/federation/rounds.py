@@ -196,6 +196,13 @@ def run_rounds(
     """
     names = {} if names is None else names
     strategy.summary()
+    if first_round == 1:  # the sites' data composition, before any training
+        wait_for_sites(grid, config, names, 0)
+        replies = grid.send_and_receive(
+            messages=strategy.configure_evaluate(0, arrays, ConfigRecord({}), grid),
+            timeout=config.round_timeout,
+        )
+        strategy.survey(replies)  # type: ignore[attr-defined]  # a RadfedChecks
     for server_round in range(first_round, config.num_server_rounds + 1):
         started = time.monotonic()
         wait_for_sites(grid, config, names, server_round)

@@ -189,6 +189,23 @@ class RadfedChecks:
         self._write_bias_report(server_round, per_site)
         return MetricRecord(summary)  # type: ignore[arg-type]
 
+    def survey(self, replies: Iterable[Message]) -> None:
+        """Before training: write the sites' data composition and confounder screen (from
+        the counts of the initial model's evaluation; its metrics are not reported)."""
+        per_site: dict[str, dict[str, list[CellStats]]] = {}
+        for msg, site in self._checked(0, replies, "statistics"):
+            try:
+                per_site[site] = self._check_statistics(msg.content)
+            except InvalidReply as err:
+                self._drop(0, site, "statistics", err)
+        if per_site:
+            self._write_bias_report(0, per_site)
+            logger.info(
+                "before training: composition of %s in %s",
+                ", ".join(sorted(per_site)),
+                self.run.bias_report_path,
+            )
+
     def _write_bias_report(
         self, server_round: int, per_site: Mapping[str, Mapping[str, list[CellStats]]]
     ) -> None:

@@ -4,6 +4,7 @@ pooled per-case data, flags, suppression, composition and the confounder screen.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from fairlearn.metrics import MetricFrame
 from sklearn.metrics import recall_score, roc_auc_score
 
 from radfed.bias.cells import SMALL_GROUPS, parse_cell_name, subgroup_cells
+from radfed.bias.render import render_html
 from radfed.bias.report import build_report, cramers_v
 from radfed.config import RunConfig
 from radfed.federation.records import CellStats
@@ -176,3 +178,17 @@ def test_a_held_out_site_is_labelled_and_kept_out_of_the_pool() -> None:
     assert every[("ALL", "all")]["n"] == every[("site-a", "all")]["n"] == 100
     assert every[("site-b", "all")]["role"] == "held-out site"
     assert every[("site-a", "all")]["role"] == "internal"
+
+
+def test_before_training_the_report_holds_composition_and_no_metric(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    site = _site(rng, 200)
+    per_site = {"site-a": {"val": _cells(site, CONFIG)}}
+    report = build_report(TASK, CONFIG, per_site, server_round=0)
+    assert report["round"] == 0 and report["splits"] == {} and report["roc"] == {}
+    (entry,) = report["composition"]
+    labels = np.asarray(site["labels"])
+    assert entry["n"] == len(labels) and entry["positives"] == int(labels.sum())
+    assert {c["attribute"] for c in report["confounders"]} >= {"sex", "manufacturer"}
+    html = render_html(report, tmp_path / "report.html").read_text()
+    assert "site-a" in html
