@@ -58,7 +58,11 @@ class Command:
     env: dict[str, str]
 
     def environ(self) -> dict[str, str]:
-        return {**os.environ, **self.env}
+        """The caller's environment with ``env`` over it; this Python's ``bin`` folder first
+        on PATH, because Flower starts ``flower-superexec`` and the app processes by name."""
+        merged = {**os.environ, **self.env}
+        merged["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), merged.get("PATH", "")])
+        return merged
 
 
 def _tool(name: str) -> str:
@@ -162,7 +166,10 @@ def site_command(
         "--port",
         str(port),
     ]
-    return Command(argv, dict(HARDENED_ENV))
+    env = dict(HARDENED_ENV)
+    if "FLWR_HOME" not in os.environ:  # app bundles go beside the site's state, not to ~/.flwr
+        env["FLWR_HOME"] = str((data / ".radfed" / "flwr-home").resolve())
+    return Command(argv, env)
 
 
 def launch_command(
@@ -233,7 +240,8 @@ def join_site(
     """Check the site kit, policy and data, then run the site's SuperNode in the foreground.
 
     Returns:
-        The SuperNode's exit code (305: its key is not registered with the server).
+        The SuperNode's exit code (non-zero when the server refuses it; Flower logs
+        "Exit Code: 305" when the site's key is not registered).
     """
     from radfed.privacy import POLICY_FILE_NAME, load_policy
 

@@ -89,7 +89,7 @@ def test_site_node_uses_tls_its_key_and_names_its_folder_only_locally(
         "data-path": str((tmp_path / "site").resolve()),
         "policy-path": str(policy.resolve()),
     }
-    assert command.env == HARDENED_ENV
+    assert {k: command.env[k] for k in HARDENED_ENV} == HARDENED_ENV
 
 
 def test_cli_connection_trusts_only_the_federation_ca(pki: Path, tmp_path: Path) -> None:
