@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
@@ -15,9 +15,10 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-__all__ = ["console", "fail", "print_summary", "progress", "setup_logging"]
+__all__ = ["attempt", "console", "fail", "print_summary", "progress", "setup_logging"]
 
 console = Console(stderr=True)
+_T = TypeVar("_T")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -57,9 +58,19 @@ def progress(description: str) -> Iterator[Callable[[int, int], None]]:
         yield update
 
 
-def fail(err: Exception) -> None:
+def fail(err: Exception) -> NoReturn:
     console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+def attempt(call: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """``call(*args, **kwargs)``; a radfed error ends the command with its message (exit 2)."""
+    from radfed.errors import RadfedError
+
+    try:
+        return call(*args, **kwargs)
+    except RadfedError as err:
+        fail(err)
 
 
 def print_summary(folder: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from radfed.cli_common import console, fail, print_summary, setup_logging
+from radfed.cli_common import attempt, console, fail, print_summary, setup_logging
 from radfed.errors import ConfigError, RadfedError
 
 __all__ = ["launch", "pki_app", "server_app", "site_audit", "site_join"]
@@ -33,11 +33,7 @@ def pki_init(
     from radfed.pki import fingerprint, init_pki
 
     names = [s.strip() for s in sites.split(",") if s.strip()]
-    try:
-        pki = init_pki(out, server_address, names, extra_sans=san or ())
-    except RadfedError as err:
-        fail(err)
-        return
+    pki = attempt(init_pki, out, server_address, names, extra_sans=san or ())
     typer.echo(f"PKI for {pki.server_address} in {pki.root}")
     typer.echo(f"  server:  {pki.server_dir} (for `radfed server start --pki {pki.root}`)")
     for name in pki.sites:
@@ -58,11 +54,7 @@ def pki_add_site(
     """Add a site without re-issuing anything else (restart the server to register it)."""
     from radfed.pki import add_site, fingerprint
 
-    try:
-        kit = add_site(pki, name, public_key=public_key)
-    except RadfedError as err:
-        fail(err)
-        return
+    kit = attempt(add_site, pki, name, public_key=public_key)
     typer.echo(f"site {kit.name}: kit {kit.folder}  key {fingerprint(kit.public_key)}")
 
 
@@ -79,11 +71,7 @@ def pki_renew_server(
     """Re-issue the server certificate from the same CA; site kits stay valid."""
     from radfed.pki import renew_server
 
-    try:
-        cert = renew_server(pki, server_address=server_address, extra_sans=san)
-    except RadfedError as err:
-        fail(err)
-        return
+    cert = attempt(renew_server, pki, server_address=server_address, extra_sans=san)
     typer.echo(f"new server certificate: {cert}; restart `radfed server start` to use it")
 
 
@@ -99,11 +87,7 @@ def server_start(
     from radfed.pki import load_pki
 
     setup_logging(False)
-    try:
-        code = start_server(load_pki(pki), state, host=host, port=port or None)
-    except RadfedError as err:
-        fail(err)
-        return
+    code = attempt(lambda: start_server(load_pki(pki), state, host=host, port=port or None))
     raise typer.Exit(code=code)
 
 
@@ -123,11 +107,7 @@ def site_join(
     from radfed.deployment import join_site
 
     setup_logging(False)
-    try:
-        code = join_site(pki, site, data, server=server, policy=policy, port=port)
-    except RadfedError as err:
-        fail(err)
-        return
+    code = attempt(join_site, pki, site, data, server=server, policy=policy, port=port)
     raise typer.Exit(code=code)
 
 
@@ -142,11 +122,7 @@ def site_audit(
     if not path.is_file():
         fail(ConfigError(f"{site_dir} has no audit log yet (nothing has left this site)"))
         return
-    try:
-        count = verify(path)
-    except RadfedError as err:
-        fail(err)
-        return
+    count = attempt(verify, path)
     entries = read_entries(path)
     for entry in entries[-last if last else 0 :]:
         shown = entry.to_json()

@@ -21,9 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from radfed.certs import format_address, parse_address
 from radfed.errors import ConfigError
 from radfed.log import logger
-from radfed.pki import Pki, format_address, load_site_kit, parse_address
+from radfed.pki import Pki, load_site_kit
 
 __all__ = [
     "HARDENED_ENV",

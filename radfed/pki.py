@@ -25,27 +25,32 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import json
 import os
 import re
-import secrets
 import shutil
 import stat
 import tempfile
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from radfed.certs import (
+    DEFAULT_PORT,
+    format_address,
+    make_ca,
+    parse_address,
+    sans,
+    server_cert,
+)
 from radfed.errors import ConfigError
 
 __all__ = [
@@ -63,18 +68,9 @@ __all__ = [
     "renew_server",
 ]
 
-#: Flower 1.41's SuperLink port (``flwr.supercore.constant.SUPERLINK_UVICORN_DEFAULT_PORT``).
-DEFAULT_PORT = 8000
 #: What a site name must match: it names folders, key files and the SuperNode.
 SITE_NAME_RULE = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _SITE_NAME = re.compile(SITE_NAME_RULE)
-_ADDRESS = re.compile(
-    r"^(?:\[(?P<ip6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+))(?::(?P<port>\d{1,5}))?$"
-)
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_HOSTNAME = re.compile(rf"^(?:\*\.)?(?:{_LABEL}\.)*{_LABEL}$", re.IGNORECASE)
-#: Certificates start this long before ``now``, for clocks that lag behind the central one.
-_CLOCK_SKEW = timedelta(hours=1)
 _PEM = serialization.Encoding.PEM
 _SSH = serialization.Encoding.OpenSSH
 _SSH_PUBLIC = serialization.PublicFormat.OpenSSH
@@ -151,7 +147,7 @@ def init_pki(
         ConfigError: ``out`` is not empty, or an address, name or validity is invalid.
     """
     host, port = parse_address(server_address)
-    _sans(host, extra_sans)
+    sans(host, extra_sans)
     sites = [sites] if isinstance(sites, str) else list(sites)
     for name in sites:
         _check_site_name(name)
@@ -169,11 +165,11 @@ def init_pki(
         (tmp / "ca").mkdir(mode=0o700)
         (tmp / "server" / "site-keys").mkdir(parents=True)
         (tmp / "sites").mkdir()
-        ca_key, ca_cert = _make_ca(now, ca_days)
+        ca_key, ca_cert = make_ca(now, ca_days)
         _write(tmp / "ca" / "ca.crt", ca_cert.public_bytes(_PEM))
         _write(tmp / "ca" / "ca.key", _private_pem(ca_key), private=True)
         _write(tmp / "server" / "ca.crt", ca_cert.public_bytes(_PEM))
-        key, cert = _server_cert(ca_key, ca_cert, host, extra_sans, now, server_days)
+        key, cert = server_cert(ca_key, ca_cert, host, extra_sans, now, server_days)
         _write(tmp / "server" / "server.crt", cert.public_bytes(_PEM))
         _write(tmp / "server" / "server.key", _private_pem(key), private=True)
         address = format_address(host, port)
@@ -236,7 +232,7 @@ def renew_server(
     info = load_pki(pki)
     host, port = parse_address(server_address or info.server_address)
     extra = info.extra_sans if extra_sans is None else tuple(extra_sans)
-    _sans(host, extra)
+    sans(host, extra)
     if days < 1:
         raise ConfigError(f"validity must be at least 1 day, got {days=}")
     try:
@@ -249,7 +245,7 @@ def renew_server(
         raise ConfigError(
             f"the CA in {info.root / 'ca'} is expired or not radfed's; run init again"
         )
-    key, cert = _server_cert(ca_key, ca_cert, host, extra, now, days)
+    key, cert = server_cert(ca_key, ca_cert, host, extra, now, days)
     _write(info.server_cert, cert.public_bytes(_PEM), replace=True)
     _write(info.server_key, _private_pem(key), private=True, replace=True)
     address = format_address(host, port)
@@ -317,19 +313,6 @@ def fingerprint(public_key: Path) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
-def _make_ca(now: datetime, days: int) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"radfed CA {secrets.token_hex(4)}")])
-    cert = (
-        _builder(name, name, key.public_key(), now, now + timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(_key_usage(cert_sign=True), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA384())
-    )
-    return key, cert
-
-
 def _new_site(
     root: Path, name: str, address: str, public: ec.EllipticCurvePublicKey | None
 ) -> SiteKit:
@@ -347,94 +330,6 @@ def _new_site(
     _write(folder / "site.toml", _site_toml(name, address).encode())
     _write(root / "server" / "site-keys" / f"{name}.pub", line)
     return load_site_kit(folder)
-
-
-def _server_cert(
-    ca_key: ec.EllipticCurvePrivateKey,
-    ca_cert: x509.Certificate,
-    host: str,
-    extra_sans: Sequence[str],
-    now: datetime,
-    days: int,
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host[:64])])
-    not_after = min(now + timedelta(days=days), ca_cert.not_valid_after_utc)
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    cert = (
-        _builder(subject, ca_cert.subject, key.public_key(), now, not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(x509.SubjectAlternativeName(_sans(host, extra_sans)), False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False
-        )
-        .sign(ca_key, hashes.SHA384())
-    )
-    return key, cert
-
-
-def _builder(
-    subject: x509.Name,
-    issuer: x509.Name,
-    public: ec.EllipticCurvePublicKey,
-    now: datetime,
-    not_after: datetime,
-) -> x509.CertificateBuilder:
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(not_after)
-    )
-
-
-def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    """A CA signs certificates and CRLs; a server signs its TLS handshakes."""
-    no = False  # content_commitment, key/data encipherment, key agreement, en/decipher only
-    return x509.KeyUsage(not cert_sign, no, no, no, no, cert_sign, cert_sign, no, no)
-
-
-def _sans(host: str, extra: Sequence[str]) -> list[x509.GeneralName]:
-    names: list[x509.GeneralName] = []
-    for name in (host, "localhost", "127.0.0.1", *extra):
-        general: x509.GeneralName
-        try:
-            general = x509.IPAddress(ipaddress.ip_address(name))
-        except ValueError:
-            if not _HOSTNAME.match(name) or name.rsplit(".", 1)[-1].isdigit():
-                raise ConfigError(f"{name!r} is not a host name or IP address") from None
-            general = x509.DNSName(name.lower())
-        if general not in names:
-            names.append(general)
-    return names
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``HOST[:PORT]`` (``[v6]:PORT`` for IPv6) as host and port; ConfigError otherwise."""
-    match = _ADDRESS.match(address.strip())
-    host = (match["ip6"] or match["host"]) if match else "*"
-    port = int(match["port"] or DEFAULT_PORT) if match else 0
-    try:
-        _sans(host, ())  # a host name or an IP address
-    except ConfigError:
-        port = 0
-    if not 0 < port < 65536 or "*" in host or (match and match["ip6"] and ":" not in host):
-        raise ConfigError(
-            f"server address {address!r} must be HOST[:PORT], with PORT 1-65535 "
-            f"(default {DEFAULT_PORT}) and an IPv6 host in brackets, e.g. [::1]:{DEFAULT_PORT}"
-        )
-    return host, port
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 host in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _check_site_name(name: str) -> None:

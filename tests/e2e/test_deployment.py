@@ -160,31 +160,18 @@ def _metrics(run: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_site_whose_key_is_not_registered_is_refused(federation: Federation) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "radfed", "pki", "add-site", "d", "--pki", str(federation.pki)],
-        check=True,
-        capture_output=True,
-    )
-    (federation.data / "site-d").symlink_to(federation.data / "site-a")
-    intruder = federation.join("d")
-    code = intruder.wait(timeout=120)
-    assert code != 0
-    assert "305" in intruder.output()
-
-
 def test_run_survives_a_nan_site_a_killed_site_and_a_killed_server(
     federation: Federation,
 ) -> None:
     # Execute: 2 rounds over TLS with authenticated sites. Site c sends NaN weights in
-    # round 1 and is killed after it; the server is killed during round 2 and restarted,
-    # and the run is resumed.
+    # round 1 and is killed before it evaluates; the server is killed once round 1 is
+    # complete and restarted, and the run is resumed.
     out = federation.root / "run"
-    args = ("--rounds", "2", "--min-sites", "2", "--site-wait", "20")
+    args = ("--rounds", "2", "--min-sites", "2", "--site-wait", "10")
     first = federation.launch(out, *args)
+    first.wait_for("round 1: dropped update from c", timeout=400)
+    federation.processes["site-c"].stop()  # mid-round: before it evaluates round 1
     first.wait_for("round 1/2 completed", timeout=400)
-    federation.processes["site-c"].stop()
-    first.wait_for("round 2/2: 2 sites trained", timeout=400)
     federation.processes["server"].stop()
     first.wait(timeout=60)
     federation.start_server()
@@ -195,15 +182,15 @@ def test_run_survives_a_nan_site_a_killed_site_and_a_killed_server(
     assert code == 0, after[-4000:]
     assert "round 1: dropped update from c" in before
     assert "round 1/2: 2 sites trained (local loss a" in before
-    # the resumed run continued after round 1, waited for c (and the unregistered d) and
-    # went on without them
+    assert "round 1/2 val auc: a" in before  # round 1 ended without the dead site
+    # the resumed run continued after round 1, waited for c and went on without it
     assert "after round 1 of 2" in after
-    assert "waiting for sites: c, d" in after and "starting without c, d" in after
+    assert "waiting for sites: c" in after and "starting without c" in after
     lines = _metrics(out)
     counts = Counter((line["round"], line["site"], line["split"]) for line in lines)
     assert set(counts.values()) == {1}, counts  # every round once, none lost or repeated
     assert {r for r, s, _ in counts if s == "a"} == {1, 2}
-    assert ("c", "train") in {(s, p) for r, s, p in counts if r == 1}
+    assert "before training: composition of a, b, c" in before
     assert "c" not in {s for r, s, _ in counts if r == 2}
     final = torch.load(out / "checkpoints" / "round-002.pt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v.float()).all() for v in final.values())
@@ -222,3 +209,16 @@ def test_run_survives_a_nan_site_a_killed_site_and_a_killed_server(
         text=True,
     )
     assert shown.returncode == 0 and "audit log intact" in shown.stdout
+
+
+def test_a_site_whose_key_is_not_registered_is_refused(federation: Federation) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "radfed", "pki", "add-site", "d", "--pki", str(federation.pki)],
+        check=True,
+        capture_output=True,
+    )
+    (federation.data / "site-d").symlink_to(federation.data / "site-a")
+    intruder = federation.join("d")
+    code = intruder.wait(timeout=120)
+    assert code != 0
+    assert "305" in intruder.output()
