@@ -141,6 +141,11 @@ def _cell_json(row: _Row, config: RunConfig, split: str) -> dict[str, Any]:
 def _gaps(rows: list[_Row], config: RunConfig, *, in_sample: bool) -> list[dict[str, Any]]:
     """Worst against best group per (site, attribute, metric), flagged when significant.
 
+    The intervals of the differences hold jointly for the whole split: Bonferroni over every
+    group pair that could have been the worst-best pair, of every site, attribute and metric
+    of the split. A report makes hundreds of comparisons; without this, chance differences
+    are flagged on data without any bias.
+
     Gaps on the training cases (``in_sample``) are reported but never flagged: a model's
     numbers on the cases it was fitted to are no evidence of how it treats a group.
     """
@@ -148,7 +153,7 @@ def _gaps(rows: list[_Row], config: RunConfig, *, in_sample: bool) -> list[dict[
     for row in rows:
         if row.attribute != ALL and not row.suppressed and row.stats.n > 0:
             groups[(row.site, row.attribute)].append(row)
-    out: list[dict[str, Any]] = []
+    found: list[tuple[str, str, str, list[tuple[float, _Row]]]] = []
     for (site, attribute), members in groups.items():
         names = [n for n, m in members[0].metrics.items() if m.compared] if members else []
         for name in names:
@@ -157,37 +162,36 @@ def _gaps(rows: list[_Row], config: RunConfig, *, in_sample: bool) -> list[dict[
                 value = interval(row.metrics[name].estimate, CONFIDENCE).value
                 if value is not None:
                     valued.append((value, row))
-            if len(valued) < 2:
-                continue
-            better = members[0].metrics[name].higher_is_better
-            valued.sort(key=lambda item: item[0], reverse=not better)
-            (worst_value, worst), (best_value, best) = valued[0], valued[-1]
-            pairs = len(valued) * (len(valued) - 1) // 2
-            level = 1 - (1 - CONFIDENCE) / pairs  # Bonferroni over the group pairs
-            difference, ratio = compare(
-                worst.metrics[name].estimate, best.metrics[name].estimate, level
-            )
-            flagged, reason = _flag(difference.to_dict(), config.bias_margin)
-            if in_sample:
-                flagged, reason = False, "training cases (in-sample): reported, not flagged"
-            out.append(
-                {
-                    "site": site,
-                    "attribute": attribute,
-                    "metric": name,
-                    "worst": {
-                        "group": worst.group,
-                        "value": _round(worst_value),
-                        "n": worst.stats.n,
-                    },
-                    "best": {"group": best.group, "value": _round(best_value), "n": best.stats.n},
-                    "difference": _clean(difference.to_dict()),
-                    "ratio": _clean(ratio.to_dict()),
-                    "confidence": round(level, 6),
-                    "flagged": flagged,
-                    "reason": reason,
-                }
-            )
+            if len(valued) >= 2:
+                better = members[0].metrics[name].higher_is_better
+                valued.sort(key=lambda item: item[0], reverse=not better)
+                found.append((site, attribute, name, valued))
+    comparisons = sum(len(v) * (len(v) - 1) // 2 for *_, v in found)
+    level = 1 - (1 - CONFIDENCE) / max(comparisons, 1)
+    out: list[dict[str, Any]] = []
+    for site, attribute, name, valued in found:
+        (worst_value, worst), (best_value, best) = valued[0], valued[-1]
+        difference, ratio = compare(
+            worst.metrics[name].estimate, best.metrics[name].estimate, level
+        )
+        flagged, reason = _flag(difference.to_dict(), config.bias_margin)
+        if in_sample:
+            flagged, reason = False, "training cases (in-sample): reported, not flagged"
+        out.append(
+            {
+                "site": site,
+                "attribute": attribute,
+                "metric": name,
+                "worst": {"group": worst.group, "value": _round(worst_value), "n": worst.stats.n},
+                "best": {"group": best.group, "value": _round(best_value), "n": best.stats.n},
+                "difference": _clean(difference.to_dict()),
+                "ratio": _clean(ratio.to_dict()),
+                "confidence": round(level, 8),
+                "comparisons": comparisons,
+                "flagged": flagged,
+                "reason": reason,
+            }
+        )
     return out
 
 
