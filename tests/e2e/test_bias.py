@@ -33,7 +33,7 @@ def _run(root: Path, bias: str) -> dict[str, object]:
         "--seed",
         "7",
         "--run-config",
-        "val-fraction=0.4 test-fraction=0.1 local-epochs=3",
+        "val-fraction=0.4 test-fraction=0.1 local-epochs=2",
     )
     assert "bias report:" in output
     assert (out / "bias_report.html").read_text().startswith("<!DOCTYPE html>")
