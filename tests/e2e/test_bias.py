@@ -29,7 +29,7 @@ def _run(root: Path, bias: str) -> dict[str, object]:
         "--out",
         str(out),
         "--rounds",
-        "5",
+        "4",
         "--seed",
         "7",
         "--run-config",

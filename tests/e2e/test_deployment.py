@@ -173,7 +173,7 @@ def test_run_survives_a_nan_site_a_killed_site_and_a_killed_server(
     federation.processes["site-c"].stop()  # mid-round: before it evaluates round 1
     first.wait_for("round 1/2 completed", timeout=400)
     federation.processes["server"].stop()
-    first.wait(timeout=60)
+    first.stop()  # its log stream would retry the dead server; its output is all we need
     federation.start_server()
     resumed = federation.launch(out, *args, "--resume")
     code = resumed.wait(timeout=400)
