@@ -322,32 +322,42 @@ def _error(code: int, msg: Message) -> Message:
 
 
 def _leave(reply: Message, msg: Message, context: Context, kind: str) -> Message:
-    """Enforce the policy's message size and write the audit entry of ``reply``."""
+    """Enforce the policy's message size and write the audit entry of ``reply``.
+
+    A reply the audit log cannot record does not leave: an error code goes instead.
+    """
     try:
         path = resolve_site(context.node_config, RunConfig.from_run_config(context.run_config))[1]
         policy = site_policy(context.node_config, path)
     except RadfedError:
         return reply  # an error reply for a node without a site folder: nothing to audit in
-    audit = AuditLog.for_site(path)
     if not reply.has_error():
         try:
             policy.check_size(len(serialize_content(reply.content)))
         except PolicyRefusal as err:
             logger.error("%s reply withheld: %s", kind, err)
             reply = _error(ErrorCode.POLICY, msg)
-    server_round = _server_round(msg) if msg.content.config_records.get("config") else 0
-    if reply.has_error():
-        audit.record(
-            None,
-            run_id=msg.metadata.run_id,
-            server_round=server_round,
-            kind="error",
-            error_code=reply.error.code,
+    try:
+        config = msg.content.config_records.get("config")
+        server_round = _server_round(msg) if config is not None else 0
+        audit = AuditLog.for_site(path)
+        if reply.has_error():
+            audit.record(
+                None,
+                run_id=msg.metadata.run_id,
+                server_round=server_round,
+                kind="error",
+                error_code=reply.error.code,
+            )
+        else:
+            audit.record(
+                reply.content, run_id=msg.metadata.run_id, server_round=server_round, kind=kind
+            )
+    except Exception as err:  # an unrecorded reply must not leave the site
+        logger.error(
+            "%s reply withheld: the audit log cannot record it (%s)", kind, type(err).__name__
         )
-    else:
-        audit.record(
-            reply.content, run_id=msg.metadata.run_id, server_round=server_round, kind=kind
-        )
+        return _error(ErrorCode.RADFED, msg)
     return reply
 
 

@@ -122,3 +122,13 @@ def test_every_reply_is_audited_with_names_and_sizes_never_values(site_copy: Pat
     assert "train-loss" in text
     layer = next(iter(build_model(CONFIG).state_dict()))
     assert layer in json.dumps(train)
+
+
+def test_a_reply_the_audit_log_cannot_record_does_not_leave(site_copy: Path) -> None:
+    context = make_context(CONFIG.to_run_config(), _node(site_copy))
+    assert not handle_query(_request("query"), context).has_error()
+    log = site_copy / ".radfed" / "audit.jsonl"
+    log.write_text(log.read_text()[:-20] + "\n")  # a torn last line: the chain cannot go on
+    reply = handle_train(_request("train"), context)
+    assert reply.has_error() and reply.error.code == ErrorCode.RADFED
+    assert not reply.has_content()
