@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from radfed import __version__
-from radfed.cli_common import fail, print_summary, progress, setup_logging
+from radfed.cli_common import attempt, fail, print_summary, progress, setup_logging
 from radfed.cli_deploy import launch, pki_app, server_app, site_audit, site_join
 from radfed.config import RunConfig
 from radfed.errors import ConfigError, RadfedError
@@ -134,11 +134,7 @@ def simulate(
         "strategy": strategy,
         **({"holdout-site": holdout_site} if holdout_site else {}),
     }
-    try:
-        folder = run_simulation(data, out, overrides, verbose=verbose)
-    except RadfedError as err:
-        fail(err)
-        return
+    folder = attempt(run_simulation, data, out, overrides, verbose=verbose)
     print_summary(folder)
 
 
@@ -207,11 +203,7 @@ def site_index(
     from radfed.data.index import index_export
 
     setup_logging(False)
-    try:
-        summary = index_export(export, out, labels=labels)
-    except RadfedError as err:
-        fail(err)
-        return
+    summary = attempt(index_export, export, out, labels=labels)
     skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped.items())) or "none"
     typer.echo(
         f"{summary.cases} cases ({summary.series_cases} series) from {summary.patients} "
@@ -237,11 +229,7 @@ def explain(
     from radfed.explain import explain_site
 
     setup_logging(False)
-    try:
-        explained = explain_site(checkpoint, data, out, split=split, cases=cases)
-    except RadfedError as err:
-        fail(err)
-        return
+    explained = attempt(explain_site, checkpoint, data, out, split=split, cases=cases)
     typer.echo(f"wrote {len(explained)} maps to {out}")
 
 
@@ -280,11 +268,7 @@ def evaluate(
     from radfed.evaluate import evaluate_site
 
     setup_logging(False)
-    try:
-        result = evaluate_site(checkpoint, data, out, split=split, min_cell_size=min_cell_size)
-    except RadfedError as err:
-        fail(err)
-        return
+    result = attempt(evaluate_site, checkpoint, data, out, split=split, min_cell_size=min_cell_size)
     typer.echo(f"{result.cases} cases: {result.predictions} (stays here), {result.statistics}")
 
 
