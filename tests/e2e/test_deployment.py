@@ -26,7 +26,11 @@ pytestmark = pytest.mark.e2e
 #: Settings of every run: small and quick; the run's k (2) is below what site b allows.
 #: A site that dies is noticed by its missed heartbeats (about a minute); round-timeout bounds
 #: a round whatever happens.
-RUN_CONFIG = "image-size=32 local-epochs=1 batch-size=8 min-cell-size=2 round-timeout=240.0"
+#: FedAdam, so that resuming must also restore the server optimiser's moments.
+RUN_CONFIG = (
+    "image-size=32 local-epochs=1 batch-size=8 min-cell-size=2 round-timeout=240.0 "
+    'strategy="fedadam"'
+)
 
 #: Site c imports this at start-up (PYTHONPATH) and so sends NaN weights: a broken site.
 POISON = """
@@ -194,6 +198,9 @@ def test_run_survives_a_nan_site_a_killed_site_and_a_killed_server(
     assert "c" not in {s for r, s, _ in counts if r == 2}
     final = torch.load(out / "checkpoints" / "round-002.pt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v.float()).all() for v in final.values())
+    # the server optimiser's moments were restored, not restarted: FedAdam's state is there
+    state = torch.load(out / "checkpoints" / "server-state.pt", weights_only=True)
+    assert state["round"] == 2 and state["strategy"]["m_t"] and state["strategy"]["v_t"]
     assert (out / "bias_report.html").is_file()
     # site b enforces its own k (1000) over the run's 2: nothing it sent had counts
     assert all(line["suppressed"] and line["n"] is None for line in lines if line["site"] == "b")
