@@ -39,10 +39,12 @@ bench: install
 lint: install
 	$(BIN)/ruff format --check radfed server client tests bench
 	$(BIN)/ruff check radfed server client tests bench
+	$(BIN)/lint-imports
 
 types: install
 	$(BIN)/mypy
 
+# The whole gate, as CI runs it: format, lint, the import contract, mypy, the tests.
 check: lint types test
 
 format: install
@@ -50,4 +52,4 @@ format: install
 	$(BIN)/ruff check --fix radfed server client tests bench
 
 clean:
-	rm -rf $(VENV) data runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) data runs .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

@@ -49,7 +49,7 @@ SPLIT_SEED = 0
 _IMPORT_CHILD = r"""
 import time; _t0 = time.perf_counter()
 import json
-import radfed.data.site
+import radfed.data.loading
 _t1 = time.perf_counter()
 import monai.transforms
 _t2 = time.perf_counter()
@@ -63,7 +63,7 @@ _CHILD = r"""
 import time; _t0 = time.perf_counter()
 import json, logging, sys
 from pathlib import Path
-from radfed.data.site import load_site
+from radfed.data.loading import load_site
 from radfed.log import logger
 _t_import = time.perf_counter()
 
@@ -261,10 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     progress("importing radfed, torch, pydicom, MONAI")
     import pydicom
 
-    from radfed.data.cache import CACHE_DIR_NAME, CaseCache
+    from radfed.data.cache import CaseCache
+    from radfed.data.loading import load_site
     from radfed.data.manifest import read_manifest
-    from radfed.data.site import STATE_DIR_NAME, load_site
     from radfed.data.synth import synth_classification
+    from radfed.folders import SiteFolder
 
     info = machine_info()
     temporary = args.work_dir is None
@@ -288,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         synth_s = time.perf_counter() - start
         site_dir = data_root / summaries[0].name
-        state_dir = site_dir / STATE_DIR_NAME
-        cache_dir = state_dir / CACHE_DIR_NAME
+        state_dir = SiteFolder(site_dir).state.path
+        cache_dir = SiteFolder(site_dir).state.cache
         paths = [c.image for c in read_manifest(site_dir, "classification").cases]
         dicom_bytes = sum(p.stat().st_size for p in paths)
         progress(f"  {len(paths)} cases, {dicom_bytes / 2**20:.1f} MiB, in {synth_s:.1f}s")
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         second = fresh_process(
             site_dir, args.image_size, cache_dir, warm=True, repeats=args.fresh_repeats
         )
-        progress("fresh process: import-only baseline (radfed.data.site, then monai.transforms)")
+        progress("fresh process: import-only baseline (radfed.data.loading, then monai.transforms)")
         baseline_runs = []
         for i in range(args.fresh_repeats):
             start = time.perf_counter()
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             run["wall_s"] = time.perf_counter() - start
             baseline_runs.append(run)
             progress(
-                f"  import-only run {i + 1}/{args.fresh_repeats}: radfed.data.site "
+                f"  import-only run {i + 1}/{args.fresh_repeats}: radfed.data.loading "
                 f"{run['radfed_import_s']:.2f}s, then monai.transforms "
                 f"{run['monai_import_s']:.2f}s, wall {run['wall_s']:.2f}s"
             )
@@ -499,7 +500,7 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"({second['wall_s']:.2f} s wall) | "
             f"**first vs second round: {q['fresh_first_vs_second_ready']:.1f}x time to ready** |",
             f"| imports only, fresh process | {fp['import_only']['wall_s']:.2f} s wall "
-            f"(radfed.data.site {fp['import_only']['radfed_import_s']:.2f} s + lazy "
+            f"(radfed.data.loading {fp['import_only']['radfed_import_s']:.2f} s + lazy "
             f"monai.transforms {fp['import_only']['monai_import_s']:.2f} s) | "
             "radfed: every round; MONAI: rounds that decode |",
             "",

@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from radfed.config import RunConfig
-from radfed.data.site import SplitData
-from radfed.tasks import TASK_NAMES, get_task, pick_device
+from radfed.config import RunConfig, TaskName
+from radfed.data.loading import SplitData
+from radfed.tasks import get_task, pick_device
 
 #: Per task: default images (per epoch), image size and batch size; the whole run takes
 #: about a minute on 2 CPU cores.
@@ -346,7 +346,7 @@ def _parse() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--tasks", nargs="+", choices=TASK_NAMES, default=list(TASK_NAMES), metavar="TASK"
+        "--tasks", nargs="+", choices=list(TaskName), default=list(TaskName), metavar="TASK"
     )
     parser.add_argument(
         "--scale", type=int, default=1, help="multiply every task's default image count"

@@ -1,9 +1,9 @@
-"""Flower ClientApp: a site's local training and evaluation (logic in radfed.federation.client)."""
+"""Flower ClientApp: a site's local training and evaluation (logic in radfed.site.handlers)."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from radfed.federation import handle_evaluate, handle_query, handle_train
+from radfed.site.handlers import handle_evaluate, handle_query, handle_train
 
 app = ClientApp()
 

@@ -5,14 +5,36 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from radfed.errors import ConfigError
 
-__all__ = ["SPLITS", "RunConfig"]
+__all__ = ["SPLITS", "RunConfig", "StrategyName", "TaskName", "as_choice"]
 
 #: The split names a site knows; ``test`` is sealed and only evaluated on request.
 SPLITS = ("train", "val", "test")
+
+
+_E = TypeVar("_E", bound=StrEnum)
+
+
+class TaskName(StrEnum):
+    """The ``task`` values: what a run trains (one module of ``radfed.tasks`` each)."""
+
+    CLASSIFICATION = "classification"
+    DETECTION = "detection"
+    SEGMENTATION = "segmentation"
+
+
+class StrategyName(StrEnum):
+    """The ``strategy`` values: Flower's aggregation strategies with radfed's checks."""
+
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    FEDADAM = "fedadam"
+    FEDYOGI = "fedyogi"
+    FEDAVGM = "fedavgm"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +112,7 @@ class RunConfig:
         resume: continue the run in ``out-dir`` from its last completed round.
     """
 
-    task: str = "classification"
+    task: TaskName = TaskName.CLASSIFICATION
     num_server_rounds: int = 3
     data_root: str = ""
     out_dir: str = "runs/latest"
@@ -116,7 +138,7 @@ class RunConfig:
     target_spacing: tuple[float, ...] = ()
     min_cell_size: int = 10
     max_update_norm: float = 0.0
-    strategy: str = "fedavg"
+    strategy: StrategyName = StrategyName.FEDAVG
     proximal_mu: float = 0.01
     server_lr: float = 0.01
     fedbn: bool = False
@@ -143,6 +165,8 @@ class RunConfig:
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "task", as_choice("task", self.task, TaskName))
+        object.__setattr__(self, "strategy", as_choice("strategy", self.strategy, StrategyName))
         _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, ">= 1")
         _check(self.image_size >= 16, "image-size", self.image_size, ">= 16")
         _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, ">= 1")
@@ -177,13 +201,6 @@ class RunConfig:
         )
         _check(self.min_cell_size >= 1, "min-cell-size", self.min_cell_size, ">= 1")
         _check(self.max_update_norm >= 0, "max-update-norm", self.max_update_norm, ">= 0 (0: off)")
-        strategies = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedavgm")
-        _check(
-            self.strategy in strategies,
-            "strategy",
-            self.strategy,
-            f"one of {', '.join(strategies)}",
-        )
         _check(
             self.early_stopping_patience >= 0,
             "early-stopping-patience",
@@ -274,10 +291,25 @@ class RunConfig:
             if f.name == "extra":
                 continue
             value = getattr(self, f.name)
-            out[f.name.replace("_", "-")] = (
-                ",".join(map(str, value)) if isinstance(value, tuple) else value
-            )
+            if isinstance(value, tuple):
+                value = ",".join(map(str, value))
+            elif isinstance(value, StrEnum):
+                value = value.value
+            out[f.name.replace("_", "-")] = value
         return out
+
+
+def as_choice(key: str, value: object, choices: type[_E]) -> _E:
+    """``value`` as one of ``choices``.
+
+    Raises:
+        ConfigError: naming the key, the accepted values and the value given.
+    """
+    for choice in choices:
+        if choice == value:
+            return choice
+    names = ", ".join(choices)
+    raise ConfigError(f"run config {key!r} must be one of {names}, got {value!r}")
 
 
 def _check(ok: bool, key: str, value: object, expected: str) -> None:
@@ -288,6 +320,8 @@ def _check(ok: bool, key: str, value: object, expected: str) -> None:
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     kind = str(annotation)
+    if kind in ("TaskName", "StrategyName"):  # a string, checked against the enum later
+        kind = "str"
     try:
         if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):

@@ -1,9 +1,9 @@
-"""Flower ServerApp: runs radfed's federated training (logic in radfed.federation.server)."""
+"""Flower ServerApp: runs radfed's federated training (logic in radfed.central.server)."""
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from radfed.federation import run_server
+from radfed.central.server import run_server
 
 app = ServerApp()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import functools
 import math
 import re
@@ -21,7 +20,8 @@ import typer
 import yaml
 
 from radfed.cli import app
-from radfed.deployment import HARDENED_ENV
+from radfed.deployment.process import HARDENED_ENV
+from radfed.federation.codes import ErrorCode
 from radfed.privacy import load_policy
 from radfed.privacy import policy as policy_module
 
@@ -616,15 +616,7 @@ def test_k8s_site_policy_loads(tmp_path: Path) -> None:
 
 
 def test_readme_lists_every_site_error_code() -> None:
-    source = (ROOT / "radfed" / "federation" / "client.py").read_text()
-    (error_code,) = [
-        n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == "ErrorCode"
-    ]
-    codes = {
-        node.value.value
-        for node in error_code.body
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
-    }
+    codes = {int(code) for code in ErrorCode}
     listed = {int(c) for c in re.findall(r"^\| (\d{4}) \|", README.read_text(), re.MULTILINE)}
 
     assert codes and listed == codes

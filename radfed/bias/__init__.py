@@ -1,5 +1,10 @@
-"""Bias report: subgroup metrics, gaps and confounder screens of a federated run."""
+"""The bias report of a federated run: subgroup estimates, gaps, confounder screens, figures.
 
-from radfed.bias.render import render_html
+Built centrally from the subgroup cells the sites sent (``report``), rendered as one
+self-contained HTML page (``html``) with its figures (``figures``).
+"""
 
-__all__ = ["render_html"]
+from radfed.bias.html import render_html
+from radfed.bias.report import build_report
+
+__all__ = ["build_report", "render_html"]

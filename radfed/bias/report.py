@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from radfed import __version__
-from radfed.bias.cells import ALL
 from radfed.bias.estimates import METHODS, Metric, compare, estimates, interval
+from radfed.bias.figures import curves_from_metrics
 from radfed.config import RunConfig
-from radfed.federation.records import CellStats
-from radfed.federation.run_folder import POOLED_SITE, RunFolder
+from radfed.federation.schema import CellStats
+from radfed.folders import POOLED_SITE
 from radfed.metrics.binary import BinaryStats
-from radfed.tasks.base import SplitStats, Task, merge_stats
+from radfed.metrics.cells import ALL
+from radfed.tasks import SplitStats, Task, merge_stats
 
 __all__ = ["CONFIDENCE", "FORMAT", "FORMAT_VERSION", "build_report", "cramers_v"]
 
@@ -34,13 +35,19 @@ _RISK_EDGES = (0.1, 0.3)
 SiteCells = Mapping[str, Mapping[str, Sequence[CellStats]]]
 
 
+class MetricsHistory(Protocol):
+    """What the report reads the curves over rounds from (a run folder's metrics.jsonl)."""
+
+    def read_metrics(self) -> Iterator[dict[str, Any]]: ...
+
+
 def build_report(
     task: Task,
     config: RunConfig,
     per_site: SiteCells,
     *,
     server_round: int,
-    run: RunFolder | None = None,
+    run: MetricsHistory | None = None,
 ) -> dict[str, Any]:
     """The bias report of one round (a JSON-ready dict; layout in docs/bias_report.md).
 
@@ -87,7 +94,7 @@ def build_report(
         "splits": splits,
         "composition": _composition(per_site),
         "confounders": _confounders(per_site, config),
-        "curves": _curves(run, task.headline) if run is not None else {},
+        "curves": {} if run is None else curves_from_metrics(run.read_metrics(), [task.headline]),
         "roc": roc,
     }
 
@@ -284,17 +291,6 @@ def _confounders(per_site: SiteCells, config: RunConfig) -> list[dict[str, Any]]
                     "risk": risk,
                 }
             )
-    return out
-
-
-def _curves(run: RunFolder, metric: str) -> dict[str, Any]:
-    out: dict[str, dict[str, dict[str, list[list[float]]]]] = {}
-    for line in run.read_metrics():
-        value = line["metrics"].get(metric)
-        if value is None:
-            continue
-        series = out.setdefault(line["split"], {}).setdefault(line["site"], {})
-        series.setdefault(metric, []).append([line["round"], value])
     return out
 
 

@@ -1,21 +1,14 @@
-"""Site data: DICOM reading, manifest, splits, whole-site loading, synthetic sites."""
+"""Site data: reading images, attributes, the manifest, splits, the cache, loading, synthesis."""
 
 from radfed.data.attributes import AgeBands, attributes_from_header, normalise_sex, parse_age
 from radfed.data.cache import CaseCache
-from radfed.data.dicom import DicomImage, ImageReadError, read_dicom_image, read_image
-from radfed.data.manifest import MANIFEST_NAME, Case, Manifest, RowProblem, read_manifest
-from radfed.data.site import (
-    STATE_DIR_NAME,
-    SiteData,
-    SplitData,
-    list_sites,
-    load_site,
-    load_site_for,
-)
+from radfed.data.dicom import read_dicom_image
+from radfed.data.image import DicomImage, ImageReadError
+from radfed.data.loading import SiteData, SplitData, load_site, load_site_for
+from radfed.data.manifest import Case, Manifest, RowProblem, read_manifest
+from radfed.data.reader import read_image
 
 __all__ = [
-    "MANIFEST_NAME",
-    "STATE_DIR_NAME",
     "AgeBands",
     "Case",
     "CaseCache",
@@ -26,7 +19,6 @@ __all__ = [
     "SiteData",
     "SplitData",
     "attributes_from_header",
-    "list_sites",
     "load_site",
     "load_site_for",
     "normalise_sex",

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from radfed.folders import SiteState
 from radfed.log import logger
 
-__all__ = ["CACHE_DIR_NAME", "CaseCache"]
-
-CACHE_DIR_NAME = "cache"
+__all__ = ["CaseCache"]
 #: Bump when preprocessing changes in a way the settings do not capture.
 _PREPROCESSING_VERSION = 2
 
@@ -31,7 +30,7 @@ class CaseCache:
     """Get-or-compute store of (preprocessed pixels, attributes) per image file."""
 
     def __init__(self, state_dir: Path, settings: Mapping[str, object]) -> None:
-        self.folder = state_dir / CACHE_DIR_NAME
+        self.folder = SiteState(state_dir).cache
         text = json.dumps({"v": _PREPROCESSING_VERSION, **settings}, sort_keys=True)
         self._settings = hashlib.sha256(text.encode()).hexdigest()[:16]
         self.hits = 0

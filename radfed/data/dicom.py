@@ -1,4 +1,4 @@
-"""Reading case images (DICOM files, DICOM series, NIfTI) into float pixels in modality units."""
+"""Reading one DICOM file into float pixels in modality units, quietly (no header in a log)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pydicom
@@ -18,17 +16,14 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
 from radfed.data.attributes import STANDARD_BANDS, AgeBands, attributes_from_header
-from radfed.errors import DataError
+from radfed.data.image import DicomImage, ImageReadError
 
 __all__ = [
     "NON_IMAGE_MODALITIES",
-    "DicomImage",
-    "ImageReadError",
     "pixels_of",
     "quiet_pydicom",
     "read_dataset",
     "read_dicom_image",
-    "read_image",
 ]
 
 #: Modalities of objects that hold no image to train on, even when they carry pixel data.
@@ -51,55 +46,6 @@ NON_IMAGE_MODALITIES = frozenset(
         "PLAN",
     }
 )
-
-
-class ImageReadError(DataError):
-    """An image cannot be read; ``reason`` is a short, header-free description."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-@dataclass(frozen=True)
-class DicomImage:
-    """Pixels of one image or volume in modality units, with their spacing.
-
-    Attributes:
-        pixels: float32 array of shape ``(H, W)`` or ``(D, H, W)``; higher means brighter.
-        spacing: spacing in mm per axis (same order as ``pixels``), or None when unknown.
-        attributes: subgroup attributes from the header (``radfed.data.attributes``); they
-            stay in site memory and in aggregate cell keys, never in logs.
-    """
-
-    pixels: np.ndarray
-    spacing: tuple[float, ...] | None
-    attributes: dict[str, str]
-
-
-def read_image(path: Path, bands: AgeBands = STANDARD_BANDS, *, voi: bool = False) -> DicomImage:
-    """Read a case image: a DICOM file, a directory holding one DICOM series, or NIfTI.
-
-    Args:
-        path: the image named by the manifest.
-        bands: age bands of the ``age_band`` attribute.
-        voi: apply the header's VOI LUT or window (DICOM only) after the modality LUT.
-
-    Raises:
-        ImageReadError: with a reason that never quotes a header value.
-    """
-    try:
-        if path.is_dir():
-            from radfed.data.series import read_series
-
-            return read_series(path, bands, voi=voi)
-        if path.name.lower().endswith((".nii", ".nii.gz")):
-            return _read_nifti(path)
-        return read_dicom_image(path, bands, voi=voi)
-    except ImageReadError:
-        raise
-    except Exception:
-        raise ImageReadError("unreadable image file (malformed structure)") from None
 
 
 def read_dicom_image(
@@ -208,31 +154,6 @@ def _first(ds: pydicom.Dataset, *keywords: str) -> pydicom.Dataset | None:
             return None
         item = sequence[0]
     return item
-
-
-def _read_nifti(path: Path) -> DicomImage:
-    """NIfTI through nibabel: ``(X, Y[, Z])`` on disk becomes ``(H, W)`` or ``(D, H, W)``."""
-    try:
-        import nibabel
-    except ImportError:  # pragma: no cover - nibabel is a dependency
-        raise ImageReadError("NIfTI needs nibabel: pip install nibabel") from None
-    try:
-        image: Any = nibabel.load(str(path))
-        data = np.asarray(image.get_fdata(dtype=np.float32))
-        zooms = tuple(float(z) for z in image.header.get_zooms()[: data.ndim])
-    except Exception:
-        raise ImageReadError("unreadable or truncated NIfTI file") from None
-    data = np.squeeze(data)
-    if data.ndim not in (2, 3):
-        raise ImageReadError(f"expected a 2-D or 3-D NIfTI image, got {data.ndim}-D")
-    axes = tuple(reversed(range(data.ndim)))  # (X, Y, Z) -> (Z, Y, X)
-    pixels = np.ascontiguousarray(np.transpose(data, axes), dtype=np.float32)
-    if not np.isfinite(pixels).all():
-        raise ImageReadError("NIfTI image holds non-finite values")
-    spacing = tuple(reversed(zooms[: data.ndim])) if len(zooms) >= data.ndim else None
-    return DicomImage(
-        pixels=pixels, spacing=spacing, attributes=attributes_from_header(pydicom.Dataset())
-    )
 
 
 def _is_image_storage(ds: pydicom.Dataset) -> bool:

@@ -9,14 +9,18 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from radfed.config import SPLITS
+from radfed.config import SPLITS, TaskName
 from radfed.errors import DataError
+from radfed.folders import MANIFEST_NAME, SiteFolder
 
-__all__ = ["MANIFEST_NAME", "TARGET_COLUMN", "Case", "Manifest", "RowProblem", "read_manifest"]
+__all__ = ["TARGET_COLUMN", "Case", "Manifest", "RowProblem", "read_manifest"]
 
-MANIFEST_NAME = "manifest.csv"
 #: The target column of each task.
-TARGET_COLUMN = {"classification": "label", "detection": "boxes", "segmentation": "mask"}
+TARGET_COLUMN = {
+    TaskName.CLASSIFICATION: "label",
+    TaskName.DETECTION: "boxes",
+    TaskName.SEGMENTATION: "mask",
+}
 
 
 @dataclass(frozen=True)
@@ -76,18 +80,18 @@ def read_manifest(site_dir: Path, task: str = "classification") -> Manifest:
     Raises:
         DataError: no manifest, not UTF-8, malformed CSV, or a missing or doubled column.
     """
-    path = site_dir / MANIFEST_NAME
+    path = SiteFolder(site_dir).manifest
     where = f"{site_dir.name}/{MANIFEST_NAME}"  # named by site, never by full path
-    if task not in TARGET_COLUMN:
-        msg = f"task {task!r} is not supported; choose one of {sorted(TARGET_COLUMN)}"
+    target = next((column for name, column in TARGET_COLUMN.items() if name == task), None)
+    if target is None:
+        msg = f"task {task!r} is not supported; choose one of {', '.join(TaskName)}"
         raise DataError(msg)
     if not path.is_file():
         msg = (
             f"{where}: no {MANIFEST_NAME} in the site folder; write one with the columns "
-            f"image, patient_id, {TARGET_COLUMN[task]} (see README: site folder)"
+            f"image, patient_id, {target} (see README: site folder)"
         )
         raise DataError(msg)
-    target = TARGET_COLUMN[task]
     required = ("image", "patient_id", target)
     try:
         text = path.read_bytes().decode("utf-8-sig")

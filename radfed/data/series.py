@@ -8,7 +8,8 @@ import numpy as np
 import pydicom
 
 from radfed.data.attributes import STANDARD_BANDS, AgeBands, attributes_from_header
-from radfed.data.dicom import DicomImage, ImageReadError, pixels_of, quiet_pydicom, read_dataset
+from radfed.data.dicom import pixels_of, quiet_pydicom, read_dataset
+from radfed.data.image import DicomImage, ImageReadError
 
 __all__ = ["read_series"]
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from radfed.errors import DataError
+from radfed.folders import SiteState
 
 __all__ = [
-    "SPLIT_FILE",
-    "TEST_USE_FILE",
     "PatientInfo",
     "assign_splits",
     "check_given_splits",
@@ -25,7 +24,6 @@ __all__ = [
     "record_test_use",
 ]
 
-SPLIT_FILE = "split.json"
 _SPLIT_VERSION = 1
 
 
@@ -143,7 +141,7 @@ def load_or_make_splits(
         state_dir: the site's state folder.
         patients: patient key (see ``patient_key``) -> stratification info.
     """
-    path = state_dir / SPLIT_FILE
+    path = SiteState(state_dir).split
     stored: dict[str, str] = {}
     if path.is_file():
         try:
@@ -151,7 +149,7 @@ def load_or_make_splits(
             stored = {str(k): str(v) for k, v in document["assignments"].items()}
         except (ValueError, KeyError, TypeError, AttributeError):
             msg = (
-                f"{state_dir.name}/{SPLIT_FILE}: unreadable split file in the site state folder; "
+                f"{state_dir.name}/{path.name}: unreadable split file in the site state folder; "
                 "restore it from backup (or delete it to re-split)"
             )
             raise DataError(msg) from None
@@ -193,16 +191,13 @@ def _write_state(state_dir: Path, path: Path, document: object) -> None:
         raise DataError(msg) from None
 
 
-TEST_USE_FILE = "test_uses.json"
-
-
 def record_test_use(state_dir: Path, *, run_id: int, server_round: int) -> int:
     """Count one evaluation of the sealed test split in the site's state; returns the total.
 
     Every look at the test split is a chance to overfit to it: the count tells the site
     (and the study report) how often it has been used.
     """
-    path = state_dir / TEST_USE_FILE
+    path = SiteState(state_dir).test_uses
     uses: list[dict[str, int]] = []
     if path.is_file():
         try:

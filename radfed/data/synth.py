@@ -26,13 +26,14 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from radfed import __version__
+from radfed.config import TaskName
 from radfed.errors import ConfigError
+from radfed.folders import SiteFolder
 from radfed.log import ProgressFn
 
 __all__ = [
     "BIAS_PRESETS",
     "SYNTH_MARKER",
-    "TASKS",
     "SiteProfile",
     "SiteSummary",
     "site_profiles",
@@ -44,8 +45,6 @@ __all__ = [
 SYNTH_MARKER = "synth.json"
 #: The marker radfed 0.1 wrote before synth.json (its folders may be replaced too).
 _OLD_MARKER = ".radfed-synth"
-#: Tasks whose targets synth writes.
-TASKS = ("classification", "detection", "segmentation")
 #: Planted subgroup effects with a known answer (see ``_plant``).
 BIAS_PRESETS = ("none", "contrast", "marker")
 
@@ -175,8 +174,8 @@ def synth_sites(
     Raises:
         ConfigError: bad settings, or ``out`` is not empty and may not be replaced.
     """
-    if task not in TASKS:
-        raise ConfigError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    if task not in tuple(TaskName):
+        raise ConfigError(f"--task must be one of {', '.join(TaskName)}, got {task!r}")
     if dims not in (2, 3):
         raise ConfigError(f"--dims must be 2 or 3, got {dims}")
     if image_size < (32 if dims == 2 else 16):
@@ -314,7 +313,7 @@ def _write_site(
         rows.append(row)
         if progress is not None:
             progress(case + 1)
-    with (folder / "manifest.csv").open("w", newline="") as handle:
+    with SiteFolder(folder).manifest.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -1,28 +1,13 @@
-"""Federation: what travels, reply checks, strategies, the run folder, server and client work."""
+"""The wire contract between a site and the server: what travels, and how it is checked.
 
-from radfed.federation.client import (
-    ErrorCode,
-    handle_evaluate,
-    handle_query,
-    handle_train,
-    resolve_site,
-)
-from radfed.federation.records import InvalidReply, SiteIdentity
-from radfed.federation.run_folder import POOLED_SITE, RunFolder, load_checkpoint
-from radfed.federation.server import run_server
-from radfed.federation.strategy import RadfedFedAvg
+Both sides import it; it imports neither (``radfed.site``, ``radfed.central``).
 
-__all__ = [
-    "POOLED_SITE",
-    "ErrorCode",
-    "InvalidReply",
-    "RadfedFedAvg",
-    "RunFolder",
-    "SiteIdentity",
-    "handle_evaluate",
-    "handle_query",
-    "handle_train",
-    "load_checkpoint",
-    "resolve_site",
-    "run_server",
-]
+- ``codes``: the error codes a site replies with, and ``InvalidReply``;
+- ``identity``: who replied (site name, radfed and schema versions);
+- ``schema``: the statistics schema of evaluation replies, and the training reply's keys;
+- ``updates``: checks of a weight update against the global model;
+- ``weights``: which weights travel (FedBN keeps normalisation layers at the site);
+- ``checkpoint``: the stored global model, written centrally and read at a site.
+"""
+
+__all__: list[str] = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord
@@ -11,7 +10,7 @@ from torch import nn
 
 from radfed.errors import RadfedError
 
-__all__ = ["LocalState", "load_global", "local_keys", "shared_state"]
+__all__ = ["load_global", "local_keys", "shared_state"]
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -47,26 +46,3 @@ def load_global(model: nn.Module, arrays: ArrayRecord, fedbn: bool) -> None:
     if set(state) != set(model.state_dict()) - local_keys(model):
         raise RadfedError("the global model's layers do not match this site's FedBN model")
     model.load_state_dict(state, strict=False)  # the local normalisation layers stay as they are
-
-
-class LocalState:
-    """A site's own normalisation layers across rounds of one run (FedBN), on its disk."""
-
-    def __init__(self, state_dir: Path, run_id: int) -> None:
-        self.path = state_dir / "fedbn" / f"run-{run_id}.pt"
-
-    def restore(self, model: nn.Module) -> bool:
-        """Load the stored local layers into ``model``; False before the first round."""
-        if not self.path.is_file():
-            return False
-        stored = torch.load(self.path, map_location="cpu", weights_only=True)
-        model.load_state_dict(stored, strict=False)
-        return True
-
-    def save(self, model: nn.Module) -> None:
-        state = model.state_dict()
-        local = {k: state[k] for k in local_keys(model)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        torch.save(local, tmp)
-        tmp.replace(self.path)

@@ -1,7 +1,6 @@
 """Site privacy: the site policy (what may leave, k, DP on updates) and the audit log."""
 
 from radfed.privacy.audit import (
-    AUDIT_FILE_NAME,
     AuditEntry,
     AuditKind,
     AuditLog,
@@ -10,7 +9,6 @@ from radfed.privacy.audit import (
     verify,
 )
 from radfed.privacy.policy import (
-    POLICY_FILE_NAME,
     DifferentialPrivacy,
     PolicyRefusal,
     SitePolicy,
@@ -18,8 +16,6 @@ from radfed.privacy.policy import (
 )
 
 __all__ = [
-    "AUDIT_FILE_NAME",
-    "POLICY_FILE_NAME",
     "AuditEntry",
     "AuditKind",
     "AuditLog",

@@ -10,7 +10,7 @@ JSON object with sorted keys::
      "time": "2025-01-01T12:00:00.000+00:00"}
 
 ``bytes`` and ``sha256`` are the length and SHA-256 of the content as Flower serializes it
-(``flwr.common.serde.recorddict_to_proto``, deterministic protobuf encoding); ``records``
+(``radfed.flower_private.serialize_content``, deterministic protobuf encoding); ``records``
 names what left (array names, shapes and dtypes; metric and config keys), never a value.
 ``seq`` counts lines from 1, ``prev`` is the SHA-256 of the previous line (64 zeros on the
 first) and ``hash`` the SHA-256 of the line's own canonical JSON without ``hash``, so
@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from flwr.common.serde import recorddict_to_proto
 
 from radfed.errors import DataError
+from radfed.flower_private import serialize_content
+from radfed.folders import SiteFolder
 
 __all__ = [
-    "AUDIT_FILE_NAME",
     "AuditEntry",
     "AuditKind",
     "AuditLog",
@@ -46,7 +46,6 @@ __all__ = [
     "verify",
 ]
 
-AUDIT_FILE_NAME = "audit.jsonl"
 #: ``prev`` of the first line.
 GENESIS = "0" * 64
 
@@ -58,12 +57,6 @@ class AuditKind(StrEnum):
     EVALUATE = "evaluate"
     QUERY = "query"
     ERROR = "error"
-
-
-def serialize_content(content: RecordDict) -> bytes:
-    """The deterministic protobuf bytes of a reply's content, as Flower encodes it."""
-    data: bytes = recorddict_to_proto(content).SerializeToString(deterministic=True)
-    return data
 
 
 def _describe(content: RecordDict) -> dict[str, dict[str, Any]]:
@@ -155,9 +148,7 @@ class AuditLog:
     @classmethod
     def for_site(cls, site_dir: Path) -> AuditLog:
         """The log of a site folder: ``SITE_DIR/.radfed/audit.jsonl``."""
-        from radfed.data.site import STATE_DIR_NAME  # lazy: radfed.data imports torch
-
-        return cls(site_dir / STATE_DIR_NAME / AUDIT_FILE_NAME)
+        return cls(SiteFolder(site_dir).state.audit_log)
 
     def record(
         self,

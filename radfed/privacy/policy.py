@@ -4,7 +4,7 @@ The site administrator owns a TOML file (``site-policy.toml``); every key is opt
 
     [policy]
     min-cell-size = 20             # k: smaller cells leave only as "suppressed" (default 10)
-    tasks = ["classification"]     # tasks this site trains (default: radfed.tasks.TASK_NAMES)
+    tasks = ["classification"]     # tasks this site trains (default: every radfed.config.TaskName)
     subgroups = ["sex", "age_band", "manufacturer"]  # may leave per subgroup (default: any)
     max-message-bytes = 104857600  # the largest reply this site sends (default 512 MiB)
 
@@ -26,18 +26,18 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
+from radfed.config import TaskName
 from radfed.errors import ConfigError, RadfedError
+from radfed.folders import POLICY_FILE_NAME
 
-__all__ = ["POLICY_FILE_NAME", "DifferentialPrivacy", "PolicyRefusal", "SitePolicy", "load_policy"]
+__all__ = ["DifferentialPrivacy", "PolicyRefusal", "SitePolicy", "load_policy"]
 
-#: The file name a site administrator gives the policy.
-POLICY_FILE_NAME = "site-policy.toml"
 DEFAULT_MIN_CELL_SIZE = 10
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 
@@ -47,12 +47,6 @@ _DP_KEYS = ("required", "clipping-norm", "noise-multiplier")
 
 class PolicyRefusal(RadfedError):
     """The site policy forbids what the run asks; the message names the policy key."""
-
-
-def _task_names() -> tuple[str, ...]:
-    from radfed.tasks import TASK_NAMES  # lazy: radfed.tasks imports torch
-
-    return TASK_NAMES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,7 +75,7 @@ class SitePolicy:
     """
 
     k: int = DEFAULT_MIN_CELL_SIZE
-    tasks: tuple[str, ...] = field(default_factory=_task_names)
+    tasks: tuple[str, ...] = tuple(TaskName)
     subgroups: tuple[str, ...] | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     dp: DifferentialPrivacy | None = None
@@ -118,7 +112,7 @@ class SitePolicy:
             msg = (
                 f"the reply is {nbytes} bytes, over the site policy's 'max-message-bytes' "
                 f"({self.max_message_bytes}); use a smaller model or raise the limit in "
-                "site-policy.toml"
+                f"{POLICY_FILE_NAME}"
             )
             raise PolicyRefusal(msg)
 
@@ -248,7 +242,7 @@ class _Reader:
     def policy(self, data: Mapping[str, Any]) -> SitePolicy:
         top = self.table("", data, ("policy",))
         table = self.table("policy", top.get("policy", {}), _POLICY_KEYS)
-        known = _task_names()
+        known = tuple(TaskName)
         tasks = self.names(table, "tasks")
         if tasks is not None and not set(tasks) <= set(known):
             self.fail("policy.tasks", f"a list of task names among {', '.join(known)}", tasks)

@@ -1,42 +1,17 @@
-"""Tasks radfed trains federatedly; the client and server look a task up by name."""
+"""Tasks radfed trains federatedly: one interface (``protocol``), one local training loop
+(``training``), one module per task, and the registry the client and server look them up in."""
 
-from __future__ import annotations
-
-import importlib
-
-from radfed.errors import ConfigError
-from radfed.tasks.base import CaseOutputs, SplitStats, Task
-from radfed.tasks.runtime import TrainResult, pick_device
-
-#: Task names and the module holding each task's ``TASK``.
-_MODULES = {
-    "classification": "radfed.tasks.classification",
-    "detection": "radfed.tasks.detection",
-    "segmentation": "radfed.tasks.segmentation",
-}
-#: Tasks this radfed version can train federatedly.
-TASK_NAMES = tuple(_MODULES)
-
-
-def get_task(name: str) -> Task:
-    """The task registered under ``name`` (its module is imported on first use).
-
-    Raises:
-        ConfigError: no such task.
-    """
-    if name not in _MODULES:
-        msg = f"run config 'task' must be one of {', '.join(TASK_NAMES)}, got {name!r}"
-        raise ConfigError(msg)
-    task: Task = importlib.import_module(_MODULES[name]).TASK
-    return task
-
+from radfed.tasks.protocol import CaseOutputs, SplitStats, StatsValue, Task, merge_stats
+from radfed.tasks.registry import get_task
+from radfed.tasks.training import TrainResult, pick_device
 
 __all__ = [
-    "TASK_NAMES",
     "CaseOutputs",
     "SplitStats",
+    "StatsValue",
     "Task",
     "TrainResult",
     "get_task",
+    "merge_stats",
     "pick_device",
 ]

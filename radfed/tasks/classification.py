@@ -11,13 +11,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from radfed.config import RunConfig
-from radfed.data.site import SplitData
+from radfed.config import RunConfig, TaskName
+from radfed.data.loading import SplitData
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.binary import BinaryStats, binary_metrics
 from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
-from radfed.tasks.base import StatsValue, Task, choose, record_count, record_histogram
-from radfed.tasks.runtime import (
+from radfed.tasks.protocol import StatsValue, Task, choose, record_count, record_histogram
+from radfed.tasks.training import (
     TrainResult,
     augment_intensity,
     autocast,
@@ -312,7 +312,7 @@ class ClassificationTask:
     ``class-c.neg-hist``.
     """
 
-    name = "classification"
+    name = TaskName.CLASSIFICATION
     models: tuple[str, ...] = MODELS
     losses: tuple[str, ...] = LOSSES
     headline = "auc"

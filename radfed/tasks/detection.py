@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from radfed.config import RunConfig
-from radfed.data.site import SplitData
+from radfed.config import RunConfig, TaskName
+from radfed.data.loading import SplitData
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.detection import IOU_THRESHOLDS, DetectionStats, detection_metrics
-from radfed.tasks.base import (
+from radfed.tasks.protocol import (
     SplitStats,
     StatsValue,
     Task,
@@ -30,7 +30,7 @@ from radfed.tasks.base import (
     record_histogram,
     record_value,
 )
-from radfed.tasks.runtime import TrainResult, autocast, fit, loader, pick_device
+from radfed.tasks.training import TrainResult, autocast, fit, loader, pick_device
 
 if TYPE_CHECKING:
     from monai.apps.detection.networks.retinanet_detector import RetinaNetDetector
@@ -419,7 +419,7 @@ class DetectionTask:
     ``metric-bins`` counts each.
     """
 
-    name = "detection"
+    name = TaskName.DETECTION
     models = MODELS
     losses = LOSSES
     headline = "ap50"

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from radfed.config import RunConfig
-from radfed.data.site import SplitData
+from radfed.config import RunConfig, TaskName
+from radfed.data.loading import SplitData
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.segmentation import (
     CaseKind,
@@ -25,7 +25,7 @@ from radfed.metrics.segmentation import (
     hd95_range,
     segmentation_metrics,
 )
-from radfed.tasks.base import (
+from radfed.tasks.protocol import (
     SplitStats,
     StatsValue,
     Task,
@@ -34,7 +34,7 @@ from radfed.tasks.base import (
     record_histogram,
     record_value,
 )
-from radfed.tasks.runtime import TrainResult, autocast, fit, loader, pick_device
+from radfed.tasks.training import TrainResult, autocast, fit, loader, pick_device
 
 __all__ = [
     "COUNT_KEYS",
@@ -361,7 +361,7 @@ class SegmentationTask:
     and the histograms ``HIST_KEYS`` of ``metric-bins`` counts each.
     """
 
-    name: str = "segmentation"
+    name = TaskName.SEGMENTATION
     models: tuple[str, ...] = MODELS
     losses: tuple[str, ...] = LOSSES
     headline: str = "dice_mean"

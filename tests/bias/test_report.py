@@ -11,12 +11,12 @@ import pytest
 from fairlearn.metrics import MetricFrame
 from sklearn.metrics import recall_score, roc_auc_score
 
-from radfed.bias.cells import SMALL_GROUPS, parse_cell_name, subgroup_cells
-from radfed.bias.render import render_html
+from radfed.bias.html import render_html
 from radfed.bias.report import build_report, cramers_v
 from radfed.config import RunConfig
-from radfed.federation.records import CellStats
+from radfed.federation.schema import CellStats
 from radfed.metrics.binary import BinaryStats
+from radfed.metrics.cells import SMALL_GROUPS, parse_cell_name, subgroup_cells
 from radfed.tasks.classification import TASK
 
 CONFIG = RunConfig(

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import radfed.data.site as site_module
+import radfed.data.loading as site_module
 from radfed.data.cache import CaseCache
-from radfed.data.site import load_site
+from radfed.data.loading import load_site
 
 SETTINGS = {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25, "seed": 5}
 

@@ -11,7 +11,8 @@ from pydicom.data import get_testdata_file
 from pydicom.pixels import apply_modality_lut
 
 from radfed.data.attributes import normalise_sex
-from radfed.data.dicom import ImageReadError, read_dicom_image
+from radfed.data.dicom import read_dicom_image
+from radfed.data.image import ImageReadError
 
 
 def _testfile(name: str) -> Path:

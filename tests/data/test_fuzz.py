@@ -30,7 +30,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from radfed.data.dicom import DicomImage, ImageReadError, read_image
+from radfed.data.image import DicomImage, ImageReadError
+from radfed.data.reader import read_image
 from radfed.data.synth import synth_classification
 
 WHEEL_FILES = (

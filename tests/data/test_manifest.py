@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from radfed.data.loading import load_site
 from radfed.data.manifest import read_manifest
-from radfed.data.site import load_site
 from radfed.errors import DataError
 
 

@@ -24,7 +24,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 
 from radfed.data.attributes import UNKNOWN, attributes_from_header
-from radfed.data.dicom import DicomImage, read_image
+from radfed.data.image import DicomImage
+from radfed.data.reader import read_image
 
 
 def _pydicom_data_installed() -> bool:

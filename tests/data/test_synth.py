@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from radfed.data.dicom import read_image
+from radfed.data.reader import read_image
 from radfed.data.synth import site_profiles, synth_classification, synth_sites
 from radfed.errors import ConfigError
 

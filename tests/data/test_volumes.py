@@ -14,8 +14,9 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from radfed.data.dicom import ImageReadError, read_image
-from radfed.data.site import load_site
+from radfed.data.image import ImageReadError
+from radfed.data.loading import load_site
+from radfed.data.reader import read_image
 
 TEST_FILES = Path(str(get_testdata_file("CT_small.dcm", download=False))).parent
 
@@ -153,7 +154,7 @@ def test_3d_run_loads_volumes_and_skips_2d_images(tmp_path: Path) -> None:
 
 
 def test_target_spacing_resamples_before_resizing(tmp_path: Path) -> None:
-    from radfed.data.site import _resample
+    from radfed.data.loading import _resample
 
     pixels = np.zeros((10, 20), dtype=np.float32)
     assert _resample(pixels, (1.0, 0.5), (2.0, 2.0)).shape == (5, 5)

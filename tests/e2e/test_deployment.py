@@ -35,7 +35,7 @@ RUN_CONFIG = (
 #: Site c imports this at start-up (PYTHONPATH) and so sends NaN weights: a broken site.
 POISON = """
 import math
-import radfed.federation.client as client
+import radfed.site.handlers as client
 
 _shared = client.shared_state
 

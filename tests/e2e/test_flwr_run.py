@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from radfed.data.synth import synth_classification
-from radfed.simulate import find_app_dir
+from radfed.folders import find_app_dir
 
 pytestmark = pytest.mark.e2e
 LOCAL_CONTROL_PORT = 39093  # Flower's managed local SuperLink (flwr.cli.constant)

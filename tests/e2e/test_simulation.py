@@ -12,9 +12,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from radfed.config import RunConfig
-from radfed.data.site import load_site
+from radfed.data.loading import load_site
 from radfed.data.synth import synth_classification
-from radfed.federation.run_folder import load_checkpoint
+from radfed.federation.checkpoint import load_checkpoint
 from radfed.tasks.classification import build_model, predict
 from tests.e2e.processes import run_simulate
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from radfed.config import RunConfig
-from radfed.data.site import SplitData, load_site_for
+from radfed.data.loading import SplitData, load_site_for
 from radfed.data.synth import synth_sites
-from radfed.federation.run_folder import load_checkpoint
+from radfed.federation.checkpoint import load_checkpoint
 from radfed.tasks import get_task
-from radfed.tasks.base import merge_stats
+from radfed.tasks.protocol import merge_stats
 from tests.e2e.processes import run_simulate
 
 pytestmark = pytest.mark.e2e

@@ -19,7 +19,6 @@ from torch import nn
 
 from radfed.errors import DataError
 from radfed.privacy.audit import (
-    AUDIT_FILE_NAME,
     GENESIS,
     AuditKind,
     AuditLog,
@@ -71,7 +70,7 @@ def test_entry_names_what_left_and_never_its_values(tmp_path: Path) -> None:
     entry = log.record(content, run_id=7, server_round=2, kind="train")
 
     # Assert: the file is where the site keeps its state, and holds one entry
-    assert log.path == tmp_path / "site" / ".radfed" / AUDIT_FILE_NAME
+    assert log.path == tmp_path / "site" / ".radfed" / "audit.jsonl"
     text = log.path.read_text()
     (line,) = text.splitlines()
     obj = json.loads(line)
@@ -238,7 +237,7 @@ def test_a_broken_last_line_stops_further_records(tmp_path: Path) -> None:
 
 def test_verify_of_a_missing_log_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot be read"):
-        verify(tmp_path / AUDIT_FILE_NAME)
+        verify(tmp_path / "audit.jsonl")
 
 
 @pytest.mark.parametrize(

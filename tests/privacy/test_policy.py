@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from radfed.config import TaskName
 from radfed.errors import ConfigError, RadfedError
 from radfed.privacy.policy import (
     DifferentialPrivacy,
@@ -16,7 +17,6 @@ from radfed.privacy.policy import (
     SitePolicy,
     load_policy,
 )
-from radfed.tasks import TASK_NAMES
 
 FULL = """\
 [policy]
@@ -49,7 +49,7 @@ def test_defaults() -> None:
     # Assert
     assert policy == SitePolicy.default()
     assert policy.k == 10
-    assert policy.tasks == TASK_NAMES
+    assert policy.tasks == tuple(TaskName)
     assert policy.subgroups is None
     assert policy.max_message_bytes == 512 * 1024 * 1024
     assert policy.dp is None

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torchvision.ops import sigmoid_focal_loss
 
+from radfed.central.run_folder import RunFolder
+from radfed.central.server import load_initial_weights
 from radfed.config import RunConfig
 from radfed.errors import ConfigError, DataError
-from radfed.federation.run_folder import RunFolder
-from radfed.federation.server import load_initial_weights
 from radfed.tasks.classification import MODELS, build_model, make_loss
 
 CONFIG = RunConfig(image_size=32)
@@ -75,7 +75,7 @@ def test_transfer_learning_starts_from_a_local_checkpoint(tmp_path: Path) -> Non
 
 
 def test_early_stopping_keeps_the_best_epoch_when_validation_gets_worse() -> None:
-    from radfed.data.site import SplitData
+    from radfed.data.loading import SplitData
     from radfed.tasks.classification import train
 
     # Prepare: validation labels are the training labels flipped, so fitting the training
@@ -109,7 +109,7 @@ def test_early_stopping_keeps_the_best_epoch_when_validation_gets_worse() -> Non
 
 
 def test_multi_class_training_learns_three_classes() -> None:
-    from radfed.data.site import SplitData
+    from radfed.data.loading import SplitData
     from radfed.tasks.classification import TASK
 
     # Prepare: class c has a bright spot in its own third of the image
@@ -138,7 +138,7 @@ def test_multi_class_training_learns_three_classes() -> None:
 
 
 def test_dataloader_workers_give_the_same_update_as_the_main_process() -> None:
-    from radfed.data.site import SplitData
+    from radfed.data.loading import SplitData
     from radfed.tasks.classification import train
 
     # Prepare
@@ -155,7 +155,7 @@ def test_dataloader_workers_give_the_same_update_as_the_main_process() -> None:
 
 
 def test_local_steps_bound_the_optimiser_steps_of_a_round() -> None:
-    from radfed.data.site import SplitData
+    from radfed.data.loading import SplitData
     from radfed.tasks.classification import train
 
     # Prepare: 24 cases in batches of 8 = 3 steps per epoch
@@ -170,7 +170,7 @@ def test_local_steps_bound_the_optimiser_steps_of_a_round() -> None:
 
 
 def test_intensity_augmentation_is_seeded_and_varies_each_image() -> None:
-    from radfed.tasks.runtime import augment_intensity, seeded_generator
+    from radfed.tasks.training import augment_intensity, seeded_generator
 
     images = torch.full((4, 1, 8, 8), 0.5)
     first = augment_intensity(images, seeded_generator(3))

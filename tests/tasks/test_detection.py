@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from radfed.config import RunConfig
-from radfed.data.site import SplitData, load_site
+from radfed.data.loading import SplitData, load_site
 from radfed.data.synth import synth_sites
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.detection import DetectionStats

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from radfed.config import RunConfig
-from radfed.data.site import SplitData, load_site
+from radfed.data.loading import SplitData, load_site
 from radfed.data.synth import synth_sites
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.segmentation import CaseMetrics, SegmentationStats

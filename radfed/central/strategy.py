@@ -1,0 +1,383 @@
+"""Flower strategies with radfed's reply checks, checkpoints and statistics-based metrics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+
+from radfed.bias.report import build_report
+from radfed.central.run_folder import RunFolder
+from radfed.config import RunConfig, StrategyName
+from radfed.federation.codes import ErrorCode, InvalidReply, describe_code
+from radfed.federation.identity import read_site_identity
+from radfed.federation.schema import (
+    ARRAYS_KEY,
+    CELLS_KEY,
+    METRICS_KEY,
+    TRAIN_METRIC_KEYS,
+    CellStats,
+    unpack_cells,
+)
+from radfed.federation.updates import cast_like, validate_arrays
+from radfed.folders import POOLED_SITE
+from radfed.log import logger
+from radfed.tasks import get_task, merge_stats
+
+__all__ = ["STRATEGIES", "RadfedChecks", "RadfedFedAvg", "make_strategy"]
+
+_R = TypeVar("_R", ArrayRecord, MetricRecord)
+
+
+class RadfedChecks:
+    """radfed's behaviour on top of any Flower Message-API strategy (used as a mixin).
+
+    Aggregation itself is the base strategy's (FedAvg, FedProx, FedAdam, ...).
+
+    Every reply is checked on its own before aggregation; a bad one is logged with the
+    site name and dropped, never allowed to fail the round. An accepted training reply
+    holds exactly one ArrayRecord and one MetricRecord of fixed keys, so Flower's own
+    consistency check cannot fail on the accepted set. Only the first reply of a round
+    from each site name is used. Evaluation replies carry sufficient statistics: the
+    per-site and pooled metrics are computed from them and written to metrics.jsonl
+    (pooled from summed statistics, never averaged).
+
+    Args:
+        config: the run configuration.
+        reference: the initial global weights.
+        run: the run folder to write.
+        max_update_norm: largest allowed L2 distance between an update and the current
+            global weights (floating-point tensors only); None for no bound.
+        max_examples: largest ``num-examples`` a reply may report.
+
+    Raises:
+        ValueError: a bound that is not positive.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: RunConfig,
+        reference: Mapping[str, torch.Tensor],
+        run: RunFolder,
+        max_update_norm: float | None = None,
+        max_examples: int = 10_000_000,
+        **base_options: Any,
+    ) -> None:
+        if max_update_norm is not None and not 0 < max_update_norm < math.inf:
+            msg = f"max_update_norm must be positive and finite, or None; got {max_update_norm!r}"
+            raise ValueError(msg)
+        if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
+            msg = f"max_examples must be a positive integer, got {max_examples!r}"
+            raise ValueError(msg)
+        super().__init__(  # type: ignore[call-arg]
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            # radfed.central.rounds waits for min-sites, with a deadline; Flower's own
+            # wait has none, so it only ever waits for one node here.
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+            **base_options,
+        )
+        self.config = config
+        self.task = get_task(config.task)
+        self.reference = {k: v.detach().cpu() for k, v in reference.items()}
+        self.run = run
+        self.max_update_norm = max_update_norm
+        self.max_examples = max_examples
+        self.site_names: dict[int, str] = {}
+        #: node id -> site name of the keys registered with the SuperLink (a deployment)
+        self.registered: dict[int, str] = {}
+
+    def summary(self) -> None:
+        super().summary()  # type: ignore[misc]
+        logger.info(
+            "strategy %s: %d rounds, at least %d sites, statistics-based metrics, "
+            "update norm bound %s, at most %d examples per reply",
+            self.config.strategy,
+            self.config.num_server_rounds,
+            self.config.min_sites,
+            "none" if self.max_update_norm is None else f"{self.max_update_norm:g}",
+            self.max_examples,
+        )
+
+    # ------------------------------------------------------------------ training
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted: list[Message] = []
+        losses: dict[str, float] = {}
+        for msg, site in self._checked(server_round, replies, "update"):
+            try:
+                loss = self._check_update(msg.content)
+            except InvalidReply as err:
+                self._drop(server_round, site, "update", err)
+                continue
+            accepted.append(msg)
+            losses[site] = loss
+        arrays: ArrayRecord | None = None
+        metrics: MetricRecord | None = None
+        if accepted:
+            arrays, metrics = super().aggregate_train(server_round, accepted)  # type: ignore[misc]
+        if arrays is not None:
+            state = cast_like(arrays, self.reference)
+            arrays = ArrayRecord(state)
+            self.reference = state
+        else:
+            logger.warning("round %d: no valid update; the global model is unchanged", server_round)
+        self.run.save_checkpoint(server_round, self.reference, self.config)
+        logger.info(
+            "round %d/%d: %d sites trained (local loss %s)",
+            server_round,
+            self.config.num_server_rounds,
+            len(accepted),
+            ", ".join(f"{s} {v:.3f}" for s, v in sorted(losses.items())) or "none",
+        )
+        return arrays, metrics
+
+    # ---------------------------------------------------------------- evaluation
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        per_site: dict[str, dict[str, list[CellStats]]] = {}
+        for msg, site in self._checked(server_round, replies, "statistics"):
+            try:
+                per_site[site] = self._check_statistics(msg.content)
+            except InvalidReply as err:
+                self._drop(server_round, site, "statistics", err)
+        if not per_site:
+            logger.warning("round %d: no valid statistics", server_round)
+            return None
+        summary: dict[str, float] = {}
+        for split in self.config.eval_splits:
+            pooled = merge_stats(  # the held-out site is reported, never pooled
+                self.task,
+                (s[split][0].stats for n, s in per_site.items() if n != self.config.holdout_site),
+                self.config,
+            )
+            rows = {
+                **{name: cells[split][0].stats for name, cells in sorted(per_site.items())},
+                POOLED_SITE: pooled,
+            }
+            headline, shown = self.task.headline, []
+            for name, stats in rows.items():
+                values = self.task.metrics(stats)
+                self.run.append_metrics(
+                    server_round, name, split, stats.n, values, suppressed=stats.suppressed
+                )
+                shown.append(
+                    f"{name} {'suppressed' if stats.suppressed else _fmt(values.get(headline))}"
+                )
+                if name == POOLED_SITE:
+                    summary.update({f"{split}-{k}": v for k, v in values.items() if v is not None})
+            logger.info(
+                "round %d/%d %s %s: %s",
+                server_round,
+                self.config.num_server_rounds,
+                split,
+                headline,
+                " | ".join(shown),
+            )
+        self._write_bias_report(server_round, per_site)
+        return MetricRecord(summary)  # type: ignore[arg-type]
+
+    def survey(self, replies: Iterable[Message]) -> None:
+        """Before training: write the sites' data composition and confounder screen (from
+        the counts of the initial model's evaluation; its metrics are not reported)."""
+        per_site: dict[str, dict[str, list[CellStats]]] = {}
+        for msg, site in self._checked(0, replies, "statistics"):
+            try:
+                per_site[site] = self._check_statistics(msg.content)
+            except InvalidReply as err:
+                self._drop(0, site, "statistics", err)
+        if per_site:
+            self._write_bias_report(0, per_site)
+            logger.info(
+                "before training: composition of %s in %s",
+                ", ".join(sorted(per_site)),
+                self.run.bias_report_path,
+            )
+
+    def _write_bias_report(
+        self, server_round: int, per_site: Mapping[str, Mapping[str, list[CellStats]]]
+    ) -> None:
+        """Replace ``bias_report.json`` with this round's subgroup report."""
+        try:
+            report = build_report(
+                self.task, self.config, per_site, server_round=server_round, run=self.run
+            )
+        except (ArithmeticError, ValueError) as err:  # never let a report stop the run
+            logger.error("round %d: bias report not written (%s)", server_round, type(err).__name__)
+            return
+        self.run.write_bias_report(report)
+
+    # ------------------------------------------------------------------ checks
+    def _check_update(self, content: RecordDict) -> float:
+        """Check a training reply; return its training loss.
+
+        Raises:
+            InvalidReply: records other than one ArrayRecord and one MetricRecord of the
+                training keys, bad weights (see ``validate_arrays``), or bad values.
+        """
+        arrays = _only(content.array_records, ARRAYS_KEY, "ArrayRecord")
+        reported = _only(content.metric_records, METRICS_KEY, "MetricRecord")
+        if set(reported.keys()) != TRAIN_METRIC_KEYS:
+            missing = sorted(TRAIN_METRIC_KEYS - set(reported.keys()))
+            extra = sorted(set(reported.keys()) - TRAIN_METRIC_KEYS)
+            raise InvalidReply(f"metric keys differ (missing {missing}, extra {extra[:3]})")
+        n = reported["num-examples"]
+        if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+            raise InvalidReply("num-examples must be a positive integer")
+        self._check_examples(n)
+        loss = reported["train-loss"]
+        if not isinstance(loss, float) or not math.isfinite(loss):
+            raise InvalidReply("train-loss must be a finite float")
+        validate_arrays(arrays, self.reference, max_update_norm=self.max_update_norm)
+        return loss
+
+    def _check_statistics(self, content: RecordDict) -> dict[str, list[CellStats]]:
+        """Check an evaluation reply; return per split its cells (``all`` first).
+
+        Raises:
+            InvalidReply: not exactly one MetricRecord, or bad statistics or cell names.
+        """
+        record = _only(content.metric_records, METRICS_KEY, "MetricRecord")
+        names = content.config_records.get(CELLS_KEY)
+        cells = unpack_cells(self.task, record, names, self.config)
+        self._check_examples(sum(c[0].stats.n for c in cells.values()))
+        try:  # statistics that pass the schema but break the metric code are dropped too
+            for parts in cells.values():
+                for cell in parts:
+                    self.task.metrics(cell.stats)
+        except (ArithmeticError, ValueError):
+            raise InvalidReply("statistics cannot be evaluated") from None
+        return cells
+
+    def _check_examples(self, n: int) -> None:
+        """Refuse a count that would let one site outweigh all others without bound."""
+        if n > self.max_examples:
+            raise InvalidReply(f"num-examples {n} is above the bound {self.max_examples}")
+
+    # ------------------------------------------------------------------ helpers
+    def _checked(
+        self, server_round: int, replies: Iterable[Message], what: str
+    ) -> Iterable[tuple[Message, str]]:
+        """Replies that carry content and a valid site identity, with the site name.
+
+        Only the first reply of the round from a site name is passed on: a later one
+        would overwrite it (or be counted twice) and is dropped with a warning.
+        """
+        seen: set[str] = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error() and msg.error.code == ErrorCode.HELD_OUT:
+                logger.info(
+                    "round %d: %s is the held-out site; it evaluates but does not train",
+                    server_round,
+                    self.site_names.get(node, f"node {node}"),
+                )
+                continue
+            if msg.has_error():
+                logger.warning(
+                    "round %d: %s failed with error code %d (%s); dropped",
+                    server_round,
+                    self.site_names.get(node, f"node {node}"),
+                    msg.error.code,
+                    describe_code(msg.error.code),
+                )
+                continue
+            try:
+                site = read_site_identity(msg.content).name
+            except InvalidReply as err:
+                self._drop(server_round, self.site_names.get(node, f"node {node}"), what, err)
+                continue
+            if node in self.registered and self.registered[node] != site:
+                self._drop(
+                    server_round,
+                    self.registered[node],
+                    what,
+                    InvalidReply(f"it calls itself {site!r}, not the site its key belongs to"),
+                )
+                continue
+            if self.config.sites and site not in self.config.sites:
+                self._drop(server_round, site, what, InvalidReply("not one of the run's sites"))
+                continue
+            if site in seen:
+                logger.warning(
+                    "round %d: dropped %s from %s (node %d): this round already has a reply "
+                    "from that site name",
+                    server_round,
+                    what,
+                    site,
+                    node,
+                )
+                continue
+            seen.add(site)
+            self.site_names[node] = site
+            yield msg, site
+
+    def _drop(self, server_round: int, site: str, what: str, err: Exception) -> None:
+        logger.warning("round %d: dropped %s from %s: %s", server_round, what, site, err)
+
+
+def _only(records: Mapping[str, _R], key: str, kind: str) -> _R:
+    """The one record of a kind in a reply, which must be named ``key``.
+
+    Raises:
+        InvalidReply: no record of that kind, more than one, or one under another name.
+    """
+    if list(records.keys()) != [key]:
+        names = sorted(records.keys())
+        raise InvalidReply(
+            f"reply must carry exactly one {kind} named {key!r}, got {len(names)} {names[:3]}"
+        )
+    return records[key]
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+class RadfedFedAvg(RadfedChecks, FedAvg):
+    """FedAvg with radfed's checks, checkpoints and statistics-based metrics."""
+
+
+#: Strategy names of the ``strategy`` run setting and the Flower class each extends.
+STRATEGIES: dict[StrategyName, type[FedAvg]] = {
+    StrategyName.FEDAVG: FedAvg,
+    StrategyName.FEDPROX: FedProx,
+    StrategyName.FEDADAM: FedAdam,
+    StrategyName.FEDYOGI: FedYogi,
+    StrategyName.FEDAVGM: FedAvgM,
+}
+
+
+def make_strategy(
+    config: RunConfig,
+    reference: Mapping[str, torch.Tensor],
+    run: RunFolder,
+    **bounds: Any,
+) -> FedAvg:
+    """The strategy named by ``config.strategy``, with radfed's checks and outputs.
+
+    FedProx sends ``proximal-mu`` (the site adds the proximal term); FedAdam and FedYogi
+    keep a server optimiser with learning rate ``server-lr``; FedAvgM uses server momentum.
+    """
+    base = STRATEGIES[config.strategy]
+    options: dict[str, Any] = {}
+    if base is FedProx:
+        options["proximal_mu"] = config.proximal_mu
+    elif base in (FedAdam, FedYogi):
+        options.update(eta=config.server_lr, eta_l=config.learning_rate, beta_1=0.9, beta_2=0.99)
+    elif base is FedAvgM:
+        options.update(server_learning_rate=1.0, server_momentum=0.9)
+    cls = (
+        RadfedFedAvg if base is FedAvg else type(f"Radfed{base.__name__}", (RadfedChecks, base), {})
+    )
+    strategy: FedAvg = cls(config=config, reference=reference, run=run, **bounds, **options)
+    return strategy  # a RadfedChecks too

@@ -1,0 +1,150 @@
+"""Commands of the central team: ``pki``, ``server start``, ``launch`` and ``report``.
+
+Each command imports the library modules it calls when it runs, so that ``radfed --help``
+and the quick commands (``pki``) start without loading torch and Flower.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from radfed.cli.output import attempt, fail, make_app, print_summary, setup_logging
+from radfed.config import TaskName
+from radfed.folders import RunFiles
+
+__all__ = ["launch", "pki_app", "report", "server_app"]
+
+pki_app = make_app("Certificates and site keys of a federation.")
+server_app = make_app("The federation's server (a SuperLink).")
+
+
+@pki_app.command("init")
+def pki_init(
+    out: Annotated[Path, typer.Option("--out", help="The PKI folder to create.")],
+    server_address: Annotated[
+        str, typer.Option(help="HOST[:PORT] the sites reach the server at (default port 8000).")
+    ],
+    sites: Annotated[str, typer.Option(help="Comma-separated site names, e.g. a,b,c.")],
+    san: Annotated[
+        list[str] | None, typer.Option("--san", help="A further server name or IP (repeat).")
+    ] = None,
+) -> None:
+    """Create the CA, the server certificate and one key pair per site."""
+    from radfed.deployment.pki import fingerprint, init_pki
+
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    pki = attempt(init_pki, out, server_address, names, extra_sans=san or ())
+    typer.echo(f"PKI for {pki.server_address} in {pki.root}")
+    typer.echo(f"  server:  {pki.server_dir} (for `radfed server start --pki {pki.root}`)")
+    for name in pki.sites:
+        key = fingerprint(pki.site_key(name))
+        typer.echo(f"  site {name}: kit {pki.site_dir(name)}  key {key}")
+    typer.echo("Hand each site its kit folder over a trusted channel; keep ca/ca.key offline.")
+
+
+@pki_app.command("add-site")
+def pki_add_site(
+    name: Annotated[str, typer.Argument(help="The new site's name.")],
+    pki: Annotated[Path, typer.Option("--pki", help="The PKI folder.")],
+    public_key: Annotated[
+        Path | None,
+        typer.Option(help="Register this OpenSSH EC public key (the site keeps its private key)."),
+    ] = None,
+) -> None:
+    """Add a site without re-issuing anything else (restart the server to register it)."""
+    from radfed.deployment.pki import add_site, fingerprint
+
+    kit = attempt(add_site, pki, name, public_key=public_key)
+    typer.echo(f"site {kit.name}: kit {kit.folder}  key {fingerprint(kit.public_key)}")
+
+
+@pki_app.command("renew-server")
+def pki_renew_server(
+    pki: Annotated[Path, typer.Option("--pki", help="The PKI folder.")],
+    server_address: Annotated[
+        str | None, typer.Option(help="A new HOST[:PORT] (default: the current one).")
+    ] = None,
+    san: Annotated[
+        list[str] | None, typer.Option("--san", help="Further server names (replace the old).")
+    ] = None,
+) -> None:
+    """Re-issue the server certificate from the same CA; site kits stay valid."""
+    from radfed.deployment.pki import renew_server
+
+    cert = attempt(renew_server, pki, server_address=server_address, extra_sans=san)
+    typer.echo(f"new server certificate: {cert}; restart `radfed server start` to use it")
+
+
+@server_app.command("start")
+def server_start(
+    pki: Annotated[Path, typer.Option("--pki", help="The PKI folder (radfed pki init).")],
+    state: Annotated[Path, typer.Option("--state", help="Folder for the server's database.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="Port (default: the PKI's server address port).")] = 0,
+) -> None:
+    """Run the SuperLink with TLS and site authentication, and register the site keys."""
+    from radfed.deployment.pki import load_pki
+    from radfed.deployment.superlink import start_server
+
+    setup_logging(False)
+    code = attempt(lambda: start_server(load_pki(pki), state, host=host, port=port or None))
+    raise typer.Exit(code=code)
+
+
+def launch(
+    server: Annotated[str, typer.Option(help="HOST:PORT of the server.")],
+    pki: Annotated[
+        Path, typer.Option("--pki", help="The PKI folder, or a folder holding the CA's ca.crt.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Run folder ON THE SERVER machine.")],
+    task: Annotated[TaskName, typer.Option(help="Task to train.")] = TaskName.CLASSIFICATION,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 3,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the run in --out after its last completed round.")
+    ] = False,
+    min_sites: Annotated[int, typer.Option(help="Sites a round needs (0: all sites).")] = 0,
+    site_wait: Annotated[
+        float, typer.Option(help="Seconds a round waits for missing sites.")
+    ] = 300.0,
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option("--run-config", help="Further run-config values, e.g. 'local-epochs=2'."),
+    ] = None,
+) -> None:
+    """Submit a federated run to the server and show its progress until it ends."""
+    from radfed.deployment.launch import launch as launch_run
+    from radfed.flower_private import parse_run_config
+    from radfed.folders import find_app_dir
+    from radfed.tasks import get_task
+
+    setup_logging(False)
+    settings = {
+        **attempt(parse_run_config, run_config),
+        "task": task.value,
+        "num-server-rounds": rounds,
+        "resume": resume,
+        "site-wait": float(site_wait),
+    }
+    app = attempt(find_app_dir)
+    code = attempt(launch_run, app, server, pki, out, settings, min_sites=min_sites)
+    if code == 0 and RunFiles(out).metrics.is_file():
+        again = f"radfed launch --server {server} --pki {pki} --out {out} --resume"
+        print_summary(out, get_task(task).summary, resume_hint=again)
+    raise typer.Exit(code=code)
+
+
+def report(
+    run: Annotated[Path, typer.Argument(help="A run folder (holding bias_report.json).")],
+) -> None:
+    """Re-render a run's bias report (bias_report.html) from its bias_report.json."""
+    from radfed.central.run_folder import RunFolder
+    from radfed.central.server import render_report
+
+    setup_logging(False)
+    if not RunFiles(run).bias_report.is_file():
+        fail(f"{run} holds no bias_report.json; give the folder of a finished run")
+    html = attempt(render_report, RunFolder(run))
+    typer.echo(f"bias report: {html}")

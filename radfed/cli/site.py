@@ -1,0 +1,172 @@
+"""Commands of a site administrator: ``site index|check|join|audit``, ``evaluate``, ``explain``.
+
+Everything these commands write stays at the site. Each command imports the library modules
+it calls when it runs, so that ``radfed --help`` and the quick commands start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from radfed.cli.output import attempt, fail, progress, setup_logging
+from radfed.config import SPLITS, RunConfig, TaskName
+from radfed.errors import ConfigError, RadfedError
+from radfed.folders import SiteFolder
+
+__all__ = ["evaluate", "explain", "site_audit", "site_check", "site_index", "site_join"]
+
+
+def site_index(
+    export: Annotated[
+        Path, typer.Argument(help="The hospital DICOM export (e.g. a DICOMDIR tree).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="The site folder to write manifest.csv into.")],
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="CSV with 'label' and one of sop/series/study_instance_uid, accession_number."
+        ),
+    ] = None,
+) -> None:
+    """Group an export into cases, pseudonymise patient ids and write the site's manifest."""
+    from radfed.site.index import index_export
+
+    setup_logging(False)
+    summary = attempt(index_export, export, out, labels=labels)
+    skipped = ", ".join(f"{n} {why}" for why, n in sorted(summary.skipped.items())) or "none"
+    typer.echo(
+        f"{summary.cases} cases ({summary.series_cases} series) from {summary.patients} "
+        f"patients; {summary.labelled} labelled; {summary.dicom} DICOM of {summary.files} "
+        f"files; skipped: {skipped}"
+    )
+    typer.echo(f"wrote {SiteFolder(out).manifest}; next: radfed site check {out}")
+
+
+def site_check(
+    site_dir: Annotated[Path, typer.Argument(help="The site folder (holding manifest.csv).")],
+    task: Annotated[TaskName, typer.Option(help="Task the site will train.")] = (
+        TaskName.CLASSIFICATION
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option("--run-config", help="Run settings to check against, e.g. 'image-size=128'."),
+    ] = None,
+    preflight: Annotated[bool, typer.Option(help="Run one training step at the end.")] = True,
+) -> None:
+    """Read every case and report problems by manifest line; exit 1 when the site cannot train."""
+    from radfed.site.check import check_site, render_text
+
+    setup_logging(False)
+    logging.getLogger("radfed").setLevel(logging.ERROR)  # the report says it all
+    try:
+        config = _run_config(task, run_config)
+        with progress("reading cases") as update:
+            report = check_site(site_dir, config, preflight=preflight, progress=update)
+    except RadfedError as err:
+        fail(err)
+    if as_json:
+        typer.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        typer.echo(render_text(report))
+    raise typer.Exit(code=0 if report.can_train else 1)
+
+
+def _run_config(task: TaskName, values: list[str] | None) -> RunConfig:
+    """The app's default run config, with ``task`` and ``--run-config`` values over it."""
+    from radfed.flower_private import fused_run_config, parse_run_config
+    from radfed.folders import find_app_dir
+
+    overrides = {**parse_run_config(values), "task": task.value}
+    try:
+        app = find_app_dir()
+    except ConfigError:  # no app folder (radfed installed alone): radfed's own defaults
+        return RunConfig.from_run_config(overrides)
+    return RunConfig.from_run_config(fused_run_config(app, overrides))
+
+
+def site_join(
+    pki: Annotated[Path, typer.Option("--pki", help="This site's kit folder (from the PKI).")],
+    site: Annotated[str, typer.Option("--site", help="This site's name (as in its kit).")],
+    data: Annotated[Path, typer.Option("--data", help="The site folder (manifest.csv).")],
+    server: Annotated[
+        str, typer.Option(help="HOST:PORT of the server (default: from the kit).")
+    ] = "",
+    policy: Annotated[
+        Path | None, typer.Option(help="The site's policy (default: SITE_DIR/site-policy.toml).")
+    ] = None,
+    port: Annotated[int, typer.Option(help="Local ClientApp API port (loopback).")] = 9094,
+) -> None:
+    """Join the federation: a SuperNode with TLS and this site's key; runs until stopped."""
+    from radfed.deployment.supernode import join_site
+
+    setup_logging(False)
+    code = attempt(join_site, pki, site, data, server=server, policy=policy, port=port)
+    raise typer.Exit(code=code)
+
+
+def site_audit(
+    site_dir: Annotated[Path, typer.Argument(help="The site folder.")],
+    last: Annotated[int, typer.Option(help="Show the last N entries (0: all).")] = 20,
+) -> None:
+    """Verify the site's audit log and show what left the site."""
+    from radfed.privacy import read_entries, verify
+
+    path = SiteFolder(site_dir).state.audit_log
+    if not path.is_file():
+        fail(f"{site_dir} has no audit log yet (nothing has left this site)")
+    count = attempt(verify, path)
+    entries = read_entries(path)
+    for entry in entries[-last if last else 0 :]:
+        shown = entry.to_json()
+        typer.echo(
+            f"{shown['time']} run {shown['run']} round {shown['round']} {shown['kind']}: "
+            f"{shown['bytes']} bytes sha256 {str(shown['sha256'])[:16]}"
+            + (f" error {shown['error-code']}" if shown.get("error-code") else "")
+        )
+    typer.echo(f"audit log intact: {count} entries in {path}")
+
+
+def evaluate(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A radfed checkpoint file.")],
+    data: Annotated[Path, typer.Option("--data", help="The site folder.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for predictions.csv and statistics.json.")
+    ],
+    split: Annotated[
+        str, typer.Option(help=f"{', '.join(SPLITS)} (test is sealed: each use is counted).")
+    ] = "val",
+    min_cell_size: Annotated[
+        int, typer.Option(help="The site's minimum cell size (0: the run's).")
+    ] = 0,
+) -> None:
+    """Evaluate a model on one site locally: per-case outputs stay here; shows what would leave."""
+    from radfed.site.evaluate import evaluate_site
+
+    setup_logging(False)
+    result = attempt(evaluate_site, checkpoint, data, out, split=split, min_cell_size=min_cell_size)
+    typer.echo(f"{result.cases} cases: {result.predictions} (stays here), {result.statistics}")
+
+
+def explain(
+    checkpoint: Annotated[
+        Path, typer.Option(help="A radfed checkpoint (run folder checkpoints/).")
+    ],
+    data: Annotated[Path, typer.Option("--data", help="The site folder.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the PNG maps (stays at the site).")
+    ],
+    split: Annotated[str, typer.Option(help="Split to explain.")] = "val",
+    cases: Annotated[int, typer.Option(help="How many cases.")] = 8,
+) -> None:
+    """Grad-CAM and occlusion maps of a site's cases, written locally as images."""
+    from radfed.site.explain import explain_site
+
+    setup_logging(False)
+    explained = attempt(explain_site, checkpoint, data, out, split=split, cases=cases)
+    typer.echo(f"wrote {len(explained)} maps to {out}")

@@ -1,0 +1,39 @@
+"""Reading a NIfTI case image (through nibabel) into radfed's pixel layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import nibabel
+import numpy as np
+import pydicom
+
+from radfed.data.attributes import attributes_from_header
+from radfed.data.image import DicomImage, ImageReadError
+
+__all__ = ["NIFTI_SUFFIXES", "read_nifti"]
+
+#: File name endings read as NIfTI.
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def read_nifti(path: Path) -> DicomImage:
+    """NIfTI through nibabel: ``(X, Y[, Z])`` on disk becomes ``(H, W)`` or ``(D, H, W)``."""
+    try:
+        image: Any = nibabel.load(str(path))
+        data = np.asarray(image.get_fdata(dtype=np.float32))
+        zooms = tuple(float(z) for z in image.header.get_zooms()[: data.ndim])
+    except Exception:
+        raise ImageReadError("unreadable or truncated NIfTI file") from None
+    data = np.squeeze(data)
+    if data.ndim not in (2, 3):
+        raise ImageReadError(f"expected a 2-D or 3-D NIfTI image, got {data.ndim}-D")
+    axes = tuple(reversed(range(data.ndim)))  # (X, Y, Z) -> (Z, Y, X)
+    pixels = np.ascontiguousarray(np.transpose(data, axes), dtype=np.float32)
+    if not np.isfinite(pixels).all():
+        raise ImageReadError("NIfTI image holds non-finite values")
+    spacing = tuple(reversed(zooms[: data.ndim])) if len(zooms) >= data.ndim else None
+    return DicomImage(
+        pixels=pixels, spacing=spacing, attributes=attributes_from_header(pydicom.Dataset())
+    )

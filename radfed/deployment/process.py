@@ -1,0 +1,112 @@
+"""Starting Flower's processes as radfed runs them: the environment every deployment sets,
+the command line type, and running one in the foreground with signals passed on.
+
+Flower defaults that every deployment changes (see FLOWER.md): no runtime dependency
+installation, no telemetry, no update checks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from radfed.errors import ConfigError
+from radfed.log import logger
+
+__all__ = [
+    "HARDENED_ENV",
+    "Command",
+    "flower_tool",
+    "port_is_free",
+    "run_foreground",
+    "wait_for_port",
+]
+
+#: Environment of every Flower process radfed starts.
+HARDENED_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+}
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command line and the environment it needs on top of the caller's."""
+
+    argv: list[str]
+    env: dict[str, str]
+
+    def environ(self) -> dict[str, str]:
+        """The caller's environment with ``env`` over it; this Python's ``bin`` folder first
+        on PATH, because Flower starts ``flower-superexec`` and the app processes by name."""
+        merged = {**os.environ, **self.env}
+        merged["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), merged.get("PATH", "")])
+        return merged
+
+
+def flower_tool(name: str) -> str:
+    """A Flower executable of this environment (beside the running Python first)."""
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise ConfigError(f"{name} not found; install radfed with its flwr dependency")
+    return found
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """Whether this process could listen on ``host:port`` now (nothing else holds it)."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def wait_for_port(host: str, port: int, timeout: float = 60.0) -> None:
+    """Block until something accepts TCP connections at ``host:port``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            sock.settimeout(1.0)
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise ConfigError(f"nothing listens at {host}:{port} after {timeout:.0f} s")
+
+
+def run_foreground(command: Command, *, after_start: object = None) -> int:
+    """Run ``command``, passing SIGINT/SIGTERM on to it; return its exit code.
+
+    ``after_start`` (a callable taking no argument) runs once the process is up.
+    """
+    process = subprocess.Popen(command.argv, env=command.environ())
+
+    def forward(signum: int, _frame: object) -> None:
+        process.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if callable(after_start):
+            try:
+                after_start()
+            except ConfigError:
+                process.terminate()
+                process.wait(timeout=30)
+                raise
+        return process.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+        logger.debug("process %d ended", process.pid)

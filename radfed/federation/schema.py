@@ -1,0 +1,232 @@
+"""The statistics schema: what an evaluation reply carries, and its checks at the server.
+
+Statistics schema 1, in the reply's one MetricRecord:
+
+- ``num-examples`` (int): cases evaluated (train replies: cases trained on);
+- ``schema-version`` (int): ``STATS_SCHEMA_VERSION``;
+- per evaluated split ``S``: ``S.suppressed`` (0/1: fewer cases than the site's minimum
+  cell size; all counts are then zero), ``S.positives`` (cases with a positive label) and
+  ``S.<key>`` for each key of the task's
+  statistics (``Task.to_values``; fixed keys and lengths for a run config). For binary
+  classification: ``tp``, ``fp``, ``tn``, ``fn`` and ``pos-hist``, ``neg-hist`` (lists of
+  ``score-bins`` ints; adjacent bins merged until each non-empty bin holds at least the
+  minimum cell size). The task modules document theirs.
+- per subgroup cell ``i`` (1, 2, ...) of split ``S``: the same keys under ``S#i.``; the
+  reply's ConfigRecord ``cells`` lists per split the cells' names (``sex=F``,
+  ``age_band=60-79``, ``sex*age_band=F|60-79``; see ``radfed.metrics.cells``).
+
+A training reply carries the ArrayRecord ``arrays`` (``radfed.federation.weights``) and a
+MetricRecord of exactly ``TRAIN_METRIC_KEYS``. Every reply's ConfigRecord ``site`` holds
+``name``, ``radfed-version`` and ``schema-version`` (``radfed.federation.identity``).
+Nothing else leaves a site: no per-case value, no path, id, header value or exception text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from flwr.app import ConfigRecord, MetricRecord
+
+from radfed.config import RunConfig
+from radfed.federation.codes import InvalidReply
+from radfed.metrics.cells import ALL, cell_name, parse_cell_name
+from radfed.tasks import SplitStats, StatsValue, Task
+
+__all__ = [
+    "ARRAYS_KEY",
+    "CELLS_KEY",
+    "METRICS_KEY",
+    "SITE_KEY",
+    "STATS_SCHEMA_VERSION",
+    "TRAIN_METRIC_KEYS",
+    "CellStats",
+    "cell_names",
+    "pack_stats",
+    "unpack_cells",
+    "unpack_stats",
+]
+
+#: Version of the statistics schema that sites send; the server refuses others by name.
+STATS_SCHEMA_VERSION = 1
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+SITE_KEY = "site"
+CELLS_KEY = "cells"
+#: The keys of a training reply's MetricRecord, exactly: Flower fails the round otherwise.
+TRAIN_METRIC_KEYS = frozenset({"num-examples", "train-loss"})
+
+
+@dataclass(frozen=True)
+class CellStats:
+    """Statistics of one subgroup cell of a split, as they leave a site.
+
+    Attributes:
+        attribute: ``all``, an attribute, or ``a*b``.
+        group: the group (``all`` for the cell of every case).
+        stats: the task's statistics, after the site's minimum cell size.
+        positives: cases with a positive label (0 when suppressed).
+    """
+
+    attribute: str
+    group: str
+    stats: SplitStats
+    positives: int
+
+
+def pack_stats(
+    task: Task,
+    stats: Mapping[str, SplitStats],
+    *,
+    cells: Mapping[str, Sequence[CellStats]] | None = None,
+    positives: Mapping[str, int] | None = None,
+) -> MetricRecord:
+    """Statistics per split (and its subgroup cells) -> the reply's MetricRecord.
+
+    Args:
+        task: the run's task.
+        stats: the statistics of every case of each split (the ``all`` cell).
+        cells: per split its subgroup cells other than ``all``, in the order of
+            ``cell_names``; keys ``S#i.<key>`` for the i-th.
+        positives: per split its positive cases (0 for a suppressed split).
+    """
+    record: dict[str, StatsValue] = {
+        "num-examples": sum(s.n for s in stats.values()),
+        "schema-version": STATS_SCHEMA_VERSION,
+    }
+    for split, s in stats.items():
+        _put(record, split, task, s, (positives or {}).get(split, 0))
+        for number, cell in enumerate((cells or {}).get(split, ()), start=1):
+            _put(record, f"{split}#{number}", task, cell.stats, cell.positives)
+    return MetricRecord(record)  # type: ignore[arg-type]
+
+
+def _put(
+    record: dict[str, StatsValue], prefix: str, task: Task, stats: SplitStats, positives: int
+) -> None:
+    record[f"{prefix}.suppressed"] = int(stats.suppressed)
+    record[f"{prefix}.positives"] = 0 if stats.suppressed else int(positives)
+    for key, value in task.to_values(stats).items():
+        record[f"{prefix}.{key}"] = value
+
+
+def cell_names(cells: Mapping[str, Sequence[CellStats]]) -> ConfigRecord:
+    """The reply's ConfigRecord ``cells``: per split the names of its cells ``1..``."""
+    return ConfigRecord(
+        {split: [cell_name(c.attribute, c.group) for c in items] for split, items in cells.items()}
+    )
+
+
+def unpack_stats(task: Task, record: MetricRecord, config: RunConfig) -> dict[str, SplitStats]:
+    """The statistics of every case of each evaluated split (see ``unpack_cells``)."""
+    return {
+        split: cells[0].stats for split, cells in unpack_cells(task, record, None, config).items()
+    }
+
+
+def unpack_cells(
+    task: Task, record: MetricRecord, names: ConfigRecord | None, config: RunConfig
+) -> dict[str, list[CellStats]]:
+    """The reply's records -> per evaluated split its cells, ``all`` first, checked.
+
+    Raises:
+        InvalidReply: a key is missing or extra, the schema version is not this server's,
+            a cell names an attribute the run does not report, a value breaks the task's
+            statistics (wrong type, length, negative, totals that disagree), a suppressed
+            cell carries counts, or positives exceed the cases.
+    """
+    value_keys = list(task.to_values(task.empty_stats(config)))
+    per_cell = ("suppressed", "positives", *value_keys)
+    cells: dict[str, list[tuple[str, str, str]]] = {}
+    given = dict(names.items()) if names is not None else {}
+    if set(given) - set(config.eval_splits):
+        raise InvalidReply("cell names are given for a split the run does not evaluate")
+    for split in config.eval_splits:
+        listed = given.get(split, [])
+        if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+            raise InvalidReply(f"cells of {split} must be a list of names")
+        if len(listed) > _MAX_CELLS:
+            raise InvalidReply(f"{split} has more than {_MAX_CELLS} cells")
+        cells[split] = [(split, ALL, ALL)]
+        for number, name in enumerate(listed, start=1):
+            try:
+                attribute, group = parse_cell_name(str(name), config.subgroups)
+            except ValueError as err:
+                raise InvalidReply(f"{split} cell {number}: {err}") from None
+            cells[split].append((f"{split}#{number}", attribute, group))
+        if len({(a, g) for _, a, g in cells[split]}) != len(cells[split]):
+            raise InvalidReply(f"{split} names a cell twice")
+    expected = {"num-examples", "schema-version"}
+    for entries in cells.values():
+        expected |= {f"{prefix}.{k}" for prefix, _, _ in entries for k in per_cell}
+    if set(record.keys()) != expected:
+        missing = sorted(expected - set(record.keys()))
+        extra = sorted(set(record.keys()) - expected)
+        raise InvalidReply(
+            f"statistics keys differ from schema (missing {missing[:5]}, extra {extra[:5]})"
+        )
+    schema = record["schema-version"]
+    if isinstance(schema, bool) or not isinstance(schema, int):
+        raise InvalidReply("schema-version must be an integer")
+    if schema != STATS_SCHEMA_VERSION:
+        msg = (
+            f"statistics schema-version {schema}, this server reads {STATS_SCHEMA_VERSION}; "
+            "install the same radfed version at site and server"
+        )
+        raise InvalidReply(msg)
+    for key, value in record.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise InvalidReply(f"{key} holds a non-finite value")
+            if abs(item) > _LARGEST_COUNT:
+                raise InvalidReply(f"{key} holds a value beyond any plausible count")
+    out: dict[str, list[CellStats]] = {}
+    for split, entries in cells.items():
+        out[split] = [
+            _cell(task, record, prefix, a, g, value_keys, config) for prefix, a, g in entries
+        ]
+        if any(c.stats.n > out[split][0].stats.n for c in out[split][1:]):
+            raise InvalidReply(f"{split}: a subgroup holds more cases than the split")
+    if _count(record["num-examples"], "num-examples") != sum(c[0].stats.n for c in out.values()):
+        raise InvalidReply("num-examples disagrees with the statistics")
+    return out
+
+
+#: Most cells a split may have in one reply.
+_MAX_CELLS = 500
+#: Largest number any statistic may hold (sums of far fewer never overflow int64).
+_LARGEST_COUNT = 2**40
+
+
+def _cell(
+    task: Task,
+    record: MetricRecord,
+    prefix: str,
+    attribute: str,
+    group: str,
+    value_keys: Sequence[str],
+    config: RunConfig,
+) -> CellStats:
+    try:
+        stats = task.from_values({k: record[f"{prefix}.{k}"] for k in value_keys}, config)
+    except ValueError as err:
+        raise InvalidReply(f"{prefix}: {err}") from None
+    suppressed = record[f"{prefix}.suppressed"]
+    if suppressed not in (0, 1) or isinstance(suppressed, bool):
+        raise InvalidReply(f"{prefix}.suppressed must be 0 or 1")
+    positives = _count(record[f"{prefix}.positives"], f"{prefix}.positives")
+    if suppressed and (stats.n or positives):
+        raise InvalidReply(f"{prefix}: a suppressed cell must not carry counts")
+    if positives > stats.n:
+        raise InvalidReply(f"{prefix}: more positives than cases")
+    if suppressed:
+        stats = task.empty_stats(config, suppressed=True)
+    return CellStats(attribute, group, stats, positives)
+
+
+def _count(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidReply(f"{key} must be a non-negative integer")
+    return value

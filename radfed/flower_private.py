@@ -1,0 +1,130 @@
+"""Flower's non-public APIs that radfed relies on, in one place (checked against flwr 1.41.0).
+
+Each is wrapped here with radfed's own signature, so a Flower upgrade touches this module
+only; nothing else in radfed imports from Flower beyond its public app API (``flwr.app``,
+``flwr.serverapp``, ``flwr.clientapp``).
+
+- ``flwr.common.config``: parsing ``--run-config`` values, fusing them with an app's defaults;
+- ``flwr.common.logger.console_handler``: Flower's log handler (its streamed run log);
+- ``flwr.common.serde.recorddict_to_proto``: the bytes of a reply as Flower sends them;
+- ``flwr.simulation.run_simulation._run_simulation`` with ``Run``, ``TaskIdentity`` and
+  the id helpers: what Flower's ``flwr-simulation`` process does after it fetched the app.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, RecordDict
+from flwr.common.config import get_fused_config_from_dir, parse_config_args
+from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+from flwr.common.logger import console_handler
+from flwr.common.serde import recorddict_to_proto
+from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+from flwr.simulation.run_simulation import _run_simulation
+from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
+
+from radfed.errors import ConfigError
+from radfed.log import logger
+
+__all__ = [
+    "fused_run_config",
+    "log_like_flower",
+    "parse_run_config",
+    "run_simulation",
+    "serialize_content",
+]
+
+RunConfigValues = dict[str, bool | int | float | str]
+
+
+def parse_run_config(values: Sequence[str] | None) -> RunConfigValues:
+    """``--run-config 'k=v k2="s"'`` values (TOML-like, as ``flwr run`` reads them).
+
+    Raises:
+        ConfigError: a value that is not of that form.
+    """
+    try:
+        parsed: RunConfigValues = dict(parse_config_args(list(values) if values else None))
+    except OSError:
+        raise ConfigError("--run-config names a TOML file that cannot be read") from None
+    except Exception:  # Flower raises ValueError or click's exception, with its own text
+        msg = (
+            "--run-config must be space-separated key=value pairs, strings in double quotes, "
+            "e.g. 'local-epochs=2 model=\"resnet18\"' (or one .toml file)"
+        )
+        raise ConfigError(msg) from None
+    return parsed
+
+
+def fused_run_config(app: Path, overrides: Mapping[str, Any]) -> RunConfigValues:
+    """The app's ``[tool.flwr.app.config]`` with ``overrides`` over it.
+
+    Raises:
+        ConfigError: an override names a key the app does not have.
+    """
+    try:
+        fused: RunConfigValues = dict(get_fused_config_from_dir(app, dict(overrides)))
+    except ValueError as err:
+        raise ConfigError(f"unknown run-config key: {err}") from None
+    return fused
+
+
+def serialize_content(content: RecordDict) -> bytes:
+    """The deterministic protobuf bytes of a reply's content, as Flower encodes it."""
+    data: bytes = recorddict_to_proto(content).SerializeToString(deterministic=True)
+    return data
+
+
+def log_like_flower() -> None:
+    """In a process Flower started (ServerApp, ClientApp) with no logging set up, show
+    radfed's lines through Flower's console handler, so that they reach the streamed run
+    log (``flwr run --stream``, ``radfed launch``) and the SuperNode's output."""
+    configured = [h for h in logger.handlers if not isinstance(h, logging.NullHandler)]
+    if configured or logging.getLogger().handlers or logger.level != logging.NOTSET:
+        return
+    logger.addHandler(console_handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def run_simulation(
+    app: Path,
+    *,
+    nodes: int,
+    components: Mapping[str, str],
+    run_config: Mapping[str, Any],
+    override: Mapping[str, Any],
+    backend_config: Mapping[str, Any],
+    verbose: bool,
+) -> None:
+    """Run the app's ServerApp and ``nodes`` ClientApps in this process (Ray backend), as
+    Flower's ``flwr-simulation`` process does once it has the app and its run config."""
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id=run_id)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = dict(override)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    context = Context(
+        run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(run_config)
+    )
+    _run_simulation(
+        num_supernodes=nodes,
+        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+        server_app_attr=components["serverapp"],
+        client_app_attr=components["clientapp"],
+        backend_name="ray",
+        backend_config=dict(backend_config),
+        app_dir=str(app),
+        run=run,
+        server_app_context=context,
+        is_app=True,
+        verbose_logging=verbose,
+    )

@@ -1,0 +1,117 @@
+"""What leaves a site, and only that: every reply passes the site policy's size limit and is
+recorded in the site's audit log first; a failure leaves as an error code, never as text."""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Context, Error, Message
+
+from radfed.config import RunConfig
+from radfed.errors import ConfigError, DataError, RadfedError
+from radfed.federation.codes import ErrorCode
+from radfed.flower_private import log_like_flower, serialize_content
+from radfed.log import logger
+from radfed.privacy import AuditLog, PolicyRefusal
+from radfed.site.node import resolve_site, server_round, site_policy
+
+__all__ = ["HeldOut", "guarded"]
+
+
+class HeldOut(RadfedError):
+    """This site is the run's held-out site; it does not train."""
+
+
+def guarded(
+    handler: Callable[[Message, Context], Message],
+) -> Callable[[Message, Context], Message]:
+    """Reply with an error code, never exception text; log locally without values or paths.
+
+    Every reply passes the site policy's size limit and is recorded in the site's audit
+    log before it leaves.
+    """
+    kind = handler.__name__.strip("_")
+
+    def run(msg: Message, context: Context) -> Message:
+        log_like_flower()
+        reply = _reply_or_code(handler, msg, context)
+        return _leave(reply, msg, context, kind)
+
+    return run
+
+
+def _reply_or_code(
+    handler: Callable[[Message, Context], Message], msg: Message, context: Context
+) -> Message:
+    try:
+        return handler(msg, context)
+    except RadfedError as err:
+        # radfed's own messages name manifest lines and settings, never header values.
+        log = logger.info if isinstance(err, HeldOut) else logger.error
+        log("%s failed: %s", handler.__name__.strip("_"), err)
+        code = (
+            ErrorCode.CONFIG
+            if isinstance(err, ConfigError)
+            else ErrorCode.DATA
+            if isinstance(err, DataError)
+            else ErrorCode.HELD_OUT
+            if isinstance(err, HeldOut)
+            else ErrorCode.POLICY
+            if isinstance(err, PolicyRefusal)
+            else ErrorCode.RADFED
+        )
+    except Exception as err:
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        logger.error(
+            "%s failed: %s at %s:%d (message withheld)",
+            handler.__name__.strip("_"),
+            type(err).__name__,
+            Path(frame.filename).name,
+            frame.lineno or 0,
+        )
+        code = ErrorCode.UNEXPECTED
+    return _error(code, msg)
+
+
+def _error(code: int, msg: Message) -> Message:
+    return Message(error=Error(code=code, reason=f"radfed site error {code}"), reply_to=msg)
+
+
+def _leave(reply: Message, msg: Message, context: Context, kind: str) -> Message:
+    """Enforce the policy's message size and write the audit entry of ``reply``.
+
+    A reply the audit log cannot record does not leave: an error code goes instead.
+    """
+    try:
+        path = resolve_site(context.node_config, RunConfig.from_run_config(context.run_config))[1]
+        policy = site_policy(context.node_config, path)
+    except RadfedError:
+        return reply  # an error reply for a node without a site folder: nothing to audit in
+    if not reply.has_error():
+        try:
+            policy.check_size(len(serialize_content(reply.content)))
+        except PolicyRefusal as err:
+            logger.error("%s reply withheld: %s", kind, err)
+            reply = _error(ErrorCode.POLICY, msg)
+    try:
+        config = msg.content.config_records.get("config")
+        round_ = server_round(msg) if config is not None else 0
+        audit = AuditLog.for_site(path)
+        if reply.has_error():
+            audit.record(
+                None,
+                run_id=msg.metadata.run_id,
+                server_round=round_,
+                kind="error",
+                error_code=reply.error.code,
+            )
+        else:
+            audit.record(reply.content, run_id=msg.metadata.run_id, server_round=round_, kind=kind)
+    except Exception as err:  # an unrecorded reply must not leave the site
+        logger.error(
+            "%s reply withheld: the audit log cannot record it (%s)", kind, type(err).__name__
+        )
+        return _error(ErrorCode.RADFED, msg)
+    return reply

@@ -1,0 +1,135 @@
+"""Local evaluation at a site: per-case outputs (kept) and the statistics that would leave.
+
+The ClientApp and ``radfed evaluate`` share this code, so what a site administrator
+inspects with ``radfed evaluate`` is what the site sends in a federated round.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from radfed.config import SPLITS, RunConfig
+from radfed.data.attributes import AgeBands
+from radfed.data.loading import SplitData, load_site_for
+from radfed.data.splits import record_test_use
+from radfed.errors import ConfigError
+from radfed.federation.checkpoint import load_checkpoint
+from radfed.federation.schema import CellStats, cell_names, pack_stats
+from radfed.folders import SiteFolder
+from radfed.log import logger
+from radfed.metrics.cells import subgroup_cells, suppressed_cells
+from radfed.tasks import CaseOutputs, Task, get_task
+
+__all__ = ["EvaluationResult", "evaluate_cells", "evaluate_site"]
+
+
+def evaluate_cells(
+    task: Task, model: nn.Module, data: SplitData, config: RunConfig, k: int
+) -> tuple[CaseOutputs, list[CellStats]]:
+    """Per-case outputs of a split and its subgroup cells (``all`` first) under cell size ``k``."""
+    outputs = task.predict(model, data, config)
+    positive = (data.labels > 0).tolist()
+    bands = AgeBands(config.age_bands).labels
+    partition = subgroup_cells(data.attributes, config.subgroups, k, age_bands=bands)
+    hidden = suppressed_cells(partition, k)
+    cells = []
+    for number, cell in enumerate(partition):
+        if number in hidden:
+            cells.append(
+                CellStats(cell.attribute, cell.group, task.empty_stats(config, suppressed=True), 0)
+            )
+            continue
+        stats = outputs.stats(cell.index).with_min_cell(k)
+        positives = sum(positive[i] for i in cell.index)
+        cells.append(CellStats(cell.attribute, cell.group, stats, positives))
+    return outputs, cells
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What ``evaluate_site`` wrote: the per-case table and the statistics document."""
+
+    predictions: Path
+    statistics: Path
+    cases: int
+
+
+def evaluate_site(
+    checkpoint: Path, site_dir: Path, out: Path, *, split: str = "val", min_cell_size: int = 0
+) -> EvaluationResult:
+    """Evaluate a checkpoint on one site's split, locally.
+
+    Writes ``out/predictions.csv`` (one row per case with its manifest line and image, for
+    the site's own audit: it never leaves the site) and ``out/statistics.json`` (exactly
+    the statistics the site would send for this split, after its minimum cell size).
+
+    Args:
+        checkpoint: a radfed checkpoint (its run config rebuilds the task and model).
+        site_dir: the site folder.
+        out: the folder to write.
+        split: ``train``, ``val`` or ``test`` (the sealed test split: each use is counted).
+        min_cell_size: the site's minimum cell size; 0 for the run's.
+
+    Raises:
+        ConfigError: the checkpoint is missing or the split unknown.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if not checkpoint.is_file():
+        raise ConfigError(f"checkpoint {checkpoint} not found; give a radfed checkpoint file")
+    stored = load_checkpoint(checkpoint)
+    config = RunConfig.from_run_config(stored["run-config"])
+    task = get_task(config.task)
+    task.check(config)
+    model = task.build_model(config)
+    model.load_state_dict(stored["state_dict"], strict=not config.fedbn)
+    site = load_site_for(site_dir, config)
+    if split == "test":
+        uses = record_test_use(SiteFolder(site_dir).state.path, run_id=0, server_round=0)
+        logger.warning("the sealed test split is evaluated (use %d at this site)", uses)
+    data = site.splits[split]
+    k = max(config.min_cell_size, min_cell_size)
+    with torch.no_grad():
+        outputs, cells = evaluate_cells(task, model, data, config, k)
+    out.mkdir(parents=True, exist_ok=True)
+    predictions = out / "predictions.csv"
+    _write_rows(predictions, outputs.rows(), data)
+    record = pack_stats(
+        task,
+        {split: cells[0].stats},
+        cells={split: cells[1:]},
+        positives={split: cells[0].positives},
+    )
+    document: dict[str, Any] = {
+        "task": config.task,
+        "split": split,
+        "min-cell-size": k,
+        "metrics": dict(record.items()),
+        "cells": dict(cell_names({split: cells[1:]}).items()),
+    }
+    statistics = out / "statistics.json"
+    statistics.write_text(json.dumps(document, indent=1) + "\n")
+    logger.info(
+        "evaluated %d %s cases: %s, %s", len(data), split, predictions.name, statistics.name
+    )
+    return EvaluationResult(predictions, statistics, len(data))
+
+
+def _write_rows(path: Path, rows: list[dict[str, float | int | str]], data: SplitData) -> None:
+    for row, line in zip(rows, data.lines or [0] * len(rows), strict=True):
+        row["manifest_line"] = line
+    for row, attributes in zip(rows, data.attributes or [{}] * len(rows), strict=True):
+        row["sex"] = attributes.get("sex", "")
+        row["age_band"] = attributes.get("age_band", "")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)

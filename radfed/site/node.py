@@ -1,0 +1,140 @@
+"""Which site this node is, and what its administrators set: folder, policy, cell size.
+
+A deployed SuperNode names its site folder (and optionally policy) in its node config; a
+simulated node takes the n-th site folder of the run's data root. The site's own settings
+(policy file, minimum cell size) can only make it stricter than the run asks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message
+
+from radfed.config import RunConfig
+from radfed.data.loading import SiteData, load_site_for
+from radfed.errors import ConfigError
+from radfed.folders import SiteFolder, list_sites
+from radfed.privacy import SitePolicy, load_policy
+
+__all__ = [
+    "load_site_once",
+    "message_setting",
+    "resolve_site",
+    "server_round",
+    "site_min_cell",
+    "site_policy",
+]
+
+
+def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> tuple[str, Path]:
+    """The site name and folder of this node.
+
+    A deployed SuperNode names its folder with ``--node-config 'data-path="..."'`` (and
+    optionally ``site-name``); a simulated node takes the ``partition-id``-th site folder
+    of ``data-root`` (sorted by name).
+
+    Raises:
+        ConfigError: neither is set, or the partitions do not match the site folders.
+    """
+    if "data-path" in node_config:
+        name = str(node_config.get("site-name") or "").strip()
+        if not name:  # the folder name could say more than the site wants to (it leaves)
+            raise ConfigError(
+                "node config has data-path but no site-name; start the SuperNode "
+                'with --node-config \'site-name="NAME" data-path="..."\''
+            )
+        return name, Path(str(node_config["data-path"])).expanduser()
+    if "partition-id" in node_config:
+        if not config.data_root:
+            raise ConfigError("run config 'data-root' is empty; set it to a folder of site folders")
+        sites = list_sites(Path(config.data_root).expanduser())
+        index, count = (
+            int(node_config["partition-id"]),
+            int(node_config.get("num-partitions", len(sites))),
+        )
+        if count != len(sites):
+            msg = (
+                f"the simulation has {count} nodes but data-root holds {len(sites)} site folders; "
+                "run one node per site folder"
+            )
+            raise ConfigError(msg)
+        return sites[index].name, sites[index]
+    raise ConfigError(
+        "node config names no site: start the SuperNode with "
+        '--node-config \'site-name="NAME" data-path="/path/to/site"\''
+    )
+
+
+_SITE_MEMO: dict[tuple[object, ...], SiteData] = {}
+
+
+def load_site_once(path: Path, config: RunConfig) -> SiteData:
+    """Load the site once per process and settings (a simulated node keeps its process)."""
+    manifest = SiteFolder(path).manifest
+    stamp = manifest.stat().st_mtime_ns if manifest.exists() else 0
+    settings = {k: v for k, v in config.to_run_config().items() if k not in _NOT_DATA_SETTINGS}
+    key = (str(path.resolve()), stamp, tuple(sorted(settings.items())))
+    if key not in _SITE_MEMO:
+        _SITE_MEMO.clear()  # one site per process in a deployment; bounded memory in simulation
+        _SITE_MEMO[key] = load_site_for(path, config)
+    return _SITE_MEMO[key]
+
+
+#: Run settings that do not change how a site's data is loaded.
+_NOT_DATA_SETTINGS = frozenset(
+    {
+        "num-server-rounds",
+        "out-dir",
+        "model",
+        "local-epochs",
+        "batch-size",
+        "learning-rate",
+        "eval-splits",
+        "threshold",
+        "score-bins",
+        "min-sites",
+        "round-timeout",
+        "data-root",
+    }
+)
+
+
+def site_min_cell(node_config: Mapping[str, Any]) -> int:
+    """The site's own minimum cell size (``--node-config 'min-cell-size=20'``); 1 if unset."""
+    value = node_config.get("min-cell-size", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError("node config 'min-cell-size' must be a positive integer")
+    return value
+
+
+def site_policy(node_config: Mapping[str, Any], site_dir: Path) -> SitePolicy:
+    """The site's policy: the file named by node config ``policy-path``, else
+    ``SITE_DIR/site-policy.toml`` when present, else the default policy (minimum cell
+    size 10) for a deployed node. A simulated node without a policy file follows the
+    run's settings: the researcher owns both sides."""
+    given = str(node_config.get("policy-path") or "").strip()
+    if given:
+        return load_policy(Path(given).expanduser())
+    default = SiteFolder(site_dir).policy
+    if default.is_file():
+        return load_policy(default)
+    policy = SitePolicy.default()
+    return policy if "data-path" in node_config else dataclasses.replace(policy, k=1)
+
+
+def message_setting(msg: Message, key: str) -> float:
+    """A number the strategy put in the message's config (``server-round``, FedProx's
+    ``proximal-mu``), or 0 when absent."""
+    config = msg.content.config_records.get("config")
+    value = config.get(key, 0.0) if config is not None else 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"message config {key!r} must be a non-negative number")
+    return float(value)
+
+
+def server_round(msg: Message) -> int:
+    return int(message_setting(msg, "server-round"))

@@ -1,0 +1,346 @@
+"""The server's strategy: bad replies dropped by site name; metrics from summed statistics."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from sklearn.metrics import roc_auc_score
+
+from radfed.central.run_folder import RunFolder
+from radfed.central.strategy import RadfedFedAvg
+from radfed.config import RunConfig
+from radfed.federation.identity import SiteIdentity
+from radfed.federation.schema import STATS_SCHEMA_VERSION, pack_stats
+from radfed.metrics.binary import BinaryStats
+from radfed.tasks.classification import TASK
+from tests.helpers import make_message
+
+CONFIG = RunConfig(num_server_rounds=2, min_sites=1, score_bins=1000, eval_splits=("val",))
+REFERENCE = {"w": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(0)}
+
+
+def _strategy(tmp_path: Path, **bounds: Any) -> RadfedFedAvg:
+    run = RunFolder.start(tmp_path / "run", CONFIG)
+    return RadfedFedAvg(config=CONFIG, reference=REFERENCE, run=run, **bounds)
+
+
+def _train_reply(
+    site: str,
+    node: int,
+    w: float,
+    n: int,
+    *,
+    loss: float = 0.5,
+    metrics: dict[str, int | float | list[int] | list[float]] | None = None,
+    arrays: ArrayRecord | None = None,
+    extra: dict[str, ArrayRecord | MetricRecord] | None = None,
+) -> Message:
+    content = RecordDict(
+        {
+            "arrays": arrays
+            or ArrayRecord({"w": torch.full((3,), w), "bn.num_batches_tracked": torch.tensor(10)}),
+            "metrics": MetricRecord(metrics or {"num-examples": n, "train-loss": loss}),
+            "site": SiteIdentity.local(site).to_record(),
+        }
+    )
+    for key, record in (extra or {}).items():
+        content[key] = record
+    return make_message(content, message_type="train", src_node_id=node)
+
+
+def _lying_arrays() -> ArrayRecord:
+    """Bytes of a (2,) float64 array declared as the (3,) float32 the model expects."""
+    w = Array(np.ones(2, dtype=np.float64))
+    w.shape, w.dtype = (3,), "float32"
+    return ArrayRecord({"w": w, "bn.num_batches_tracked": Array(np.array(3))})
+
+
+def _undecodable_arrays() -> ArrayRecord:
+    w = Array(np.ones(3, dtype=np.float32))
+    w.stype = "torch.raw"
+    return ArrayRecord({"w": w, "bn.num_batches_tracked": Array(np.array(3))})
+
+
+def test_bad_update_is_dropped_and_the_round_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    strategy = _strategy(tmp_path)
+    good_a = _train_reply("site-a", 1, 1.0, 10)
+    good_b = _train_reply("site-b", 2, 4.0, 30)
+    nan = _train_reply("site-c", 3, float("nan"), 10)
+    failed = make_message(RecordDict(), message_type="train", src_node_id=4)
+    failed = Message(
+        error=Error(code=3002, reason="radfed site error 3002"), metadata=failed.metadata
+    )
+    caplog.set_level(logging.INFO, logger="radfed")
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, [good_a, nan, good_b, failed])
+    # Assert: weighted by examples over the two good sites only, integer buffer kept integer
+    assert arrays is not None
+    state = arrays.to_torch_state_dict()
+    assert torch.allclose(state["w"], torch.full((3,), (1.0 * 10 + 4.0 * 30) / 40))
+    assert state["bn.num_batches_tracked"].dtype == torch.int64
+    assert "dropped update from site-c: weight 'w' holds non-finite values" in caplog.text
+    assert "node 4 failed with error code 3002" in caplog.text
+    assert (tmp_path / "run" / "checkpoints" / "round-001.pt").is_file()
+
+
+def test_no_valid_update_keeps_the_global_model(tmp_path: Path) -> None:
+    strategy = _strategy(tmp_path)
+    arrays, _ = strategy.aggregate_train(1, [_train_reply("site-a", 1, float("inf"), 10)])
+    assert arrays is None
+    assert (tmp_path / "run" / "checkpoints" / "round-001.pt").is_file()
+
+
+def _eval_reply(site: str, node: int, scores: np.ndarray, labels: np.ndarray) -> Message:
+    stats = {"val": BinaryStats.from_scores(scores, labels, bins=CONFIG.score_bins)}
+    content = RecordDict(
+        {"metrics": pack_stats(TASK, stats), "site": SiteIdentity.local(site).to_record()}
+    )
+    return make_message(content, message_type="evaluate", src_node_id=node)
+
+
+def test_pooled_metrics_come_from_merged_statistics(tmp_path: Path) -> None:
+    # Prepare: two sites with different calibration, and one malformed reply
+    rng = np.random.default_rng(1)
+    y1, y2 = rng.integers(0, 2, 60), rng.integers(0, 2, 90)
+    s1 = np.clip(0.2 + 0.3 * y1 + rng.normal(0, 0.1, 60), 0, 1)
+    s2 = np.clip(0.5 + 0.3 * y2 + rng.normal(0, 0.1, 90), 0, 1)
+    broken = _eval_reply("site-x", 9, s1, y1)
+    broken.content["metrics"]["val.tp"] = -5  # type: ignore[index]
+    strategy = _strategy(tmp_path)
+    # Execute
+    summary = strategy.aggregate_evaluate(
+        1, [_eval_reply("site-a", 1, s1, y1), broken, _eval_reply("site-b", 2, s2, y2)]
+    )
+    # Assert
+    lines = list(strategy.run.read_metrics())
+    assert [(line["site"], line["split"], line["n"]) for line in lines] == [
+        ("site-a", "val", 60),
+        ("site-b", "val", 90),
+        ("ALL", "val", 150),
+    ]
+    pooled_auc = roc_auc_score(np.concatenate([y1, y2]), np.concatenate([s1, s2]))
+    assert lines[2]["metrics"]["auc"] == pytest.approx(pooled_auc, abs=2e-3)
+    assert lines[0]["metrics"]["auc"] == pytest.approx(roc_auc_score(y1, s1), abs=2e-3)
+    mean_of_sites = (lines[0]["metrics"]["auc"] + lines[1]["metrics"]["auc"]) / 2
+    assert abs(mean_of_sites - pooled_auc) > 0.01  # the averaged value would be wrong
+    assert summary is not None and summary["val-auc"] == lines[2]["metrics"]["auc"]
+
+
+@pytest.mark.parametrize(
+    ("make_bad", "reason"),
+    [
+        (
+            lambda: _train_reply(
+                "site-b", 2, 9.0, 10, metrics={"num-examples": 10, "train-loss": 0.5, "x": 1}
+            ),
+            r"metric keys differ \(missing \[\], extra \['x'\]\)",
+        ),
+        (
+            lambda: _train_reply(
+                "site-b", 2, 9.0, 10, extra={"m2": MetricRecord({"num-examples": 1})}
+            ),
+            r"exactly one MetricRecord named 'metrics', got 2 \['m2', 'metrics'\]",
+        ),
+        (
+            lambda: _train_reply(
+                "site-b", 2, 9.0, 10, extra={"a2": ArrayRecord({"w": torch.ones(3)})}
+            ),
+            r"exactly one ArrayRecord named 'arrays', got 2 \['a2', 'arrays'\]",
+        ),
+        (
+            lambda: _train_reply(
+                "site-b", 2, 9.0, 10, extra={"arrays": MetricRecord({"num-examples": 1})}
+            ),
+            r"exactly one ArrayRecord named 'arrays', got 0 \[\]",
+        ),
+        (
+            lambda: _train_reply("site-b", 2, 9.0, 10, arrays=_lying_arrays()),
+            r"weight 'w' has shape \(2,\), expected \(3,\)",
+        ),
+        (
+            lambda: _train_reply("site-b", 2, 9.0, 10, arrays=_undecodable_arrays()),
+            "weight 'w' cannot be decoded as a NumPy array",
+        ),
+        (
+            lambda: _train_reply("site-b", 2, 1e6, 10**12),
+            r"num-examples 1000000000000 is above the bound 10000000",
+        ),
+    ],
+    ids=[
+        "extra-metric-key",
+        "two-metric-records",
+        "two-array-records",
+        "no-array-record",
+        "decoded-bytes-differ",
+        "unknown-stype",
+        "huge-num-examples",
+    ],
+)
+def test_malformed_update_is_dropped_without_failing_the_round(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    make_bad: Callable[[], Message],
+    reason: str,
+) -> None:
+    # Prepare
+    strategy = _strategy(tmp_path)
+    caplog.set_level(logging.INFO, logger="radfed")
+    # Execute: Flower's consistency check runs on what the strategy accepted
+    arrays, metrics = strategy.aggregate_train(
+        1, [_train_reply("site-a", 1, 1.0, 10), make_bad(), _train_reply("site-c", 3, 4.0, 30)]
+    )
+    # Assert: the two good sites are averaged, the bad one is dropped by name
+    assert arrays is not None and metrics is not None
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((3,), 13.0 / 4))
+    assert dict(metrics) == {"train-loss": pytest.approx(0.5)}
+    dropped = [r.getMessage() for r in caplog.records if "dropped update" in r.getMessage()]
+    assert len(dropped) == 1 and "dropped update from site-b: " in dropped[0]
+    assert re.search(reason, dropped[0])
+    assert "Unsupported" not in caplog.text  # no exception text
+
+
+def test_update_norm_is_bounded_against_the_current_global_model(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: bound 5; round 1 moves the global model from 0 to 1
+    strategy = _strategy(tmp_path, max_update_norm=5.0)
+    caplog.set_level(logging.INFO, logger="radfed")
+    first, _ = strategy.aggregate_train(
+        1, [_train_reply("site-a", 1, 1.0, 10), _train_reply("site-b", 2, 4.0, 1000)]
+    )
+    # Execute: w=4 is 5.2 from the new global model, w=3 is 3.5 from it
+    second, _ = strategy.aggregate_train(
+        2, [_train_reply("site-a", 1, 3.0, 10), _train_reply("site-b", 2, 4.0, 1000)]
+    )
+    # Assert: site-b (6.9 from 0) dropped in round 1; (5.2 from 1) still dropped in round 2
+    assert first is not None and torch.allclose(first.to_torch_state_dict()["w"], torch.ones(3))
+    assert second is not None
+    assert torch.allclose(second.to_torch_state_dict()["w"], torch.full((3,), 3.0))
+    assert "round 1: dropped update from site-b: update is 6.93 from the global model" in (
+        caplog.text
+    )
+    assert "round 2: dropped update from site-b: update is 5.2 from the global model" in (
+        caplog.text
+    )
+    assert "dropped update from site-a" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [{"max_update_norm": 0.0}, {"max_update_norm": float("nan")}, {"max_examples": 0}],
+)
+def test_bounds_must_be_positive(tmp_path: Path, bounds: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=r"^max_\w+ must be (a )?positive"):
+        _strategy(tmp_path, **bounds)
+
+
+def test_second_reply_from_the_same_site_name_is_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    strategy = _strategy(tmp_path)
+    caplog.set_level(logging.INFO, logger="radfed")
+    # Execute: another node claims site-a's name
+    arrays, _ = strategy.aggregate_train(
+        1, [_train_reply("site-a", 1, 1.0, 10), _train_reply("site-a", 2, 9.0, 90)]
+    )
+    # Assert: the first reply alone makes the model
+    assert arrays is not None
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.ones(3))
+    assert (
+        "round 1: dropped update from site-a (node 2): this round already has a reply "
+        "from that site name" in caplog.text
+    )
+    assert strategy.site_names == {1: "site-a"}
+
+
+def test_duplicate_and_reserved_site_names_do_not_reach_metrics(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: site-a twice (10 then 30 cases) and a site calling itself "ALL" (20 cases)
+    def reply(site: str, node: int, n: int) -> Message:
+        return _eval_reply(site, node, np.linspace(0, 1, n), np.arange(n) % 2)
+
+    strategy = _strategy(tmp_path)
+    caplog.set_level(logging.INFO, logger="radfed")
+    # Execute
+    strategy.aggregate_evaluate(
+        1, [reply("site-a", 1, 10), reply("site-a", 2, 30), reply("ALL", 3, 20)]
+    )
+    # Assert: only the first site-a reply, and the pooled row is the true pool
+    lines = [(line["site"], line["n"]) for line in strategy.run.read_metrics()]
+    assert lines == [("site-a", 10), ("ALL", 10)]
+    assert "dropped statistics from site-a (node 2)" in caplog.text
+    assert "dropped statistics from node 3: site name 'ALL' is reserved" in caplog.text
+
+
+def test_statistics_of_another_schema_or_shape_are_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    rng = np.random.default_rng(2)
+    y, s = rng.integers(0, 2, 40), rng.random(40)
+    other_schema = _eval_reply("site-b", 2, s, y)
+    other_schema.content.metric_records["metrics"]["schema-version"] = STATS_SCHEMA_VERSION + 1
+    two_records = _eval_reply("site-c", 3, s, y)
+    two_records.content["more"] = MetricRecord({"num-examples": 1})
+    huge = _eval_reply("site-d", 4, s, y)
+    strategy = _strategy(tmp_path, max_examples=39)
+    strategy_ok = _strategy(tmp_path / "ok")
+    caplog.set_level(logging.INFO, logger="radfed")
+    # Execute
+    summary = strategy_ok.aggregate_evaluate(
+        1, [_eval_reply("site-a", 1, s, y), other_schema, two_records]
+    )
+    none = strategy.aggregate_evaluate(1, [huge])
+    # Assert
+    assert summary is not None
+    assert [line["site"] for line in strategy_ok.run.read_metrics()] == ["site-a", "ALL"]
+    assert (
+        f"dropped statistics from site-b: statistics schema-version {STATS_SCHEMA_VERSION + 1}, "
+        f"this server reads {STATS_SCHEMA_VERSION}" in caplog.text
+    )
+    assert "dropped statistics from site-c: reply must carry exactly one MetricRecord" in (
+        caplog.text
+    )
+    assert none is None
+    assert "dropped statistics from site-d: num-examples 40 is above the bound 39" in caplog.text
+
+
+def test_suppressed_site_is_reported_as_such_and_left_out_of_the_pool(tmp_path: Path) -> None:
+    # Prepare: site-b has 5 validation cases under a minimum cell size of 10
+    rng = np.random.default_rng(3)
+    y1, y2 = rng.integers(0, 2, 40), rng.integers(0, 2, 5)
+    s1, s2 = rng.random(40), rng.random(5)
+    small = BinaryStats.from_scores(s2, y2, bins=CONFIG.score_bins).with_min_cell(10)
+    content = RecordDict(
+        {
+            "metrics": pack_stats(TASK, {"val": small}),
+            "site": SiteIdentity.local("site-b").to_record(),
+        }
+    )
+    strategy = _strategy(tmp_path)
+    # Execute
+    strategy.aggregate_evaluate(
+        1,
+        [
+            _eval_reply("site-a", 1, s1, y1),
+            make_message(content, message_type="evaluate", src_node_id=2),
+        ],
+    )
+    # Assert
+    lines = {line["site"]: line for line in strategy.run.read_metrics()}
+    assert lines["site-b"]["suppressed"] is True and lines["site-b"]["n"] is None
+    assert lines["site-b"]["metrics"]["auc"] is None
+    assert lines["ALL"]["n"] == 40 and lines["ALL"]["metrics"] == lines["site-a"]["metrics"]

@@ -1,0 +1,151 @@
+"""The wire format: statistics and weights round-trip, and broken replies are named and refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from radfed.config import RunConfig
+from radfed.federation.codes import InvalidReply
+from radfed.federation.identity import SiteIdentity, read_site_identity
+from radfed.federation.schema import STATS_SCHEMA_VERSION, pack_stats, unpack_stats
+from radfed.federation.updates import cast_like, validate_arrays
+from radfed.folders import POOLED_SITE
+from radfed.metrics.binary import BinaryStats
+from radfed.tasks.classification import TASK
+
+BINS = 20
+_CONFIG = RunConfig(score_bins=BINS, eval_splits=("train", "val"))
+
+
+def _stats() -> dict[str, BinaryStats]:
+    rng = np.random.default_rng(0)
+    return {
+        split: BinaryStats.from_scores(rng.random(30), rng.integers(0, 2, 30), bins=BINS)
+        for split in ("train", "val")
+    }
+
+
+def test_statistics_round_trip() -> None:
+    stats = _stats()
+    record = pack_stats(TASK, stats)
+    assert record["num-examples"] == 60 and record["schema-version"] == STATS_SCHEMA_VERSION
+    assert unpack_stats(TASK, record, _CONFIG) == stats
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r.pop("val.tp"), r"missing \['val\.tp'\], extra \[\]"),
+        (lambda r: r.__setitem__("extra", 1), r"missing \[\], extra \['extra'\]"),
+        (
+            lambda r: r.__setitem__("schema-version", STATS_SCHEMA_VERSION + 1),
+            rf"schema-version {STATS_SCHEMA_VERSION + 1}, this server reads {STATS_SCHEMA_VERSION}",
+        ),
+        (lambda r: r.__setitem__("schema-version", 1.0), "schema-version must be an integer"),
+        (lambda r: r.__setitem__("val.fp", -1), "non-negative"),
+        (lambda r: r.__setitem__("val.pos-hist", [1] * (BINS - 1)), f"list of {BINS}"),
+        (lambda r: r.__setitem__("val.tn", r["val.tn"] + 1), "disagree"),
+        (lambda r: r.__setitem__("num-examples", 7), "num-examples"),
+        (lambda r: r.__setitem__("val.tp", 2**41), "beyond any plausible count"),
+    ],
+)
+def test_inconsistent_statistics_are_refused(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    record = MetricRecord(dict(pack_stats(TASK, _stats())))
+    mutate(record)
+    with pytest.raises(InvalidReply, match=message):
+        unpack_stats(TASK, record, _CONFIG)
+
+
+def test_site_identity_and_version_checks() -> None:
+    ok = RecordDict({"site": SiteIdentity.local("site-a").to_record()})
+    assert read_site_identity(ok).name == "site-a"
+    with pytest.raises(InvalidReply, match="no site identity"):
+        read_site_identity(RecordDict({}))
+    newer_schema = ConfigRecord({"name": "site-b", "radfed-version": "0.1.0", "schema-version": 99})
+    with pytest.raises(InvalidReply, match="site 'site-b' sends statistics schema 99"):
+        read_site_identity(RecordDict({"site": newer_schema}))
+    other_release = ConfigRecord(
+        {"name": "site-c", "radfed-version": "0.9.0", "schema-version": STATS_SCHEMA_VERSION}
+    )
+    with pytest.raises(InvalidReply, match=r"site 'site-c' runs radfed 0\.9\.0"):
+        read_site_identity(RecordDict({"site": other_release}))
+
+
+def test_the_pooled_row_name_is_refused_as_a_site_name() -> None:
+    with pytest.raises(InvalidReply, match=f"site name {POOLED_SITE!r} is reserved"):
+        read_site_identity(RecordDict({"site": SiteIdentity.local(POOLED_SITE).to_record()}))
+
+
+def test_weight_checks_name_the_bad_array() -> None:
+    reference = {"w": torch.zeros(2, 3), "bn.num_batches_tracked": torch.tensor(4)}
+    validate_arrays(ArrayRecord(reference), reference)
+    with pytest.raises(InvalidReply, match="'w' holds non-finite"):
+        validate_arrays(
+            ArrayRecord({**reference, "w": torch.full((2, 3), float("nan"))}), reference
+        )
+    with pytest.raises(InvalidReply, match="'w' has shape"):
+        validate_arrays(ArrayRecord({**reference, "w": torch.zeros(3, 2)}), reference)
+    with pytest.raises(InvalidReply, match="'w' has dtype"):
+        validate_arrays(
+            ArrayRecord({**reference, "w": torch.zeros(2, 3, dtype=torch.float64)}), reference
+        )
+    with pytest.raises(InvalidReply, match=r"missing \['bn\.num_batches_tracked'\]"):
+        validate_arrays(ArrayRecord({"w": torch.zeros(2, 3)}), reference)
+
+
+def test_weight_checks_use_the_decoded_data_not_the_declared_metadata() -> None:
+    # Prepare: bytes of a (2,) float64 array declared as the (3,) float32 the model expects
+    reference = {"w": torch.zeros(3)}
+    lying = Array(np.ones(2, dtype=np.float64))
+    lying.shape, lying.dtype = (3,), "float32"
+    wrong_dtype = Array(np.ones(3, dtype=np.float64))
+    wrong_dtype.dtype = "float32"
+    # Execute / Assert
+    with pytest.raises(InvalidReply, match=r"'w' has shape \(2,\), expected \(3,\)"):
+        validate_arrays(ArrayRecord({"w": lying}), reference)
+    with pytest.raises(InvalidReply, match="'w' has dtype float64, expected float32"):
+        validate_arrays(ArrayRecord({"w": wrong_dtype}), reference)
+
+
+@pytest.mark.parametrize("stype", ["torch.raw", "numpy.ndarray"])
+def test_undecodable_weights_are_refused_without_the_cause_text(stype: str) -> None:
+    # Prepare: an unknown serialisation type; then numpy bytes that are not a .npy file
+    array = Array(np.ones(3, dtype=np.float32))
+    array.stype = stype
+    if stype == "numpy.ndarray":
+        array.data = b"\x93NUMPY garbage"
+    # Execute
+    with pytest.raises(InvalidReply) as info:
+        validate_arrays(ArrayRecord({"w": array}), {"w": torch.zeros(3)})
+    # Assert: names the array, quotes neither the stype nor the bytes nor the exception
+    assert str(info.value) == "weight 'w' cannot be decoded as a NumPy array"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_update_norm_bound_counts_float_tensors_only() -> None:
+    # Prepare: distance sqrt(3 * 2²) ≈ 3.46 over the floats; the integer buffer moves by 1000
+    reference = {"w": torch.ones(3), "n": torch.tensor(0)}
+    update = ArrayRecord({"w": torch.full((3,), 3.0), "n": torch.tensor(1000)})
+    # Execute / Assert
+    validate_arrays(update, reference)
+    validate_arrays(update, reference, max_update_norm=3.5)
+    with pytest.raises(InvalidReply, match=r"update is 3\.46 from the global model .* bound 3\.4"):
+        validate_arrays(update, reference, max_update_norm=3.4)
+
+
+def test_update_norm_overflow_is_refused() -> None:
+    reference = {"w": torch.full((2,), -1e308, dtype=torch.float64)}
+    update = ArrayRecord({"w": torch.full((2,), 1e308, dtype=torch.float64)})
+    with pytest.raises(InvalidReply, match="update is inf from the global model"):
+        validate_arrays(update, reference, max_update_norm=1e6)
+
+
+def test_cast_like_restores_integer_buffers() -> None:
+    reference = {"w": torch.zeros(2), "n": torch.tensor(3)}
+    averaged = ArrayRecord({"w": torch.ones(2), "n": torch.tensor(4.4, dtype=torch.float64)})
+    state = cast_like(averaged, reference)
+    assert state["n"].dtype == torch.int64 and int(state["n"]) == 4
+    assert state["w"].dtype == torch.float32

@@ -1,0 +1,221 @@
+"""The site's handlers, called directly: what they reply, and that nothing identifying leaves."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import pydicom
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from radfed.config import RunConfig
+from radfed.errors import ConfigError
+from radfed.federation.codes import ErrorCode
+from radfed.federation.schema import unpack_cells
+from radfed.metrics.cells import SMALL_GROUPS
+from radfed.site.handlers import handle_evaluate, handle_train
+from radfed.site.node import resolve_site
+from radfed.tasks.classification import TASK, build_model
+from tests.helpers import make_context, make_message
+
+CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=100, seed=3)
+
+
+def _request(kind: str, server_round: int = 1) -> Message:
+    model = build_model(CONFIG)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "config": ConfigRecord({"server-round": server_round}),
+        }
+    )
+    return make_message(content, message_type=kind, src_node_id=0, dst_node_id=1)
+
+
+def _deployed(site: Path) -> dict[str, bool | float | int | str]:
+    return {"site-name": "site-a", "data-path": str(site)}
+
+
+def test_train_reply_carries_updated_weights_and_counts_only(site_copy: Path) -> None:
+    # Execute
+    reply = handle_train(
+        _request("train"), make_context(CONFIG.to_run_config(), _deployed(site_copy))
+    )
+    # Assert
+    assert not reply.has_error()
+    sent = reply.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    initial = build_model(CONFIG).state_dict()
+    assert list(sent) == list(initial)
+    assert any(
+        not torch.equal(sent[k], initial[k]) for k in initial if initial[k].is_floating_point()
+    )
+    metrics = reply.content["metrics"]
+    assert set(metrics.keys()) == {"num-examples", "train-loss"}  # type: ignore[union-attr]
+    assert metrics["num-examples"] > 0  # type: ignore[index]
+    assert reply.content["site"]["name"] == "site-a"  # type: ignore[index]
+
+
+def test_evaluate_reply_holds_statistics_and_nothing_identifying(site_copy: Path) -> None:
+    # Prepare: every identifying value the site holds
+    with (site_copy / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    secrets = {str(site_copy)}
+    for row in rows:
+        ds = pydicom.dcmread(site_copy / row["image"], stop_before_pixels=True)
+        secrets |= {
+            row["patient_id"],
+            row["image"],
+            str(ds.PatientName),
+            ds.PatientAge,
+            ds.Manufacturer,
+        }
+    # Execute: subgroups named by normalised sex and age band only (no manufacturer)
+    config = dataclasses.replace(CONFIG, subgroups=("sex", "age_band", "sex*age_band"))
+    reply = handle_evaluate(
+        _request("evaluate"), make_context(config.to_run_config(), _deployed(site_copy))
+    )
+    # Assert: the statistics parse against the schema, counts match the site
+    assert not reply.has_error()
+    assert not reply.content.array_records
+    cells = unpack_cells(
+        TASK,
+        reply.content["metrics"],  # type: ignore[arg-type]
+        reply.content.config_records["cells"],
+        config,
+    )
+    stats = {split: parts[0].stats for split, parts in cells.items()}
+    assert sum(s.n for s in stats.values()) < len(rows)  # the sealed test split was not evaluated
+    assert {c.attribute for parts in cells.values() for c in parts} == {
+        "all",
+        "sex",
+        "age_band",
+        "sex*age_band",
+    }
+    # Assert: no string leaves except the site identity, and it holds no secret
+    strings = [str(v) for record in reply.content.config_records.values() for v in record.values()]
+    strings += [k for record in reply.content.metric_records.values() for k in record]
+    assert not [s for s in strings for secret in filter(None, secrets) if secret in s]
+    for record in reply.content.metric_records.values():
+        for value in record.values():
+            assert isinstance(value, int | list), "only counts leave a site"
+
+
+def test_site_failure_replies_with_a_code_not_the_exception_text(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a site folder without manifest
+    site = tmp_path / "hospital-x" / "secret-folder"
+    site.mkdir(parents=True)
+    caplog.set_level(logging.INFO, logger="radfed")
+    # Execute
+    reply = handle_train(
+        _request("train"),
+        make_context(CONFIG.to_run_config(), {"site-name": "x", "data-path": str(site)}),
+    )
+    # Assert
+    assert reply.has_error()
+    assert reply.error.code == ErrorCode.DATA
+    assert "secret-folder" not in (reply.error.reason or "") and "manifest" not in (
+        reply.error.reason or ""
+    )
+    assert "no manifest.csv" in caplog.text  # the site administrator still learns why
+    assert str(tmp_path) not in caplog.text
+
+
+def test_unexpected_failure_is_withheld(site_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
+    request = _request("train")
+    request.content["arrays"] = ArrayRecord({"wrong": torch.zeros(1)})
+    reply = handle_train(request, make_context(CONFIG.to_run_config(), _deployed(site_copy)))
+    assert reply.has_error() and reply.error.code == ErrorCode.UNEXPECTED
+    assert "message withheld" in caplog.text
+    assert "wrong" not in (reply.error.reason or "")
+
+
+def test_simulated_nodes_map_to_sorted_site_folders(synth_root: Path) -> None:
+    config = RunConfig(data_root=str(synth_root))
+    assert resolve_site({"partition-id": 1, "num-partitions": 3}, config) == (
+        "site-b",
+        synth_root / "site-b",
+    )
+    with pytest.raises(ConfigError, match="2 nodes but data-root holds 3"):
+        resolve_site({"partition-id": 0, "num-partitions": 2}, config)
+    with pytest.raises(ConfigError, match="data-root"):
+        resolve_site({"partition-id": 0, "num-partitions": 3}, RunConfig())
+    with pytest.raises(ConfigError, match="node config names no site"):
+        resolve_site({}, config)
+
+
+def test_sealed_test_split_is_evaluated_only_on_request_and_counted(site_copy: Path) -> None:
+    uses = site_copy / ".radfed" / "test_uses.json"
+    context = make_context(CONFIG.to_run_config(), _deployed(site_copy))
+    handle_evaluate(_request("evaluate"), context)
+    assert not uses.exists()
+    asking = dataclasses.replace(CONFIG, eval_splits=("val", "test"))
+    context = make_context(asking.to_run_config(), _deployed(site_copy))
+    for expected in (1, 2):
+        reply = handle_evaluate(_request("evaluate", server_round=expected), context)
+        assert not reply.has_error()
+        assert "test.tp" in reply.content["metrics"]  # type: ignore[operator]
+        document = json.loads(uses.read_text())
+        assert len(document["uses"]) == expected and document["uses"][-1]["round"] == expected
+
+
+def test_deployed_node_must_name_its_site(site_copy: Path) -> None:
+    reply = handle_train(
+        _request("train"), make_context(CONFIG.to_run_config(), {"data-path": str(site_copy)})
+    )
+    assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
+
+
+def test_what_leaves_holds_no_cell_below_k_and_no_single_case_bin(site_copy: Path) -> None:
+    # Prepare: the run asks for k=3, the site's own policy demands k=6
+    config = dataclasses.replace(CONFIG, min_cell_size=3, score_bins=1000)
+    (site_copy / "site-policy.toml").write_text("[policy]\nmin-cell-size = 6\n")
+    context = make_context(config.to_run_config(), _deployed(site_copy))
+    # Execute
+    reply = handle_evaluate(_request("evaluate"), context)
+    # Assert
+    record = reply.content["metrics"]
+    names = reply.content.config_records["cells"]
+    cells = unpack_cells(TASK, record, names, config)  # type: ignore[arg-type]
+    checked = 0
+    for split, parts in cells.items():
+        for cell in parts:  # every subgroup cell, not only the whole split
+            s = cell.stats
+            if s.suppressed:
+                assert s.n == 0 and cell.positives == 0
+                continue
+            checked += 1
+            assert s.n >= 6, (split, cell.attribute, cell.group)
+            totals = [p + q for p, q in zip(s.pos_hist, s.neg_hist, strict=True)]
+            assert all(t == 0 or t >= 6 for t in totals), (split, cell.group)
+    assert checked > len(cells)  # subgroup cells were sent, not only the splits
+    # a small group is named only when its vocabulary is closed (sex, age band) or pooled
+    for parts in cells.values():
+        for cell in parts:
+            if cell.stats.suppressed and cell.attribute not in {"all", "sex", "age_band"}:
+                assert cell.attribute == "sex*age_band" or cell.group == SMALL_GROUPS, cell
+    everything = CONFIG.to_run_config() | {"min-cell-size": 10_000}
+    suppressed = handle_evaluate(
+        _request("evaluate"), make_context(everything, _deployed(site_copy))
+    )
+    values = suppressed.content["metrics"]
+    assert all(values[f"{split}.suppressed"] == 1 for split in CONFIG.eval_splits)  # type: ignore[index]
+    assert values["num-examples"] == 0  # type: ignore[index]
+
+
+def test_the_held_out_site_evaluates_but_never_trains(site_copy: Path) -> None:
+    # Prepare
+    config = dataclasses.replace(CONFIG, holdout_site="site-a")
+    context = make_context(config.to_run_config(), _deployed(site_copy))
+    # Execute
+    trained = handle_train(_request("train"), context)
+    evaluated = handle_evaluate(_request("evaluate"), context)
+    # Assert: no weights leave the held-out site; its statistics do
+    assert trained.has_error() and trained.error.code == ErrorCode.HELD_OUT
+    assert not evaluated.has_error() and "metrics" in evaluated.content.metric_records
