@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+import typer
 from typer.testing import CliRunner
 
 from radfed.cli import app
+from radfed.cli.output import print_summary
+from radfed.tasks import get_task
 
 runner = CliRunner()
 
@@ -85,3 +90,74 @@ def test_simulate_refuses_a_model_the_task_does_not_have(synth_root: Path, tmp_p
     assert result.exit_code == 2
     assert "'model' for classification must be one of cnn, resnet18" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def _run_folder(folder: Path, sites: list[str], rounds: int = 2) -> Path:
+    """A run folder as the server writes it: config.json and metrics.jsonl (binary task)."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"run-config": {"num-server-rounds": rounds}}))
+    lines = []
+    for round_ in range(1, rounds + 1):
+        for site in [*sites, "ALL"]:
+            metrics = {"auc": 0.8, "sensitivity": 0.7, "specificity": 0.9, "accuracy": 0.8}
+            line = {"round": round_, "site": site, "split": "val", "n": 40, "metrics": metrics}
+            lines.append(json.dumps({**line, "suppressed": False}))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def test_the_summary_shows_only_metrics_the_task_computed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    run = _run_folder(tmp_path / "run", ["site-a", "site-b"])
+
+    print_summary(run, get_task("classification").summary)
+
+    out = capsys.readouterr().out
+    assert "round 2 (pooled = ALL" in out and "specificity" in out
+    assert "balanced_accuracy" not in out and "n/a" not in out
+
+
+def test_the_summary_never_cuts_a_site_name_in_a_narrow_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    sites = ["university-hospital-north", "regional-clinic-south"]
+    run = _run_folder(tmp_path / "run", sites)
+
+    print_summary(run, get_task("classification").summary)
+
+    out = capsys.readouterr().out
+    assert "…" not in out
+    for site in [*sites, "ALL"]:
+        assert f"  {site} val: n 40; auc 0.800, sensitivity 0.700" in out
+
+
+def test_a_run_with_no_completed_round_says_so_and_how_to_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = _run_folder(tmp_path / "run", ["a"], rounds=0)
+
+    with pytest.raises(typer.Exit) as ended:
+        print_summary(run, get_task("classification").summary, resume_hint="radfed launch --resume")
+
+    assert ended.value.exit_code == 1
+    assert capsys.readouterr().err.strip() == (
+        f"error: no round completed in {run}; nothing to summarise; "
+        "continue with radfed launch --resume"
+    )
+
+
+def test_a_run_that_stopped_early_says_how_to_continue(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = _run_folder(tmp_path / "run", ["a"], rounds=3)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")  # round 1 only
+
+    print_summary(run, get_task("classification").summary, resume_hint="radfed launch --resume")
+
+    out = capsys.readouterr().out
+    assert "round 1 (pooled" in out
+    assert "the run stopped after round 1 of 3; continue with radfed launch --resume" in out

@@ -157,6 +157,10 @@ def print_summary(folder: Path, headline: tuple[str, ...], *, resume_hint: str =
     if files.bias_report.is_file():
         for text in _flag_lines(run.read_bias_report()):
             out.print(Text(text), soft_wrap=True)
+    planned = run.read_config().get("run-config", {}).get("num-server-rounds", last)
+    if last < planned:
+        note = f"the run stopped after round {last} of {planned}"
+        out.print(Text(note + (f"; continue with {resume_hint}" if resume_hint else "")))
 
 
 def _summary_table(title: str, rows: list[dict[str, Any]], keys: list[str]) -> Table:

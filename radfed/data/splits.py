@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from radfed.errors import DataError
-from radfed.folders import SiteState
+from radfed.folders import MANIFEST_NAME, SiteState
 
 __all__ = [
     "PatientInfo",
@@ -109,7 +109,7 @@ def check_given_splits(patient_splits: Sequence[tuple[str, str, int]]) -> None:
         seen = first.setdefault(patient, (split, line))
         if seen[0] != split:
             msg = (
-                f"manifest.csv lines {seen[1]} and {line}: the same patient is in splits "
+                f"{MANIFEST_NAME} lines {seen[1]} and {line}: the same patient is in splits "
                 f"{seen[0]!r} and {split!r}; keep each patient in one split"
             )
             raise DataError(msg)

@@ -14,7 +14,7 @@ from radfed.deployment.process import (
     run_foreground,
 )
 from radfed.errors import ConfigError
-from radfed.folders import SiteFolder
+from radfed.folders import MANIFEST_NAME, SiteFolder
 from radfed.log import logger
 from radfed.privacy import load_policy
 
@@ -85,7 +85,7 @@ def join_site(
     effective = load_policy(policy)
     if not folder.manifest.is_file():
         raise ConfigError(
-            f"{data} holds no manifest.csv; prepare it with `radfed site index` and "
+            f"{data} holds no {MANIFEST_NAME}; prepare it with `radfed site index` and "
             "`radfed site check`"
         )
     if not port_is_free(RUNTIME_HOST, port):

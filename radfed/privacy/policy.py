@@ -95,7 +95,7 @@ class SitePolicy:
             allowed = ", ".join(self.tasks) or "none"
             msg = (
                 f"task {task!r} is not in the site policy's 'tasks' ({allowed}); "
-                "the site administrator can add it to site-policy.toml"
+                f"the site administrator can add it to {POLICY_FILE_NAME}"
             )
             raise PolicyRefusal(msg)
 

@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import shlex
+import socket
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -124,3 +127,34 @@ def test_join_checks_kit_and_folder_before_starting_anything(
         (data / "manifest.csv").write_text("image,patient_id,label\n")
     with pytest.raises(ConfigError, match=message):
         join_site(pki / "sites" / "a", site, data)
+
+
+def test_join_refuses_a_local_port_another_site_holds(pki: Path, tmp_path: Path) -> None:
+    # Prepare: something (a first site's SuperNode) listens on the local Runtime API port
+    data = tmp_path / "site"
+    data.mkdir()
+    (data / "manifest.csv").write_text("image,patient_id,label\n")
+    with socket.socket() as first:
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        port = first.getsockname()[1]
+
+        # Execute: the second site, as a user starts it
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "radfed", "site", "join", "--pki"),
+                *(str(pki / "sites" / "a"), "--site", "a", "--data", str(data)),
+                *("--port", str(port)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    # Assert: one line that names the port and the fix, and no SuperNode was started
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        f"error: local port {port} is taken (another site or program on this host uses it); "
+        "give this site its own with --port"
+    )
+    assert "Traceback" not in done.stdout + done.stderr
