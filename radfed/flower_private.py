@@ -20,15 +20,8 @@ from typing import Any
 
 from flwr.app import Context, RecordDict
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
-from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
 from flwr.common.logger import console_handler
 from flwr.common.serde import recorddict_to_proto
-from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-from flwr.simulation.run_simulation import _run_simulation
-from flwr.supercore.constant import NOOP_FEDERATION_ID
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supercore.telemetry import EventType
 
 from radfed.errors import ConfigError
 from radfed.log import logger
@@ -106,6 +99,16 @@ def run_simulation(
 ) -> None:
     """Run the app's ServerApp and ``nodes`` ClientApps in this process (Ray backend), as
     Flower's ``flwr-simulation`` process does once it has the app and its run config."""
+    # Flower's simulation engine, imported here: a site's or the server's process (which
+    # imports this module for the other wrappers) never pays for it.
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
     run = Run.create_empty(run_id=run_id)
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)

@@ -14,10 +14,13 @@ Nothing here imports torch, Flower or any other radfed room.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from radfed.errors import ConfigError, DataError
 
@@ -111,9 +114,27 @@ class SiteFolder:
 
 @dataclass(frozen=True)
 class RunFiles:
-    """The files of a run folder (DESIGN.md, "Run folder"); ``central.RunFolder`` writes them."""
+    """The files of a run folder (DESIGN.md, "Run folder"), and readers of its JSON files;
+    ``radfed.central.run_folder.RunFolder`` writes them."""
 
     path: Path
+
+    def read_config(self) -> dict[str, Any]:
+        """config.json: ``run-config``, versions and the facts given at the start."""
+        document: dict[str, Any] = json.loads(self.config.read_text())
+        return document
+
+    def read_metrics(self) -> Iterator[dict[str, Any]]:
+        """The lines of metrics.jsonl as dictionaries."""
+        with self.metrics.open() as handle:
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)
+
+    def read_bias_report(self) -> dict[str, Any]:
+        """The last bias_report.json written."""
+        report: dict[str, Any] = json.loads(self.bias_report.read_text())
+        return report
 
     @property
     def config(self) -> Path:

@@ -27,7 +27,7 @@ from flwr.serverapp.strategy import FedAvg
 from radfed.central.run_folder import RunFolder
 from radfed.config import RunConfig
 from radfed.errors import RadfedError
-from radfed.federation.codes import InvalidReply
+from radfed.federation.codes import InvalidReply, describe_code
 from radfed.federation.identity import read_site_identity
 from radfed.folders import SITES_FILE_ENV
 from radfed.log import logger
@@ -142,7 +142,10 @@ def _identify(grid: Grid, nodes: list[int], names: MutableMapping[int, str]) -> 
         node = reply.metadata.src_node_id
         if reply.has_error():
             logger.warning(
-                "node %d did not say its site name (error code %d)", node, reply.error.code
+                "node %d did not say its site name (error code %d: %s)",
+                node,
+                reply.error.code,
+                describe_code(reply.error.code),
             )
             continue
         try:

@@ -116,8 +116,7 @@ class RunFolder:
 
     def read_config(self) -> dict[str, Any]:
         """config.json: ``run-config``, versions and the facts given at the start."""
-        document: dict[str, Any] = json.loads(self.files.config.read_text())
-        return document
+        return self.files.read_config()
 
     def append_metrics(
         self,
@@ -153,15 +152,11 @@ class RunFolder:
 
     def read_bias_report(self) -> dict[str, Any]:
         """The last bias_report.json written."""
-        report: dict[str, Any] = json.loads(self.bias_report_path.read_text())
-        return report
+        return self.files.read_bias_report()
 
     def read_metrics(self) -> Iterator[dict[str, Any]]:
         """The lines of metrics.jsonl as dictionaries."""
-        with self.metrics_path.open() as handle:
-            for line in handle:
-                if line.strip():
-                    yield json.loads(line)
+        return self.files.read_metrics()
 
     def checkpoint_path(self, round_: int) -> Path:
         return self.files.checkpoint(round_)

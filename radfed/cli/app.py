@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+import radfed
 from radfed import __version__
 from radfed.cli import central, researcher, site
 from radfed.cli.output import debug_requested, make_app, print_error
@@ -65,9 +66,21 @@ def main() -> None:
     except Exception as err:
         if debug_requested():
             raise
-        frame = traceback.extract_tb(err.__traceback__)[-1]
         print_error(
-            f"unexpected {type(err).__name__} at {Path(frame.filename).name}:{frame.lineno}; "
-            "this is a radfed bug: please report it (RADFED_DEBUG=1 shows the traceback)"
+            f"unexpected {type(err).__name__} at {_where(err)}; this is a radfed bug: "
+            "please report it (RADFED_DEBUG=1 shows the traceback)"
         )
         sys.exit(1)
+
+
+def _where(err: BaseException) -> str:
+    """Where an exception was raised (file and line, no text), and the innermost radfed
+    line on the way there when that is elsewhere."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}"
+    package = Path(radfed.__file__).parent
+    ours = [f for f in frames if Path(f.filename).is_relative_to(package)]
+    if ours and ours[-1] is not frames[-1]:
+        inner = Path(ours[-1].filename).relative_to(package.parent)
+        where += f" (from {inner}:{ours[-1].lineno})"
+    return where

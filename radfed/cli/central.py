@@ -13,7 +13,7 @@ import typer
 
 from radfed.cli.output import attempt, fail, make_app, print_summary, setup_logging
 from radfed.config import TaskName
-from radfed.folders import RunFiles
+from radfed.folders import RunFiles, find_app_dir
 
 __all__ = ["launch", "pki_app", "report", "server_app"]
 
@@ -117,7 +117,6 @@ def launch(
     """Submit a federated run to the server and show its progress until it ends."""
     from radfed.deployment.launch import launch as launch_run
     from radfed.flower_private import parse_run_config
-    from radfed.folders import find_app_dir
     from radfed.tasks import get_task
 
     setup_logging(False)

@@ -121,11 +121,8 @@ def print_summary(folder: Path, headline: tuple[str, ...], *, resume_hint: str =
             (balanced accuracy of a binary classifier) are left out.
         resume_hint: how to continue the run when no round completed.
     """
-    from radfed.central.run_folder import RunFolder  # the run folder's reader
-
-    run = RunFolder(folder)
-    lines = list(run.read_metrics()) if run.metrics_path.is_file() else []
     files = RunFiles(folder)
+    lines = list(files.read_metrics()) if files.metrics.is_file() else []
     out = Console(highlight=False)
     if not lines:
         fail(
@@ -153,11 +150,12 @@ def print_summary(folder: Path, headline: tuple[str, ...], *, resume_hint: str =
         ("curves", files.curves),
         ("bias report", files.bias_report_html),
     ):
-        out.print(Text(f"  {label + ':':<12} {path}"), soft_wrap=True)
+        if path.exists():
+            out.print(Text(f"  {label + ':':<12} {path}"), soft_wrap=True)
     if files.bias_report.is_file():
-        for text in _flag_lines(run.read_bias_report()):
+        for text in _flag_lines(files.read_bias_report()):
             out.print(Text(text), soft_wrap=True)
-    planned = run.read_config().get("run-config", {}).get("num-server-rounds", last)
+    planned = files.read_config().get("run-config", {}).get("num-server-rounds", last)
     if last < planned:
         note = f"the run stopped after round {last} of {planned}"
         out.print(Text(note + (f"; continue with {resume_hint}" if resume_hint else "")))

@@ -16,7 +16,7 @@ import typer
 from radfed.cli.output import attempt, fail, progress, setup_logging
 from radfed.config import SPLITS, RunConfig, TaskName
 from radfed.errors import ConfigError, RadfedError
-from radfed.folders import SiteFolder
+from radfed.folders import SiteFolder, find_app_dir
 
 __all__ = ["evaluate", "explain", "site_audit", "site_check", "site_index", "site_join"]
 
@@ -80,7 +80,6 @@ def site_check(
 def _run_config(task: TaskName, values: list[str] | None) -> RunConfig:
     """The app's default run config, with ``task`` and ``--run-config`` values over it."""
     from radfed.flower_private import fused_run_config, parse_run_config
-    from radfed.folders import find_app_dir
 
     overrides = {**parse_run_config(values), "task": task.value}
     try:

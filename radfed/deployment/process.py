@@ -62,8 +62,18 @@ def flower_tool(name: str) -> str:
 
 
 def port_is_free(host: str, port: int) -> bool:
-    """Whether this process could listen on ``host:port`` now (nothing else holds it)."""
+    """Whether nothing listens on ``host:port``, so that a new server may.
+
+    A port left in TIME_WAIT by a process that just ended counts as free, as it does for
+    the server that reuses it (a restarted SuperNode).
+
+    Raises:
+        ConfigError: ``port`` is not a TCP port number.
+    """
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port {port} is not a TCP port; give one in 1..65535")
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

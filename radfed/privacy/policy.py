@@ -75,7 +75,7 @@ class SitePolicy:
     """
 
     k: int = DEFAULT_MIN_CELL_SIZE
-    tasks: tuple[str, ...] = tuple(TaskName)
+    tasks: tuple[str, ...] = tuple(t.value for t in TaskName)
     subgroups: tuple[str, ...] | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     dp: DifferentialPrivacy | None = None
@@ -91,6 +91,7 @@ class SitePolicy:
 
     def check_task(self, task: str) -> None:
         """Raises PolicyRefusal when the site does not train ``task``."""
+        task = str(task)  # a TaskName prints as its value
         if task not in self.tasks:
             allowed = ", ".join(self.tasks) or "none"
             msg = (
@@ -242,7 +243,7 @@ class _Reader:
     def policy(self, data: Mapping[str, Any]) -> SitePolicy:
         top = self.table("", data, ("policy",))
         table = self.table("policy", top.get("policy", {}), _POLICY_KEYS)
-        known = tuple(TaskName)
+        known = tuple(t.value for t in TaskName)
         tasks = self.names(table, "tasks")
         if tasks is not None and not set(tasks) <= set(known):
             self.fail("policy.tasks", f"a list of task names among {', '.join(known)}", tasks)

@@ -79,13 +79,22 @@ def _error(code: int, msg: Message) -> Message:
     return Message(error=Error(code=code, reason=f"radfed site error {code}"), reply_to=msg)
 
 
+def _folder_settings(context: Context) -> RunConfig:
+    """The run settings that name this node's site folder, even when others are invalid: an
+    error reply about a bad setting is audited like any other."""
+    try:
+        return RunConfig.from_run_config(context.run_config)
+    except ConfigError:
+        return RunConfig(data_root=str(context.run_config.get("data-root", "")))
+
+
 def _leave(reply: Message, msg: Message, context: Context, kind: str) -> Message:
     """Enforce the policy's message size and write the audit entry of ``reply``.
 
     A reply the audit log cannot record does not leave: an error code goes instead.
     """
     try:
-        path = resolve_site(context.node_config, RunConfig.from_run_config(context.run_config))[1]
+        path = resolve_site(context.node_config, _folder_settings(context))[1]
         policy = site_policy(context.node_config, path)
     except RadfedError:
         return reply  # an error reply for a node without a site folder: nothing to audit in

@@ -133,3 +133,16 @@ def test_a_reply_the_audit_log_cannot_record_does_not_leave(site_copy: Path) -> 
     reply = handle_train(_request("train"), context)
     assert reply.has_error() and reply.error.code == ErrorCode.RADFED
     assert not reply.has_content()
+
+
+def test_an_error_about_a_bad_run_setting_is_audited_too(site_copy: Path) -> None:
+    # Prepare: a run naming a task this radfed does not have
+    settings = {**CONFIG.to_run_config(), "task": "no-such-task"}
+
+    # Execute
+    reply = handle_train(_request("train"), make_context(settings, _node(site_copy)))
+
+    # Assert: an error code leaves, and the audit log records it
+    assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
+    (entry,) = _audit(site_copy)
+    assert entry["kind"] == "error" and entry["error-code"] == ErrorCode.CONFIG
