@@ -1,26 +1,9 @@
-"""Flower ClientApp: a site's local training and evaluation (logic in radfed.site.handlers)."""
+"""Flower ClientApp: a site's local training and evaluation (radfed.site.app).
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+At a deployed site this file never runs: the site answers with the radfed it installed
+(radfed.site.runtime). It is the app of `radfed simulate` and `flwr run` on one machine.
+"""
 
-from radfed.site.handlers import handle_evaluate, handle_query, handle_train
+from radfed.site.app import app
 
-app = ClientApp()
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this site's train split."""
-    return handle_train(msg, context)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    """Evaluate the received model; reply with sufficient statistics only."""
-    return handle_evaluate(msg, context)
-
-
-@app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Say this site's name and versions (nothing else)."""
-    return handle_query(msg, context)
+__all__ = ["app"]

@@ -8,17 +8,22 @@ only; nothing else in radfed imports from Flower beyond its public app API (``fl
 - ``flwr.common.logger.console_handler``: Flower's log handler (its streamed run log);
 - ``flwr.common.serde.recorddict_to_proto``: the bytes of a reply as Flower sends them;
 - ``flwr.simulation.run_simulation._run_simulation`` with ``Run``, ``TaskIdentity`` and
-  the id helpers: what Flower's ``flwr-simulation`` process does after it fetched the app.
+  the id helpers: what Flower's ``flwr-simulation`` process does after it fetched the app;
+- ``flwr.supernode.cli.flwr_clientapp`` (the ``flwr-clientapp`` process) with two of the
+  names its ``flwr.supernode.runtime.run_clientapp`` module calls replaced,
+  ``install_from_fab`` and ``get_load_client_app_fn``: a site answers with its own code.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.common.config import get_fused_config_from_dir, parse_config_args
 from flwr.common.logger import console_handler
 from flwr.common.serde import recorddict_to_proto
@@ -31,6 +36,7 @@ __all__ = [
     "log_like_flower",
     "parse_run_config",
     "run_simulation",
+    "run_site_clientapp",
     "serialize_content",
 ]
 
@@ -131,3 +137,29 @@ def run_simulation(
         is_app=True,
         verbose_logging=verbose,
     )
+
+
+def run_site_clientapp(load: Callable[[bytes], ClientApp]) -> None:
+    """Be Flower's ``flwr-clientapp`` process (arguments from ``sys.argv``) for one task,
+    answering with the ClientApp that ``load`` returns for the run's app bundle.
+
+    Flower's own process extracts the bundle under ``FLWR_HOME/apps/`` and imports the
+    ClientApp its ``pyproject.toml`` names, the bundle folder first on ``sys.path``. Here the
+    bundle's bytes go to ``load`` instead: nothing of it is written, installed or imported.
+    Everything else (pulling the task, pushing the reply, heartbeats) is Flower's.
+    """
+    import flwr.supernode.runtime.run_clientapp as process
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    bundles: list[bytes] = []
+
+    def keep_bundle(fab_file: Path | bytes, *_: object, **__: object) -> Path:
+        bundles.append(fab_file if isinstance(fab_file, bytes) else b"")
+        return Path(os.devnull)
+
+    def site_app_loader(**_: object) -> Callable[[str, str, str], ClientApp]:
+        return lambda fab_id, fab_version, fab_hash: load(bundles[-1] if bundles else b"")
+
+    setattr(process, "install_from_fab", keep_bundle)  # noqa: B010  (module globals it calls)
+    setattr(process, "get_load_client_app_fn", site_app_loader)  # noqa: B010
+    flwr_clientapp()

@@ -85,8 +85,18 @@ class SiteState:
 
     @property
     def flwr_home(self) -> Path:
-        """Flower's home of a deployed site (the app bundles it received)."""
+        """Flower's home of a deployed site."""
         return self.path / "flwr-home"
+
+    @property
+    def programs(self) -> Path:
+        """The programs a deployed site's SuperExec starts (radfed's ``flwr-clientapp``)."""
+        return self.path / "bin"
+
+    @property
+    def superexec_secret(self) -> Path:
+        """The secret that the site's SuperNode and SuperExec share (Runtime API auth)."""
+        return self.path / "superexec.secret"
 
     def fedbn(self, run_id: int) -> Path:
         """The site's own normalisation layers of one run (FedBN)."""

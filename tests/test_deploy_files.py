@@ -599,10 +599,13 @@ def test_readme_policy_example_has_every_key_and_loads(tmp_path: Path) -> None:
 
     assert set(doc) == set(policy_module._POLICY_KEYS)
     assert set(doc["dp"]) == set(policy_module._DP_KEYS)
+    assert set(doc["bundle"]) == set(policy_module._BUNDLE_KEYS)
     assert policy.dp is not None and policy.k == doc["min-cell-size"]
     readme = README.read_text()
-    names = [f"`{k}`" if k != "dp" else "`[policy.dp]`" for k in policy_module._POLICY_KEYS]
+    tables = {"dp", "bundle"}
+    names = [f"`[policy.{k}]`" if k in tables else f"`{k}`" for k in policy_module._POLICY_KEYS]
     names += [f"`dp.{k}`" for k in policy_module._DP_KEYS]
+    names += [f"`bundle.{k}`" for k in policy_module._BUNDLE_KEYS]
     for name in names:  # each key is explained in the README's table
         assert re.search(rf"^\| {re.escape(name)} \|", readme, re.MULTILINE), name
 

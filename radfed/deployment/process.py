@@ -39,16 +39,26 @@ HARDENED_ENV = {
 
 @dataclass(frozen=True)
 class Command:
-    """A command line and the environment it needs on top of the caller's."""
+    """A command line and the environment it needs on top of the caller's.
+
+    Attributes:
+        argv: the command line.
+        env: variables set on top of the caller's environment.
+        path_first: folders searched before all others for the programs the process
+            starts by name (then this Python's ``bin`` folder: Flower starts
+            ``flower-superexec`` and the app processes by name).
+    """
 
     argv: list[str]
     env: dict[str, str]
+    path_first: tuple[Path, ...] = ()
 
     def environ(self) -> dict[str, str]:
-        """The caller's environment with ``env`` over it; this Python's ``bin`` folder first
-        on PATH, because Flower starts ``flower-superexec`` and the app processes by name."""
+        """The caller's environment with ``env`` over it, and ``path_first`` and this
+        Python's ``bin`` folder first on PATH."""
         merged = {**os.environ, **self.env}
-        merged["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), merged.get("PATH", "")])
+        first = [*map(str, self.path_first), str(Path(sys.executable).parent)]
+        merged["PATH"] = os.pathsep.join([*first, merged.get("PATH", "")])
         return merged
 
 
@@ -93,30 +103,39 @@ def wait_for_port(host: str, port: int, timeout: float = 60.0) -> None:
     raise ConfigError(f"nothing listens at {host}:{port} after {timeout:.0f} s")
 
 
-def run_foreground(command: Command, *, after_start: object = None) -> int:
-    """Run ``command``, passing SIGINT/SIGTERM on to it; return its exit code.
+def run_foreground(*commands: Command, after_start: object = None) -> int:
+    """Run ``commands`` side by side, passing SIGINT/SIGTERM on to them, until one ends;
+    then stop the others. Returns the exit code of the one that ended first.
 
-    ``after_start`` (a callable taking no argument) runs once the process is up.
+    ``after_start`` (a callable taking no argument) runs once the processes are up.
     """
-    process = subprocess.Popen(command.argv, env=command.environ())
+    processes = [subprocess.Popen(c.argv, env=c.environ()) for c in commands]
 
     def forward(signum: int, _frame: object) -> None:
-        process.send_signal(signum)
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if callable(after_start):
-            try:
-                after_start()
-            except ConfigError:
-                process.terminate()
-                process.wait(timeout=30)
-                raise
-        return process.wait()
+            after_start()
+        while True:
+            for process in processes:
+                code = process.poll()
+                if code is not None:
+                    return code
+            time.sleep(0.2)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=30)
-        logger.debug("process %d ended", process.pid)
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            logger.debug("process %d ended", process.pid)

@@ -1,8 +1,27 @@
-"""The site side of a deployment: a site's SuperNode, with TLS and the site's own key."""
+"""The site side of a deployment: the site's SuperNode and the SuperExec that runs its tasks.
+
+``radfed site join`` runs two Flower processes side by side:
+
+- ``flower-supernode`` connects outward to the server with TLS and the site's key, and
+  serves its Runtime API on loopback in *process* isolation: the API's SuperExec operations
+  (listing tasks, issuing a task's token) need the secret the site keeps in
+  ``SITE_DIR/.radfed/superexec.secret`` (0600), so another local user cannot take the
+  site's tasks (Flower's subprocess mode leaves them open);
+- ``flower-superexec`` (with the same secret) starts one ``flwr-clientapp`` per task, and
+  finds first on its PATH radfed's own (``SITE_DIR/.radfed/bin/flwr-clientapp``, which runs
+  ``radfed.site.runtime``): the site answers with the radfed it installed, and no code of
+  the run's app bundle runs here.
+
+A task's token reaches its process on the command line (Flower's executor puts it there):
+a host whose ``/proc`` is not mounted with ``hidepid=invisible`` shows it to other local
+users while the task runs. ``deploy/README.md`` says how to close that.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import sys
 from pathlib import Path
 
 from radfed.deployment.pki import load_site_kit
@@ -14,14 +33,23 @@ from radfed.deployment.process import (
     run_foreground,
 )
 from radfed.errors import ConfigError
-from radfed.folders import MANIFEST_NAME, SiteFolder
+from radfed.folders import MANIFEST_NAME, SiteFolder, SiteState
 from radfed.log import logger
 from radfed.privacy import load_policy
 
-__all__ = ["RUNTIME_HOST", "join_site", "site_command"]
+__all__ = [
+    "CLIENTAPP_PROGRAM",
+    "RUNTIME_HOST",
+    "install_site_programs",
+    "join_site",
+    "site_command",
+    "superexec_command",
+]
 
-#: Where a SuperNode serves its local Runtime API (to its ClientApp processes only).
+#: Where a SuperNode serves its local Runtime API (to its SuperExec and task processes).
 RUNTIME_HOST = "127.0.0.1"
+#: The program Flower's SuperExec starts for each ClientApp task, found on its PATH.
+CLIENTAPP_PROGRAM = "flwr-clientapp"
 
 
 def site_command(
@@ -34,10 +62,12 @@ def site_command(
     policy: Path | None = None,
     port: int = 9094,
 ) -> Command:
-    """A site's SuperNode: TLS with the federation's CA, authenticated by the site's key."""
+    """A site's SuperNode: TLS with the federation's CA, authenticated by the site's key,
+    its Runtime API on loopback and open only to holders of the site's SuperExec secret."""
     node_config = f'site-name="{site}" data-path="{data.resolve()}"'
     if policy is not None:
         node_config += f' policy-path="{policy.resolve()}"'
+    state = SiteFolder(data).state
     argv = [
         flower_tool("flower-supernode"),
         "--root-certificates",
@@ -48,13 +78,68 @@ def site_command(
         str(key),
         "--node-config",
         node_config,
+        "--host",
+        RUNTIME_HOST,
         "--port",
         str(port),
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(state.superexec_secret.resolve()),
     ]
+    return Command(argv, _site_env(state))
+
+
+def superexec_command(*, data: Path, port: int = 9094) -> Command:
+    """The site's SuperExec: starts radfed's ``flwr-clientapp`` for each task of the SuperNode
+    whose Runtime API listens on loopback ``port``."""
+    state = SiteFolder(data).state
+    argv = [
+        flower_tool("flower-superexec"),
+        "--runtime-api-address",
+        f"{RUNTIME_HOST}:{port}",
+        "--insecure",  # loopback only, and every operation signed with the shared secret
+        "--executor",
+        "subprocess",
+        "--superexec-auth-secret-file",
+        str(state.superexec_secret.resolve()),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
+    return Command(argv, _site_env(state), path_first=(state.programs.resolve(),))
+
+
+def _site_env(state: SiteState) -> dict[str, str]:
     env = dict(HARDENED_ENV)
-    if "FLWR_HOME" not in os.environ:  # app bundles go beside the site's state, not to ~/.flwr
-        env["FLWR_HOME"] = str(SiteFolder(data).state.flwr_home.resolve())
-    return Command(argv, env)
+    if "FLWR_HOME" not in os.environ:  # Flower's state beside the site's, not in ~/.flwr
+        env["FLWR_HOME"] = str(state.flwr_home.resolve())
+    return env
+
+
+def install_site_programs(state: SiteState) -> Path:
+    """Write the site's ``flwr-clientapp`` (this Python running ``radfed.site.runtime``) and,
+    once, the SuperExec secret; both readable by the site's user only.
+
+    Returns:
+        The program.
+    """
+    state.programs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not state.superexec_secret.is_file():
+        descriptor = os.open(state.superexec_secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(secrets.token_bytes(32))
+    program = state.programs / CLIENTAPP_PROGRAM
+    tmp = program.with_suffix(".tmp")
+    tmp.write_text(
+        f"#!{sys.executable}\n"
+        '"""The ClientApp process of this site: radfed as installed here (radfed site join)."""\n'
+        "import sys\n\n"
+        "from radfed.site.runtime import main\n\n"
+        "sys.exit(main())\n"
+    )
+    tmp.chmod(0o700)
+    tmp.replace(program)
+    return program
 
 
 def join_site(
@@ -66,11 +151,12 @@ def join_site(
     policy: Path | None = None,
     port: int = 9094,
 ) -> int:
-    """Check the site kit, policy and data, then run the site's SuperNode in the foreground.
+    """Check the site kit, policy and data, then run the site's SuperNode and SuperExec in
+    the foreground until either ends.
 
     Returns:
-        The SuperNode's exit code (non-zero when the server refuses it; Flower logs
-        "Exit Code: 305" when the site's key is not registered).
+        The exit code of the process that ended first (non-zero when the server refuses the
+        site; Flower logs "Exit Code: 305" when the site's key is not registered).
     """
     kit = load_site_kit(kit_dir)
     if kit.name != site:
@@ -93,7 +179,8 @@ def join_site(
             f"local port {port} is taken (another site or program on this host uses it); "
             "give this site its own with --port"
         )
-    command = site_command(
+    install_site_programs(folder.state)
+    supernode = site_command(
         ca=kit.ca_cert,
         key=kit.private_key,
         site=site,
@@ -103,6 +190,11 @@ def join_site(
         port=port,
     )
     logger.info(
-        "site %s joins %s (policy: %s)", site, server or kit.server_address, effective.describe()
+        "site %s joins %s (policy: %s); it answers runs of the app bundle %s with the radfed "
+        "installed here, and runs no code of any bundle",
+        site,
+        server or kit.server_address,
+        effective.describe(),
+        effective.bundle.describe(),
     )
-    return run_foreground(command)
+    return run_foreground(supernode, superexec_command(data=data, port=port))

@@ -52,6 +52,11 @@ class ErrorCode(IntEnum):
         3005,
         "the site's policy refuses what the run asks (task, subgroups or message size)",
     )
+    BUNDLE = (
+        3006,
+        "the site's policy does not take part in runs of this app bundle (publisher, name, "
+        "version or digest); its log says which it accepts",
+    )
     UNEXPECTED = (
         3099,
         "an unexpected error at the site; its log names the exception type and line",

@@ -9,6 +9,7 @@ from radfed.privacy.audit import (
     verify,
 )
 from radfed.privacy.policy import (
+    BundleRule,
     DifferentialPrivacy,
     PolicyRefusal,
     SitePolicy,
@@ -19,6 +20,7 @@ __all__ = [
     "AuditEntry",
     "AuditKind",
     "AuditLog",
+    "BundleRule",
     "DifferentialPrivacy",
     "PolicyRefusal",
     "SitePolicy",

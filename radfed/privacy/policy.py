@@ -13,12 +13,22 @@ The site administrator owns a TOML file (``site-policy.toml``); every key is opt
     clipping-norm = 1.0            # L2 bound on (new weights - received weights)
     noise-multiplier = 0.8         # Gaussian noise std = noise-multiplier * clipping-norm
 
+    [policy.bundle]                # the app bundles whose runs this site takes part in
+    publisher = "radfed"           # [tool.flwr.app] publisher (default radfed)
+    name = "radfed"                # [project] name (default radfed)
+    versions = ["0.1.0"]           # [project] version (default: this radfed's version)
+    sha256 = []                    # SHA-256 of the bundle file (default []: any content)
+
 ``subgroups`` lists attributes; an intersection (``sex*age_band``) may leave only when all
 its parts are listed, and an empty list lets no subgroup statistics leave. ``tasks = []``
 makes the site evaluate-only. Within ``[policy.dp]``, ``required`` defaults to true, and
 ``clipping-norm`` (> 0) and ``noise-multiplier`` (>= 0; 0 clips without noise, which
 bounds an update but gives no privacy guarantee) must then both be set. A run can make
 the site stricter (a larger k), never laxer.
+
+No code of an app bundle ever runs at a site (``radfed.site.runtime`` answers with the
+radfed the site installed); ``[policy.bundle]`` says which bundles' runs the site answers
+at all. Pin ``sha256`` to accept exactly the bundles the site has reviewed.
 """
 
 from __future__ import annotations
@@ -26,23 +36,25 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
+from radfed import __version__
 from radfed.config import TaskName
 from radfed.errors import ConfigError, RadfedError
 from radfed.folders import POLICY_FILE_NAME
 
-__all__ = ["DifferentialPrivacy", "PolicyRefusal", "SitePolicy", "load_policy"]
+__all__ = ["BundleRule", "DifferentialPrivacy", "PolicyRefusal", "SitePolicy", "load_policy"]
 
 DEFAULT_MIN_CELL_SIZE = 10
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 
-_POLICY_KEYS = ("min-cell-size", "tasks", "subgroups", "max-message-bytes", "dp")
+_POLICY_KEYS = ("min-cell-size", "tasks", "subgroups", "max-message-bytes", "dp", "bundle")
 _DP_KEYS = ("required", "clipping-norm", "noise-multiplier")
+_BUNDLE_KEYS = ("publisher", "name", "versions", "sha256")
 
 
 class PolicyRefusal(RadfedError):
@@ -63,6 +75,30 @@ class DifferentialPrivacy:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BundleRule:
+    """The app bundles whose runs the site takes part in (none of their code runs here).
+
+    Attributes:
+        publisher: the bundle's ``[tool.flwr.app] publisher``.
+        name: its ``[project] name``.
+        versions: accepted ``[project] version`` values.
+        sha256: accepted SHA-256 digests (hex) of the bundle file; empty for any content.
+    """
+
+    publisher: str = "radfed"
+    name: str = "radfed"
+    versions: tuple[str, ...] = (__version__,)
+    sha256: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """What the rule accepts, in a few words (for the site's log)."""
+        content = "any content" if not self.sha256 else f"{len(self.sha256)} pinned digest(s)"
+        return (
+            f"{self.publisher}/{self.name} {', '.join(self.versions) or 'no version'} ({content})"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class SitePolicy:
     """The effective site policy (see the module docstring for the file format).
 
@@ -72,6 +108,7 @@ class SitePolicy:
         subgroups: attributes whose subgroup statistics may leave; None for any.
         max_message_bytes: the largest reply the site sends (serialized bytes).
         dp: differential privacy on weight updates; None when not required.
+        bundle: the app bundles whose runs the site answers.
     """
 
     k: int = DEFAULT_MIN_CELL_SIZE
@@ -79,6 +116,7 @@ class SitePolicy:
     subgroups: tuple[str, ...] | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     dp: DifferentialPrivacy | None = None
+    bundle: BundleRule = field(default_factory=BundleRule)
 
     @classmethod
     def default(cls) -> SitePolicy:
@@ -170,6 +208,7 @@ class SitePolicy:
                 "clipping-norm": self.dp.clipping_norm,
                 "noise-multiplier": self.dp.noise_multiplier,
             },
+            "bundle": self.bundle.describe(),
         }
 
 
@@ -232,13 +271,21 @@ class _Reader:
             )
         return float(value)
 
-    def names(self, table: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
+    def names(
+        self, table: Mapping[str, Any], key: str, where: str = "policy"
+    ) -> tuple[str, ...] | None:
         value = table.get(key)
         if value is None:
             return None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.fail("policy." + key, "a list of strings", value)
+            self.fail(f"{where}.{key}", "a list of strings", value)
         return tuple(dict.fromkeys(value))
+
+    def text(self, table: Mapping[str, Any], key: str, default: str, where: str) -> str:
+        value = table.get(key, default)
+        if not isinstance(value, str) or not value.strip():
+            self.fail(f"{where}.{key}", "a non-empty string", value)
+        return value
 
     def policy(self, data: Mapping[str, Any]) -> SitePolicy:
         top = self.table("", data, ("policy",))
@@ -257,6 +304,22 @@ class _Reader:
             subgroups=subgroups,
             max_message_bytes=self.integer(table, "max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES),
             dp=self.dp(table["dp"]) if "dp" in table else None,
+            bundle=self.bundle(table["bundle"]) if "bundle" in table else BundleRule(),
+        )
+
+    def bundle(self, value: object) -> BundleRule:
+        where = "policy.bundle"
+        table = self.table(where, value, _BUNDLE_KEYS)
+        default = BundleRule()
+        digests = tuple(d.lower() for d in self.names(table, "sha256", where) or ())
+        if any(len(d) != 64 or set(d) - set("0123456789abcdef") for d in digests):
+            self.fail(f"{where}.sha256", "a list of SHA-256 digests (64 hex digits)", digests)
+        versions = self.names(table, "versions", where)
+        return BundleRule(
+            publisher=self.text(table, "publisher", default.publisher, where),
+            name=self.text(table, "name", default.name, where),
+            versions=default.versions if versions is None else versions,
+            sha256=digests,
         )
 
     def dp(self, value: object) -> DifferentialPrivacy | None:

@@ -15,6 +15,7 @@ from radfed.federation.codes import ErrorCode
 from radfed.flower_private import log_like_flower, serialize_content
 from radfed.log import logger
 from radfed.privacy import AuditLog, PolicyRefusal
+from radfed.site.bundle import BundleIdentity, BundleRefused, check_bundle
 from radfed.site.node import resolve_site, server_round, site_policy
 
 __all__ = ["HeldOut", "guarded"]
@@ -24,44 +25,48 @@ class HeldOut(RadfedError):
     """This site is the run's held-out site; it does not train."""
 
 
-def guarded(
-    handler: Callable[[Message, Context], Message],
-) -> Callable[[Message, Context], Message]:
+Handler = Callable[[Message, Context], Message]
+
+#: The code of each radfed error a handler may raise, most specific first.
+_CODES: tuple[tuple[type[RadfedError], ErrorCode], ...] = (
+    (HeldOut, ErrorCode.HELD_OUT),
+    (BundleRefused, ErrorCode.BUNDLE),
+    (PolicyRefusal, ErrorCode.POLICY),
+    (ConfigError, ErrorCode.CONFIG),
+    (DataError, ErrorCode.DATA),
+)
+
+
+def guarded(handler: Handler, bundle: BundleIdentity | None = None) -> Handler:
     """Reply with an error code, never exception text; log locally without values or paths.
 
-    Every reply passes the site policy's size limit and is recorded in the site's audit
-    log before it leaves.
+    With ``bundle`` (a deployed site: the run's app bundle), the site policy must accept it
+    before the handler runs. Every reply passes the site policy's size limit and is recorded
+    in the site's audit log before it leaves.
     """
     kind = handler.__name__.strip("_")
 
     def run(msg: Message, context: Context) -> Message:
         log_like_flower()
-        reply = _reply_or_code(handler, msg, context)
+        reply = _reply_or_code(handler, msg, context, bundle)
         return _leave(reply, msg, context, kind)
 
     return run
 
 
 def _reply_or_code(
-    handler: Callable[[Message, Context], Message], msg: Message, context: Context
+    handler: Handler, msg: Message, context: Context, bundle: BundleIdentity | None
 ) -> Message:
     try:
+        if bundle is not None:
+            path = resolve_site(context.node_config, _folder_settings(context))[1]
+            check_bundle(site_policy(context.node_config, path).bundle, bundle)
         return handler(msg, context)
     except RadfedError as err:
         # radfed's own messages name manifest lines and settings, never header values.
         log = logger.info if isinstance(err, HeldOut) else logger.error
         log("%s failed: %s", handler.__name__.strip("_"), err)
-        code = (
-            ErrorCode.CONFIG
-            if isinstance(err, ConfigError)
-            else ErrorCode.DATA
-            if isinstance(err, DataError)
-            else ErrorCode.HELD_OUT
-            if isinstance(err, HeldOut)
-            else ErrorCode.POLICY
-            if isinstance(err, PolicyRefusal)
-            else ErrorCode.RADFED
-        )
+        code = next((c for kind, c in _CODES if isinstance(err, kind)), ErrorCode.RADFED)
     except Exception as err:
         frame = traceback.extract_tb(err.__traceback__)[-1]
         logger.error(

@@ -33,7 +33,8 @@ from radfed.federation.schema import (
 from radfed.federation.weights import load_global, shared_state
 from radfed.folders import SiteFolder
 from radfed.log import logger
-from radfed.site.egress import HeldOut, guarded
+from radfed.site.bundle import BundleIdentity
+from radfed.site.egress import Handler, HeldOut, guarded
 from radfed.site.evaluate import evaluate_cells
 from radfed.site.fedbn import LocalState
 from radfed.site.node import (
@@ -46,7 +47,7 @@ from radfed.site.node import (
 )
 from radfed.tasks import SplitStats, Task, get_task
 
-__all__ = ["handle_evaluate", "handle_query", "handle_train"]
+__all__ = ["handle_evaluate", "handle_query", "handle_train", "site_handlers"]
 
 
 def _prepare(
@@ -143,6 +144,16 @@ def _query(msg: Message, context: Context) -> Message:
     return Message(
         content=RecordDict({SITE_KEY: SiteIdentity.local(name).to_record()}), reply_to=msg
     )
+
+
+def site_handlers(bundle: BundleIdentity | None = None) -> dict[str, Handler]:
+    """The handlers of each message kind, guarded; ``bundle`` is the run's app bundle at a
+    deployed site (the site policy must accept it), None in a simulation."""
+    return {
+        "train": guarded(_train, bundle),
+        "evaluate": guarded(_evaluate, bundle),
+        "query": guarded(_query, bundle),
+    }
 
 
 handle_train = guarded(_train)

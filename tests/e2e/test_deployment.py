@@ -6,6 +6,8 @@ site, and the server killed and resumed. Every process is stopped by its PID."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 import torch
 
 from radfed.data.synth import synth_classification
+from radfed.folders import find_app_dir
 from radfed.privacy import read_entries, verify
 from tests.e2e.processes import Background
 
@@ -108,7 +111,7 @@ class Federation:
         self.processes[f"site-{site}"] = process
         return process
 
-    def launch(self, out: Path, *args: str) -> Background:
+    def launch(self, out: Path, *args: str, **env: str) -> Background:
         return Background(
             self.root / f"launch-{out.name}.log",
             "launch",
@@ -121,7 +124,7 @@ class Federation:
             "--run-config",
             RUN_CONFIG,
             *args,
-            env=self.env("launch"),
+            env={**self.env("launch"), **env},
         )
 
 
@@ -216,6 +219,98 @@ def test_run_survives_a_nan_site_a_killed_site_and_a_killed_server(
         text=True,
     )
     assert shown.returncode == 0 and "audit log intact" in shown.stdout
+
+
+#: The ClientApp of a hostile app bundle: it leaves a mark, and answers every message with
+#: the site's manifest.
+HOSTILE_CLIENTAPP = """
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+Path({marker!r}).write_text("the bundle's code ran at a site")
+app = ClientApp()
+
+
+def _leak(msg, context):
+    manifest = Path(context.node_config["data-path"], "manifest.csv").read_text()
+    return Message(RecordDict({{"leak": ConfigRecord({{"manifest": manifest}})}}), reply_to=msg)
+
+
+app.train()(_leak)
+app.evaluate()(_leak)
+app.query()(_leak)
+"""
+
+
+def _hostile_bundle(root: Path, marker: Path, version: str | None = None) -> Path:
+    """An app folder like radfed's, with the hostile ClientApp (and another version)."""
+    app, source = root / "app", find_app_dir()
+    for folder in ("server", "client"):
+        shutil.copytree(source / folder, app / folder, ignore=shutil.ignore_patterns("__py*"))
+    for name in ("pyproject.toml", "LICENSE"):
+        shutil.copy(source / name, app / name)
+    (app / "client" / "app.py").write_text(HOSTILE_CLIENTAPP.format(marker=str(marker)))
+    if version is not None:
+        project = (app / "pyproject.toml").read_text()
+        project = re.sub(r'(?m)^version = ".*"$', f'version = "{version}"', project, count=1)
+        (app / "pyproject.toml").write_text(project)
+    return app
+
+
+def _audit_lines(federation: Federation, site: str) -> list[dict[str, object]]:
+    path = federation.data / f"site-{site}" / ".radfed" / "audit.jsonl"
+    if not path.is_file():
+        return []
+    verify(path)
+    return [entry.to_json() for entry in read_entries(path)]
+
+
+def test_no_code_of_an_app_bundle_runs_at_a_site(federation: Federation) -> None:
+    # Prepare: a bundle named like this radfed release, whose ClientApp would leave a mark
+    # and send each site's manifest
+    marker = federation.root / "hostile-mark"
+    app = _hostile_bundle(federation.root / "hostile", marker)
+    before = len(_audit_lines(federation, "a"))
+    out = federation.root / "hostile-run"
+
+    # Execute: the central team launches it (RADFED_APP points radfed launch at it)
+    run = federation.launch(
+        out, "--rounds", "1", "--min-sites", "2", "--site-wait", "5", RADFED_APP=str(app)
+    )
+    code = run.wait(timeout=400)
+
+    # Assert: the sites answered with their own radfed; the bundle's code never ran
+    assert code == 0, run.output()[-4000:]
+    assert not marker.exists()
+    entries = _audit_lines(federation, "a")[before:]
+    assert {e["kind"] for e in entries} >= {"train", "evaluate"}
+    assert all("leak" not in json.dumps(e["records"]) for e in entries)
+    assert {line["site"] for line in _metrics(out)} >= {"a", "b", "ALL"}
+
+
+def test_a_site_refuses_a_bundle_its_policy_does_not_accept(federation: Federation) -> None:
+    # Prepare: the same hostile bundle as version 6.6.6, which no site's policy accepts
+    marker = federation.root / "refused-mark"
+    app = _hostile_bundle(federation.root / "refused", marker, version="6.6.6")
+    before = len(_audit_lines(federation, "a"))
+
+    # Execute
+    run = federation.launch(
+        federation.root / "refused-run",
+        *("--rounds", "1", "--min-sites", "2", "--site-wait", "5"),
+        RADFED_APP=str(app),
+    )
+    run.wait(timeout=400)
+
+    # Assert: every message got error code 3006, each refusal is in the site's audit log
+    assert "failed with error code 3006" in run.output()
+    assert not marker.exists()
+    refusals = [e for e in _audit_lines(federation, "a")[before:] if e["kind"] == "error"]
+    assert refusals and {e["error-code"] for e in refusals} == {3006}
+    site_log = federation.processes["site-a"].output()
+    assert "6.6.6" in site_log and "[policy.bundle]" in site_log  # said at the site, not sent
 
 
 def test_a_site_whose_key_is_not_registered_is_refused(federation: Federation) -> None:
