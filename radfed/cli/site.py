@@ -113,8 +113,11 @@ def site_audit(
     site_dir: Annotated[Path, typer.Argument(help="The site folder.")],
     last: Annotated[int, typer.Option(help="Show the last N entries (0: all).")] = 20,
 ) -> None:
-    """Verify the site's audit log and show what left the site."""
+    """Verify the site's audit log, show what was asked and what left, and point out what to
+    look at (repeated evaluations, other weights evaluated, the sealed test split, refused
+    bundles); exit 1 when there is something to look at."""
     from radfed.privacy import read_entries, verify
+    from radfed.site.review import review
 
     path = SiteFolder(site_dir).state.audit_log
     if not path.is_file():
@@ -122,13 +125,26 @@ def site_audit(
     count = attempt(verify, path)
     entries = read_entries(path)
     for entry in entries[-last if last else 0 :]:
-        shown = entry.to_json()
-        typer.echo(
-            f"{shown['time']} run {shown['run']} round {shown['round']} {shown['kind']}: "
-            f"{shown['bytes']} bytes sha256 {str(shown['sha256'])[:16]}"
-            + (f" error {shown['error-code']}" if shown.get("error-code") else "")
+        line = (
+            f"{entry.time} run {entry.run_id} round {entry.server_round} {entry.kind}: "
+            f"{entry.nbytes} bytes sha256 {(entry.sha256 or '-')[:16]}"
         )
+        if entry.error_code:
+            line += f" error {entry.error_code}"
+        if entry.request is not None:
+            asked = entry.request
+            line += f"; asked {asked.kind}"
+            line += f" {','.join(asked.eval_splits)}" if asked.eval_splits else ""
+            line += f" weights {asked.weights_sha256[:12]}" if asked.weights_sha256 else ""
+            line += f" bundle {asked.bundle_sha256[:12]}" if asked.bundle_sha256 else ""
+        typer.echo(line)
     typer.echo(f"audit log intact: {count} entries in {path}")
+    findings = review(entries)
+    for finding in findings:
+        typer.echo(f"look at: {finding.line()}")
+    if findings:
+        typer.echo(f"{len(findings)} finding(s) to look at")
+        raise typer.Exit(code=1)
 
 
 def evaluate(

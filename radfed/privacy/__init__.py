@@ -4,9 +4,11 @@ from radfed.privacy.audit import (
     AuditEntry,
     AuditKind,
     AuditLog,
+    Request,
     read_entries,
     serialize_content,
     verify,
+    weights_digest,
 )
 from radfed.privacy.policy import (
     BundleRule,
@@ -23,9 +25,11 @@ __all__ = [
     "BundleRule",
     "DifferentialPrivacy",
     "PolicyRefusal",
+    "Request",
     "SitePolicy",
     "load_policy",
     "read_entries",
     "serialize_content",
     "verify",
+    "weights_digest",
 ]

@@ -1,21 +1,32 @@
-"""The site's audit log: one hash-chained JSON line for every message that leaves the site.
+"""The site's audit log: one hash-chained JSON line for every message that leaves the site,
+with what was asked for it.
 
-``SITE_DIR/.radfed/audit.jsonl`` (0600, in a 0700 folder) is append-only. Each line is a
-JSON object with sorted keys::
+``SITE_DIR/.radfed/audit.jsonl`` (0600, in a 0700 folder) is append-only and written by the
+site's own code (no code of a run's bundle runs at a site). Each line is a JSON object with
+sorted keys::
 
-    {"bytes": 1234, "error-code": null, "hash": "...", "kind": "train", "prev": "...",
-     "records": {"arrays": {"arrays": [{"dtype": "float32", "name": "fc.weight",
-     "shape": [2, 8]}], "type": "array"}, "metrics": {"keys": ["num-examples"],
-     "type": "metric"}}, "round": 3, "run": 7, "seq": 12, "sha256": "...",
-     "time": "2025-01-01T12:00:00.000+00:00"}
+    {"bytes": 1234, "error-code": null, "hash": "...", "kind": "evaluate", "prev": "...",
+     "records": {"metrics": {"keys": ["num-examples", ...], "type": "metric"}},
+     "released": {"metrics": {"num-examples": 60, "val.tp": 12, ...}},
+     "request": {"bundle-sha256": "...", "config-sha256": "...", "eval-splits": ["val"],
+                 "kind": "evaluate", "message-config": {"server-round": 3},
+                 "weights-sha256": "..."},
+     "round": 3, "run": 7, "seq": 12, "sha256": "...", "time": "2025-...", "v": 2}
 
 ``bytes`` and ``sha256`` are the length and SHA-256 of the content as Flower serializes it
 (``radfed.flower_private.serialize_content``, deterministic protobuf encoding); ``records``
-names what left (array names, shapes and dtypes; metric and config keys), never a value.
+names what left (array names, shapes and dtypes; metric and config keys) and ``released``
+holds the values of its metric and config records: the aggregate statistics the site
+agreed to release (weights are named and hashed, not copied). ``request`` says what was
+asked: the message kind, the SHA-256 of the run configuration, of the run's app bundle
+(null in a simulation) and of the received weights (``weights_digest``), the message's own
+settings, and for an evaluation the splits asked for.
+
 ``seq`` counts lines from 1, ``prev`` is the SHA-256 of the previous line (64 zeros on the
 first) and ``hash`` the SHA-256 of the line's own canonical JSON without ``hash``, so
 ``verify`` finds an edited, removed, inserted or moved line. Removing lines at the end
-shows only against a count or hash kept elsewhere (``verify`` returns the count).
+shows only against a count or hash kept elsewhere (``verify`` returns the count). Lines of
+radfed 0.1's first format (without ``v``, ``request`` and ``released``) still verify.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -41,13 +52,17 @@ __all__ = [
     "AuditEntry",
     "AuditKind",
     "AuditLog",
+    "Request",
     "read_entries",
     "serialize_content",
     "verify",
+    "weights_digest",
 ]
 
 #: ``prev`` of the first line.
 GENESIS = "0" * 64
+#: The format of the lines this radfed writes (1: without request and released values).
+FORMAT = 2
 
 
 class AuditKind(StrEnum):
@@ -76,6 +91,88 @@ def _describe(content: RecordDict) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _released(content: RecordDict) -> dict[str, dict[str, Any]]:
+    """The values of a reply's metric and config records: the statistics that left."""
+    return {
+        key: dict(record.items())
+        for key, record in content.items()
+        if isinstance(record, MetricRecord | ConfigRecord)
+    }
+
+
+def weights_digest(arrays: ArrayRecord) -> str:
+    """SHA-256 over the names and serialized bytes of an ArrayRecord's arrays, in order."""
+    digest = hashlib.sha256()
+    for name, array in arrays.items():
+        digest.update(name.encode() + b"\0" + array.data + b"\0")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """What the server asked for with the message a reply answers.
+
+    Attributes:
+        kind: the request's message type (train, evaluate, query).
+        config_sha256: SHA-256 of the run configuration (canonical JSON).
+        bundle_sha256: SHA-256 of the run's app bundle; None in a simulation.
+        weights_sha256: ``weights_digest`` of the received weights; None without weights.
+        message_config: the message's own settings (server round, FedProx's mu).
+        eval_splits: for an evaluation, the splits asked for.
+    """
+
+    kind: str
+    config_sha256: str
+    bundle_sha256: str | None = None
+    weights_sha256: str | None = None
+    message_config: Mapping[str, Any] = field(default_factory=dict)
+    eval_splits: tuple[str, ...] = ()
+
+    @classmethod
+    def describe(
+        cls,
+        kind: str,
+        run_config: Mapping[str, Any],
+        *,
+        bundle_sha256: str | None = None,
+        arrays: ArrayRecord | None = None,
+        message_config: Mapping[str, Any] | None = None,
+    ) -> Request:
+        """The request of a message, from the run configuration and what it carried."""
+        splits = run_config.get("eval-splits", "")
+        return cls(
+            kind=kind,
+            config_sha256=_sha256(_canonical(dict(run_config))),
+            bundle_sha256=bundle_sha256,
+            weights_sha256=weights_digest(arrays) if arrays is not None else None,
+            message_config=dict(message_config or {}),
+            eval_splits=tuple(s.strip() for s in str(splits).split(",") if s.strip())
+            if kind == "evaluate"
+            else (),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "config-sha256": self.config_sha256,
+            "bundle-sha256": self.bundle_sha256,
+            "weights-sha256": self.weights_sha256,
+            "message-config": dict(self.message_config),
+            "eval-splits": list(self.eval_splits),
+        }
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Request:
+        return cls(
+            kind=str(obj["kind"]),
+            config_sha256=str(obj["config-sha256"]),
+            bundle_sha256=obj["bundle-sha256"],
+            weights_sha256=obj["weights-sha256"],
+            message_config=dict(obj["message-config"]),
+            eval_splits=tuple(obj["eval-splits"]),
+        )
+
+
 def _canonical(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
@@ -98,10 +195,13 @@ class AuditEntry:
     error_code: int | None
     records: Mapping[str, Mapping[str, Any]]
     prev: str
+    request: Request | None = None
+    released: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    version: int = FORMAT
 
     def to_json(self) -> dict[str, Any]:
         """The line's JSON object without its own ``hash``."""
-        return {
+        obj: dict[str, Any] = {
             "seq": self.seq,
             "time": self.time,
             "run": self.run_id,
@@ -113,6 +213,11 @@ class AuditEntry:
             "records": self.records,
             "prev": self.prev,
         }
+        if self.version >= 2:
+            obj["v"] = self.version
+            obj["request"] = None if self.request is None else self.request.to_json()
+            obj["released"] = dict(self.released)
+        return obj
 
     def line(self) -> bytes:
         """The line as written (without the newline), its own ``hash`` included."""
@@ -122,7 +227,14 @@ class AuditEntry:
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> AuditEntry:
         """Raises KeyError, TypeError or ValueError when ``obj`` is not an entry."""
+        version = obj.get("v", 1)
+        if version not in (1, FORMAT) or isinstance(version, bool):
+            raise ValueError("unknown format")
+        request = obj["request"] if version >= 2 else None
         entry = cls(
+            request=None if request is None else Request.from_json(request),
+            released=obj["released"] if version >= 2 else {},
+            version=version,
             seq=obj["seq"],
             time=obj["time"],
             run_id=obj["run"],
@@ -158,8 +270,10 @@ class AuditLog:
         server_round: int,
         kind: str,
         error_code: int | None = None,
+        request: Request | None = None,
     ) -> AuditEntry:
-        """Append one entry for a reply about to leave (``content`` None for an error reply).
+        """Append one entry for a reply about to leave (``content`` None for an error reply),
+        with the request it answers.
 
         Raises:
             ValueError: ``kind`` is not train, evaluate, query or error.
@@ -184,6 +298,8 @@ class AuditLog:
                 error_code=error_code,
                 records=records,
                 prev=GENESIS if last is None else _sha256(last),
+                request=request,
+                released=_released(content) if content is not None else {},
             )
             line = entry.line() + b"\n"
             if os.write(fd, line) != len(line):

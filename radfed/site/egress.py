@@ -12,9 +12,10 @@ from flwr.app import Context, Error, Message
 from radfed.config import RunConfig
 from radfed.errors import ConfigError, DataError, RadfedError
 from radfed.federation.codes import ErrorCode
+from radfed.federation.schema import ARRAYS_KEY
 from radfed.flower_private import log_like_flower, serialize_content
 from radfed.log import logger
-from radfed.privacy import AuditLog, PolicyRefusal
+from radfed.privacy import AuditLog, PolicyRefusal, Request
 from radfed.site.bundle import BundleIdentity, BundleRefused, check_bundle
 from radfed.site.node import resolve_site, server_round, site_policy
 
@@ -49,7 +50,7 @@ def guarded(handler: Handler, bundle: BundleIdentity | None = None) -> Handler:
     def run(msg: Message, context: Context) -> Message:
         log_like_flower()
         reply = _reply_or_code(handler, msg, context, bundle)
-        return _leave(reply, msg, context, kind)
+        return _leave(reply, msg, context, kind, bundle)
 
     return run
 
@@ -93,8 +94,24 @@ def _folder_settings(context: Context) -> RunConfig:
         return RunConfig(data_root=str(context.run_config.get("data-root", "")))
 
 
-def _leave(reply: Message, msg: Message, context: Context, kind: str) -> Message:
-    """Enforce the policy's message size and write the audit entry of ``reply``.
+def _request(msg: Message, context: Context, bundle: BundleIdentity | None) -> Request:
+    """What ``msg`` asked for, as the audit log records it."""
+    arrays = msg.content.array_records.get(ARRAYS_KEY)
+    config = msg.content.config_records.get("config")
+    return Request.describe(
+        msg.metadata.message_type,
+        context.run_config,
+        bundle_sha256=None if bundle is None else bundle.sha256,
+        arrays=arrays,
+        message_config=dict(config.items()) if config is not None else {},
+    )
+
+
+def _leave(
+    reply: Message, msg: Message, context: Context, kind: str, bundle: BundleIdentity | None
+) -> Message:
+    """Enforce the policy's message size and write the audit entry of ``reply``, with the
+    request it answers.
 
     A reply the audit log cannot record does not leave: an error code goes instead.
     """
@@ -113,6 +130,7 @@ def _leave(reply: Message, msg: Message, context: Context, kind: str) -> Message
         config = msg.content.config_records.get("config")
         round_ = server_round(msg) if config is not None else 0
         audit = AuditLog.for_site(path)
+        request = _request(msg, context, bundle)
         if reply.has_error():
             audit.record(
                 None,
@@ -120,9 +138,16 @@ def _leave(reply: Message, msg: Message, context: Context, kind: str) -> Message
                 server_round=round_,
                 kind="error",
                 error_code=reply.error.code,
+                request=request,
             )
         else:
-            audit.record(reply.content, run_id=msg.metadata.run_id, server_round=round_, kind=kind)
+            audit.record(
+                reply.content,
+                run_id=msg.metadata.run_id,
+                server_round=round_,
+                kind=kind,
+                request=request,
+            )
     except Exception as err:  # an unrecorded reply must not leave the site
         logger.error(
             "%s reply withheld: the audit log cannot record it (%s)", kind, type(err).__name__

@@ -313,6 +313,65 @@ def test_a_site_refuses_a_bundle_its_policy_does_not_accept(federation: Federati
     assert "6.6.6" in site_log and "[policy.bundle]" in site_log  # said at the site, not sent
 
 
+#: The ServerApp of a server that asks each site to evaluate round 1 twice.
+DOUBLE_EVALUATION = """
+import time
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import ServerApp
+
+from radfed.config import RunConfig
+from radfed.tasks import get_task
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context):
+    config = RunConfig.from_run_config(context.run_config)
+    arrays = ArrayRecord(get_task(config.task).build_model(config).state_dict())
+    deadline = time.monotonic() + 120
+    while len(list(grid.get_node_ids())) < 2 and time.monotonic() < deadline:
+        time.sleep(1)
+    for _ in range(2):  # the same round, twice
+        content = RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": 1})})
+        messages = [
+            Message(content=content, dst_node_id=node, message_type=MessageType.EVALUATE)
+            for node in grid.get_node_ids()
+        ]
+        list(grid.send_and_receive(messages, timeout=240))
+"""
+
+
+def test_site_audit_shows_what_was_asked_and_a_planted_double_evaluation(
+    federation: Federation,
+) -> None:
+    # Prepare: a bundle of this release whose ServerApp evaluates round 1 twice
+    app = _hostile_bundle(federation.root / "double", federation.root / "double-mark")
+    (app / "server" / "app.py").write_text(DOUBLE_EVALUATION)
+    before = len(_audit_lines(federation, "a"))
+
+    # Execute
+    federation.launch(federation.root / "double-run", RADFED_APP=str(app)).wait(timeout=400)
+    shown = subprocess.run(
+        [sys.executable, "-m", "radfed", "site", "audit", str(federation.data / "site-a")],
+        capture_output=True,
+        text=True,
+    )
+
+    # Assert: both evaluations are in the log, with what was asked and what left
+    entries = [e for e in _audit_lines(federation, "a")[before:] if e["kind"] == "evaluate"]
+    assert len(entries) == 2
+    for entry in entries:
+        request = entry["request"]
+        assert isinstance(request, dict) and request["kind"] == "evaluate"
+        assert request["bundle-sha256"] and request["weights-sha256"]
+        released = entry["released"]
+        assert isinstance(released, dict) and released["metrics"]["num-examples"] > 0
+    assert shown.returncode == 1, shown.stdout[-2000:]
+    assert "repeated evaluation: evaluated 2 times" in shown.stdout
+
+
 def test_a_site_whose_key_is_not_registered_is_refused(federation: Federation) -> None:
     subprocess.run(
         [sys.executable, "-m", "radfed", "pki", "add-site", "d", "--pki", str(federation.pki)],

@@ -61,7 +61,9 @@ def _write(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines))
 
 
-def test_entry_names_what_left_and_never_its_values(tmp_path: Path) -> None:
+def test_entry_names_what_left_with_the_released_values_but_never_weights(
+    tmp_path: Path,
+) -> None:
     # Prepare
     log = _log(tmp_path)
     content = _content()
@@ -83,8 +85,12 @@ def test_entry_names_what_left_and_never_its_values(tmp_path: Path) -> None:
     assert arrays["1.num_batches_tracked"]["shape"] == []
     assert obj["records"]["metrics"] == {"type": "metric", "keys": ["num-examples", "train-loss"]}
     assert obj["records"]["site"] == {"type": "config", "keys": ["name", "schema-version"]}
-    assert str(SECRET_METRIC) not in text
-    assert SECRET_CONFIG not in text
+    # the statistics that left are the site's to see; the weights are named and hashed only
+    assert obj["released"]["metrics"] == {"num-examples": 17, "train-loss": SECRET_METRIC}
+    assert obj["released"]["site"]["name"] == SECRET_CONFIG
+    assert "arrays" not in obj["released"]
+    weight = float(_content()["arrays"]["0.weight"].numpy()[0, 0])  # type: ignore[index]
+    assert repr(weight)[:8] not in text
     assert str(tmp_path) not in text
     assert read_entries(log.path) == [entry]
 

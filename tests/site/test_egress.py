@@ -3,6 +3,7 @@ of every reply that leaves."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from radfed.config import RunConfig
 from radfed.federation.codes import ErrorCode
-from radfed.privacy import read_entries, verify
+from radfed.privacy import read_entries, verify, weights_digest
 from radfed.privacy.audit import serialize_content
 from radfed.site.handlers import handle_evaluate, handle_query, handle_train
 from radfed.tasks.classification import build_model
@@ -103,26 +104,49 @@ def test_a_reply_over_the_size_limit_is_withheld(site_copy: Path) -> None:
     assert reply.has_error() and reply.error.code == ErrorCode.POLICY
 
 
-def test_every_reply_is_audited_with_names_and_sizes_never_values(site_copy: Path) -> None:
+def test_every_reply_is_audited_with_what_was_asked_and_what_left(site_copy: Path) -> None:
+    # Prepare
     context = make_context(CONFIG.to_run_config(), _node(site_copy))
+    requests = [_request("query"), _request("train", 2), _request("evaluate", 2)]
+
+    # Execute
     replies = [
-        handle_query(_request("query"), context),
-        handle_train(_request("train", server_round=2), context),
-        handle_evaluate(_request("evaluate", server_round=2), context),
+        handle_query(requests[0], context),
+        handle_train(requests[1], context),
+        handle_evaluate(requests[2], context),
     ]
+
+    # Assert: one entry per reply, its size that of the serialized content
     entries = _audit(site_copy)
     assert [e["kind"] for e in entries] == ["query", "train", "evaluate"]
     assert [e["round"] for e in entries] == [1, 2, 2]
     for entry, reply in zip(entries, replies, strict=True):
         assert entry["bytes"] == len(serialize_content(reply.content))
-    train = entries[1]["records"]
-    assert isinstance(train, dict)
-    text = (site_copy / ".radfed" / "audit.jsonl").read_text()
-    loss = replies[1].content["metrics"]["train-loss"]  # type: ignore[index]
-    assert repr(loss) not in text and str(site_copy) not in text
-    assert "train-loss" in text
+    # what was asked: the kind, the run configuration's and the received weights' digests
+    asked = [e["request"] for e in entries]
+    assert isinstance(asked[1], dict) and isinstance(asked[2], dict)
+    assert [a["kind"] for a in asked] == ["query", "train", "evaluate"]  # type: ignore[index]
+    config = hashlib.sha256(
+        json.dumps(CONFIG.to_run_config(), sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    assert {a["config-sha256"] for a in asked} == {config}  # type: ignore[index]
+    received = weights_digest(requests[1].content["arrays"])  # type: ignore[arg-type]
+    assert asked[1]["weights-sha256"] == asked[2]["weights-sha256"] == received
+    assert asked[2]["eval-splits"] == list(CONFIG.eval_splits)
+    assert asked[1]["message-config"] == {"server-round": 2}
+    # what left: the released statistics themselves, the weights by name and digest only
+    released = entries[2]["released"]
+    assert isinstance(released, dict)
+    assert released["metrics"] == dict(replies[2].content["metrics"].items())  # type: ignore[union-attr]
+    assert (
+        entries[1]["released"]["metrics"]["train-loss"]
+        == replies[1].content["metrics"][  # type: ignore[index]
+            "train-loss"
+        ]
+    )
     layer = next(iter(build_model(CONFIG).state_dict()))
-    assert layer in json.dumps(train)
+    assert layer in json.dumps(entries[1]["records"]) and "arrays" not in entries[1]["released"]  # type: ignore[operator]
+    assert str(site_copy) not in (site_copy / ".radfed" / "audit.jsonl").read_text()
 
 
 def test_a_reply_the_audit_log_cannot_record_does_not_leave(site_copy: Path) -> None:
