@@ -23,7 +23,7 @@ from radfed.cli import app
 from radfed.deployment.process import HARDENED_ENV
 from radfed.federation.codes import ErrorCode
 from radfed.privacy import load_policy
-from radfed.privacy import policy as policy_module
+from radfed.privacy.policy_file import POLICY_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -597,15 +597,15 @@ def test_readme_policy_example_has_every_key_and_loads(tmp_path: Path) -> None:
 
     policy = load_policy(file)
 
-    assert set(doc) == set(policy_module._POLICY_KEYS)
-    assert set(doc["dp"]) == set(policy_module._DP_KEYS)
-    assert set(doc["bundle"]) == set(policy_module._BUNDLE_KEYS)
+    assert set(doc) == set(POLICY_KEYS["policy"])
+    tables = {key.removeprefix("policy.") for key in POLICY_KEYS if key != "policy"}
+    for table in tables:
+        assert set(doc[table]) == set(POLICY_KEYS[f"policy.{table}"])
     assert policy.dp is not None and policy.k == doc["min-cell-size"]
     readme = README.read_text()
-    tables = {"dp", "bundle"}
-    names = [f"`[policy.{k}]`" if k in tables else f"`{k}`" for k in policy_module._POLICY_KEYS]
-    names += [f"`dp.{k}`" for k in policy_module._DP_KEYS]
-    names += [f"`bundle.{k}`" for k in policy_module._BUNDLE_KEYS]
+    names = [f"`[policy.{k}]`" if k in tables else f"`{k}`" for k in POLICY_KEYS["policy"]]
+    for table in tables:
+        names += [f"`{table}.{k}`" for k in POLICY_KEYS[f"policy.{table}"]]
     for name in names:  # each key is explained in the README's table
         assert re.search(rf"^\| {re.escape(name)} \|", readme, re.MULTILINE), name
 
@@ -623,3 +623,31 @@ def test_readme_lists_every_site_error_code() -> None:
     listed = {int(c) for c in re.findall(r"^\| (\d{4}) \|", README.read_text(), re.MULTILINE)}
 
     assert codes and listed == codes
+
+
+# ---------------------------------------------------------------- resource limits
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_systemd_unit_bounds_memory_tasks_and_cpu(unit: Path) -> None:
+    keys = _unit(unit)
+    for key in ("MemoryMax", "TasksMax", "CPUQuota"):
+        assert keys.get(key) and keys[key][0] not in ("", "infinity"), key
+    assert keys["MemorySwapMax"] == ["0"]
+
+
+def test_compose_services_bound_memory_processes_and_cpu() -> None:
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name, service in services.items():
+        assert service.get("mem_limit") and service.get("pids_limit"), name
+        assert service.get("cpus"), name
+
+
+def test_k8s_radfed_containers_bound_memory_and_cpu() -> None:
+    workloads = [o for p in (K8S_SERVER, K8S_SITE) for o in _k8s(p) if o["kind"] in WORKLOADS]
+    for obj in workloads:
+        for container in _containers(obj)[1]:
+            if _radfed_args(container) is None:
+                continue
+            limits = container.get("resources", {}).get("limits", {})
+            assert limits.get("memory") and limits.get("cpu"), container["name"]

@@ -27,14 +27,26 @@ Entry = tuple[np.ndarray, dict[str, str]]
 
 
 class CaseCache:
-    """Get-or-compute store of (preprocessed pixels, attributes) per image file."""
+    """Get-or-compute store of (preprocessed pixels, attributes) per image file.
 
-    def __init__(self, state_dir: Path, settings: Mapping[str, object]) -> None:
+    Args:
+        state_dir: the site's state folder (the cache is its ``cache/``).
+        settings: the preprocessing settings (part of every key).
+        max_bytes: the cache's size on disk; beyond it the least recently used entries
+            (by their modification time, renewed on every hit) are removed. None: no cap.
+    """
+
+    def __init__(
+        self, state_dir: Path, settings: Mapping[str, object], *, max_bytes: int | None = None
+    ) -> None:
         self.folder = SiteState(state_dir).cache
         text = json.dumps({"v": _PREPROCESSING_VERSION, **settings}, sort_keys=True)
         self._settings = hashlib.sha256(text.encode()).hexdigest()[:16]
+        self.max_bytes = max_bytes
+        self._size: int | None = None  # bytes on disk, counted at the first store
         self.hits = 0
         self.misses = 0
+        self.evicted = 0
         self.write_failed = False
 
     def key(self, path: Path) -> str:
@@ -61,6 +73,7 @@ class CaseCache:
                     pixels = stored["pixels"]
                     attributes = json.loads(str(stored["attributes"]))
                 self.hits += 1
+                os.utime(entry_path)  # recently used: evicted last
                 return pixels, attributes
             except (OSError, ValueError, KeyError):
                 entry_path.unlink(missing_ok=True)  # a damaged entry is rebuilt
@@ -84,3 +97,27 @@ class CaseCache:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if self.max_bytes is not None:
+            if self._size is None:
+                self._size = sum(p.stat().st_size for p in self.folder.glob("*.npz"))
+            else:
+                self._size += entry_path.stat().st_size
+            if self._size > self.max_bytes:
+                self._evict(keep=entry_path)
+
+    def _evict(self, *, keep: Path) -> None:
+        """Remove the least recently used entries until the cache holds 90% of its cap."""
+        if self.max_bytes is None or self._size is None:
+            return
+        entries = sorted(
+            (p.stat().st_mtime_ns, p.stat().st_size, p)
+            for p in self.folder.glob("*.npz")
+            if p != keep
+        )
+        target = int(self.max_bytes * 0.9)
+        for _, size, path in entries:
+            if self._size <= target:
+                break
+            path.unlink(missing_ok=True)
+            self._size -= size
+            self.evicted += 1

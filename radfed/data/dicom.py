@@ -16,10 +16,11 @@ from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.uid import UID
 
 from radfed.data.attributes import STANDARD_BANDS, AgeBands, attributes_from_header
-from radfed.data.image import DicomImage, ImageReadError
+from radfed.data.image import MAX_VOXELS, DicomImage, ImageReadError, check_voxels
 
 __all__ = [
     "NON_IMAGE_MODALITIES",
+    "declared_voxels",
     "pixels_of",
     "quiet_pydicom",
     "read_dataset",
@@ -49,7 +50,11 @@ NON_IMAGE_MODALITIES = frozenset(
 
 
 def read_dicom_image(
-    path: Path, bands: AgeBands = STANDARD_BANDS, *, voi: bool = False
+    path: Path,
+    bands: AgeBands = STANDARD_BANDS,
+    *,
+    voi: bool = False,
+    max_voxels: int = MAX_VOXELS,
 ) -> DicomImage:
     """Read a DICOM image file: single-frame 2-D, or multi-frame as a ``(D, H, W)`` volume.
 
@@ -67,7 +72,7 @@ def read_dicom_image(
     """
     with quiet_pydicom():
         ds = read_dataset(path)
-        pixels = pixels_of(ds, voi=voi)
+        pixels = pixels_of(ds, voi=voi, max_voxels=max_voxels)
         try:
             spacing = _spacing(ds, pixels.ndim)
             attributes = attributes_from_header(ds, bands)
@@ -76,8 +81,23 @@ def read_dicom_image(
     return DicomImage(pixels=pixels, spacing=spacing, attributes=attributes)
 
 
-def pixels_of(ds: pydicom.Dataset, *, voi: bool = False) -> np.ndarray:
-    """Grayscale pixels of a dataset in modality units (MONOCHROME1 inverted), float32."""
+def declared_voxels(ds: pydicom.Dataset) -> int:
+    """Rows x columns x frames as the header declares them (0 when it declares none)."""
+    try:
+        rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise ImageReadError("malformed image size elements (Rows, Columns, frames)") from None
+    return max(rows, 0) * max(columns, 0) * max(frames, 1)
+
+
+def pixels_of(
+    ds: pydicom.Dataset, *, voi: bool = False, max_voxels: int = MAX_VOXELS
+) -> np.ndarray:
+    """Grayscale pixels of a dataset in modality units (MONOCHROME1 inverted), float32.
+
+    An image whose header declares more than ``max_voxels`` voxels is not decoded.
+    """
     modality = str(ds.get("Modality", "")).strip().upper()
     if modality in NON_IMAGE_MODALITIES:
         raise ImageReadError("non-image object (no image pixel data): not an image to train on")
@@ -87,6 +107,7 @@ def pixels_of(ds: pydicom.Dataset, *, voi: bool = False) -> np.ndarray:
         raise ImageReadError("non-image object (no image pixel data): not an image to train on")
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise ImageReadError("colour image: radfed trains on grayscale images; export grayscale")
+    check_voxels(declared_voxels(ds), max_voxels)
     try:
         raw = ds.pixel_array
     except Exception:

@@ -9,7 +9,11 @@ import numpy as np
 
 from radfed.errors import DataError
 
-__all__ = ["DicomImage", "ImageReadError"]
+__all__ = ["MAX_VOXELS", "DicomImage", "ImageReadError", "check_voxels"]
+
+#: The largest case image decoded unless the site policy says otherwise (``decoded-voxels``):
+#: 2**28 voxels, a 512 x 512 x 1024 volume; decoding takes about 14 bytes per voxel.
+MAX_VOXELS = 2**28
 
 
 class ImageReadError(DataError):
@@ -34,3 +38,16 @@ class DicomImage:
     pixels: np.ndarray
     spacing: tuple[float, ...] | None
     attributes: dict[str, str]
+
+
+def check_voxels(declared: int, limit: int) -> None:
+    """Refuse to decode an image whose header declares more voxels than ``limit``.
+
+    Raises:
+        ImageReadError: naming both numbers and the policy key that raises the limit.
+    """
+    if declared > limit:
+        raise ImageReadError(
+            f"the image declares {declared} voxels, more than the {limit} this site decodes "
+            "(site policy limits.decoded-voxels); not decoded"
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import torch
 from radfed.config import RunConfig
 from radfed.data.attributes import STANDARD_BANDS, AgeBands, merge_manifest_attributes
 from radfed.data.cache import CaseCache
-from radfed.data.image import ImageReadError
+from radfed.data.image import MAX_VOXELS, ImageReadError, check_voxels
 from radfed.data.manifest import Case, RowProblem, read_manifest
 from radfed.data.reader import read_image
 from radfed.data.splits import PatientInfo, check_given_splits, load_or_make_splits, patient_key
@@ -90,6 +91,8 @@ def load_site(
     spatial_dims: int = 2,
     voi: bool = False,
     target_spacing: tuple[float, ...] = (),
+    max_voxels: int = MAX_VOXELS,
+    cache_bytes: int | None = None,
 ) -> SiteData:
     """Read every case of a site and split it.
 
@@ -109,6 +112,10 @@ def load_site(
         spatial_dims: 2 for images, 3 for volumes; cases of the other kind are skipped.
         voi: apply the header's VOI LUT or window after the modality LUT.
         target_spacing: resample to this spacing in mm per axis before resizing (empty: off).
+        max_voxels: a case image larger than this (as declared, or once resampled) is
+            skipped without being decoded.
+        cache_bytes: the cache's size on disk (least recently used entries evicted beyond
+            it); None for no cap.
 
     Raises:
         DataError: no manifest, no usable case, or patient leakage in a given split.
@@ -131,23 +138,25 @@ def load_site(
         "voi": voi,
         "target_spacing": list(target_spacing),
     }
-    cache = CaseCache(state, settings)
-    mask_cache = CaseCache(state, {**settings, "target": "mask"})
+    cache = CaseCache(state, settings, max_bytes=cache_bytes)
+    mask_cache = CaseCache(state, {**settings, "target": "mask"}, max_bytes=cache_bytes)
 
     def decode(path: Path) -> tuple[np.ndarray, dict[str, str]]:
-        image = read_image(path, age_bands, voi=voi)
+        image = read_image(path, age_bands, voi=voi, max_voxels=max_voxels)
         if image.pixels.ndim != spatial_dims:
             kind = "3-D volume" if image.pixels.ndim == 3 else "2-D image"
             raise ImageReadError(f"{kind} in a {spatial_dims}-D run (set spatial-dims)")
-        pixels = _resample(image.pixels, image.spacing, target_spacing)
+        pixels = _resample(image.pixels, image.spacing, target_spacing, max_voxels=max_voxels)
         shape = {_SHAPE_KEY: ",".join(map(str, image.pixels.shape))}
         return _preprocess(pixels, image_size), {**image.attributes, **shape}
 
     def decode_mask(path: Path) -> tuple[np.ndarray, dict[str, str]]:
-        image = read_image(path, age_bands)
+        image = read_image(path, age_bands, max_voxels=max_voxels)
         if image.pixels.ndim != spatial_dims:
             raise ImageReadError(f"mask is not {spatial_dims}-D")
-        pixels = _resample(image.pixels, image.spacing, target_spacing, mode="nearest")
+        pixels = _resample(
+            image.pixels, image.spacing, target_spacing, mode="nearest", max_voxels=max_voxels
+        )
         return _resize_mask(pixels, image_size), {
             _SHAPE_KEY: ",".join(map(str, image.pixels.shape))
         }
@@ -302,8 +311,13 @@ def _resample(
     target: tuple[float, ...],
     *,
     mode: str = "linear",
+    max_voxels: int = MAX_VOXELS,
 ) -> np.ndarray:
-    """Resample to the target spacing (mm per axis) when both are known; else unchanged."""
+    """Resample to the target spacing (mm per axis) when both are known; else unchanged.
+
+    Raises:
+        ImageReadError: the resampled image would hold more than ``max_voxels`` voxels.
+    """
     if not target or spacing is None or len(spacing) != pixels.ndim:
         return pixels
     if len(target) != pixels.ndim:
@@ -311,6 +325,7 @@ def _resample(
     shape = [
         max(1, round(n * s / t)) for n, s, t in zip(pixels.shape, spacing, target, strict=True)
     ]
+    check_voxels(math.prod(shape), max_voxels)
     source = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
     if mode == "nearest":
         resized = torch.nn.functional.interpolate(source, size=shape, mode="nearest-exact")
@@ -335,8 +350,15 @@ def _preprocess(pixels: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def load_site_for(site_dir: Path, config: RunConfig, *, state_dir: Path | None = None) -> SiteData:
-    """``load_site`` with the run's data settings."""
+def load_site_for(
+    site_dir: Path,
+    config: RunConfig,
+    *,
+    state_dir: Path | None = None,
+    max_voxels: int = MAX_VOXELS,
+    cache_bytes: int | None = None,
+) -> SiteData:
+    """``load_site`` with the run's data settings (and the site's limits)."""
     return load_site(
         site_dir,
         image_size=config.image_size,
@@ -349,4 +371,6 @@ def load_site_for(site_dir: Path, config: RunConfig, *, state_dir: Path | None =
         spatial_dims=config.spatial_dims,
         voi=config.voi_lut,
         target_spacing=config.target_spacing,
+        max_voxels=max_voxels,
+        cache_bytes=cache_bytes,
     )

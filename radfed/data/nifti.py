@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import numpy as np
 import pydicom
 
 from radfed.data.attributes import attributes_from_header
-from radfed.data.image import DicomImage, ImageReadError
+from radfed.data.image import MAX_VOXELS, DicomImage, ImageReadError, check_voxels
 
 __all__ = ["NIFTI_SUFFIXES", "read_nifti"]
 
@@ -18,10 +19,18 @@ __all__ = ["NIFTI_SUFFIXES", "read_nifti"]
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def read_nifti(path: Path) -> DicomImage:
-    """NIfTI through nibabel: ``(X, Y[, Z])`` on disk becomes ``(H, W)`` or ``(D, H, W)``."""
+def read_nifti(path: Path, *, max_voxels: int = MAX_VOXELS) -> DicomImage:
+    """NIfTI through nibabel: ``(X, Y[, Z])`` on disk becomes ``(H, W)`` or ``(D, H, W)``.
+
+    An image whose header declares more than ``max_voxels`` voxels is not decoded.
+    """
     try:
         image: Any = nibabel.load(str(path))
+        shape = tuple(int(n) for n in image.header.get_data_shape())
+    except Exception:
+        raise ImageReadError("unreadable or truncated NIfTI file") from None
+    check_voxels(math.prod(shape), max_voxels)
+    try:
         data = np.asarray(image.get_fdata(dtype=np.float32))
         zooms = tuple(float(z) for z in image.header.get_zooms()[: data.ndim])
     except Exception:

@@ -8,13 +8,19 @@ import numpy as np
 import pydicom
 
 from radfed.data.attributes import STANDARD_BANDS, AgeBands, attributes_from_header
-from radfed.data.dicom import pixels_of, quiet_pydicom, read_dataset
-from radfed.data.image import DicomImage, ImageReadError
+from radfed.data.dicom import declared_voxels, pixels_of, quiet_pydicom, read_dataset
+from radfed.data.image import MAX_VOXELS, DicomImage, ImageReadError, check_voxels
 
 __all__ = ["read_series"]
 
 
-def read_series(folder: Path, bands: AgeBands = STANDARD_BANDS, *, voi: bool = False) -> DicomImage:
+def read_series(
+    folder: Path,
+    bands: AgeBands = STANDARD_BANDS,
+    *,
+    voi: bool = False,
+    max_voxels: int = MAX_VOXELS,
+) -> DicomImage:
     """Stack the slices of one series, ordered along the slice normal.
 
     Slices are ordered by ImagePositionPatient projected on the normal of
@@ -41,8 +47,9 @@ def read_series(folder: Path, bands: AgeBands = STANDARD_BANDS, *, voi: bool = F
         slices = [ds for ds in slices if "PixelData" in ds]
         if not slices:
             raise ImageReadError("series folder holds no image")
+        check_voxels(sum(declared_voxels(ds) for ds in slices), max_voxels)
         order, spacing_z = _order(slices)
-        planes = [pixels_of(slices[i], voi=voi) for i in order]
+        planes = [pixels_of(slices[i], voi=voi, max_voxels=max_voxels) for i in order]
         if any(p.ndim != 2 for p in planes) or len({p.shape for p in planes}) > 1:
             raise ImageReadError("series slices differ in size or are not single-frame")
         volume = np.stack(planes)

@@ -57,6 +57,11 @@ class ErrorCode(IntEnum):
         "the site's policy does not take part in runs of this app bundle (publisher, name, "
         "version or digest); its log says which it accepts",
     )
+    LIMIT = (
+        3007,
+        "the run asks more compute, memory or disk than the site's policy allows (image size, "
+        "batch size, steps, workers, rounds or model size); the site's log names the limit",
+    )
     UNEXPECTED = (
         3099,
         "an unexpected error at the site; its log names the exception type and line",

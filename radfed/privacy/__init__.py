@@ -1,4 +1,5 @@
-"""Site privacy: the site policy (what may leave, k, DP on updates) and the audit log."""
+"""Site privacy: the site policy (what may leave, which runs, what a run may cost) and the
+site's audit log."""
 
 from radfed.privacy.audit import (
     AuditEntry,
@@ -10,13 +11,10 @@ from radfed.privacy.audit import (
     verify,
     weights_digest,
 )
-from radfed.privacy.policy import (
-    BundleRule,
-    DifferentialPrivacy,
-    PolicyRefusal,
-    SitePolicy,
-    load_policy,
-)
+from radfed.privacy.limits import LimitExceeded, ResourceLimits
+from radfed.privacy.policy import BundleRule, DifferentialPrivacy, SitePolicy
+from radfed.privacy.policy_file import load_policy
+from radfed.privacy.refusal import PolicyRefusal
 
 __all__ = [
     "AuditEntry",
@@ -24,8 +22,10 @@ __all__ = [
     "AuditLog",
     "BundleRule",
     "DifferentialPrivacy",
+    "LimitExceeded",
     "PolicyRefusal",
     "Request",
+    "ResourceLimits",
     "SitePolicy",
     "load_policy",
     "read_entries",

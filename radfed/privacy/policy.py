@@ -1,4 +1,5 @@
-"""The site policy: what a hospital lets leave its site, enforced whatever the run asks.
+"""The site policy: what a hospital lets leave its site and what a run may cost it, enforced
+whatever the run asks (read by ``radfed.privacy.policy_file``).
 
 The site administrator owns a TOML file (``site-policy.toml``); every key is optional::
 
@@ -19,6 +20,17 @@ The site administrator owns a TOML file (``site-policy.toml``); every key is opt
     versions = ["0.1.0"]           # [project] version (default: this radfed's version)
     sha256 = []                    # SHA-256 of the bundle file (default []: any content)
 
+    [policy.limits]                # what a run may cost the site (radfed.privacy.limits)
+    image-size = 512               # the largest image-size a run may ask for
+    input-voxels = 16777216        # the largest image-size ** spatial-dims
+    batch-size = 256
+    steps-per-round = 20000        # optimiser steps of one round's local training
+    workers = 4                    # DataLoader worker processes
+    rounds = 1000                  # rounds of a run
+    decoded-voxels = 268435456     # the largest case image decoded (from its header)
+    cache-bytes = 21474836480      # the decoded-case cache; least recently used evicted
+    inbound-bytes = 2147483648     # the largest weights taken from a run
+
 ``subgroups`` lists attributes; an intersection (``sex*age_band``) may leave only when all
 its parts are listed, and an empty list lets no subgroup statistics leave. ``tasks = []``
 makes the site evaluate-only. Within ``[policy.dp]``, ``required`` defaults to true, and
@@ -34,31 +46,22 @@ at all. Pin ``sha256`` to accept exactly the bundles the site has reviewed.
 from __future__ import annotations
 
 import math
-import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 
 from radfed import __version__
 from radfed.config import TaskName
-from radfed.errors import ConfigError, RadfedError
 from radfed.folders import POLICY_FILE_NAME
+from radfed.privacy.limits import ResourceLimits
+from radfed.privacy.refusal import PolicyRefusal
 
-__all__ = ["BundleRule", "DifferentialPrivacy", "PolicyRefusal", "SitePolicy", "load_policy"]
+__all__ = ["BundleRule", "DifferentialPrivacy", "PolicyRefusal", "SitePolicy"]
 
 DEFAULT_MIN_CELL_SIZE = 10
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
-
-_POLICY_KEYS = ("min-cell-size", "tasks", "subgroups", "max-message-bytes", "dp", "bundle")
-_DP_KEYS = ("required", "clipping-norm", "noise-multiplier")
-_BUNDLE_KEYS = ("publisher", "name", "versions", "sha256")
-
-
-class PolicyRefusal(RadfedError):
-    """The site policy forbids what the run asks; the message names the policy key."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,6 +112,7 @@ class SitePolicy:
         max_message_bytes: the largest reply the site sends (serialized bytes).
         dp: differential privacy on weight updates; None when not required.
         bundle: the app bundles whose runs the site answers.
+        limits: what a run may cost the site (compute, memory, disk).
     """
 
     k: int = DEFAULT_MIN_CELL_SIZE
@@ -117,6 +121,7 @@ class SitePolicy:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     dp: DifferentialPrivacy | None = None
     bundle: BundleRule = field(default_factory=BundleRule)
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
 
     @classmethod
     def default(cls) -> SitePolicy:
@@ -210,130 +215,3 @@ class SitePolicy:
             },
             "bundle": self.bundle.describe(),
         }
-
-
-def load_policy(path: Path | None) -> SitePolicy:
-    """Read and check a site policy file; None gives the default policy.
-
-    Raises:
-        ConfigError: the file is missing, unreadable or not TOML (the message names the
-            line), or a key is unknown or has a bad value (the message names the key).
-    """
-    if path is None:
-        return SitePolicy.default()
-    try:
-        with path.open("rb") as f:
-            data = tomllib.load(f)
-    except OSError as err:
-        msg = f"site policy {path} cannot be read ({err.strerror}); create it or fix its rights"
-        raise ConfigError(msg) from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        msg = f"site policy {path} is not valid TOML: {err}; fix the syntax there"
-        raise ConfigError(msg) from None
-    return _Reader(path).policy(data)
-
-
-class _Reader:
-    """Checks the parsed TOML of one policy file; every error names the file and key."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def fail(self, key: str, expected: str, value: object) -> NoReturn:
-        msg = f"site policy {self.path}: {key!r} must be {expected}, got {value!r}; fix it there"
-        raise ConfigError(msg)
-
-    def table(self, key: str, value: object, known: Sequence[str]) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            self.fail(key, "a table", value)
-        for name in value:
-            if name not in known:
-                full = f"{key}.{name}".lstrip(".")
-                msg = (
-                    f"site policy {self.path}: unknown key {full!r}; "
-                    f"known keys there: {', '.join(known)}; rename or remove it"
-                )
-                raise ConfigError(msg)
-        return value
-
-    def integer(self, table: Mapping[str, Any], key: str, default: int) -> int:
-        value = table.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            self.fail("policy." + key, "an integer >= 1", value)
-        return value
-
-    def number(self, table: Mapping[str, Any], key: str, *, positive: bool) -> float:
-        value = table.get(key, 1.0)
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or value < 0 or (positive and value == 0):
-            self.fail(
-                "policy.dp." + key, "a finite number " + ("> 0" if positive else ">= 0"), value
-            )
-        return float(value)
-
-    def names(
-        self, table: Mapping[str, Any], key: str, where: str = "policy"
-    ) -> tuple[str, ...] | None:
-        value = table.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.fail(f"{where}.{key}", "a list of strings", value)
-        return tuple(dict.fromkeys(value))
-
-    def text(self, table: Mapping[str, Any], key: str, default: str, where: str) -> str:
-        value = table.get(key, default)
-        if not isinstance(value, str) or not value.strip():
-            self.fail(f"{where}.{key}", "a non-empty string", value)
-        return value
-
-    def policy(self, data: Mapping[str, Any]) -> SitePolicy:
-        top = self.table("", data, ("policy",))
-        table = self.table("policy", top.get("policy", {}), _POLICY_KEYS)
-        known = tuple(t.value for t in TaskName)
-        tasks = self.names(table, "tasks")
-        if tasks is not None and not set(tasks) <= set(known):
-            self.fail("policy.tasks", f"a list of task names among {', '.join(known)}", tasks)
-        subgroups = self.names(table, "subgroups")
-        if any(not s.isidentifier() or s == "age" for s in subgroups or ()):
-            expected = "a list of attribute names (a*b is allowed when a and b are; age_band)"
-            self.fail("policy.subgroups", expected, subgroups)
-        return SitePolicy(
-            k=self.integer(table, "min-cell-size", DEFAULT_MIN_CELL_SIZE),
-            tasks=known if tasks is None else tasks,
-            subgroups=subgroups,
-            max_message_bytes=self.integer(table, "max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES),
-            dp=self.dp(table["dp"]) if "dp" in table else None,
-            bundle=self.bundle(table["bundle"]) if "bundle" in table else BundleRule(),
-        )
-
-    def bundle(self, value: object) -> BundleRule:
-        where = "policy.bundle"
-        table = self.table(where, value, _BUNDLE_KEYS)
-        default = BundleRule()
-        digests = tuple(d.lower() for d in self.names(table, "sha256", where) or ())
-        if any(len(d) != 64 or set(d) - set("0123456789abcdef") for d in digests):
-            self.fail(f"{where}.sha256", "a list of SHA-256 digests (64 hex digits)", digests)
-        versions = self.names(table, "versions", where)
-        return BundleRule(
-            publisher=self.text(table, "publisher", default.publisher, where),
-            name=self.text(table, "name", default.name, where),
-            versions=default.versions if versions is None else versions,
-            sha256=digests,
-        )
-
-    def dp(self, value: object) -> DifferentialPrivacy | None:
-        table = self.table("policy.dp", value, _DP_KEYS)
-        required = table.get("required", True)
-        if not isinstance(required, bool):
-            self.fail("policy.dp.required", "true or false", required)
-        missing = [k for k in _DP_KEYS[1:] if k not in table]
-        if required and missing:
-            msg = (
-                f"site policy {self.path}: 'policy.dp.{missing[0]}' is missing; set it "
-                "(required = true needs clipping-norm and noise-multiplier)"
-            )
-            raise ConfigError(msg)
-        clip = self.number(table, "clipping-norm", positive=True)
-        noise = self.number(table, "noise-multiplier", positive=False)
-        return DifferentialPrivacy(clipping_norm=clip, noise_multiplier=noise) if required else None

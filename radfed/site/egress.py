@@ -15,7 +15,7 @@ from radfed.federation.codes import ErrorCode
 from radfed.federation.schema import ARRAYS_KEY
 from radfed.flower_private import log_like_flower, serialize_content
 from radfed.log import logger
-from radfed.privacy import AuditLog, PolicyRefusal, Request
+from radfed.privacy import AuditLog, LimitExceeded, PolicyRefusal, Request
 from radfed.site.bundle import BundleIdentity, BundleRefused, check_bundle
 from radfed.site.node import resolve_site, server_round, site_policy
 
@@ -32,6 +32,7 @@ Handler = Callable[[Message, Context], Message]
 _CODES: tuple[tuple[type[RadfedError], ErrorCode], ...] = (
     (HeldOut, ErrorCode.HELD_OUT),
     (BundleRefused, ErrorCode.BUNDLE),
+    (LimitExceeded, ErrorCode.LIMIT),
     (PolicyRefusal, ErrorCode.POLICY),
     (ConfigError, ErrorCode.CONFIG),
     (DataError, ErrorCode.DATA),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import zlib
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from torch import nn
 from radfed.config import RunConfig
 from radfed.data.loading import SiteData
 from radfed.data.splits import record_test_use
-from radfed.errors import DataError
+from radfed.errors import ConfigError, DataError
 from radfed.federation.identity import SiteIdentity
 from radfed.federation.schema import (
     ARRAYS_KEY,
@@ -33,6 +34,7 @@ from radfed.federation.schema import (
 from radfed.federation.weights import load_global, shared_state
 from radfed.folders import SiteFolder
 from radfed.log import logger
+from radfed.privacy import SitePolicy
 from radfed.site.bundle import BundleIdentity
 from radfed.site.egress import Handler, HeldOut, guarded
 from radfed.site.evaluate import evaluate_cells
@@ -46,52 +48,73 @@ from radfed.site.node import (
     site_policy,
 )
 from radfed.tasks import SplitStats, Task, get_task
+from radfed.tasks.training import round_steps
 
 __all__ = ["handle_evaluate", "handle_query", "handle_train", "site_handlers"]
 
 
-def _prepare(
-    msg: Message, context: Context
-) -> tuple[RunConfig, Task, str, Path, SiteData, nn.Module]:
-    """The run settings and task, this site's name, folder and data, and the received
-    global model."""
+@dataclass(frozen=True)
+class _Task:
+    """What a message asks of this site, checked against its policy, with what it needs."""
+
+    config: RunConfig
+    task: Task
+    name: str
+    path: Path
+    policy: SitePolicy
+    site: SiteData
+    model: nn.Module
+
+
+def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task:
+    """The run settings and task, this site's name, folder, policy and data, and the
+    received global model; every limit of the site's policy is checked before the work it
+    bounds (the settings and the received weights before the site's data is loaded)."""
     config = RunConfig.from_run_config(context.run_config)
     task = get_task(config.task)
     task.check(config)
     name, path = resolve_site(context.node_config, config)
-    site = load_site_once(path, config)
+    if training and config.holdout_site == name:
+        raise HeldOut("held-out site: not training in this run (evaluated only)")
+    policy = site_policy(context.node_config, path)
+    if training:
+        policy.check_task(config.task)
+    policy.limits.check_run(config)
+    policy.limits.check_round(server_round(msg))
+    arrays = msg.content.array_records.get(ARRAYS_KEY)
+    if arrays is None:
+        raise ConfigError("the message carries no weights (ArrayRecord 'arrays')")
+    policy.limits.check_inbound(sum(len(array.data) for array in arrays.values()))
+    site = load_site_once(path, config, policy.limits)
     model = task.build_model(config)
     if config.fedbn:  # this site's own normalisation layers from its earlier rounds
         LocalState(SiteFolder(path).state, msg.metadata.run_id).restore(model)
-    load_global(model, msg.content[ARRAYS_KEY], config.fedbn)  # type: ignore[arg-type]
-    return config, task, name, path, site, model
+    load_global(model, arrays, config.fedbn)
+    return _Task(config, task, name, path, policy, site, model)
 
 
 def _train(msg: Message, context: Context) -> Message:
-    config = RunConfig.from_run_config(context.run_config)
-    if config.holdout_site and resolve_site(context.node_config, config)[0] == config.holdout_site:
-        raise HeldOut("held-out site: not training in this run (evaluated only)")
-    name, path = resolve_site(context.node_config, config)
-    policy = site_policy(context.node_config, path)
-    policy.check_task(config.task)
-    config, task, name, path, site, model = _prepare(msg, context)
+    job = _prepare(msg, context, training=True)
+    config, train = job.config, job.site.splits["train"]
+    job.policy.limits.check_steps(round_steps(config, len(train)))
     round_ = server_round(msg)
-    seed = config.seed + 1000 * round_ + zlib.crc32(name.encode())
+    seed = config.seed + 1000 * round_ + zlib.crc32(job.name.encode())
     mu = message_setting(msg, "proximal-mu")
-    result = task.train(
-        model, site.splits["train"], config, seed=seed, proximal_mu=mu, val=site.splits["val"]
+    model = job.model
+    result = job.task.train(
+        model, train, config, seed=seed, proximal_mu=mu, val=job.site.splits["val"]
     )
     if config.fedbn:
-        LocalState(SiteFolder(path).state, msg.metadata.run_id).save(model)
+        LocalState(SiteFolder(job.path).state, msg.metadata.run_id).save(model)
     if result.num_examples == 0:
         raise DataError("the train split is empty; add cases or lower val/test fractions")
     logger.info(
         "round %d: trained on %d cases, loss %.4f", round_, result.num_examples, result.loss
     )
     state = shared_state(model, config.fedbn)
-    if policy.dp is not None:  # the site's differential privacy: clip and noise the update
+    if job.policy.dp is not None:  # the site's differential privacy: clip and noise the update
         received = {k: v.numpy() for k, v in msg.content[ARRAYS_KEY].items()}  # type: ignore[union-attr]
-        noised = policy.privatize(
+        noised = job.policy.privatize(
             {k: v.detach().cpu().numpy() for k, v in state.items()},
             received,
             # fresh entropy: noise from a seed the server could know could be subtracted
@@ -104,34 +127,36 @@ def _train(msg: Message, context: Context) -> Message:
             METRICS_KEY: MetricRecord(
                 {"num-examples": result.num_examples, "train-loss": float(result.loss)}
             ),
-            SITE_KEY: SiteIdentity.local(name).to_record(),
+            SITE_KEY: SiteIdentity.local(job.name).to_record(),
         }
     )
     return Message(content=content, reply_to=msg)
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    config, task, name, path, site, model = _prepare(msg, context)
-    policy = site_policy(context.node_config, path)
-    config = dataclasses.replace(config, subgroups=policy.allowed_subgroups(config.subgroups))
+    job = _prepare(msg, context)
+    subgroups = job.policy.allowed_subgroups(job.config.subgroups)
+    config = dataclasses.replace(job.config, subgroups=subgroups)
     if "test" in config.eval_splits:
         uses = record_test_use(
-            SiteFolder(path).state.path, run_id=msg.metadata.run_id, server_round=server_round(msg)
+            SiteFolder(job.path).state.path,
+            run_id=msg.metadata.run_id,
+            server_round=server_round(msg),
         )
         logger.warning("the sealed test split is evaluated (use %d at this site)", uses)
-    k = policy.min_cell_size(max(config.min_cell_size, site_min_cell(context.node_config)))
+    k = job.policy.min_cell_size(max(config.min_cell_size, site_min_cell(context.node_config)))
     stats: dict[str, SplitStats] = {}
     positives: dict[str, int] = {}
     cells: dict[str, list[CellStats]] = {}
     for split in config.eval_splits:
-        _, parts = evaluate_cells(task, model, site.splits[split], config, k)
+        _, parts = evaluate_cells(job.task, job.model, job.site.splits[split], config, k)
         stats[split], positives[split] = parts[0].stats, parts[0].positives
         cells[split] = parts[1:]
     content = RecordDict(
         {
-            METRICS_KEY: pack_stats(task, stats, cells=cells, positives=positives),
+            METRICS_KEY: pack_stats(job.task, stats, cells=cells, positives=positives),
             CELLS_KEY: cell_names(cells),
-            SITE_KEY: SiteIdentity.local(name).to_record(),
+            SITE_KEY: SiteIdentity.local(job.name).to_record(),
         }
     )
     return Message(content=content, reply_to=msg)

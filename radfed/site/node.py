@@ -18,7 +18,7 @@ from radfed.config import RunConfig
 from radfed.data.loading import SiteData, load_site_for
 from radfed.errors import ConfigError
 from radfed.folders import SiteFolder, list_sites
-from radfed.privacy import SitePolicy, load_policy
+from radfed.privacy import ResourceLimits, SitePolicy, load_policy
 
 __all__ = [
     "load_site_once",
@@ -72,15 +72,18 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> tuple[str
 _SITE_MEMO: dict[tuple[object, ...], SiteData] = {}
 
 
-def load_site_once(path: Path, config: RunConfig) -> SiteData:
-    """Load the site once per process and settings (a simulated node keeps its process)."""
+def load_site_once(path: Path, config: RunConfig, limits: ResourceLimits) -> SiteData:
+    """Load the site once per process and settings (a simulated node keeps its process),
+    within the site's limits (the size of a case image, of the cache)."""
     manifest = SiteFolder(path).manifest
     stamp = manifest.stat().st_mtime_ns if manifest.exists() else 0
     settings = {k: v for k, v in config.to_run_config().items() if k not in _NOT_DATA_SETTINGS}
     key = (str(path.resolve()), stamp, tuple(sorted(settings.items())))
     if key not in _SITE_MEMO:
         _SITE_MEMO.clear()  # one site per process in a deployment; bounded memory in simulation
-        _SITE_MEMO[key] = load_site_for(path, config)
+        _SITE_MEMO[key] = load_site_for(
+            path, config, max_voxels=limits.decoded_voxels, cache_bytes=limits.cache_bytes
+        )
     return _SITE_MEMO[key]
 
 
@@ -123,7 +126,9 @@ def site_policy(node_config: Mapping[str, Any], site_dir: Path) -> SitePolicy:
     if default.is_file():
         return load_policy(default)
     policy = SitePolicy.default()
-    return policy if "data-path" in node_config else dataclasses.replace(policy, k=1)
+    if "data-path" in node_config:
+        return policy
+    return dataclasses.replace(policy, k=1, limits=ResourceLimits.unbounded())
 
 
 def message_setting(msg: Message, key: str) -> float:

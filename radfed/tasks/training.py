@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ __all__ = [
     "grad_scaler",
     "loader",
     "pick_device",
+    "round_steps",
     "seeded_generator",
 ]
 
@@ -31,6 +33,14 @@ class TrainResult:
     num_examples: int
     loss: float
     epochs: int = 0
+
+
+def round_steps(config: RunConfig, cases: int) -> int:
+    """The optimiser steps one round of local training on ``cases`` cases takes at most:
+    ``local-steps``, else ``local-epochs`` passes of ``ceil(cases / batch-size)`` batches."""
+    if config.local_steps:
+        return config.local_steps
+    return config.local_epochs * math.ceil(cases / config.batch_size)
 
 
 def pick_device() -> torch.device:

@@ -20,7 +20,7 @@ def test_second_load_comes_from_the_cache(site_copy: Path, monkeypatch: pytest.M
     calls: list[Path] = []
     original = site_module.read_image
     monkeypatch.setattr(
-        site_module, "read_image", lambda p, b, voi: calls.append(p) or original(p, b, voi=voi)
+        site_module, "read_image", lambda p, b, **kw: calls.append(p) or original(p, b, **kw)
     )
     # Execute
     second = load_site(site_copy, **SETTINGS)
@@ -38,7 +38,7 @@ def test_changed_setting_or_file_is_decoded_again(
     calls: list[Path] = []
     original = site_module.read_image
     monkeypatch.setattr(
-        site_module, "read_image", lambda p, b, voi: calls.append(p) or original(p, b, voi=voi)
+        site_module, "read_image", lambda p, b, **kw: calls.append(p) or original(p, b, **kw)
     )
     # Another image size: every case misses
     bigger = load_site(site_copy, **{**SETTINGS, "image_size": 48})

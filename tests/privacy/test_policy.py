@@ -11,12 +11,7 @@ import pytest
 
 from radfed.config import TaskName
 from radfed.errors import ConfigError, RadfedError
-from radfed.privacy.policy import (
-    DifferentialPrivacy,
-    PolicyRefusal,
-    SitePolicy,
-    load_policy,
-)
+from radfed.privacy import DifferentialPrivacy, PolicyRefusal, SitePolicy, load_policy
 
 FULL = """\
 [policy]
