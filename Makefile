@@ -26,11 +26,13 @@ demo: install
 	$(BIN)/radfed simulate --data $(DEMO_DATA) --task classification --rounds 3 --seed 7 \
 		--out $(DEMO_RUN) --overwrite
 
+# Two workers: the end-to-end tests that mostly wait (a deployment) run beside the others;
+# the Ray simulations stay one at a time (pytest-xdist groups, see tests/e2e/).
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not e2e"
+	$(BIN)/python -m pytest -q -n 2 -m "not e2e"
 
 bench: install
 	$(BIN)/python bench/data_bench.py

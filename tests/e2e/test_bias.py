@@ -11,7 +11,8 @@ import pytest
 from radfed.data.synth import synth_sites
 from tests.e2e.processes import run_simulate
 
-pytestmark = pytest.mark.e2e
+#: Ray-backed simulations run one at a time, on one pytest-xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray")]
 
 #: The planted effect of ``--bias contrast``: fainter lesions for women aged 60 and over at
 #: site-b (radfed.data.synth), so the model misses them there.

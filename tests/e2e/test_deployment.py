@@ -24,7 +24,8 @@ from radfed.folders import find_app_dir
 from radfed.privacy import read_entries, verify
 from tests.e2e.processes import Background
 
-pytestmark = pytest.mark.e2e
+#: One federation per module, on one pytest-xdist worker (beside the Ray group: it waits).
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("deployment")]
 
 #: Settings of every run: small and quick; the run's k (2) is below what site b allows.
 #: A site that dies is noticed by its missed heartbeats (about a minute); round-timeout bounds

@@ -16,7 +16,8 @@ import pytest
 from radfed.data.synth import synth_classification
 from radfed.folders import find_app_dir
 
-pytestmark = pytest.mark.e2e
+#: Ray-backed simulations run one at a time, on one pytest-xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray")]
 LOCAL_CONTROL_PORT = 39093  # Flower's managed local SuperLink (flwr.cli.constant)
 
 

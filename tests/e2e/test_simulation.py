@@ -18,7 +18,8 @@ from radfed.federation.checkpoint import load_checkpoint
 from radfed.tasks.classification import build_model, predict
 from tests.e2e.processes import run_simulate
 
-pytestmark = pytest.mark.e2e
+#: Ray-backed simulations run one at a time, on one pytest-xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray")]
 ROUNDS = 2
 SITES = ("site-a", "site-b", "site-c")
 

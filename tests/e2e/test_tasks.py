@@ -17,7 +17,8 @@ from radfed.tasks import get_task
 from radfed.tasks.protocol import merge_stats
 from tests.e2e.processes import run_simulate
 
-pytestmark = pytest.mark.e2e
+#: Ray-backed simulations run one at a time, on one pytest-xdist worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ray")]
 SITES = ("site-a", "site-b")
 
 
