@@ -346,7 +346,11 @@ def _parse() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--tasks", nargs="+", choices=[t.value for t in TaskName], default=[t.value for t in TaskName], metavar="TASK"
+        "--tasks",
+        nargs="+",
+        choices=[t.value for t in TaskName],
+        default=[t.value for t in TaskName],
+        metavar="TASK",
     )
     parser.add_argument(
         "--scale", type=int, default=1, help="multiply every task's default image count"

@@ -11,13 +11,17 @@ only; nothing else in radfed imports from Flower beyond its public app API (``fl
   the id helpers: what Flower's ``flwr-simulation`` process does after it fetched the app;
 - ``flwr.supernode.cli.flwr_clientapp`` (the ``flwr-clientapp`` process) with two of the
   names its ``flwr.supernode.runtime.run_clientapp`` module calls replaced,
-  ``install_from_fab`` and ``get_load_client_app_fn``: a site answers with its own code.
+  ``install_from_fab`` and ``get_load_client_app_fn``: a site answers with its own code;
+- ``flwr.supernode.cli.flower_supernode`` (the ``flower-supernode`` process) with
+  ``flwr.supernode.fleet_http_connection.FleetHttpClient`` given the site's client
+  certificate (``ProtobufClient`` takes an ``ssl.SSLContext`` as ``verify``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +41,7 @@ __all__ = [
     "parse_run_config",
     "run_simulation",
     "run_site_clientapp",
+    "run_supernode",
     "serialize_content",
 ]
 
@@ -163,3 +168,37 @@ def run_site_clientapp(load: Callable[[bytes], ClientApp]) -> None:
     setattr(process, "install_from_fab", keep_bundle)  # noqa: B010  (module globals it calls)
     setattr(process, "get_load_client_app_fn", site_app_loader)  # noqa: B010
     flwr_clientapp()
+
+
+def run_supernode(tls: ssl.SSLContext) -> None:
+    """Be Flower's ``flower-supernode`` process (arguments from ``sys.argv``), connecting to
+    the server's Fleet API with ``tls``: the federation's CA and the site's own client
+    certificate, which Flower's SuperNode has no option for (mutual TLS at the edge)."""
+    import flwr.supernode.fleet_http_connection as connection
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    base: Any = getattr(connection, "FleetHttpClient")  # noqa: B009  (the module global)
+
+    class SiteFleetClient(base):  # type: ignore[misc]
+        """Flower's Fleet API client, presenting the site's certificate."""
+
+        @classmethod
+        def from_server_address(
+            cls,
+            server_address: str,
+            insecure: bool,
+            root_certificates: bytes | str | None,
+            interceptors: Sequence[Any],
+            *,
+            retry_invoker: Any = None,
+        ) -> Any:
+            del insecure, root_certificates  # always TLS, with the CA inside ``tls``
+            return cls(
+                f"https://{server_address}",
+                interceptors=interceptors,
+                verify=tls,
+                retry_invoker=retry_invoker,
+            )
+
+    setattr(connection, "FleetHttpClient", SiteFleetClient)  # noqa: B010  (module global)
+    flower_supernode()

@@ -204,6 +204,11 @@ class ServerState:
     def flwr_home(self) -> Path:
         return self.path / "flwr-home"
 
+    @property
+    def edge(self) -> Path:
+        """The edge's (nginx) configuration, temporary files and PID file."""
+        return self.path / "edge"
+
 
 def list_sites(data_root: Path) -> list[Path]:
     """The site folders of a simulation data root (``DATA/<site>/manifest.csv``), sorted.

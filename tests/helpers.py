@@ -1,10 +1,33 @@
-"""Helpers for tests that call Flower handlers directly."""
+"""Helpers for tests: messages and contexts for calling Flower handlers directly, and the
+mark of tests that need an operating-system service."""
 
 from __future__ import annotations
 
+import os
 import time
 
+import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
+
+from radfed.deployment.edge import nginx
+from radfed.errors import ConfigError
+
+
+def _nginx_missing() -> bool:
+    try:
+        nginx()
+    except ConfigError:
+        return True
+    return False
+
+
+#: Tests that start the server's edge. Skipped on a machine without nginx, unless
+#: ``RADFED_REQUIRE_SERVICES`` is set (``.ci/run`` sets it after installing nginx): there they
+#: run, and fail with the message that names the missing package, so CI never skips them.
+needs_nginx = pytest.mark.skipif(
+    _nginx_missing() and not os.environ.get("RADFED_REQUIRE_SERVICES"),
+    reason="nginx is not installed (the server's edge needs it; `apt-get install nginx`)",
+)
 
 
 def make_message(

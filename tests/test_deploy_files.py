@@ -21,6 +21,7 @@ import yaml
 
 from radfed.cli import app
 from radfed.deployment.process import HARDENED_ENV
+from radfed.deployment.superlink import control_port
 from radfed.federation.codes import ErrorCode
 from radfed.privacy import load_policy
 from radfed.privacy.policy_file import POLICY_KEYS
@@ -297,6 +298,7 @@ def test_readme_commands_are_real_radfed_commands() -> None:
         ("pki", "renew-server"),
         ("server", "start"),
         ("site", "check"),
+        ("site", "keygen"),
         ("site", "join"),
         ("site", "audit"),
         ("launch",),
@@ -305,7 +307,7 @@ def test_readme_commands_are_real_radfed_commands() -> None:
     launches = [args for args in lines if check_radfed(args)[0] == ("launch",)]
     for option in ("--resume", "--site-wait", "--min-sites", "--run-config"):
         assert any(option in args for args in launches), option
-    assert any("--public-key" in a for a in lines if check_radfed(a)[0] == ("pki", "add-site"))
+    assert any("--csr" in a for a in lines if check_radfed(a)[0] == ("pki", "add-site"))
 
 
 # ---------------------------------------------------------------- systemd
@@ -416,6 +418,36 @@ def test_compose_sites_reach_only_the_server() -> None:
             assert networks[network]["internal"] is True, (name, network)
             assert network in services["server"]["networks"], (name, network)
     assert [p.rsplit(":", 1)[-1] for p in services["server"]["ports"]] == [server_port]
+
+
+def test_compose_launches_runs_on_the_servers_loopback_only() -> None:
+    services = _compose()["services"]
+    server = [str(a) for a in services["server"]["command"]]
+    launch = [str(a) for a in services["launch"]["command"]]
+    edge = int(_value(server, "--port"))
+
+    # The Control API is on the server's loopback: the launch service shares its network
+    # namespace and dials the SuperLink's port there, never the edge.
+    assert services["launch"]["network_mode"] == "service:server"
+    assert _value(launch, "--server") == f"127.0.0.1:{control_port(edge)}"
+    assert "ports" not in services["launch"]
+
+
+def test_k8s_server_exposes_only_the_edge_and_probes_it_without_https() -> None:
+    (statefulset,) = [o for o in _k8s(K8S_SERVER) if o["kind"] == "StatefulSet"]
+    _, (container,) = _containers(statefulset)
+    args = _radfed_args(container)
+    assert args is not None
+    edge = int(_value(args, "--port"))
+
+    assert [p["containerPort"] for p in container["ports"]] == [edge]
+    assert "--superlink-port" not in args  # the default: loopback, edge port + 1
+    # The edge wants a site certificate; an HTTPS probe from the kubelet would never pass.
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert "httpGet" not in container[probe] and "tcpSocket" in container[probe], probe
+    # `kubectl exec ... -- radfed launch --server ...`: radfed is kubectl's argument here
+    launches = re.findall(r"radfed launch --server (\S+)", _comments(K8S_SERVER))
+    assert launches and set(launches) == {f"127.0.0.1:{control_port(edge)}"}
 
 
 # ---------------------------------------------------------------- kubernetes

@@ -49,6 +49,7 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "site check": (["{tmp}", "--run-config", "image-size=1"], "'image-size' must be >= 16"),
     "site join": (["--pki", MISSING, "--site", "a", "--data", "{tmp}"], "no-such-thing"),
     "site audit": (["{tmp}"], "has no audit log yet"),
+    "site keygen": (["--site", "Bad_Name", "--out", "{tmp}/kit"], SITE_NAME_RULE),
     "pki init": (
         ["--out", "{tmp}/pki", "--server-address", "127.0.0.1:9443", "--sites", "x,synth.json"],
         SITE_NAME_RULE,  # square brackets reach the screen as they are, not as markup

@@ -11,6 +11,7 @@ from torch import nn
 
 from radfed.bias.figures import plot_curves
 from radfed.bias.html import render_html
+from radfed.central.registered import RegisteredGrid
 from radfed.central.rounds import load_site_registry, restore_strategy_state, run_rounds
 from radfed.central.run_folder import RunFolder
 from radfed.central.strategy import make_strategy
@@ -95,7 +96,7 @@ def run_server(grid: Grid, context: Context) -> Path:
     strategy.registered = registry  # type: ignore[attr-defined]  # a RadfedChecks
     run_rounds(
         strategy,
-        grid,
+        RegisteredGrid(grid, registry),
         config,
         run,
         ArrayRecord(reference),

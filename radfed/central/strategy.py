@@ -296,6 +296,15 @@ class RadfedChecks:
             except InvalidReply as err:
                 self._drop(server_round, self.site_names.get(node, f"node {node}"), what, err)
                 continue
+            if self.registered and node not in self.registered:
+                logger.warning(
+                    "round %d: security: dropped %s from node %d: its key was not registered "
+                    "from the PKI (sites.json)",
+                    server_round,
+                    what,
+                    node,
+                )
+                continue
             if node in self.registered and self.registered[node] != site:
                 self._drop(
                     server_round,

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from radfed.cli.output import attempt, fail, make_app, print_summary, setup_logging
+from radfed.cli.output import attempt, fail, make_app, print_error, print_summary, setup_logging
 from radfed.config import TaskName
 from radfed.folders import RunFiles, find_app_dir
 
@@ -27,38 +27,74 @@ def pki_init(
     server_address: Annotated[
         str, typer.Option(help="HOST[:PORT] the sites reach the server at (default port 8000).")
     ],
-    sites: Annotated[str, typer.Option(help="Comma-separated site names, e.g. a,b,c.")],
+    sites: Annotated[
+        str,
+        typer.Option(help="Trial federations only, with --central-keys: site names, e.g. a,b,c."),
+    ] = "",
+    central_keys: Annotated[
+        bool,
+        typer.Option(
+            help="Make the sites' private keys here (a trial federation): the central team "
+            "then holds every site's key. Otherwise each site runs `radfed site keygen`."
+        ),
+    ] = False,
     san: Annotated[
         list[str] | None, typer.Option("--san", help="A further server name or IP (repeat).")
     ] = None,
 ) -> None:
-    """Create the CA, the server certificate and one key pair per site."""
+    """Create the CA and the server certificate (and, for a trial, keys for named sites)."""
     from radfed.deployment.pki import fingerprint, init_pki
 
     names = [s.strip() for s in sites.split(",") if s.strip()]
-    pki = attempt(init_pki, out, server_address, names, extra_sans=san or ())
+    pki = attempt(
+        init_pki, out, server_address, names, central_keys=central_keys, extra_sans=san or ()
+    )
     typer.echo(f"PKI for {pki.server_address} in {pki.root}")
     typer.echo(f"  server:  {pki.server_dir} (for `radfed server start --pki {pki.root}`)")
     for name in pki.sites:
         key = fingerprint(pki.site_key(name))
         typer.echo(f"  site {name}: kit {pki.site_dir(name)}  key {key}")
-    typer.echo("Hand each site its kit folder over a trusted channel; keep ca/ca.key offline.")
+    if pki.sites:
+        print_error(
+            "warning: these sites' private keys were made here; the central team holds them. "
+            "For a real federation each site makes its own (`radfed site keygen`)."
+        )
+        typer.echo("Hand each site its kit folder over a trusted channel; keep ca/ca.key offline.")
+    else:
+        typer.echo(
+            "Add each site from the request its own key signed: at the site `radfed site "
+            "keygen --site NAME --out KIT`, here `radfed pki add-site NAME --csr site.csr`."
+        )
 
 
 @pki_app.command("add-site")
 def pki_add_site(
     name: Annotated[str, typer.Argument(help="The new site's name.")],
     pki: Annotated[Path, typer.Option("--pki", help="The PKI folder.")],
+    csr: Annotated[
+        Path | None,
+        typer.Option(help="The site's certificate request (`radfed site keygen` at the site)."),
+    ] = None,
     public_key: Annotated[
         Path | None,
-        typer.Option(help="Register this OpenSSH EC public key (the site keeps its private key)."),
+        typer.Option(help="The site's OpenSSH public key (site.pub), instead of --csr."),
     ] = None,
+    central_keys: Annotated[
+        bool, typer.Option(help="Make the site's private key here (a trial federation).")
+    ] = False,
 ) -> None:
-    """Add a site without re-issuing anything else (restart the server to register it)."""
+    """Add a site: register its key and issue its client certificate (restart the server
+    to register it); nothing else is re-issued."""
     from radfed.deployment.pki import add_site, fingerprint
 
-    kit = attempt(add_site, pki, name, public_key=public_key)
+    kit = attempt(add_site, pki, name, csr=csr, public_key=public_key, central_keys=central_keys)
     typer.echo(f"site {kit.name}: kit {kit.folder}  key {fingerprint(kit.public_key)}")
+    if kit.private_key is not None:
+        print_error("warning: this site's private key was made here; the central team holds it")
+    typer.echo(
+        "Send the kit's ca.crt, site.crt and site.toml to the site (public files; check the "
+        "key fingerprint with the site over another channel)."
+    )
 
 
 @pki_app.command("renew-server")
@@ -82,15 +118,30 @@ def pki_renew_server(
 def server_start(
     pki: Annotated[Path, typer.Option("--pki", help="The PKI folder (radfed pki init).")],
     state: Annotated[Path, typer.Option("--state", help="Folder for the server's database.")],
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="Port (default: the PKI's server address port).")] = 0,
+    host: Annotated[str, typer.Option(help="Address the sites reach the edge at.")] = "0.0.0.0",
+    port: Annotated[
+        int, typer.Option(help="The edge's port (default: the PKI's server address port).")
+    ] = 0,
+    superlink_port: Annotated[
+        int,
+        typer.Option(help="The SuperLink's port on loopback, for `radfed launch` (default: +1)."),
+    ] = 0,
 ) -> None:
-    """Run the SuperLink with TLS and site authentication, and register the site keys."""
+    """Run the server: the SuperLink on loopback with TLS and site authentication, nginx in
+    front of it for the sites (mutual TLS, the Fleet API only), and register the site keys."""
     from radfed.deployment.pki import load_pki
     from radfed.deployment.superlink import start_server
 
     setup_logging(False)
-    code = attempt(lambda: start_server(load_pki(pki), state, host=host, port=port or None))
+    code = attempt(
+        lambda: start_server(
+            load_pki(pki),
+            state,
+            host=host,
+            port=port or None,
+            superlink_port=superlink_port or None,
+        )
+    )
     raise typer.Exit(code=code)
 
 

@@ -18,7 +18,15 @@ from radfed.config import SPLITS, RunConfig, TaskName
 from radfed.errors import ConfigError, RadfedError
 from radfed.folders import SiteFolder, find_app_dir
 
-__all__ = ["evaluate", "explain", "site_audit", "site_check", "site_index", "site_join"]
+__all__ = [
+    "evaluate",
+    "explain",
+    "site_audit",
+    "site_check",
+    "site_index",
+    "site_join",
+    "site_keygen",
+]
 
 
 def site_index(
@@ -87,6 +95,24 @@ def _run_config(task: TaskName, values: list[str] | None) -> RunConfig:
     except ConfigError:  # no app folder (radfed installed alone): radfed's own defaults
         return RunConfig.from_run_config(overrides)
     return RunConfig.from_run_config(fused_run_config(app, overrides))
+
+
+def site_keygen(
+    site: Annotated[str, typer.Option("--site", help="This site's name.")],
+    out: Annotated[Path, typer.Option("--out", help="This site's kit folder (created).")],
+) -> None:
+    """Make this site's private key (it never leaves the site) and the certificate request
+    to send to the central team."""
+    from radfed.deployment.site_kit import fingerprint, make_site_keys
+
+    made = attempt(make_site_keys, out, site)
+    typer.echo(f"private key {made.private_key} (0600; keep it here, back it up offline)")
+    typer.echo(f"public key  {made.public_key}  {fingerprint(made.public_key)}")
+    typer.echo(
+        f"send {made.request} to the central team (`radfed pki add-site {site} --csr "
+        f"site.csr`), confirm the fingerprint with them over another channel, and put the "
+        f"ca.crt, site.crt and site.toml they return into {out}"
+    )
 
 
 def site_join(

@@ -1,5 +1,6 @@
-"""X.509 for a Flower deployment: the federation's CA, the SuperLink's server certificate
-(with the SANs it is reached at) and server addresses. Keys are EC; ``pki`` writes them."""
+"""X.509 for a Flower deployment: the federation's CA, the server's certificate (with the SANs
+it is reached at), each site's client certificate (mutual TLS at the server's edge) and
+server addresses. Keys are EC; ``pki`` writes them."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from radfed.errors import ConfigError
 
-__all__ = ["DEFAULT_PORT", "format_address", "make_ca", "parse_address", "sans", "server_cert"]
+__all__ = [
+    "DEFAULT_PORT",
+    "client_cert",
+    "format_address",
+    "make_ca",
+    "parse_address",
+    "sans",
+    "server_cert",
+    "site_request",
+]
 
 #: Flower 1.41's SuperLink port (``flwr.supercore.constant.SUPERLINK_UVICORN_DEFAULT_PORT``).
 DEFAULT_PORT = 8000
@@ -72,6 +82,38 @@ def server_cert(
     return key, cert
 
 
+def site_request(key: ec.EllipticCurvePrivateKey, site: str) -> x509.CertificateSigningRequest:
+    """A site's certificate signing request: its name, signed with its own key."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)])
+    return x509.CertificateSigningRequestBuilder().subject_name(subject).sign(key, hashes.SHA256())
+
+
+def client_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    site: str,
+    public: ec.EllipticCurvePublicKey,
+    now: datetime,
+    days: int,
+) -> x509.Certificate:
+    """The clientAuth certificate of site ``site`` for ``public`` (the key the site keeps),
+    signed by the CA, never outliving it: what the server's edge asks every site for."""
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, site)])
+    not_after = min(now + timedelta(days=days), ca_cert.not_valid_after_utc)
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    return (
+        _builder(subject, ca_cert.subject, public, now, not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(cert_sign=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+
+
 def _builder(
     subject: x509.Name,
     issuer: x509.Name,
@@ -91,7 +133,7 @@ def _builder(
 
 
 def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
-    """A CA signs certificates and CRLs; a server signs its TLS handshakes."""
+    """A CA signs certificates and CRLs; a server or site signs its TLS handshakes."""
     no = False  # content_commitment, key/data encipherment, key agreement, en/decipher only
     return x509.KeyUsage(not cert_sign, no, no, no, no, cert_sign, cert_sign, no, no)
 

@@ -66,7 +66,7 @@ def find_ca(pki: Path) -> Path:
     Raises:
         ConfigError: neither holds one.
     """
-    for ca in (pki / "ca" / "ca.crt", pki / "ca.crt"):
+    for ca in (pki / "ca" / "ca.crt", pki / "server" / "ca.crt", pki / "ca.crt"):
         if ca.is_file():
             return ca
     raise ConfigError(f"no ca.crt in {pki}; give the PKI folder or a site kit")

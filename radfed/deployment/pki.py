@@ -13,9 +13,14 @@ Layout of a PKI folder; the private keys are created 0600 and ``ca/`` and each s
       server/site-keys/<name>.pub   registered site keys (OpenSSH): ``flwr supernode register``
       sites/<name>/                 the kit handed to one hospital:
         ca.crt                      flower-supernode --root-certificates
-        site.key                    --auth-supernode-private-key (EC P-256, OpenSSH format);
-                                    absent when the site generated its own key
+        site.crt                    the site's client certificate (mutual TLS at the edge)
         site.pub  site.toml         its public key; the site name and server address
+        site.key                    only for a trial federation (--central-keys): the site's
+                                    private key, made centrally (EC P-256, OpenSSH format)
+
+By default a site makes its own key (``radfed site keygen``, radfed.deployment.site_keys)
+and sends only its certificate request; ``add_site(..., csr=...)`` registers the public key
+and issues the client certificate, and the private key never leaves the site.
 
 ``server/site-keys/`` is the registry: a site exists when its ``.pub`` file is there.
 Nothing here prints, logs or returns key material: records hold paths only.
@@ -23,33 +28,42 @@ Nothing here prints, logs or returns key material: records hold paths only.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import os
-import re
 import shutil
-import stat
 import tempfile
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from radfed.deployment.certs import (
     DEFAULT_PORT,
+    client_cert,
     format_address,
     make_ca,
     parse_address,
     sans,
     server_cert,
+)
+from radfed.deployment.site_kit import (
+    NIST_CURVES,
+    SITE_NAME_RULE,
+    SiteKit,
+    check_site_name,
+    fingerprint,
+    load_public,
+    load_site_kit,
+    openssh_private,
+    public_line,
+    read_toml,
+    site_toml,
+    utc,
+    write_file,
 )
 from radfed.errors import ConfigError
 
@@ -64,17 +78,17 @@ __all__ = [
     "init_pki",
     "load_pki",
     "load_site_kit",
+    "openssh_private",
     "parse_address",
+    "public_line",
     "registered_sites",
     "renew_server",
 ]
 
 #: What a site name must match: it names folders, key files and the SuperNode.
-SITE_NAME_RULE = r"^[a-z0-9][a-z0-9-]{0,62}$"
-_SITE_NAME = re.compile(SITE_NAME_RULE)
+#: Validity of a site's client certificate (renewed with `pki add-site` after removal).
+_SITE_DAYS = 825
 _PEM = serialization.Encoding.PEM
-_SSH = serialization.Encoding.OpenSSH
-_SSH_PUBLIC = serialization.PublicFormat.OpenSSH
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,45 +134,38 @@ class Pki:
         return tuple(sorted(_site_keys(self.root).glob("*.pub")))
 
 
-@dataclass(frozen=True, kw_only=True)
-class SiteKit:
-    """One site's kit folder: what ``flower-supernode`` needs to join the federation.
-
-    Attributes:
-        private_key: ``site.key``, or None when the site keeps its own key elsewhere.
-    """
-
-    name: str
-    server_address: str
-    folder: Path
-    ca_cert: Path
-    private_key: Path | None
-    public_key: Path
-
-
 def init_pki(
     out: Path,
     server_address: str,
     sites: Sequence[str],
     *,
+    central_keys: bool = False,
     extra_sans: Sequence[str] = (),
     ca_days: int = 3650,
     server_days: int = 825,
     now: datetime | None = None,
 ) -> Pki:
-    """Create a CA, the server's certificate and one kit per site in the new folder ``out``.
+    """Create a CA and the server's certificate in the new folder ``out``; with
+    ``central_keys`` (a trial federation only) also a key pair and kit per site of ``sites``.
 
     Raises:
-        ConfigError: ``out`` is not empty, or an address, name or validity is invalid.
+        ConfigError: ``out`` is not empty, sites are named without ``central_keys``, or an
+            address, name or validity is invalid.
     """
     host, port = parse_address(server_address)
     sans(host, extra_sans)
     sites = [sites] if isinstance(sites, str) else list(sites)
     for name in sites:
-        _check_site_name(name)
+        check_site_name(name)
     if len(set(sites)) != len(sites):
         twice = sorted({n for n in sites if sites.count(n) > 1})
         raise ConfigError(f"site names must be unique, got {', '.join(twice)} more than once")
+    if sites and not central_keys:
+        raise ConfigError(
+            "site keys are made at each site: there, `radfed site keygen`; here, `radfed pki "
+            "add-site NAME --csr site.csr`. To make them here for a trial federation, pass "
+            "--central-keys"
+        )
     if min(ca_days, server_days) < 1:
         raise ConfigError(f"validity must be at least 1 day, got {ca_days=}, {server_days=}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -166,21 +173,21 @@ def init_pki(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))  # all or nothing
     try:
-        now = _utc(now)
+        now = utc(now)
         (tmp / "ca").mkdir(mode=0o700)
         _site_keys(tmp).mkdir(parents=True)
         (tmp / "sites").mkdir()
         ca_key, ca_cert = make_ca(now, ca_days)
-        _write(tmp / "ca" / "ca.crt", ca_cert.public_bytes(_PEM))
-        _write(tmp / "ca" / "ca.key", _private_pem(ca_key), private=True)
-        _write(tmp / "server" / "ca.crt", ca_cert.public_bytes(_PEM))
+        write_file(tmp / "ca" / "ca.crt", ca_cert.public_bytes(_PEM))
+        write_file(tmp / "ca" / "ca.key", _private_pem(ca_key), private=True)
+        write_file(tmp / "server" / "ca.crt", ca_cert.public_bytes(_PEM))
         key, cert = server_cert(ca_key, ca_cert, host, extra_sans, now, server_days)
-        _write(tmp / "server" / "server.crt", cert.public_bytes(_PEM))
-        _write(tmp / "server" / "server.key", _private_pem(key), private=True)
+        write_file(tmp / "server" / "server.crt", cert.public_bytes(_PEM))
+        write_file(tmp / "server" / "server.key", _private_pem(key), private=True)
         address = format_address(host, port)
-        _write(tmp / "pki.toml", _toml(address, now, extra_sans, sites).encode())
+        write_file(tmp / "pki.toml", _toml(address, now, extra_sans, sites).encode())
         for site in sites:
-            _new_site(tmp, site, address, None)
+            _new_site(tmp, site, address, None, ca=(ca_key, ca_cert), now=now)
         tmp.chmod(0o755)
         if out.exists():
             out.rmdir()
@@ -191,29 +198,55 @@ def init_pki(
     return load_pki(out)
 
 
-def add_site(pki: Path, name: str, *, public_key: Path | None = None) -> SiteKit:
-    """Register site ``name``: a new key pair, or the public key the site generated itself.
+def add_site(
+    pki: Path,
+    name: str,
+    *,
+    csr: Path | None = None,
+    public_key: Path | None = None,
+    central_keys: bool = False,
+) -> SiteKit:
+    """Register site ``name`` from the certificate request its own key signed (``csr``),
+    from its OpenSSH public key (``public_key``), or with a key pair made here
+    (``central_keys``: a trial federation only). Exactly one of the three.
 
-    With ``public_key``, no private key is written: the kit holds ca.crt, site.pub and
-    site.toml. No existing file is modified.
+    A request also proves that the site holds the private key and names the site; a bare
+    public key relies on the fingerprint check with the site alone. Either way the client
+    certificate issued is of use only to the holder of the private key.
+
+    The kit gets ca.crt, site.crt (the site's client certificate), site.pub and site.toml,
+    and site.key only with ``central_keys``. No existing file is modified.
 
     Raises:
-        ConfigError: a bad or taken name, or a public key that is not EC on a NIST curve
+        ConfigError: a bad or taken name, not exactly one source of the key, a request
+            whose signature or name does not hold, or a key that is not EC on a NIST curve
             or is already registered.
     """
     info = load_pki(pki)
-    _check_site_name(name)
+    check_site_name(name)
     if name in info.sites or info.site_dir(name).exists():
         raise ConfigError(
             f"site {name!r} already exists in {pki}; choose another name, or to replace its key "
             f"remove {info.site_dir(name)} and {info.site_key(name)} first"
         )
-    key = _load_public(public_key) if public_key is not None else None
+    given = [csr is not None, public_key is not None, central_keys]
+    if sum(given) != 1:
+        raise ConfigError(
+            f"give exactly one of the site's certificate request (--csr site.csr, made at the "
+            f"site with `radfed site keygen --site {name}`), its public key (--public-key "
+            f"site.pub), or --central-keys for a trial federation"
+        )
+    source = csr or public_key
+    key = None
+    if csr is not None:
+        key = _load_request(csr, name)
+    elif public_key is not None:
+        key = load_public(public_key)
     if key is not None:
         for registered in info.registered_keys():
-            if _load_public(registered) == key:
-                raise ConfigError(f"{public_key} is already registered as site {registered.stem!r}")
-    return _new_site(pki, name, info.server_address, key)
+            if load_public(registered) == key:
+                raise ConfigError(f"{source} holds the key of site {registered.stem!r}")
+    return _new_site(pki, name, info.server_address, key, ca=_load_ca(info), now=utc(None))
 
 
 def renew_server(
@@ -240,27 +273,19 @@ def renew_server(
     sans(host, extra)
     if days < 1:
         raise ConfigError(f"validity must be at least 1 day, got {days=}")
-    try:
-        ca_cert = x509.load_pem_x509_certificate(info.ca_cert.read_bytes())
-        ca_key = serialization.load_pem_private_key(info.ca_key.read_bytes(), None)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"the CA in {info.root / 'ca'} cannot be read ({err})") from err
-    now = _utc(now)
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey) or now >= ca_cert.not_valid_after_utc:
-        raise ConfigError(
-            f"the CA in {info.root / 'ca'} is expired or not radfed's; run init again"
-        )
+    now = utc(now)
+    ca_key, ca_cert = _load_ca(info, now)
     key, cert = server_cert(ca_key, ca_cert, host, extra, now, days)
-    _write(info.server_cert, cert.public_bytes(_PEM), replace=True)
-    _write(info.server_key, _private_pem(key), private=True, replace=True)
+    write_file(info.server_cert, cert.public_bytes(_PEM), replace=True)
+    write_file(info.server_key, _private_pem(key), private=True, replace=True)
     address = format_address(host, port)
-    init_sites = _read_toml(pki / "pki.toml", "run init again").get("sites", [])
+    init_sites = read_toml(pki / "pki.toml", "run init again").get("sites", [])
     text = _toml(address, info.created, extra, init_sites, renewed=now)
-    _write(pki / "pki.toml", text.encode(), replace=True)
+    write_file(pki / "pki.toml", text.encode(), replace=True)
     if address != info.server_address:
-        for site_toml in sorted((pki / "sites").glob("*/site.toml")):
-            text = _site_toml(site_toml.parent.name, address)
-            _write(site_toml, text.encode(), replace=True)
+        for kit_toml in sorted((pki / "sites").glob("*/site.toml")):
+            text = site_toml(kit_toml.parent.name, address)
+            write_file(kit_toml, text.encode(), replace=True)
     return info.server_cert
 
 
@@ -270,7 +295,7 @@ def load_pki(pki: Path) -> Pki:
     Raises:
         ConfigError: ``pki`` is not a radfed PKI folder.
     """
-    doc = _read_toml(pki / "pki.toml", f"create one with `radfed pki init --out {pki} ...`")
+    doc = read_toml(pki / "pki.toml", f"create one with `radfed pki init --out {pki} ...`")
     address, created = doc.get("server-address"), doc.get("created")
     if not isinstance(address, str) or not isinstance(created, datetime):
         raise ConfigError(f"{pki / 'pki.toml'} lacks server-address or created; run init again")
@@ -288,111 +313,71 @@ def _site_keys(pki: Path) -> Path:
     return pki / "server" / "site-keys"
 
 
-def load_site_kit(folder: Path) -> SiteKit:
-    """Read and check a site kit folder.
-
-    Raises:
-        ConfigError: a file is missing, or site.key can be read by other users.
-    """
-    missing = [n for n in ("site.toml", "ca.crt", "site.pub") if not (folder / n).is_file()]
-    if missing:
-        raise ConfigError(
-            f"site kit {folder} lacks {', '.join(missing)}; copy the whole site folder the "
-            "central team made (`radfed pki add-site`)"
-        )
-    doc = _read_toml(folder / "site.toml", "copy it again from the central team's kit")
-    name, address = str(doc.get("site", "")), str(doc.get("server-address", ""))
-    _check_site_name(name)
-    address = format_address(*parse_address(address))
-    key = folder / "site.key"
-    mode = stat.S_IMODE(key.stat().st_mode) if key.exists() else 0
-    if mode & 0o077 and os.name == "posix":
-        raise ConfigError(
-            f"{key} has mode {mode:o}: other users can read this site's private key; "
-            f"run `chmod 600 {key}`"
-        )
-    return SiteKit(
-        name=name,
-        server_address=address,
-        folder=folder,
-        ca_cert=folder / "ca.crt",
-        private_key=key if key.exists() else None,
-        public_key=folder / "site.pub",
-    )
-
-
-def fingerprint(public_key: Path) -> str:
-    """The OpenSSH SHA256 fingerprint (``SHA256:...``) of an OpenSSH public key file."""
-    blob = base64.b64decode(_load_public(public_key).public_bytes(_SSH, _SSH_PUBLIC).split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
-
-
 def _new_site(
-    root: Path, name: str, address: str, public: ec.EllipticCurvePublicKey | None
+    root: Path,
+    name: str,
+    address: str,
+    public: ec.EllipticCurvePublicKey | None,
+    *,
+    ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate],
+    now: datetime,
 ) -> SiteKit:
     folder = root / "sites" / name
     folder.mkdir(mode=0o700)
-    _write(folder / "ca.crt", (root / "ca" / "ca.crt").read_bytes())
+    write_file(folder / "ca.crt", (root / "ca" / "ca.crt").read_bytes())
     if public is None:
         key = ec.generate_private_key(ec.SECP256R1())
-        ssh = serialization.PrivateFormat.OpenSSH
-        private = key.private_bytes(_PEM, ssh, serialization.NoEncryption())
-        _write(folder / "site.key", private, private=True)
+        write_file(folder / "site.key", openssh_private(key), private=True)
         public = key.public_key()
-    line = public.public_bytes(_SSH, _SSH_PUBLIC) + f" {name}@radfed\n".encode()
-    _write(folder / "site.pub", line)
-    _write(folder / "site.toml", _site_toml(name, address).encode())
-    _write(_site_keys(root) / f"{name}.pub", line)
+    line = public_line(public, name)
+    cert = client_cert(*ca, name, public, now, _SITE_DAYS)
+    write_file(folder / "site.crt", cert.public_bytes(_PEM))
+    write_file(folder / "site.pub", line)
+    write_file(folder / "site.toml", site_toml(name, address).encode())
+    write_file(_site_keys(root) / f"{name}.pub", line)
     return load_site_kit(folder)
 
 
-def _check_site_name(name: str) -> None:
-    if not isinstance(name, str) or not _SITE_NAME.match(name):
-        raise ConfigError(
-            f"site name {name!r} is invalid: use 1-63 lowercase letters, digits and hyphens, "
-            f"starting with a letter or digit ({SITE_NAME_RULE})"
-        )
-
-
-def _load_public(path: Path) -> ec.EllipticCurvePublicKey:
+def _load_ca(
+    info: Pki, now: datetime | None = None
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     try:
-        key = serialization.load_ssh_public_key(path.read_bytes())
-    except (OSError, ValueError, IndexError, UnsupportedAlgorithm) as err:
-        raise ConfigError(f"{path} is not an OpenSSH public key file ({err})") from err
-    nist = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, nist):
+        ca_cert = x509.load_pem_x509_certificate(info.ca_cert.read_bytes())
+        ca_key = serialization.load_pem_private_key(info.ca_key.read_bytes(), None)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"the CA in {info.root / 'ca'} cannot be read ({err})") from err
+    if (
+        not isinstance(ca_key, ec.EllipticCurvePrivateKey)
+        or utc(now) >= ca_cert.not_valid_after_utc
+    ):
         raise ConfigError(
-            f"{path} must be an EC key on a NIST curve, as Flower requires; "
-            "make one with `ssh-keygen -t ecdsa -b 384 -N '' -f site`"
+            f"the CA in {info.root / 'ca'} is expired or not radfed's; run init again"
         )
+    return ca_key, ca_cert
+
+
+def _load_request(path: Path, name: str) -> ec.EllipticCurvePublicKey:
+    """The public key of a site's certificate request, once its signature and name hold."""
+    try:
+        request = x509.load_pem_x509_csr(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{path} is not a certificate request (PEM) ({err})") from err
+    if not request.is_signature_valid:
+        raise ConfigError(f"{path}: its signature does not hold; make it again at the site")
+    names = request.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if [n.value for n in names] != [name]:
+        raise ConfigError(
+            f"{path} is a request for site {names[0].value if names else '?'!r}, not {name!r}"
+        )
+    key = request.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, NIST_CURVES):
+        raise ConfigError(f"{path} must hold an EC key on a NIST curve, as Flower requires")
     return key
 
 
 def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     pkcs8 = serialization.PrivateFormat.PKCS8
     return key.private_bytes(_PEM, pkcs8, serialization.NoEncryption())
-
-
-def _write(path: Path, data: bytes, *, private: bool = False, replace: bool = False) -> None:
-    """Create ``path`` with its final mode from the first byte; never overwrite in place."""
-    target, path = path, path.with_name(f".{path.name}.new") if replace else path
-    if replace:
-        path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-    if replace:
-        os.replace(path, target)
-
-
-def _read_toml(path: Path, fix: str) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        msg = f"{path.parent} is not a radfed folder ({path.name} is missing); {fix}"
-        raise ConfigError(msg) from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{path} cannot be read ({err}); {fix}") from err
 
 
 def _toml(
@@ -412,13 +397,3 @@ def _toml(
     if renewed is not None:
         lines.append(f"server-renewed = {renewed.isoformat()}")
     return "\n".join(lines) + "\n"
-
-
-def _site_toml(name: str, address: str) -> str:
-    return f"site = {json.dumps(name)}\nserver-address = {json.dumps(address)}\n"
-
-
-def _utc(now: datetime | None) -> datetime:
-    if now is None:
-        return datetime.now(UTC)
-    return now if now.tzinfo is not None else now.replace(tzinfo=UTC)

@@ -1,7 +1,9 @@
-"""The server side of a deployment: the hardened SuperLink, and registering the site keys.
+"""The server side of a deployment: the hardened SuperLink behind its edge, and registering
+the site keys.
 
-The SuperLink always runs with TLS and node authentication, keeps its state on disk and
-knows each site by the public key that ``radfed pki`` made for it.
+The SuperLink always runs with TLS and node authentication, on loopback only, keeps its
+state on disk and knows each site by the public key registered from ``radfed pki``; sites
+reach it through the edge (radfed.deployment.edge), which serves them the Fleet API alone.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import subprocess
 from pathlib import Path
 
 from radfed.deployment.certs import format_address, parse_address
+from radfed.deployment.edge import edge_command
 from radfed.deployment.launch import CONNECTION, write_connection
 from radfed.deployment.pki import Pki
 from radfed.deployment.process import (
     HARDENED_ENV,
     Command,
     flower_tool,
+    port_is_free,
     run_foreground,
     wait_for_port,
 )
@@ -25,7 +29,7 @@ from radfed.errors import ConfigError
 from radfed.folders import SITES_FILE_ENV, ServerState
 from radfed.log import logger
 
-__all__ = ["register_site", "start_server", "superlink_command"]
+__all__ = ["control_port", "register_site", "start_server", "superlink_command"]
 
 
 def superlink_command(
@@ -82,32 +86,69 @@ def register_site(flwr_home: Path, key: Path) -> int:
         ) from None
 
 
-def start_server(pki: Pki, state: Path, *, host: str = "0.0.0.0", port: int | None = None) -> int:
-    """Run the hardened SuperLink in the foreground and register the PKI's site keys.
+def control_port(port: int) -> int:
+    """The loopback port of the SuperLink behind an edge on ``port``: the next one."""
+    return port + 1 if port < 65535 else port - 1
 
-    Site keys are registered once; ``STATE/sites.json`` maps each site to the node id its
-    key was given, and the ServerApp reads it (``RADFED_SITES_FILE``) to name nodes by the
-    key they authenticate with.
+
+def start_server(
+    pki: Pki,
+    state: Path,
+    *,
+    host: str = "0.0.0.0",
+    port: int | None = None,
+    superlink_port: int | None = None,
+) -> int:
+    """Run the server in the foreground: the hardened SuperLink on loopback, nginx on
+    ``host:port`` in front of it (radfed.deployment.edge: mutual TLS, the Fleet API only),
+    and register the PKI's site keys.
+
+    Site keys are registered once, from the PKI only; ``STATE/sites.json`` maps each site to
+    the node id its key was given, and the ServerApp reads it (``RADFED_SITES_FILE``) to name
+    nodes by the key they authenticate with.
 
     Returns:
-        The SuperLink's exit code.
+        The exit code of the process that ended first.
+
+    Raises:
+        ConfigError: nginx is missing, or a port is not free.
     """
     port = port or parse_address(pki.server_address)[1]
+    inner = superlink_port or control_port(port)
+    if inner == port:
+        raise ConfigError(f"the SuperLink's loopback port must differ from the edge's ({port})")
+    for where, number in ((host, port), ("127.0.0.1", inner)):
+        if not port_is_free(where, number):
+            raise ConfigError(
+                f"port {number} on {where} is taken; stop what holds it or choose another "
+                "(--port for the edge, --superlink-port for the SuperLink)"
+            )
+    server = ServerState(state)
     command = superlink_command(
         ca=pki.server_dir / "ca.crt",
         cert=pki.server_cert,
         key=pki.server_key,
         state=state,
+        host="127.0.0.1",
+        port=inner,
+    )
+    edge = edge_command(
+        server,
         host=host,
         port=port,
+        superlink_port=inner,
+        ca=pki.server_dir / "ca.crt",
+        cert=pki.server_cert,
+        key=pki.server_key,
     )
-    registry = ServerState(state).sites
+    registry = server.sites
     command.env[SITES_FILE_ENV] = str(registry.resolve())
     home = Path(command.env["FLWR_HOME"])
-    write_connection(home, format_address("127.0.0.1", port), pki.server_dir / "ca.crt")
+    write_connection(home, format_address("127.0.0.1", inner), pki.server_dir / "ca.crt")
 
     def register() -> None:
-        wait_for_port("127.0.0.1", port)
+        wait_for_port("127.0.0.1", inner)
+        wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
         known = json.loads(registry.read_text()) if registry.is_file() else {}
         for key in pki.registered_keys():
             if key.stem in known:
@@ -115,6 +156,12 @@ def start_server(pki: Pki, state: Path, *, host: str = "0.0.0.0", port: int | No
             known[key.stem] = register_site(home, key)
             registry.write_text(json.dumps(known, indent=1) + "\n")
             logger.info("registered site %s (node %d)", key.stem, known[key.stem])
-        logger.info("server ready on %s:%d with %d sites", host, port, len(known))
+        logger.info(
+            "server ready on %s (sites, mutual TLS, the Fleet API only) with %d sites; the "
+            "Control API is on this host only: radfed launch --server 127.0.0.1:%d",
+            format_address(host, port),
+            len(known),
+            inner,
+        )
 
-    return run_foreground(command, after_start=register)
+    return run_foreground(command, edge, after_start=register)

@@ -24,7 +24,6 @@ import secrets
 import sys
 from pathlib import Path
 
-from radfed.deployment.pki import load_site_kit
 from radfed.deployment.process import (
     HARDENED_ENV,
     Command,
@@ -32,6 +31,8 @@ from radfed.deployment.process import (
     port_is_free,
     run_foreground,
 )
+from radfed.deployment.site_kit import load_site_kit
+from radfed.deployment.site_node import TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV
 from radfed.errors import ConfigError
 from radfed.folders import MANIFEST_NAME, SiteFolder, SiteState
 from radfed.log import logger
@@ -56,20 +57,25 @@ def site_command(
     *,
     ca: Path,
     key: Path,
+    cert: Path,
     site: str,
     data: Path,
     server: str,
     policy: Path | None = None,
     port: int = 9094,
 ) -> Command:
-    """A site's SuperNode: TLS with the federation's CA, authenticated by the site's key,
-    its Runtime API on loopback and open only to holders of the site's SuperExec secret."""
+    """A site's SuperNode (Flower's, presenting the site's client certificate ``cert`` to the
+    server's edge: radfed.deployment.site_node): TLS with the federation's CA,
+    authenticated by the site's key, its Runtime API on loopback and open only to holders
+    of the site's SuperExec secret."""
     node_config = f'site-name="{site}" data-path="{data.resolve()}"'
     if policy is not None:
         node_config += f' policy-path="{policy.resolve()}"'
     state = SiteFolder(data).state
     argv = [
-        flower_tool("flower-supernode"),
+        sys.executable,
+        "-m",
+        "radfed.deployment.site_node",
         "--root-certificates",
         str(ca),
         "--superlink",
@@ -87,7 +93,9 @@ def site_command(
         "--superexec-auth-secret-file",
         str(state.superexec_secret.resolve()),
     ]
-    return Command(argv, _site_env(state))
+    tls = {TLS_CA_ENV: ca, TLS_CERT_ENV: cert, TLS_KEY_ENV: key}
+    env = {**_site_env(state), **{name: str(path.resolve()) for name, path in tls.items()}}
+    return Command(argv, env)
 
 
 def superexec_command(*, data: Path, port: int = 9094) -> Command:
@@ -165,6 +173,11 @@ def join_site(
         raise ConfigError(
             f"the kit in {kit_dir} has no site.key; put this site's private key there"
         )
+    if kit.client_cert is None:
+        raise ConfigError(
+            f"the kit in {kit_dir} has no site.crt; send site.csr to the central team (`radfed "
+            f"pki add-site {site} --csr site.csr`) and put the site.crt they return there"
+        )
     folder = SiteFolder(data)
     if policy is None and folder.policy.is_file():
         policy = folder.policy
@@ -183,6 +196,7 @@ def join_site(
     supernode = site_command(
         ca=kit.ca_cert,
         key=kit.private_key,
+        cert=kit.client_cert,
         site=site,
         data=data,
         server=server or kit.server_address,

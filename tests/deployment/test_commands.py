@@ -24,7 +24,7 @@ from radfed.errors import ConfigError
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pki") / "pki"
-    init_pki(root, "radfed.example.org:9443", ["a", "b"])
+    init_pki(root, "radfed.example.org:9443", ["a", "b"], central_keys=True)
     return root
 
 
@@ -71,6 +71,7 @@ def test_site_node_uses_tls_its_key_and_names_its_folder_only_locally(
     command = site_command(
         ca=pki / "sites" / "a" / "ca.crt",
         key=pki / "sites" / "a" / "site.key",
+        cert=pki / "sites" / "a" / "site.crt",
         site="a",
         data=tmp_path / "site",
         server="radfed.example.org:9443",
@@ -78,6 +79,10 @@ def test_site_node_uses_tls_its_key_and_names_its_folder_only_locally(
         port=9101,
     )
     argv = command.argv
+    assert argv[1:3] == ["-m", "radfed.deployment.site_node"]  # Flower's, with a client cert
+    assert command.env["RADFED_TLS_CERT"].endswith("site.crt")
+    assert command.env["RADFED_TLS_KEY"].endswith("site.key")
+    assert _flag(argv, "--isolation") == "process" and _flag(argv, "--host") == "127.0.0.1"
     assert "--insecure" not in argv
     assert _flag(argv, "--root-certificates").endswith("ca.crt")
     assert _flag(argv, "--auth-supernode-private-key").endswith("site.key")

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import ipaddress
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from radfed.deployment.certs import site_request
 from radfed.deployment.pki import (
     SITE_NAME_RULE,
     Pki,
@@ -33,6 +35,8 @@ from radfed.deployment.pki import (
     load_site_kit,
     renew_server,
 )
+from radfed.deployment.site_kit import make_site_keys
+from radfed.deployment.site_node import site_tls
 from radfed.errors import ConfigError
 
 NOW = datetime(2025, 6, 1, 12, tzinfo=UTC)
@@ -44,6 +48,7 @@ def pki(tmp_path: Path) -> Pki:
         tmp_path / "PKI",
         "fl.hospital.example:9443",
         ["alpha", "beta"],
+        central_keys=True,
         extra_sans=["10.0.0.5"],
         now=NOW,
     )
@@ -77,11 +82,22 @@ def _snapshot(root: Path) -> dict[Path, tuple[str, int]]:
     }
 
 
-def _handshake(pki: Pki, cafile: Path, server_hostname: str) -> bytes:
-    """A TLS handshake on loopback: server.crt/server.key served, ``cafile`` trusted."""
+def _handshake(
+    pki: Pki,
+    cafile: Path,
+    server_hostname: str,
+    *,
+    client: ssl.SSLContext | None = None,
+    mutual: bool = False,
+) -> bytes:
+    """A TLS handshake on loopback: server.crt/server.key served, ``cafile`` trusted; with
+    ``mutual`` the server asks for a client certificate from the PKI's CA."""
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(pki.server_cert, pki.server_key)
-    client_ctx = ssl.create_default_context(cafile=str(cafile))
+    if mutual:
+        server_ctx.verify_mode = ssl.CERT_REQUIRED
+        server_ctx.load_verify_locations(cafile=str(pki.ca_cert))
+    client_ctx = client or ssl.create_default_context(cafile=str(cafile))
     with socket.create_server(("127.0.0.1", 0)) as listener:
         listener.settimeout(10)
 
@@ -101,7 +117,10 @@ def _handshake(pki: Pki, cafile: Path, server_hostname: str) -> bytes:
                 socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
                 client_ctx.wrap_socket(raw, server_hostname=server_hostname) as tls,
             ):
-                return tls.recv(2)
+                data = tls.recv(2)
+                if not data:
+                    raise ConnectionError("the server closed the connection")
+                return data
         finally:
             thread.join(10)
             assert not thread.is_alive()
@@ -181,7 +200,7 @@ def test_bad_server_addresses_are_refused_before_anything_is_written(
 @pytest.mark.parametrize("hostname", ["127.0.0.1", "localhost", "fl.hospital.example"])
 def test_tls_handshake_on_loopback_trusts_only_the_pki_ca(tmp_path: Path, hostname: str) -> None:
     # Prepare
-    pki = init_pki(tmp_path / "PKI", "fl.hospital.example", ["alpha"])
+    pki = init_pki(tmp_path / "PKI", "fl.hospital.example", ["alpha"], central_keys=True)
     unrelated = init_pki(tmp_path / "OTHER", "fl.hospital.example", [])
 
     # Execute / Assert: the site's ca.crt is what flower-supernode --root-certificates gets
@@ -212,8 +231,8 @@ def test_private_keys_are_0600_from_the_start_and_never_in_records(
 
     # Execute
     try:
-        pki = init_pki(tmp_path / "PKI", "fl.example", ["alpha"])
-        kit = add_site(pki.root, "beta")
+        pki = init_pki(tmp_path / "PKI", "fl.example", ["alpha"], central_keys=True)
+        kit = add_site(pki.root, "beta", central_keys=True)
     finally:
         os.umask(old_umask)
 
@@ -269,57 +288,136 @@ def test_add_site_changes_no_existing_file(pki: Pki) -> None:
     before = _snapshot(pki.root)
 
     # Execute
-    kit = add_site(pki.root, "gamma")
+    kit = add_site(pki.root, "gamma", central_keys=True)
 
     # Assert
     after = _snapshot(pki.root)
     assert {path: after[path] for path in before} == before
     new = {Path("sites/gamma"), Path("server/site-keys/gamma.pub")}
-    new |= {Path("sites/gamma") / n for n in ("ca.crt", "site.key", "site.pub", "site.toml")}
+    files = ("ca.crt", "site.crt", "site.key", "site.pub", "site.toml")
+    new |= {Path("sites/gamma") / n for n in files}
     assert set(after) - set(before) == new
     assert load_pki(pki.root).sites == ("alpha", "beta", "gamma")
     assert kit.ca_cert.read_bytes() == pki.ca_cert.read_bytes()
     assert kit.server_address == pki.server_address
 
 
-def test_add_site_with_the_sites_own_public_key_writes_no_private_key(
-    pki: Pki, tmp_path: Path
-) -> None:
-    # Prepare: the hospital made its key pair itself and sends only the public half
-    own = ec.generate_private_key(ec.SECP384R1()).public_key()
-    ssh = serialization.Encoding.OpenSSH
-    (tmp_path / "own.pub").write_bytes(own.public_bytes(ssh, serialization.PublicFormat.OpenSSH))
+def test_a_site_that_made_its_own_key_gets_a_kit_without_it(pki: Pki, tmp_path: Path) -> None:
+    # Prepare: the hospital makes its key and request (`radfed site keygen`); only the
+    # request travels to the central team
+    made = make_site_keys(tmp_path / "hospital", "delta")
     before = _snapshot(pki.root)
 
     # Execute
-    kit = add_site(pki.root, "delta", public_key=tmp_path / "own.pub")
+    kit = add_site(pki.root, "delta", csr=made.request)
 
-    # Assert
+    # Assert: no private key in the central kit; the key registered and certified is the site's
     assert kit.private_key is None
-    assert sorted(p.name for p in kit.folder.iterdir()) == ["ca.crt", "site.pub", "site.toml"]
+    assert sorted(p.name for p in kit.folder.iterdir()) == [
+        "ca.crt",
+        "site.crt",
+        "site.pub",
+        "site.toml",
+    ]
     new = set(_snapshot(pki.root)) - set(before)
     assert new == {Path("sites/delta"), Path("server/site-keys/delta.pub")} | {
-        Path("sites/delta") / n for n in ("ca.crt", "site.pub", "site.toml")
+        Path("sites/delta") / n for n in ("ca.crt", "site.crt", "site.pub", "site.toml")
     }
+    own = serialization.load_ssh_private_key(made.private_key.read_bytes(), None).public_key()
     registered = serialization.load_ssh_public_key(
         (pki.root / "server/site-keys/delta.pub").read_bytes()
     )
-    assert registered == own
-    assert fingerprint(kit.public_key) == fingerprint(tmp_path / "own.pub")
-    with pytest.raises(ConfigError, match="already registered as site 'delta'"):
-        add_site(pki.root, "epsilon", public_key=tmp_path / "own.pub")
+    assert registered == own and fingerprint(kit.public_key) == fingerprint(made.public_key)
+    cert = _cert(kit.folder / "site.crt")
+    assert cert.public_key() == own
+    assert cert.subject.rfc4514_string() == "CN=delta" and cert.issuer == _cert(pki.ca_cert).subject
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    assert stat.S_IMODE(made.private_key.stat().st_mode) == 0o600
+    # the same key cannot be a second site, and a request is for one name only
+    other = tmp_path / "other"
+    other.mkdir()
+    request = site_request(
+        serialization.load_ssh_private_key(made.private_key.read_bytes(), None),  # type: ignore[arg-type]
+        "epsilon",
+    )
+    (other / "site.csr").write_bytes(request.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(ConfigError, match="holds the key of site 'delta'"):
+        add_site(pki.root, "epsilon", csr=other / "site.csr")
+    with pytest.raises(ConfigError, match="a request for site 'delta', not 'zeta'"):
+        add_site(pki.root, "zeta", csr=made.request)
 
 
-def test_add_site_refuses_a_non_ec_public_key(pki: Pki, tmp_path: Path) -> None:
-    # Prepare
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
-    ssh = serialization.Encoding.OpenSSH
-    (tmp_path / "rsa.pub").write_bytes(key.public_bytes(ssh, serialization.PublicFormat.OpenSSH))
+def test_a_site_can_be_added_from_its_public_key_alone(pki: Pki, tmp_path: Path) -> None:
+    # Prepare: the site sends only site.pub (the fingerprint is checked over the phone)
+    made = make_site_keys(tmp_path / "hospital", "delta")
+
+    # Execute
+    kit = add_site(pki.root, "delta", public_key=made.public_key)
+
+    # Assert: the site's own key is registered and certified; a second site cannot reuse it
+    own = serialization.load_ssh_private_key(made.private_key.read_bytes(), None).public_key()
+    assert kit.private_key is None and _cert(kit.folder / "site.crt").public_key() == own
+    assert (pki.root / "server/site-keys/delta.pub").read_bytes() == made.public_key.read_bytes()
+    with pytest.raises(ConfigError, match="holds the key of site 'delta'"):
+        add_site(pki.root, "epsilon", public_key=made.public_key)
+    with pytest.raises(ConfigError, match="OpenSSH public key"):
+        add_site(pki.root, "epsilon", public_key=made.request)
+
+
+def test_keys_are_made_at_the_site_unless_a_trial_says_otherwise(pki: Pki, tmp_path: Path) -> None:
+    made = make_site_keys(tmp_path / "hospital", "delta")
+    with pytest.raises(ConfigError, match="radfed site keygen"):
+        init_pki(tmp_path / "NEW", "fl.example", ["alpha"])
+    with pytest.raises(ConfigError, match=re.escape("--csr site.csr")):
+        add_site(pki.root, "delta")
+    with pytest.raises(ConfigError, match="exactly one"):
+        add_site(pki.root, "delta", csr=made.request, central_keys=True)
+    with pytest.raises(ConfigError, match="exactly one"):
+        add_site(pki.root, "delta", csr=made.request, public_key=made.public_key)
+    with pytest.raises(ConfigError, match="already holds a site key"):
+        make_site_keys(pki.site_dir("alpha"), "alpha")
+    assert not (tmp_path / "NEW").exists() and not pki.site_dir("delta").exists()
+
+
+def test_add_site_refuses_a_request_that_is_not_ec_or_not_signed(pki: Pki, tmp_path: Path) -> None:
+    # Prepare: an RSA request, and a request whose name was changed after signing
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "delta")])
+    rsa_request = (
+        x509.CertificateSigningRequestBuilder().subject_name(name).sign(rsa_key, hashes.SHA256())
+    )
+    (tmp_path / "rsa.csr").write_bytes(rsa_request.public_bytes(serialization.Encoding.PEM))
+    made = make_site_keys(tmp_path / "site", "delta")
+    tampered = made.request.read_bytes()
+    der = bytearray(x509.load_pem_x509_csr(tampered).public_bytes(serialization.Encoding.DER))
+    der[-5] ^= 0xFF  # a bit of the signature
+    (tmp_path / "tampered.csr").write_bytes(
+        b"-----BEGIN CERTIFICATE REQUEST-----\n"
+        + base64.encodebytes(bytes(der))
+        + b"-----END CERTIFICATE REQUEST-----\n"
+    )
 
     # Execute / Assert
     with pytest.raises(ConfigError, match="EC key on a NIST curve"):
-        add_site(pki.root, "delta", public_key=tmp_path / "rsa.pub")
+        add_site(pki.root, "delta", csr=tmp_path / "rsa.csr")
+    with pytest.raises(ConfigError, match="signature does not hold"):
+        add_site(pki.root, "delta", csr=tmp_path / "tampered.csr")
     assert not pki.site_dir("delta").exists()
+
+
+def test_the_site_certificate_passes_mutual_tls_with_the_site_key(pki: Pki) -> None:
+    # Prepare: a server that asks for a client certificate from the federation's CA
+    kit = load_site_kit(pki.site_dir("alpha"))
+    assert kit.private_key is not None and kit.client_cert is not None
+    site = site_tls(kit.ca_cert, kit.client_cert, kit.private_key)
+    stranger = ssl.create_default_context(cafile=str(kit.ca_cert))
+
+    # Execute / Assert
+    assert _handshake(pki, kit.ca_cert, "127.0.0.1", client=site, mutual=True) == b"ok"
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _handshake(pki, kit.ca_cert, "127.0.0.1", client=stranger, mutual=True)
+    assert not list(kit.folder.glob(".tls-*"))  # the PEM copy of the key is gone
 
 
 @pytest.mark.parametrize("name", ["Alpha", "-x", "a_b", "", "x" * 64, "a/b", "../up"])
@@ -391,9 +489,10 @@ def test_init_refuses_a_non_empty_folder_and_accepts_an_empty_one(tmp_path: Path
 
     # Execute / Assert
     with pytest.raises(ConfigError, match=r"full is not an empty folder; give a new folder"):
-        init_pki(tmp_path / "full", "fl.example", ["alpha"])
+        init_pki(tmp_path / "full", "fl.example", ["alpha"], central_keys=True)
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
-    assert init_pki(tmp_path / "empty", "fl.example", ["alpha"]).sites == ("alpha",)
+    made = init_pki(tmp_path / "empty", "fl.example", ["alpha"], central_keys=True)
+    assert made.sites == ("alpha",)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "full"]  # no temporaries
 
 

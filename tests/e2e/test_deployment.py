@@ -6,26 +6,32 @@ site, and the server killed and resumed. Every process is stopped by its PID."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
 from radfed.data.synth import synth_classification
+from radfed.deployment.launch import write_connection
+from radfed.deployment.site_node import site_tls
 from radfed.folders import find_app_dir
 from radfed.privacy import read_entries, verify
 from tests.e2e.processes import Background
+from tests.helpers import needs_nginx
 
 #: One federation per module, on one pytest-xdist worker (beside the Ray group: it waits).
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("deployment")]
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("deployment"), needs_nginx]
 
 #: Settings of every run: small and quick; the run's k (2) is below what site b allows.
 #: A site that dies is noticed by its missed heartbeats (about a minute); round-timeout bounds
@@ -35,6 +41,9 @@ RUN_CONFIG = (
     "image-size=32 local-epochs=1 batch-size=8 min-cell-size=2 round-timeout=240.0 "
     'strategy="fedadam"'
 )
+
+#: Site a's cache cap in bytes: about a quarter of its decoded cases at image-size 32.
+CACHE_CAP = 40_000
 
 #: Site c imports this at start-up (PYTHONPATH) and so sends NaN weights: a broken site.
 POISON = """
@@ -60,6 +69,25 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _free_pair() -> int:
+    """A free port whose next one is free too (the edge, and the SuperLink behind it)."""
+    while True:
+        port = _free_port()
+        with socket.socket() as sock:
+            if port < 65535 and sock.connect_ex(("127.0.0.1", port + 1)) != 0:
+                return port
+
+
+def _radfed(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "radfed", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+    )
+
+
 @dataclass
 class Federation:
     root: Path
@@ -70,7 +98,30 @@ class Federation:
 
     @property
     def address(self) -> str:
+        """The edge: what the sites reach (mutual TLS, the Fleet API only)."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def control(self) -> str:
+        """The SuperLink on loopback: the Control API, on the server host only."""
+        return f"127.0.0.1:{self.port + 1}"
+
+    def kit(self, site: str) -> Path:
+        return self.root / "kits" / site
+
+    def enrol(self, site: str) -> str:
+        """A site's key made at the site, registered from its request: the real flow.
+        Returns the output of `radfed site keygen` and `radfed pki add-site`."""
+        kit = self.kit(site)
+        made = _radfed("site", "keygen", "--site", site, "--out", str(kit))
+        added = _radfed(
+            "pki", "add-site", site, "--pki", str(self.pki), "--csr", str(kit / "site.csr")
+        )
+        assert made.returncode == 0 and added.returncode == 0, made.stderr + added.stderr
+        for name in ("ca.crt", "site.crt", "site.toml"):  # what the central team sends back
+            shutil.copy(self.pki / "sites" / site / name, kit / name)
+        assert not (self.pki / "sites" / site / "site.key").exists()
+        return made.stdout + made.stderr + added.stdout + added.stderr
 
     def env(self, name: str) -> dict[str, str]:
         home = self.root / "flwr-home" / name
@@ -100,7 +151,7 @@ class Federation:
             "site",
             "join",
             "--pki",
-            str(self.pki / "sites" / site),
+            str(self.kit(site)),
             "--site",
             site,
             "--data",
@@ -117,7 +168,7 @@ class Federation:
             self.root / f"launch-{out.name}.log",
             "launch",
             "--server",
-            self.address,
+            self.control,
             "--pki",
             str(self.pki),
             "--out",
@@ -136,28 +187,25 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
     synth_classification(data, sites=3, cases_per_site=30, seed=5, image_size=32)
     # site b's own policy: a minimum cell size far above the run's 2
     (data / "site-b" / "site-policy.toml").write_text("[policy]\nmin-cell-size = 1000\n")
-    (data / "site-a" / "site-policy.toml").write_text("[policy]\nmin-cell-size = 2\n")
+    # site a's: a decoded-case cache far smaller than its 30 cases
+    (data / "site-a" / "site-policy.toml").write_text(
+        f"[policy]\nmin-cell-size = 2\n\n[policy.limits]\ncache-bytes = {CACHE_CAP}\n"
+    )
     poison = root / "poison"
     poison.mkdir()
     (poison / "sitecustomize.py").write_text(POISON)
     pki = root / "pki"
-    port = _free_port()
-    made = subprocess.run(
-        [
-            *(sys.executable, "-m", "radfed", "pki", "init", "--out", str(pki)),
-            *("--sites", "a,b,c", "--server-address", f"127.0.0.1:{port}"),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "PRIVATE KEY" not in made.stdout + made.stderr
+    port = _free_pair()
+    made = _radfed("pki", "init", "--out", str(pki), "--server-address", f"127.0.0.1:{port}")
+    assert made.returncode == 0, made.stderr
     fed = Federation(root=root, port=port, pki=pki, data=data)
+    said = "".join(fed.enrol(site) for site in ("a", "b", "c"))
+    assert "PRIVATE KEY" not in made.stdout + made.stderr + said
     try:
         fed.start_server()
         fed.join("a")
         fed.join("b")
-        fed.join("c", PYTHONPATH=str(poison))
+        fed.join("c", PYTHONPATH=os.pathsep.join([str(poison), os.environ.get("PYTHONPATH", "")]))
         yield fed
     finally:
         for process in fed.processes.values():
@@ -314,6 +362,40 @@ def test_a_site_refuses_a_bundle_its_policy_does_not_accept(federation: Federati
     assert "6.6.6" in site_log and "[policy.bundle]" in site_log  # said at the site, not sent
 
 
+def test_a_run_beyond_a_sites_limits_is_refused_before_any_decoding(
+    federation: Federation,
+) -> None:
+    # Prepare: 1024-pixel images, beyond every site's default limit (512)
+    cache = federation.data / "site-a" / ".radfed" / "cache"
+    cached = sorted(cache.glob("*.npz"))
+    before = len(_audit_lines(federation, "a"))
+
+    # Execute
+    run = federation.launch(
+        federation.root / "too-big-run",
+        *("--rounds", "1", "--min-sites", "2", "--site-wait", "5"),
+        *("--run-config", "image-size=1024"),
+    )
+    run.wait(timeout=400)
+
+    # Assert: error code 3007 from the sites, audited; the limit named at the site only;
+    # no case decoded at that size (a new size would add cache entries)
+    assert "failed with error code 3007" in run.output()
+    assert "limits.image-size" not in run.output()
+    refusals = [e for e in _audit_lines(federation, "a")[before:] if e["kind"] == "error"]
+    assert refusals and {e["error-code"] for e in refusals} == {3007}
+    assert "limits.image-size" in federation.processes["site-a"].output()
+    assert sorted(cache.glob("*.npz")) == cached
+
+
+def test_the_decoded_case_cache_stays_under_the_sites_cap(federation: Federation) -> None:
+    # The runs above trained and evaluated at site a: its cache evicted to stay under the cap
+    files = list((federation.data / "site-a" / ".radfed" / "cache").glob("*.npz"))
+    sizes = [f.stat().st_size for f in files]
+    assert files and sum(sizes) <= CACHE_CAP
+    assert len(files) < 30  # the site has 30 cases: some were evicted
+
+
 #: The ServerApp of a server that asks each site to evaluate round 1 twice.
 DOUBLE_EVALUATION = """
 import time
@@ -373,12 +455,81 @@ def test_site_audit_shows_what_was_asked_and_a_planted_double_evaluation(
     assert "repeated evaluation: evaluated 2 times" in shown.stdout
 
 
-def test_a_site_whose_key_is_not_registered_is_refused(federation: Federation) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "radfed", "pki", "add-site", "d", "--pki", str(federation.pki)],
-        check=True,
+def test_the_public_port_serves_the_fleet_api_to_sites_only(federation: Federation) -> None:
+    # Prepare: a Flower CLI connection to the public port (the edge), as an outsider with
+    # the CA certificate would write it
+    home = federation.root / "outsider"
+    write_connection(home, federation.address, federation.pki / "ca" / "ca.crt")
+    stranger = federation.root / "stranger"
+    _radfed("site", "keygen", "--site", "stranger", "--out", str(stranger))
+    env = {**os.environ, "FLWR_HOME": str(home)}
+    flwr = str(Path(sys.executable).parent / "flwr")
+
+    # Execute: register a node key, list the runs, and call the Control API as a site
+    registered = subprocess.run(
+        [flwr, "supernode", "register", str(stranger / "site.pub"), "radfed"],
+        env=env,
         capture_output=True,
+        text=True,
+        timeout=120,
     )
+    listed = subprocess.run(
+        [flwr, "ls", "radfed"], env=env, capture_output=True, text=True, timeout=120
+    )
+    kit = federation.kit("a")
+    with httpx.Client(
+        verify=site_tls(kit / "ca.crt", kit / "site.crt", kit / "site.key")
+    ) as client:
+        control = client.post(f"https://{federation.address}/v1/control/list-runs", content=b"")
+
+    # Assert: none of it went through the edge (the runs of the other tests reached the
+    # Control API on the server host, as the central team does)
+    # (the same `flwr supernode register` succeeds on the server host: the next test)
+    assert registered.returncode != 0, registered.stdout + registered.stderr
+    assert listed.returncode != 0, listed.stdout + listed.stderr
+    assert control.status_code == 403
+    # the failures came from the connection, not from how the commands were written
+    for done in (registered, listed):
+        assert "Usage:" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+def test_a_node_registered_outside_the_pki_is_never_a_site(federation: Federation) -> None:
+    # Prepare: site e is enrolled in the PKI after the server started, and its key is then
+    # registered with the SuperLink through the Control API on the server host: a node the
+    # SuperLink knows, but not from `radfed server start` (sites.json)
+    federation.enrol("e")
+    shutil.copytree(federation.data / "site-a", federation.data / "site-e")
+    shutil.rmtree(federation.data / "site-e" / ".radfed")
+    server_home = federation.root / "state" / "flwr-home"
+    registered = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "flwr"),
+            *("supernode", "register", str(federation.kit("e") / "site.pub"), "radfed"),
+        ],
+        env={**os.environ, "FLWR_HOME": str(server_home)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    federation.join("e")
+    time.sleep(10)  # connected before the run starts
+    out = federation.root / "with-e-run"
+
+    # Execute
+    run = federation.launch(out, "--rounds", "1", "--min-sites", "2", "--site-wait", "5")
+    code = run.wait(timeout=400)
+
+    # Assert: e was named a security event and sent nothing; the run went on without it
+    assert code == 0, run.output()[-3000:]
+    assert "security: node" in run.output()
+    assert "e" not in {line["site"] for line in _metrics(out)}
+    assert not (federation.data / "site-e" / ".radfed" / "audit.jsonl").exists()
+    federation.processes["site-e"].stop()
+
+
+def test_a_site_whose_key_is_not_registered_is_refused(federation: Federation) -> None:
+    federation.enrol("d")
     (federation.data / "site-d").symlink_to(federation.data / "site-a")
     intruder = federation.join("d")
     code = intruder.wait(timeout=120)

@@ -1,0 +1,157 @@
+"""The server's edge, attacked on loopback: real nginx with radfed's configuration in front of
+an HTTPS upstream that records what reaches it (the SuperLink's place)."""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from radfed.deployment.edge import edge_command
+from radfed.deployment.pki import Pki, init_pki, load_site_kit
+from radfed.deployment.site_node import site_tls
+from radfed.folders import ServerState
+from tests.helpers import needs_nginx
+
+pytestmark = needs_nginx
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Upstream(http.server.ThreadingHTTPServer):
+    """An HTTPS server on loopback that answers 200 and records every path it is asked."""
+
+    def __init__(self, pki: Pki) -> None:
+        self.paths: list[str] = []
+        upstream = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                upstream.paths.append(self.path)
+                length = int(self.headers.get("Content-Length", 0) or 0)
+                self.rfile.read(length)
+                self.send_response(200)
+                self.send_header("Content-Length", "8")
+                self.end_headers()
+                self.wfile.write(b"superlnk")
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", _free_port()), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pki.server_cert, pki.server_key)
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+
+
+@pytest.fixture(scope="module")
+def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pki, int, _Upstream]]:
+    root = tmp_path_factory.mktemp("edge")
+    pki = init_pki(root / "pki", "127.0.0.1:9443", ["a"], central_keys=True)
+    upstream = _Upstream(pki)
+    thread = threading.Thread(target=upstream.serve_forever, daemon=True)
+    thread.start()
+    port = _free_port()
+    command = edge_command(
+        ServerState(root / "state"),
+        host="127.0.0.1",
+        port=port,
+        superlink_port=upstream.server_address[1],
+        ca=pki.server_dir / "ca.crt",
+        cert=pki.server_cert,
+        key=pki.server_key,
+    )
+    process = subprocess.Popen(command.argv, env=command.environ(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.2)
+        yield pki, port, upstream
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        upstream.shutdown()
+
+
+def _site_client(pki: Pki) -> httpx.Client:
+    kit = load_site_kit(pki.site_dir("a"))
+    assert kit.private_key is not None and kit.client_cert is not None
+    return httpx.Client(verify=site_tls(kit.ca_cert, kit.client_cert, kit.private_key))
+
+
+def test_the_fleet_api_reaches_the_superlink_for_a_site(edge: tuple[Pki, int, _Upstream]) -> None:
+    pki, port, upstream = edge
+    with _site_client(pki) as client:
+        reply = client.post(f"https://127.0.0.1:{port}/v1/fleet/pull-messages", content=b"x")
+
+    assert reply.status_code == 200 and reply.content == b"superlnk"
+    assert upstream.paths[-1] == "/v1/fleet/pull-messages"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/control/start-run",  # would run code at every site
+        "/v1/control/register-node",  # would register a node key
+        "/v1/serverapp/pull-task-input",  # the ServerApp's Runtime API
+        "/v1/fleetx/../control/list-runs",
+        "/",
+    ],
+)
+def test_every_other_path_is_refused_even_for_a_site(
+    edge: tuple[Pki, int, _Upstream], path: str
+) -> None:
+    pki, port, upstream = edge
+    before = len(upstream.paths)
+    with _site_client(pki) as client:
+        reply = client.post(f"https://127.0.0.1:{port}{path}", content=b"x")
+
+    assert reply.status_code == 403
+    assert len(upstream.paths) == before  # nothing reached the SuperLink
+
+
+def test_a_client_without_a_site_certificate_is_turned_away(
+    edge: tuple[Pki, int, _Upstream],
+) -> None:
+    pki, port, upstream = edge
+    before = len(upstream.paths)
+    stranger = ssl.create_default_context(cafile=str(pki.ca_cert))  # trusts it; no cert
+    with httpx.Client(verify=stranger) as client:
+        reply = client.post(f"https://127.0.0.1:{port}/v1/fleet/pull-messages", content=b"x")
+
+    assert reply.status_code == 400 and b"certificate" in reply.content.lower()
+    assert len(upstream.paths) == before
+
+
+def test_a_certificate_from_another_ca_is_turned_away(
+    edge: tuple[Pki, int, _Upstream], tmp_path: Path
+) -> None:
+    pki, port, upstream = edge
+    other = init_pki(tmp_path / "other", "127.0.0.1:9443", ["a"], central_keys=True)
+    kit = load_site_kit(other.site_dir("a"))
+    assert kit.private_key is not None and kit.client_cert is not None
+    context = site_tls(kit.ca_cert, kit.client_cert, kit.private_key)
+    context.load_verify_locations(cafile=str(pki.ca_cert))  # it does trust the real server
+    before = len(upstream.paths)
+    with httpx.Client(verify=context) as client:
+        reply = client.post(f"https://127.0.0.1:{port}/v1/fleet/pull-messages", content=b"x")
+
+    assert reply.status_code == 400
+    assert len(upstream.paths) == before
