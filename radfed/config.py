@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -14,6 +15,11 @@ __all__ = ["SPLITS", "RunConfig", "StrategyName", "TaskName", "as_choice"]
 
 #: The split names a site knows; ``test`` is sealed and only evaluated on request.
 SPLITS = ("train", "val", "test")
+#: The most classes a run may have (classification and segmentation): statistics and the
+#: final layer grow with it, at the server and at every site.
+MAX_CLASSES = 1000
+#: The most values of a list setting (subgroups, age-band edges, evaluated splits).
+MAX_LIST = 32
 
 
 _E = TypeVar("_E", bound=StrEnum)
@@ -167,6 +173,22 @@ class RunConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "task", as_choice("task", self.task, TaskName))
         object.__setattr__(self, "strategy", as_choice("strategy", self.strategy, StrategyName))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            _check(
+                all(math.isfinite(v) for v in numbers if isinstance(v, float)),
+                f.name.replace("_", "-"),
+                value,
+                "a finite number",
+            )
+        for key, size, most in (
+            ("subgroups", len(self.subgroups), MAX_LIST),
+            ("age-bands", len(self.age_bands), MAX_LIST),
+            ("eval-splits", len(self.eval_splits), MAX_LIST),
+            ("sites", len(self.sites), 10_000),
+        ):
+            _check(size <= most, key, f"{size} values", f"at most {most} values")
         _check(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds, ">= 1")
         _check(self.image_size >= 16, "image-size", self.image_size, ">= 16")
         _check(self.local_epochs >= 1, "local-epochs", self.local_epochs, ">= 1")
@@ -207,7 +229,12 @@ class RunConfig:
             self.early_stopping_patience,
             ">= 0 (0: off)",
         )
-        _check(self.num_classes >= 2, "num-classes", self.num_classes, ">= 2")
+        _check(
+            2 <= self.num_classes <= MAX_CLASSES,
+            "num-classes",
+            self.num_classes,
+            f"in [2, {MAX_CLASSES}]",
+        )
         _check(self.local_steps >= 0, "local-steps", self.local_steps, ">= 0 (0: use epochs)")
         _check(0 <= self.bias_margin < 1, "bias-margin", self.bias_margin, "in [0, 1)")
         for name in self.subgroups:
@@ -237,16 +264,16 @@ class RunConfig:
             f"<= det-fg-iou ({self.det_fg_iou})",
         )
         _check(
-            self.det_detections_per_image >= 1,
+            1 <= self.det_detections_per_image <= 10_000,
             "det-detections-per-image",
             self.det_detections_per_image,
-            ">= 1",
+            "in [1, 10000]",
         )
         _check(
-            self.det_batch_size_per_image >= 1,
+            1 <= self.det_batch_size_per_image <= 100_000,
             "det-batch-size-per-image",
             self.det_batch_size_per_image,
-            ">= 1",
+            "in [1, 100000]",
         )
         _check(self.proximal_mu >= 0, "proximal-mu", self.proximal_mu, ">= 0")
         _check(self.server_lr > 0, "server-lr", self.server_lr, "> 0")

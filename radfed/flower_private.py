@@ -12,6 +12,9 @@ only; nothing else in radfed imports from Flower beyond its public app API (``fl
 - ``flwr.supernode.cli.flwr_clientapp`` (the ``flwr-clientapp`` process) with two of the
   names its ``flwr.supernode.runtime.run_clientapp`` module calls replaced,
   ``install_from_fab`` and ``get_load_client_app_fn``: a site answers with its own code;
+- ``flwr.supercore.cli.flower_superexec`` (the ``flower-superexec`` process) with
+  ``flwr.supercore.superexec.run_superexec.AutoExecPlugin`` limited to ClientApp tasks:
+  the task types it supports are the ones it asks its SuperNode for (``AcquireTask``);
 - ``flwr.supernode.cli.flower_supernode`` (the ``flower-supernode`` process) with
   ``flwr.supernode.fleet_http_connection.FleetHttpClient`` given the site's client
   certificate (``ProtobufClient`` takes an ``ssl.SSLContext`` as ``verify``).
@@ -41,8 +44,10 @@ __all__ = [
     "parse_run_config",
     "run_simulation",
     "run_site_clientapp",
+    "run_site_superexec",
     "run_supernode",
     "serialize_content",
+    "site_exec_plugin",
 ]
 
 RunConfigValues = dict[str, bool | int | float | str]
@@ -168,6 +173,35 @@ def run_site_clientapp(load: Callable[[bytes], ClientApp]) -> None:
     setattr(process, "install_from_fab", keep_bundle)  # noqa: B010  (module globals it calls)
     setattr(process, "get_load_client_app_fn", site_app_loader)  # noqa: B010
     flwr_clientapp()
+
+
+def site_exec_plugin() -> type[Any]:
+    """Flower's SuperExec plugin, taking ClientApp tasks only.
+
+    A SuperNode makes an agent-app task (``flwr-agentapp``, which installs and imports the
+    bundle's own code) when the run the server sent says so; Flower's plugin takes every
+    task type. This one asks its SuperNode for ClientApp tasks alone, so no other kind of
+    task is ever handed to the site's SuperExec.
+    """
+    import flwr.supercore.superexec.run_superexec as superexec
+    from flwr.supercore.constant import TaskType
+
+    base: Any = getattr(superexec, "AutoExecPlugin")  # noqa: B009  (the module global)
+
+    class SiteExecPlugin(base):  # type: ignore[misc]
+        supported_task_types = frozenset({TaskType.CLIENT_APP})
+
+    return SiteExecPlugin
+
+
+def run_site_superexec() -> None:
+    """Be Flower's ``flower-superexec`` process (arguments from ``sys.argv``) with
+    ``site_exec_plugin``: a site's SuperExec that starts ClientApp processes only."""
+    import flwr.supercore.superexec.run_superexec as superexec
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    setattr(superexec, "AutoExecPlugin", site_exec_plugin())  # noqa: B010
+    flower_superexec()
 
 
 def run_supernode(tls: ssl.SSLContext) -> None:

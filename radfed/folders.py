@@ -201,6 +201,11 @@ class ServerState:
         return self.path / "sites.json"
 
     @property
+    def site_keys(self) -> Path:
+        """``{site: key fingerprint}`` of the keys the registry's nodes were registered with."""
+        return self.path / "site-keys.json"
+
+    @property
     def flwr_home(self) -> Path:
         return self.path / "flwr-home"
 

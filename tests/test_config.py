@@ -44,6 +44,16 @@ def test_flower_values_are_coerced_and_unknown_keys_kept() -> None:
         ({"task": 3}, "'task' must be of type str"),
         ({"age-bands": "60,40"}, "'age-bands' must be ascending"),
         ({"age-bands": "a,b"}, "'age-bands' must be of type"),
+        # what a run may ask of every site and the server has bounds: no value makes a
+        # model, statistics or a list as large as the run likes
+        ({"learning-rate": float("inf")}, "'learning-rate' must be a finite number"),
+        ({"round-timeout": float("nan")}, "'round-timeout' must be a finite number"),
+        ({"target-spacing": "1.0,inf"}, "'target-spacing' must be a finite number"),
+        ({"num-classes": 10**9}, "'num-classes' must be in \\[2, 1000\\]"),
+        ({"det-detections-per-image": 10**9}, "'det-detections-per-image' must be in"),
+        ({"det-batch-size-per-image": 10**9}, "'det-batch-size-per-image' must be in"),
+        ({"subgroups": ",".join(f"a{i}" for i in range(33))}, "'subgroups' must be at most 32"),
+        ({"age-bands": ",".join(str(i) for i in range(1, 34))}, "'age-bands' must be at most"),
     ],
 )
 def test_bad_values_are_named_with_the_fix(values: dict[str, object], message: str) -> None:

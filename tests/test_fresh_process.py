@@ -122,30 +122,75 @@ def test_python_dash_m_radfed_is_the_same_command(tmp_path: Path) -> None:
 HEADER, LOCAL = "PatientName^Jane", "PatientID-0815"
 
 
-def _break_evaluate(folder: Path) -> dict[str, str]:
-    """A ``sitecustomize`` that makes ``evaluate`` fail unexpectedly, with a header value in
-    the exception's text and a patient id in a local variable (built, so that no source
-    line shows it)."""
+def _break(
+    folder: Path, module: str = "radfed.site.evaluate", name: str = "evaluate_site"
+) -> dict[str, str]:
+    """A ``sitecustomize`` that makes ``module.name`` (``evaluate`` by default) fail
+    unexpectedly, with a header value in the exception's text and a patient id in a local
+    variable (built, so that no source line shows it)."""
     (folder / "sitecustomize.py").write_text(
         textwrap.dedent(
             f"""
-            import radfed.site.evaluate as evaluate
+            import {module} as target
 
             def broken(*args, **kwargs):
                 patient = "".join(reversed({LOCAL[::-1]!r}))
                 raise RuntimeError("cannot read " + {HEADER!r})
 
-            evaluate.evaluate_site = broken
+            target.{name} = broken
             """
         )
     )
     return {"PYTHONPATH": os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])}
 
 
+#: Each site command, the function its body calls (broken by ``_break``), and its arguments.
+SITE_COMMANDS = {
+    "site index": ("radfed.site.index", "index_export", ["{tmp}", "--out", "{tmp}/site"]),
+    "site check": ("radfed.site.check", "check_site", ["{tmp}"]),
+    "site keygen": (
+        "radfed.deployment.site_kit",
+        "make_site_keys",
+        ["--site", "a", "--out", "{tmp}/kit"],
+    ),
+    "site join": (
+        "radfed.deployment.supernode",
+        "join_site",
+        ["--pki", "{tmp}", "--site", "a", "--data", "{tmp}"],
+    ),
+    "site audit": ("radfed.privacy", "verify", ["{tmp}"]),
+}
+
+
+@pytest.mark.parametrize("command", sorted(SITE_COMMANDS))
+def test_a_site_command_that_fails_unexpectedly_says_where_not_what(
+    command: str, tmp_path: Path
+) -> None:
+    # Prepare: the command's work fails with a header value in its text and a patient id
+    # in a local variable; site audit needs a log to get that far
+    module, name, args = SITE_COMMANDS[command]
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    env = _break(custom, module, name)
+    (tmp_path / ".radfed").mkdir()
+    (tmp_path / ".radfed" / "audit.jsonl").write_text("")
+    argv = [*command.split(), *(a.format(tmp=tmp_path) for a in args)]
+
+    # Execute
+    done = _run(_radfed(), *argv, cwd=tmp_path, env=env)
+
+    # Assert: one line naming the place; no value, no local, no traceback
+    output = (done.stdout + done.stderr).strip()
+    assert done.returncode == 1, output
+    assert LOCAL not in output and HEADER not in output and "Traceback" not in output
+    assert output.startswith("error: unexpected RuntimeError at sitecustomize.py:"), output
+    assert output.count("\n") == 0, output
+
+
 @pytest.mark.parametrize("debug", ["", "1"])
 def test_an_unexpected_error_shows_no_local_variables(tmp_path: Path, debug: str) -> None:
     # Prepare
-    env = {**_break_evaluate(tmp_path), "RADFED_DEBUG": debug}
+    env = {**_break(tmp_path), "RADFED_DEBUG": debug}
     checkpoint = tmp_path / "round-001.pt"
     checkpoint.write_bytes(b"")
 

@@ -4,8 +4,8 @@
 got in ``sites.json``. A node the SuperLink knows by any other way (a key registered through
 the Control API on the server host, say) is never a site: it is not counted while the
 run waits for sites, it is sent no message (no model), and a reply from it is dropped; each
-such node is logged once as a security event. Outside a deployment (no registry, as in a
-simulation) the grid is Flower's, unchanged.
+such node is logged once as a security event. Outside a deployment (no registry, None, as
+in a simulation) the grid is Flower's, unchanged; an empty registry admits no node.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ __all__ = ["RegisteredGrid"]
 
 
 class RegisteredGrid(Grid):
-    """``grid`` limited to the nodes of ``registered`` (node id -> site name)."""
+    """``grid`` limited to the nodes of ``registered`` (node id -> site name; None: all)."""
 
-    def __init__(self, grid: Grid, registered: Mapping[int, str]) -> None:
+    def __init__(self, grid: Grid, registered: Mapping[int, str] | None) -> None:
         self._grid = grid
-        self._registered = dict(registered)
+        self._registered = None if registered is None else dict(registered)
         self._reported: set[int] = set()
 
     def _allowed(self, node: int) -> bool:
-        if not self._registered or node in self._registered:
+        if self._registered is None or node in self._registered:
             return True
         if node not in self._reported:
             self._reported.add(node)

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from radfed.central.run_folder import RunFolder
 from radfed.config import RunConfig
-from radfed.errors import RadfedError
+from radfed.errors import ConfigError, RadfedError
 from radfed.federation.codes import InvalidReply, describe_code
 from radfed.federation.identity import read_site_identity
 from radfed.folders import SITES_FILE_ENV
@@ -49,21 +49,32 @@ _STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
 _NOTE_EVERY, _QUERY_TIMEOUT = 10.0, 120.0
 
 
-def load_site_registry() -> dict[int, str]:
-    """Node id -> site name of the registered site keys (empty outside a deployment).
+def load_site_registry() -> dict[int, str] | None:
+    """Node id -> site name of the registered site keys; None outside a deployment.
 
     A node's id is bound to the key it authenticates with, so this names a node by its
-    key, not by what its replies claim.
+    key, not by what its replies claim. In a deployment (``radfed server start`` names the
+    registry in ``RADFED_SITES_FILE``) it fails closed: a registry that is missing,
+    unreadable or empty stops the run rather than let any node be a site.
+
+    Raises:
+        ConfigError: the registry is missing, malformed or names no site.
     """
-    path = os.environ.get(SITES_FILE_ENV)
-    if not path or not Path(path).is_file():
-        return {}
+    name = os.environ.get(SITES_FILE_ENV)
+    if not name:
+        return None
+    path = Path(name)
+    fix = "start the server with `radfed server start`, which registers the sites' keys"
     try:
-        sites = json.loads(Path(path).read_text())
-        return {int(node): str(site) for site, node in sites.items()}
+        sites = json.loads(path.read_text())
+        registry = {int(node): str(site) for site, node in sites.items()}
+    except OSError:
+        raise ConfigError(f"the site registry {path} cannot be read; {fix}") from None
     except (ValueError, AttributeError, TypeError):
-        logger.error("%s is not a site registry; sites are named by their replies", SITES_FILE_ENV)
-        return {}
+        raise ConfigError(f"the site registry {path} is not one; {fix}") from None
+    if not registry:
+        raise ConfigError(f"the site registry {path} names no site; {fix}")
+    return registry
 
 
 class SitesMissing(RadfedError):

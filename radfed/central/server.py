@@ -73,6 +73,7 @@ def run_server(grid: Grid, context: Context) -> Path:
     config = RunConfig.from_run_config(context.run_config)
     task = get_task(config.task)
     task.check(config)
+    registry = load_site_registry()  # first: a deployment without one stops here
     out = Path(config.out_dir).resolve()
     model = task.build_model(config)
     done = 0
@@ -92,7 +93,6 @@ def run_server(grid: Grid, context: Context) -> Path:
     saved = run.load_state() if config.resume else None
     if saved:
         restore_strategy_state(strategy, saved["strategy"])
-    registry = load_site_registry()
     strategy.registered = registry  # type: ignore[attr-defined]  # a RadfedChecks
     run_rounds(
         strategy,
@@ -101,7 +101,7 @@ def run_server(grid: Grid, context: Context) -> Path:
         run,
         ArrayRecord(reference),
         first_round=done + 1,
-        names=dict(registry),
+        names=dict(registry or {}),
     )
     figure = plot_curves(run.read_metrics(), run.files.curves, task.summary[:3])
     report = render_report(run)

@@ -92,7 +92,7 @@ class RadfedChecks:
         self.max_examples = max_examples
         self.site_names: dict[int, str] = {}
         #: node id -> site name of the keys registered with the SuperLink (a deployment)
-        self.registered: dict[int, str] = {}
+        self.registered: dict[int, str] | None = None
 
     def summary(self) -> None:
         super().summary()  # type: ignore[misc]
@@ -296,7 +296,7 @@ class RadfedChecks:
             except InvalidReply as err:
                 self._drop(server_round, self.site_names.get(node, f"node {node}"), what, err)
                 continue
-            if self.registered and node not in self.registered:
+            if self.registered is not None and node not in self.registered:
                 logger.warning(
                     "round %d: security: dropped %s from node %d: its key was not registered "
                     "from the PKI (sites.json)",
@@ -305,7 +305,7 @@ class RadfedChecks:
                     node,
                 )
                 continue
-            if node in self.registered and self.registered[node] != site:
+            if self.registered is not None and self.registered[node] != site:
                 self._drop(
                     server_round,
                     self.registered[node],

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from radfed.deployment.certs import format_address, parse_address
 from radfed.deployment.edge import edge_command
@@ -25,11 +27,19 @@ from radfed.deployment.process import (
     run_foreground,
     wait_for_port,
 )
+from radfed.deployment.site_kit import fingerprint
 from radfed.errors import ConfigError
 from radfed.folders import SITES_FILE_ENV, ServerState
 from radfed.log import logger
 
-__all__ = ["control_port", "register_site", "start_server", "superlink_command"]
+__all__ = [
+    "control_port",
+    "register_site",
+    "start_server",
+    "superlink_command",
+    "sync_site_keys",
+    "unregister_node",
+]
 
 
 def superlink_command(
@@ -84,6 +94,87 @@ def register_site(flwr_home: Path, key: Path) -> int:
             "a key registered before but missing from STATE/sites.json must be unregistered "
             "first (flwr supernode unregister)"
         ) from None
+
+
+def sync_site_keys(
+    flwr_home: Path,
+    server: ServerState,
+    keys: Sequence[Path],
+    *,
+    register: Callable[[Path, Path], int] | None = None,
+    unregister: Callable[[Path, int], None] | None = None,
+) -> dict[str, int]:
+    """Make the SuperLink's registered nodes the PKI's site keys, exactly; return the
+    registry (site -> node id) as written to ``STATE/sites.json``.
+
+    A site whose key file is gone from the PKI is unregistered; a site whose key changed (a
+    key replaced after it was lost or stolen) has its old node unregistered before the new
+    key is registered, so the old key is refused from then on. ``STATE/site-keys.json``
+    records the fingerprint each node was registered with.
+    """
+    register = register or register_site
+    unregister = unregister or unregister_node
+    known: dict[str, int] = _read_json(server.sites)
+    prints: dict[str, str] = _read_json(server.site_keys)
+    wanted = {key.stem: key for key in keys}
+    for site in sorted(known):
+        key = wanted.get(site)
+        if key is not None and prints.get(site) == fingerprint(key):
+            continue
+        unregister(flwr_home, known.pop(site))
+        prints.pop(site, None)
+        _write_json(server.sites, known)
+        _write_json(server.site_keys, prints)
+        why = "its key was removed from the PKI" if key is None else "its key was replaced"
+        logger.warning("site %s: %s; its old node is unregistered", site, why)
+    for site, key in sorted(wanted.items()):
+        if site in known:
+            continue
+        known[site] = register(flwr_home, key)
+        prints[site] = fingerprint(key)
+        _write_json(server.sites, known)
+        _write_json(server.site_keys, prints)
+        logger.info("registered site %s (node %d)", site, known[site])
+    return known
+
+
+def unregister_node(flwr_home: Path, node: int) -> None:
+    """Unregister node ``node`` from the running SuperLink.
+
+    Raises:
+        ConfigError: the SuperLink refused.
+    """
+    env = {**os.environ, **HARDENED_ENV, "FLWR_HOME": str(flwr_home)}
+    done = subprocess.run(
+        [flower_tool("flwr"), "supernode", "unregister", str(node), CONNECTION],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        raise ConfigError(
+            f"the SuperLink did not unregister node {node} (exit {done.returncode}); "
+            "unregister it with `flwr supernode unregister` on the server host"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} is not radfed's; remove it and the server's database")
+    return value
+
+
+def _write_json(path: Path, value: Mapping[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(value), indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
 
 
 def control_port(port: int) -> int:
@@ -141,21 +232,14 @@ def start_server(
         cert=pki.server_cert,
         key=pki.server_key,
     )
-    registry = server.sites
-    command.env[SITES_FILE_ENV] = str(registry.resolve())
+    command.env[SITES_FILE_ENV] = str(server.sites.resolve())
     home = Path(command.env["FLWR_HOME"])
     write_connection(home, format_address("127.0.0.1", inner), pki.server_dir / "ca.crt")
 
     def register() -> None:
         wait_for_port("127.0.0.1", inner)
         wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
-        known = json.loads(registry.read_text()) if registry.is_file() else {}
-        for key in pki.registered_keys():
-            if key.stem in known:
-                continue
-            known[key.stem] = register_site(home, key)
-            registry.write_text(json.dumps(known, indent=1) + "\n")
-            logger.info("registered site %s (node %d)", key.stem, known[key.stem])
+        known = sync_site_keys(home, server, pki.registered_keys())
         logger.info(
             "server ready on %s (sites, mutual TLS, the Fleet API only) with %d sites; the "
             "Control API is on this host only: radfed launch --server 127.0.0.1:%d",

@@ -27,7 +27,6 @@ from pathlib import Path
 from radfed.deployment.process import (
     HARDENED_ENV,
     Command,
-    flower_tool,
     port_is_free,
     run_foreground,
 )
@@ -40,6 +39,7 @@ from radfed.privacy import load_policy
 
 __all__ = [
     "CLIENTAPP_PROGRAM",
+    "REFUSED_PROGRAMS",
     "RUNTIME_HOST",
     "install_site_programs",
     "join_site",
@@ -51,6 +51,16 @@ __all__ = [
 RUNTIME_HOST = "127.0.0.1"
 #: The program Flower's SuperExec starts for each ClientApp task, found on its PATH.
 CLIENTAPP_PROGRAM = "flwr-clientapp"
+#: The programs Flower's SuperExec starts for the other task types. The site's SuperExec
+#: never takes such a task (radfed.flower_private.site_exec_plugin); should one be started
+#: all the same, the site's program of that name refuses it.
+REFUSED_PROGRAMS = (
+    "flwr-agentapp",
+    "flwr-connector",
+    "flwr-model",
+    "flwr-serverapp",
+    "flwr-simulation",
+)
 
 
 def site_command(
@@ -73,9 +83,7 @@ def site_command(
         node_config += f' policy-path="{policy.resolve()}"'
     state = SiteFolder(data).state
     argv = [
-        sys.executable,
-        "-m",
-        "radfed.deployment.site_node",
+        *_python_module("radfed.deployment.site_node"),
         "--root-certificates",
         str(ca),
         "--superlink",
@@ -99,11 +107,12 @@ def site_command(
 
 
 def superexec_command(*, data: Path, port: int = 9094) -> Command:
-    """The site's SuperExec: starts radfed's ``flwr-clientapp`` for each task of the SuperNode
-    whose Runtime API listens on loopback ``port``."""
+    """The site's SuperExec (radfed.deployment.site_superexec): takes the SuperNode's
+    ClientApp tasks only, from its Runtime API on loopback ``port``, and starts radfed's
+    ``flwr-clientapp`` for each."""
     state = SiteFolder(data).state
     argv = [
-        flower_tool("flower-superexec"),
+        *_python_module("radfed.deployment.site_superexec"),
         "--runtime-api-address",
         f"{RUNTIME_HOST}:{port}",
         "--insecure",  # loopback only, and every operation signed with the shared secret
@@ -117,6 +126,12 @@ def superexec_command(*, data: Path, port: int = 9094) -> Command:
     return Command(argv, _site_env(state), path_first=(state.programs.resolve(),))
 
 
+def _python_module(module: str) -> list[str]:
+    """This Python running ``module``, without the current folder on ``sys.path`` (``-P``):
+    a ``radfed`` planted where the command was started is never imported."""
+    return [sys.executable, "-P", "-m", module]
+
+
 def _site_env(state: SiteState) -> dict[str, str]:
     env = dict(HARDENED_ENV)
     if "FLWR_HOME" not in os.environ:  # Flower's state beside the site's, not in ~/.flwr
@@ -125,29 +140,45 @@ def _site_env(state: SiteState) -> dict[str, str]:
 
 
 def install_site_programs(state: SiteState) -> Path:
-    """Write the site's ``flwr-clientapp`` (this Python running ``radfed.site.runtime``) and,
-    once, the SuperExec secret; both readable by the site's user only.
+    """Write the site's ``flwr-clientapp`` (this Python running ``radfed.site.runtime``), a
+    refusing program for each of ``REFUSED_PROGRAMS`` and, once, the SuperExec secret; the
+    site's state folder and all of these are the site's user's only (0700, 0600).
 
     Returns:
-        The program.
+        The ClientApp program.
     """
-    state.programs.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state.path.chmod(0o700)  # made earlier by `radfed site index`, say, with the umask's mode
+    state.programs.mkdir(exist_ok=True, mode=0o700)
     if not state.superexec_secret.is_file():
         descriptor = os.open(state.superexec_secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(secrets.token_bytes(32))
-    program = state.programs / CLIENTAPP_PROGRAM
-    tmp = program.with_suffix(".tmp")
-    tmp.write_text(
-        f"#!{sys.executable}\n"
+    # -P: the program's folder is not put on sys.path (only radfed as installed is imported)
+    program = _write_program(
+        state.programs / CLIENTAPP_PROGRAM,
         '"""The ClientApp process of this site: radfed as installed here (radfed site join)."""\n'
         "import sys\n\n"
         "from radfed.site.runtime import main\n\n"
-        "sys.exit(main())\n"
+        "sys.exit(main())\n",
     )
-    tmp.chmod(0o700)
-    tmp.replace(program)
+    for name in REFUSED_PROGRAMS:
+        _write_program(
+            state.programs / name,
+            f'"""{name}: a task type this site never runs (radfed site join)."""\n'
+            "import sys\n\n"
+            f'sys.stderr.write("radfed: this site runs ClientApp tasks only; {name} refused\\n")\n'
+            "sys.exit(1)\n",
+        )
     return program
+
+
+def _write_program(path: Path, body: str) -> Path:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"#!{sys.executable} -P\n{body}")
+    tmp.chmod(0o700)
+    tmp.replace(path)
+    return path
 
 
 def join_site(
@@ -192,6 +223,7 @@ def join_site(
             f"local port {port} is taken (another site or program on this host uses it); "
             "give this site its own with --port"
         )
+    os.umask(0o077)  # what the site's processes write is the site's user's only
     install_site_programs(folder.state)
     supernode = site_command(
         ca=kit.ca_cert,

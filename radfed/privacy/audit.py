@@ -34,6 +34,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -108,6 +109,12 @@ def weights_digest(arrays: ArrayRecord) -> str:
     return digest.hexdigest()
 
 
+def message_category(message_type: str) -> str:
+    """``train``, ``evaluate`` or ``query`` of a Flower message type, with or without its
+    action (Flower sends ``evaluate.default`` to the same handler as ``evaluate``)."""
+    return message_type.partition(".")[0]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Request:
     """What the server asked for with the message a reply answers.
@@ -138,18 +145,25 @@ class Request:
         arrays: ArrayRecord | None = None,
         message_config: Mapping[str, Any] | None = None,
     ) -> Request:
-        """The request of a message, from the run configuration and what it carried."""
+        """The request of a message, from the run configuration and what it carried.
+        ``kind`` is the message type as received (``evaluate``, ``evaluate.default``)."""
         splits = run_config.get("eval-splits", "")
+        asked = tuple(s.strip() for s in str(splits).split(",") if s.strip())
         return cls(
-            kind=kind,
-            config_sha256=_sha256(_canonical(dict(run_config))),
+            kind=str(_bounded(kind)),
+            config_sha256=_sha256(_canonical({str(k): v for k, v in run_config.items()})),
             bundle_sha256=bundle_sha256,
             weights_sha256=weights_digest(arrays) if arrays is not None else None,
-            message_config=dict(message_config or {}),
-            eval_splits=tuple(s.strip() for s in str(splits).split(",") if s.strip())
-            if kind == "evaluate"
+            message_config=_auditable(message_config or {}),
+            eval_splits=tuple(str(_bounded(s)) for s in asked[:_MAX_ITEMS])
+            if message_category(kind) == "evaluate"
             else (),
         )
+
+    @property
+    def category(self) -> str:
+        """The handler the message reached: ``evaluate`` for ``evaluate.default`` too."""
+        return message_category(self.kind)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -173,8 +187,39 @@ class Request:
         )
 
 
+#: What the audit log keeps of a request's own values, whatever the server sends: this many
+#: settings, strings of this length; longer ones and other types are kept as a digest.
+_MAX_ITEMS, _MAX_TEXT = 32, 128
+
+
+def _bounded(value: object) -> bool | int | float | str:
+    """``value`` as the audit log keeps it: a finite number or a short string as it is,
+    anything else (a long string, bytes, a list) as its type, size and digest."""
+    if isinstance(value, bool | int) and abs(int(value)) < 2**63:
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    if isinstance(value, str) and len(value) <= _MAX_TEXT:
+        return value
+    data = value if isinstance(value, bytes) else repr(value).encode("utf-8", "replace")
+    return f"<{type(value).__name__} of {len(data)} bytes, sha256 {_sha256(data)[:16]}>"
+
+
+def _auditable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A message's settings, bounded (``_bounded``), in the message's order; past
+    ``_MAX_ITEMS``, their count and a digest of them all."""
+    items = list(config.items())
+    kept: dict[str, Any] = {str(_bounded(str(k))): _bounded(v) for k, v in items[:_MAX_ITEMS]}
+    if len(items) > _MAX_ITEMS:
+        kept["<more settings>"] = len(items) - _MAX_ITEMS
+        kept["<all sha256>"] = _sha256(_canonical({str(k): v for k, v in items}))
+    return kept
+
+
 def _canonical(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=repr
+    ).encode()
 
 
 def _sha256(data: bytes) -> str:

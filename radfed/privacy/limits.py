@@ -39,6 +39,8 @@ class ResourceLimits:
         cache_bytes: the size of the decoded-case cache on disk; the least recently used
             entries are evicted beyond it.
         inbound_bytes: the largest set of weights the site takes from a run.
+        model_parameters: the largest model a run may have the site build, in parameters
+            and buffers (counted without allocating them).
     """
 
     image_size: int = 512
@@ -50,6 +52,7 @@ class ResourceLimits:
     decoded_voxels: int = 2**28
     cache_bytes: int = 20 * 2**30
     inbound_bytes: int = 2 * 2**30
+    model_parameters: int = 100_000_000
 
     @classmethod
     def unbounded(cls) -> ResourceLimits:
@@ -92,6 +95,15 @@ class ResourceLimits:
     def check_inbound(self, nbytes: int) -> None:
         """The size of the weights a message brings."""
         self._check("the received weights (bytes)", nbytes, self.inbound_bytes, key="inbound-bytes")
+
+    def check_model(self, parameters: int) -> None:
+        """The size of the model a run would have the site build."""
+        self._check(
+            "the run's model (parameters)",
+            parameters,
+            self.model_parameters,
+            key="model-parameters",
+        )
 
     @staticmethod
     def _check(what: str, asked: int, limit: int, *, key: str = "") -> None:

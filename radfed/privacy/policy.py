@@ -30,6 +30,7 @@ The site administrator owns a TOML file (``site-policy.toml``); every key is opt
     decoded-voxels = 268435456     # the largest case image decoded (from its header)
     cache-bytes = 21474836480      # the decoded-case cache; least recently used evicted
     inbound-bytes = 2147483648     # the largest weights taken from a run
+    model-parameters = 100000000   # the largest model built (parameters and buffers)
 
 ``subgroups`` lists attributes; an intersection (``sex*age_band``) may leave only when all
 its parts are listed, and an empty list lets no subgroup statistics leave. ``tasks = []``

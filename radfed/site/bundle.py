@@ -64,20 +64,24 @@ def read_bundle(content: bytes) -> BundleIdentity:
             if info.file_size > _MAX_PROJECT_BYTES:
                 return unknown
             project = tomllib.loads(archive.read(info).decode("utf-8"))
-    except (KeyError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError):
+    except Exception:  # hostile input: zipfile and tomllib may raise anything (RecursionError)
         return unknown
-    app = project.get("tool", {}).get("flwr", {}).get("app", {})
-    meta = project.get("project", {})
     return BundleIdentity(
-        publisher=_text(app.get("publisher") if isinstance(app, dict) else None),
-        name=_text(meta.get("name") if isinstance(meta, dict) else None),
-        version=_text(meta.get("version") if isinstance(meta, dict) else None),
+        publisher=_text(project, "tool", "flwr", "app", "publisher"),
+        name=_text(project, "project", "name"),
+        version=_text(project, "project", "version"),
         sha256=digest,
     )
 
 
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else ""
+def _text(table: object, *keys: str) -> str:
+    """The string at ``keys`` in nested tables; "" where a step is missing or of another
+    type (``tool = "x"``, ``project = [1]``)."""
+    for key in keys:
+        if not isinstance(table, dict):
+            return ""
+        table = table.get(key)
+    return table if isinstance(table, str) else ""
 
 
 def check_bundle(rule: BundleRule, bundle: BundleIdentity) -> None:

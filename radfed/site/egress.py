@@ -108,6 +108,21 @@ def _request(msg: Message, context: Context, bundle: BundleIdentity | None) -> R
     )
 
 
+#: The round the audit log records for a message whose ``server-round`` is not a round.
+INVALID_ROUND = -1
+
+
+def _round_or_invalid(msg: Message) -> int:
+    """The message's round (0 without a config), or ``INVALID_ROUND``: a refusal of a
+    message with a bad round is audited all the same."""
+    if msg.content.config_records.get("config") is None:
+        return 0
+    try:
+        return server_round(msg)
+    except (ConfigError, OverflowError, ValueError):
+        return INVALID_ROUND
+
+
 def _leave(
     reply: Message, msg: Message, context: Context, kind: str, bundle: BundleIdentity | None
 ) -> Message:
@@ -128,9 +143,8 @@ def _leave(
             logger.error("%s reply withheld: %s", kind, err)
             reply = _error(ErrorCode.POLICY, msg)
     try:
-        config = msg.content.config_records.get("config")
-        round_ = server_round(msg) if config is not None else 0
         audit = AuditLog.for_site(path)
+        round_ = _round_or_invalid(msg)
         request = _request(msg, context, bundle)
         if reply.has_error():
             audit.record(

@@ -48,7 +48,7 @@ from radfed.site.node import (
     site_policy,
 )
 from radfed.tasks import SplitStats, Task, get_task
-from radfed.tasks.training import round_steps
+from radfed.tasks.training import model_size, round_steps
 
 __all__ = ["handle_evaluate", "handle_query", "handle_train", "site_handlers"]
 
@@ -85,6 +85,7 @@ def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task
     if arrays is None:
         raise ConfigError("the message carries no weights (ArrayRecord 'arrays')")
     policy.limits.check_inbound(sum(len(array.data) for array in arrays.values()))
+    policy.limits.check_model(model_size(task.build_model, config))
     site = load_site_once(path, config, policy.limits)
     model = task.build_model(config)
     if config.fedbn:  # this site's own normalisation layers from its earlier rounds

@@ -53,13 +53,13 @@ def review(entries: Sequence[AuditEntry]) -> list[Finding]:
         if request is None:
             continue
         key = (entry.run_id, entry.server_round)
-        if request.kind == "evaluate":
+        if request.category == "evaluate":
             evaluations[key].append(entry)
             if "test" in request.eval_splits:
                 findings.append(
                     Finding("sealed test split", *key, "an evaluation asked for the test split")
                 )
-        elif request.kind == "train":
+        elif request.category == "train":
             trained_from.setdefault(key, request.weights_sha256)
         if entry.error_code == ErrorCode.BUNDLE:
             bundle = (request.bundle_sha256 or "?")[:16]

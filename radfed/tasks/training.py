@@ -20,6 +20,7 @@ __all__ = [
     "fit",
     "grad_scaler",
     "loader",
+    "model_size",
     "pick_device",
     "round_steps",
     "seeded_generator",
@@ -41,6 +42,15 @@ def round_steps(config: RunConfig, cases: int) -> int:
     if config.local_steps:
         return config.local_steps
     return config.local_epochs * math.ceil(cases / config.batch_size)
+
+
+def model_size(build: Callable[[RunConfig], nn.Module], config: RunConfig) -> int:
+    """The parameters and buffers of the model ``build`` (a task's ``build_model``) makes
+    for ``config``, counted on PyTorch's meta device: no memory is taken, however large the
+    run asks it to be."""
+    with torch.device("meta"):
+        model = build(config)
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
 
 
 def pick_device() -> torch.device:

@@ -79,7 +79,7 @@ def test_site_node_uses_tls_its_key_and_names_its_folder_only_locally(
         port=9101,
     )
     argv = command.argv
-    assert argv[1:3] == ["-m", "radfed.deployment.site_node"]  # Flower's, with a client cert
+    assert argv[1:4] == ["-P", "-m", "radfed.deployment.site_node"]  # Flower's, with a client cert
     assert command.env["RADFED_TLS_CERT"].endswith("site.crt")
     assert command.env["RADFED_TLS_KEY"].endswith("site.key")
     assert _flag(argv, "--isolation") == "process" and _flag(argv, "--host") == "127.0.0.1"

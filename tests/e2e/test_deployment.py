@@ -145,13 +145,13 @@ class Federation:
         server.wait_for("server ready", timeout=120)
         return server
 
-    def join(self, site: str, **env: str) -> Background:
+    def join(self, site: str, kit: Path | None = None, **env: str) -> Background:
         process = Background(
             self.root / f"site-{site}.log",
             "site",
             "join",
             "--pki",
-            str(self.kit(site)),
+            str(kit or self.kit(site)),
             "--site",
             site,
             "--data",
@@ -535,3 +535,27 @@ def test_a_site_whose_key_is_not_registered_is_refused(federation: Federation) -
     code = intruder.wait(timeout=120)
     assert code != 0
     assert "305" in intruder.output()
+
+
+def test_a_replaced_site_key_is_refused_and_the_new_one_joins(federation: Federation) -> None:
+    # Prepare: site b lost its key; it makes a new one, the central team replaces the old
+    # one in the PKI (as deploy/README.md says), and the server restarts
+    for name in ("site-b", "server"):
+        federation.processes[name].stop()
+    old_kit = federation.root / "old-kit-b"
+    shutil.move(federation.kit("b"), old_kit)
+    shutil.rmtree(federation.pki / "sites" / "b")
+    (federation.pki / "server" / "site-keys" / "b.pub").unlink()
+    federation.enrol("b")
+    server = federation.start_server()
+
+    # Execute: the old key tries to join as b, then the new one joins
+    thief = federation.join("b", kit=old_kit)
+    code = thief.wait(timeout=120)
+    site = federation.join("b")
+    time.sleep(15)
+
+    # Assert: the old node was unregistered, so its key is refused; the new key stays joined
+    assert "site b: its key was replaced; its old node is unregistered" in server.output()
+    assert code != 0 and "305" in thief.output()
+    assert site.process.poll() is None, site.output()[-3000:]

@@ -81,6 +81,9 @@ def _zip(**files: str) -> bytes:
         b"not a zip file",
         _zip(**{"client/app.py": "import os"}),  # no pyproject.toml
         _zip(**{"pyproject.toml": "[project\nname ="}),  # not TOML
+        _zip(**{"pyproject.toml": 'tool = "x"\nproject = [1]'}),  # tables of other types
+        _zip(**{"pyproject.toml": "[tool]\nflwr = [1]\n[project]\nname = 2"}),
+        _zip(**{"pyproject.toml": "x = " + "[" * 100_000}),  # nested past the recursion limit
     ],
 )
 def test_a_bundle_that_is_not_one_reads_as_nobody_and_is_refused(content: bytes) -> None:

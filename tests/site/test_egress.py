@@ -21,7 +21,7 @@ from tests.helpers import make_context, make_message
 CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=100, seed=3)
 
 
-def _request(kind: str, server_round: int = 1) -> Message:
+def _request(kind: str, server_round: int | str = 1) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord(build_model(CONFIG).state_dict()),
@@ -170,3 +170,41 @@ def test_an_error_about_a_bad_run_setting_is_audited_too(site_copy: Path) -> Non
     assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
     (entry,) = _audit(site_copy)
     assert entry["kind"] == "error" and entry["error-code"] == ErrorCode.CONFIG
+
+
+def test_a_message_with_a_bad_round_is_refused_and_audited(site_copy: Path) -> None:
+    context = make_context(CONFIG.to_run_config(), _node(site_copy))
+
+    replies = [handle_train(_request("train", server_round=r), context) for r in (-3, "one")]
+
+    assert all(r.has_error() and r.error.code == ErrorCode.CONFIG for r in replies)
+    entries = _audit(site_copy)
+    assert [(e["kind"], e["round"]) for e in entries] == [("error", -1), ("error", -1)]
+
+
+def test_the_audit_log_keeps_a_bounded_record_of_whatever_the_message_carries(
+    site_copy: Path,
+) -> None:
+    # Prepare: a message whose own settings are huge, many, and of every type
+    message = _request("query")
+    config = message.content.config_records["config"]
+    config["note"] = "x" * 1_000_000
+    config["blob"] = b"\0" * 1000
+    config["values"] = [1.0, 2.0]
+    for i in range(100):
+        config[f"k{i:03d}"] = i
+
+    # Execute
+    reply = handle_query(message, make_context(CONFIG.to_run_config(), _node(site_copy)))
+
+    # Assert: recorded, in a line of a few KB; long or odd values as their digest
+    assert not reply.has_error()
+    line = (site_copy / ".radfed" / "audit.jsonl").read_text().splitlines()[-1]
+    assert len(line) < 10_000
+    (entry,) = _audit(site_copy)
+    kept = entry["request"]["message-config"]  # type: ignore[index]
+    assert kept["server-round"] == 1
+    assert kept["note"].startswith("<str of 1000002 bytes, sha256 ")
+    assert kept["blob"].startswith("<bytes of 1000 bytes, sha256 ")
+    assert kept["values"].startswith("<list of ")
+    assert kept["<more settings>"] == 104 - 32 and len(kept["<all sha256>"]) == 64

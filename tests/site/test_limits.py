@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from radfed.config import RunConfig
@@ -22,6 +23,7 @@ from radfed.privacy import ResourceLimits, read_entries
 from radfed.site.handlers import handle_evaluate, handle_train
 from radfed.site.node import site_policy
 from radfed.tasks.classification import build_model
+from radfed.tasks.training import model_size
 from tests.helpers import make_context, make_message
 
 CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=100, seed=3)
@@ -73,6 +75,30 @@ def test_a_run_beyond_the_default_limits_is_refused_before_any_work(
     (entry,) = read_entries(site_copy / ".radfed" / "audit.jsonl")
     assert entry.error_code == ErrorCode.LIMIT
     assert not (site_copy / ".radfed" / "cache").exists()  # no case was decoded
+
+
+def test_a_model_beyond_the_parameter_limit_is_refused_before_it_is_built(
+    site_copy: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a site that builds models of at most a million parameters; ResNet-18 has 11
+    settings = {**CONFIG.to_run_config(), "model": "resnet18"}
+    context = make_context(settings, _node(site_copy, "model-parameters = 1000000\n"))
+
+    # Execute
+    reply = handle_evaluate(_request("evaluate"), context)
+
+    # Assert
+    assert reply.has_error() and reply.error.code == ErrorCode.LIMIT
+    assert "limits.model-parameters" in caplog.text
+    assert not (site_copy / ".radfed" / "cache").exists()  # refused before the data loaded
+
+
+def test_the_model_is_counted_without_taking_its_memory() -> None:
+    # A model of 3 * 10**9 parameters (12 GB as float32) is counted, not allocated
+    def build(config: RunConfig) -> torch.nn.Module:
+        return torch.nn.Linear(30_000, 100_000)
+
+    assert model_size(build, CONFIG) == 30_000 * 100_000 + 100_000
 
 
 def test_a_round_beyond_the_steps_limit_is_refused_before_training(site_copy: Path) -> None:

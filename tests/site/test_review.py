@@ -35,7 +35,8 @@ def _ask(log: AuditLog, kind: str, round_: int, weights: int, **settings: object
         arrays=_weights(weights),
         message_config={"server-round": round_},
     )
-    log.record(_reply(), run_id=7, server_round=round_, kind=kind, request=request)
+    handler = kind.partition(".")[0]  # the handler that answered: train, evaluate
+    log.record(_reply(), run_id=7, server_round=round_, kind=handler, request=request)
 
 
 def _plain_run(log: AuditLog, rounds: int = 2) -> None:
@@ -71,6 +72,28 @@ def test_a_double_evaluation_and_other_weights_are_pointed_out(tmp_path: Path) -
         ("evaluated other weights", 7, 1),
     ]
     assert "evaluated 2 times" in findings[0].line()
+
+
+def test_message_types_with_their_action_are_judged_like_the_plain_ones(tmp_path: Path) -> None:
+    # Prepare: the same double evaluation of the test split, sent as `evaluate.default`
+    # (Flower routes it to the evaluate handler) and trained as `train.default`
+    log = AuditLog(tmp_path / "audit.jsonl")
+    _ask(log, "train.default", 1, 0)
+    _ask(log, "evaluate.default", 1, 1, **{"eval-splits": "test"})
+    _ask(log, "evaluate.default", 1, 99)
+    _ask(log, "train.default", 2, 1)
+
+    # Execute
+    findings = review(read_entries(log.path))
+
+    # Assert: named as a plain `evaluate` would be; the audit log keeps the type as sent
+    assert [f.kind for f in findings] == [
+        "sealed test split",
+        "repeated evaluation",
+        "evaluated other weights",
+    ]
+    kinds = [e.request.kind for e in read_entries(log.path) if e.request is not None]
+    assert kinds[1] == "evaluate.default"
 
 
 def test_the_sealed_test_split_and_a_refused_bundle_are_pointed_out(tmp_path: Path) -> None:

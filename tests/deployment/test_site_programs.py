@@ -1,0 +1,155 @@
+"""The programs a site's SuperExec may start, attacked: a server that asks for another kind
+of task than a ClientApp (an agent app installs and imports the bundle's own code), and a
+``radfed`` planted in the folder the site administrator starts from."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from flwr.proto.runtime_pb2 import AcquireTaskRequest, AcquireTaskResponse
+from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
+from radfed.deployment.supernode import (
+    CLIENTAPP_PROGRAM,
+    REFUSED_PROGRAMS,
+    install_site_programs,
+    superexec_command,
+)
+from radfed.folders import SiteFolder
+
+
+def test_every_program_flower_may_start_is_the_sites_own() -> None:
+    assert {CLIENTAPP_PROGRAM, *REFUSED_PROGRAMS} == set(TASK_TYPE_TO_COMMAND.values())
+
+
+def test_the_other_programs_refuse_and_the_state_folder_is_private(tmp_path: Path) -> None:
+    # Prepare: a state folder made earlier with the umask's mode (as `site index` does)
+    state = SiteFolder(tmp_path / "site").state
+    state.path.mkdir(parents=True, mode=0o755)
+    state.path.chmod(0o755)
+
+    # Execute
+    program = install_site_programs(state)
+    runs = {
+        name: subprocess.run(
+            [str(state.programs / name), "--token", "t"], capture_output=True, text=True
+        )
+        for name in REFUSED_PROGRAMS
+    }
+
+    # Assert
+    assert stat.S_IMODE(state.path.stat().st_mode) == 0o700
+    assert stat.S_IMODE(state.superexec_secret.stat().st_mode) == 0o600
+    assert program.read_text().splitlines()[0] == f"#!{sys.executable} -P"
+    for name, done in runs.items():
+        assert done.returncode == 1 and f"{name} refused" in done.stderr, name
+
+
+class _RuntimeApi(BaseHTTPRequestHandler):
+    """A SuperNode's Runtime API that records what the SuperExec asks for."""
+
+    asked: list[AcquireTaskRequest]
+    got = threading.Event()
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.path == "/v1/runtime/acquire-task":
+            self.asked.append(AcquireTaskRequest.FromString(body))
+            self.got.set()
+        reply = AcquireTaskResponse().SerializeToString()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/protobuf")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+@pytest.fixture
+def runtime_api() -> Iterator[tuple[int, type[_RuntimeApi]]]:
+    handler = type("Handler", (_RuntimeApi,), {"asked": [], "got": threading.Event()})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1], handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _first_request(argv: list[str], env: dict[str, str], handler: type[_RuntimeApi]) -> list[str]:
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert handler.got.wait(timeout=60), "the SuperExec never asked for a task"
+    finally:
+        process.kill()
+        _, err = process.communicate(timeout=30)
+    assert handler.asked, err
+    return sorted(handler.asked[0].supported_task_types)
+
+
+def test_the_sites_superexec_asks_for_clientapp_tasks_only(
+    runtime_api: tuple[int, type[_RuntimeApi]], tmp_path: Path
+) -> None:
+    # Prepare: the site's SuperExec, as `radfed site join` starts it, against the Runtime API
+    port, handler = runtime_api
+    data = tmp_path / "site"
+    install_site_programs(SiteFolder(data).state)
+    command = superexec_command(data=data, port=port)
+    env = {**os.environ, **command.environ()}
+
+    # Execute
+    asked = _first_request(command.argv, env, handler)
+
+    # Assert: a task of any other type (an agent app: the bundle's code) is never handed over
+    assert asked == ["flwr-clientapp"]
+
+
+def test_flowers_own_superexec_would_take_agent_app_tasks(
+    runtime_api: tuple[int, type[_RuntimeApi]], tmp_path: Path
+) -> None:
+    # The control: what the test above guards against, with Flower's flower-superexec
+    port, handler = runtime_api
+    data = tmp_path / "site"
+    install_site_programs(SiteFolder(data).state)
+    command = superexec_command(data=data, port=port)
+    flower = [str(Path(sys.executable).parent / "flower-superexec"), *command.argv[4:]]
+
+    asked = _first_request(flower, {**os.environ, **command.environ()}, handler)
+
+    assert "flwr-agentapp" in asked
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["site-command", "plain-python-m"])
+def test_a_radfed_planted_in_the_working_folder_is_not_imported(
+    guarded: bool, tmp_path: Path
+) -> None:
+    # Prepare: a local user's radfed package in the folder `radfed site join` is started from
+    planted = tmp_path / "radfed"
+    (planted / "deployment").mkdir(parents=True)
+    marker = tmp_path / "planted-ran"
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (planted / "deployment" / "__init__.py").write_text("")
+    (planted / "deployment" / "site_superexec.py").write_text("")
+    argv = superexec_command(data=tmp_path / "site", port=1).argv[:4]
+    if not guarded:
+        argv.remove("-P")
+
+    # Execute
+    subprocess.run([*argv, "--help"], cwd=tmp_path, capture_output=True, timeout=120)
+
+    # Assert: the site's command imports the installed radfed; plain `python -m` would not
+    assert marker.exists() is not guarded
