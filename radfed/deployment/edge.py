@@ -91,7 +91,8 @@ http {{
         ssl_verify_client on;
         ssl_verify_depth 1;
         location {FLEET_PREFIX} {{
-            proxy_pass https://127.0.0.1:{superlink_port};
+            # With a URI, nginx forwards the normalised path (never a raw one holding ../)
+            proxy_pass https://127.0.0.1:{superlink_port}{FLEET_PREFIX};
             proxy_ssl_trusted_certificate {ca};
             proxy_ssl_verify on;
             proxy_ssl_name localhost;  # a DNS name of the certificate (nginx checks no IP)

@@ -127,6 +127,43 @@ def test_every_other_path_is_refused_even_for_a_site(
     assert len(upstream.paths) == before  # nothing reached the SuperLink
 
 
+@pytest.mark.parametrize(
+    ("raw", "forwarded"),
+    [
+        ("/v1/control/start-run/../../fleet/pull-messages", "/v1/fleet/pull-messages"),
+        ("/v1/fleet/./pull-messages", "/v1/fleet/pull-messages"),
+        ("/v1/fleet/%70ull-messages", "/v1/fleet/pull-messages"),
+        ("/v1/fleet/x/%2e%2e/%2e%2e/control/list-runs", None),
+        ("/v1/fleet/..%2fcontrol/list-runs", None),
+    ],
+)
+def test_the_superlink_only_ever_sees_a_normalised_fleet_path(
+    edge: tuple[Pki, int, _Upstream], raw: str, forwarded: str | None
+) -> None:
+    # Prepare: a request line as written by hand (an HTTP client would normalise it)
+    pki, port, upstream = edge
+    kit = load_site_kit(pki.site_dir("a"))
+    assert kit.private_key is not None and kit.client_cert is not None
+    context = site_tls(kit.ca_cert, kit.client_cert, kit.private_key)
+    before = len(upstream.paths)
+
+    # Execute
+    with socket.create_connection(("127.0.0.1", port)) as plain:
+        with context.wrap_socket(plain, server_hostname="localhost") as tls:
+            tls.sendall(
+                f"POST {raw} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n"
+                "Connection: close\r\n\r\nx".encode()
+            )
+            status = tls.recv(64).split(b" ")[1]
+
+    # Assert: a path under /v1/fleet/ once normalised reaches the SuperLink as that; any
+    # other is refused without reaching it
+    if forwarded is None:
+        assert status in (b"400", b"403") and len(upstream.paths) == before
+    else:
+        assert status == b"200" and upstream.paths[before:] == [forwarded]
+
+
 def test_a_client_without_a_site_certificate_is_turned_away(
     edge: tuple[Pki, int, _Upstream],
 ) -> None:
