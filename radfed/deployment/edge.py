@@ -17,6 +17,7 @@ PID file in the server's state folder (``ServerState.edge``).
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from radfed.deployment.certs import format_address
@@ -24,7 +25,7 @@ from radfed.deployment.process import Command
 from radfed.errors import ConfigError
 from radfed.folders import ServerState
 
-__all__ = ["FLEET_PREFIX", "MAX_BODY", "edge_command", "edge_config", "nginx"]
+__all__ = ["FLEET_PREFIX", "MAX_BODY", "Edge", "nginx"]
 
 #: The only path prefix the edge forwards: Flower's Fleet API.
 FLEET_PREFIX = "/v1/fleet/"
@@ -50,25 +51,28 @@ def nginx() -> str:
     return found
 
 
-def edge_config(
-    state: ServerState,
-    *,
-    host: str,
-    port: int,
-    superlink_port: int,
-    ca: Path,
-    cert: Path,
-    key: Path,
-) -> str:
-    """nginx's configuration: mutual TLS on ``host:port``, the Fleet API forwarded to the
-    SuperLink on loopback ``superlink_port``, everything else refused."""
-    folder = state.edge
-    temp = "\n".join(
-        f"    {kind}_temp_path {folder / kind};"
-        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    )
-    listen = format_address(host, port)
-    return f"""# Written by `radfed server start`; rewritten at every start.
+_TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Edge:
+    """The edge on ``host:port`` in front of the SuperLink on loopback ``superlink_port``,
+    with the server's TLS pair (``cert``, ``key``) and the federation's CA (``ca``)."""
+
+    host: str
+    port: int
+    superlink_port: int
+    ca: Path
+    cert: Path
+    key: Path
+
+    def config(self, state: ServerState) -> str:
+        """nginx's configuration: mutual TLS on ``host:port``, the Fleet API forwarded to the
+        SuperLink on loopback, everything else refused."""
+        folder = state.edge
+        temp = "\n".join(f"    {kind}_temp_path {folder / kind};" for kind in _TEMP_KINDS)
+        ca, cert, key = self.ca.resolve(), self.cert.resolve(), self.key.resolve()
+        return f"""# Written by `radfed server start`; rewritten at every start.
 daemon off;
 worker_processes 1;
 pid {folder / "nginx.pid"};
@@ -82,7 +86,7 @@ http {{
     server_tokens off;
     client_max_body_size {MAX_BODY};
     server {{
-        listen {listen} ssl;
+        listen {format_address(self.host, self.port)} ssl;
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_certificate {cert};
         ssl_certificate_key {key};
@@ -92,7 +96,7 @@ http {{
         ssl_verify_depth 1;
         location {FLEET_PREFIX} {{
             # With a URI, nginx forwards the normalised path (never a raw one holding ../)
-            proxy_pass https://127.0.0.1:{superlink_port}{FLEET_PREFIX};
+            proxy_pass https://127.0.0.1:{self.superlink_port}{FLEET_PREFIX};
             proxy_ssl_trusted_certificate {ca};
             proxy_ssl_verify on;
             proxy_ssl_name localhost;  # a DNS name of the certificate (nginx checks no IP)
@@ -109,33 +113,13 @@ http {{
 }}
 """
 
-
-def edge_command(
-    state: ServerState,
-    *,
-    host: str,
-    port: int,
-    superlink_port: int,
-    ca: Path,
-    cert: Path,
-    key: Path,
-) -> Command:
-    """nginx in the foreground with ``edge_config`` written into the state folder."""
-    folder = state.edge
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (folder / kind).mkdir(exist_ok=True, mode=0o700)
-    config = folder / "nginx.conf"
-    config.write_text(
-        edge_config(
-            state,
-            host=host,
-            port=port,
-            superlink_port=superlink_port,
-            ca=ca.resolve(),
-            cert=cert.resolve(),
-            key=key.resolve(),
-        )
-    )
-    argv = [nginx(), "-e", "stderr", "-p", str(folder), "-c", str(config)]
-    return Command(argv, {})
+    def command(self, state: ServerState) -> Command:
+        """nginx in the foreground with ``config`` written into the state folder."""
+        folder = state.edge
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for kind in _TEMP_KINDS:
+            (folder / kind).mkdir(exist_ok=True, mode=0o700)
+        config = folder / "nginx.conf"
+        config.write_text(self.config(state))
+        argv = [nginx(), "-e", "stderr", "-p", str(folder), "-c", str(config)]
+        return Command(argv, {})

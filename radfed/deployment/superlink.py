@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from radfed.deployment.certs import format_address, parse_address
-from radfed.deployment.edge import edge_command
+from radfed.deployment.edge import Edge
 from radfed.deployment.launch import CONNECTION, write_connection
 from radfed.deployment.pki import Pki
 from radfed.deployment.process import (
@@ -223,15 +223,14 @@ def start_server(
         host="127.0.0.1",
         port=inner,
     )
-    edge = edge_command(
-        server,
+    edge = Edge(
         host=host,
         port=port,
         superlink_port=inner,
         ca=pki.server_dir / "ca.crt",
         cert=pki.server_cert,
         key=pki.server_key,
-    )
+    ).command(server)
     command.env[SITES_FILE_ENV] = str(server.sites.resolve())
     home = Path(command.env["FLWR_HOME"])
     write_connection(home, format_address("127.0.0.1", inner), pki.server_dir / "ca.crt")

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from radfed.deployment.edge import edge_command
+from radfed.deployment.edge import Edge
 from radfed.deployment.pki import Pki, init_pki, load_site_kit
 from radfed.deployment.site_node import site_tls
 from radfed.folders import ServerState
@@ -66,15 +66,14 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pki, int, _
     thread = threading.Thread(target=upstream.serve_forever, daemon=True)
     thread.start()
     port = _free_port()
-    command = edge_command(
-        ServerState(root / "state"),
+    command = Edge(
         host="127.0.0.1",
         port=port,
         superlink_port=upstream.server_address[1],
         ca=pki.server_dir / "ca.crt",
         cert=pki.server_cert,
         key=pki.server_key,
-    )
+    ).command(ServerState(root / "state"))
     process = subprocess.Popen(command.argv, env=command.environ(), start_new_session=True)
     try:
         deadline = time.monotonic() + 30
@@ -148,13 +147,15 @@ def test_the_superlink_only_ever_sees_a_normalised_fleet_path(
     before = len(upstream.paths)
 
     # Execute
-    with socket.create_connection(("127.0.0.1", port)) as plain:
-        with context.wrap_socket(plain, server_hostname="localhost") as tls:
-            tls.sendall(
-                f"POST {raw} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n"
-                "Connection: close\r\n\r\nx".encode()
-            )
-            status = tls.recv(64).split(b" ")[1]
+    with (
+        socket.create_connection(("127.0.0.1", port)) as plain,
+        context.wrap_socket(plain, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(
+            f"POST {raw} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\n"
+            "Connection: close\r\n\r\nx".encode()
+        )
+        status = tls.recv(64).split(b" ")[1]
 
     # Assert: a path under /v1/fleet/ once normalised reaches the SuperLink as that; any
     # other is refused without reaching it

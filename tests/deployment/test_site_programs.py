@@ -101,36 +101,29 @@ def _first_request(argv: list[str], env: dict[str, str], handler: type[_RuntimeA
     return sorted(handler.asked[0].supported_task_types)
 
 
+@pytest.mark.parametrize("program", ["site", "flower"])
 def test_the_sites_superexec_asks_for_clientapp_tasks_only(
-    runtime_api: tuple[int, type[_RuntimeApi]], tmp_path: Path
+    runtime_api: tuple[int, type[_RuntimeApi]], tmp_path: Path, program: str
 ) -> None:
-    # Prepare: the site's SuperExec, as `radfed site join` starts it, against the Runtime API
+    # Prepare: the site's SuperExec, as `radfed site join` starts it, against the Runtime
+    # API; and, as the control, Flower's own flower-superexec with the same arguments
     port, handler = runtime_api
     data = tmp_path / "site"
     install_site_programs(SiteFolder(data).state)
     command = superexec_command(data=data, port=port)
-    env = {**os.environ, **command.environ()}
+    argv = command.argv
+    if program == "flower":
+        argv = [str(Path(sys.executable).parent / "flower-superexec"), *argv[4:]]
 
     # Execute
-    asked = _first_request(command.argv, env, handler)
+    asked = _first_request(argv, {**os.environ, **command.environ()}, handler)
 
-    # Assert: a task of any other type (an agent app: the bundle's code) is never handed over
-    assert asked == ["flwr-clientapp"]
-
-
-def test_flowers_own_superexec_would_take_agent_app_tasks(
-    runtime_api: tuple[int, type[_RuntimeApi]], tmp_path: Path
-) -> None:
-    # The control: what the test above guards against, with Flower's flower-superexec
-    port, handler = runtime_api
-    data = tmp_path / "site"
-    install_site_programs(SiteFolder(data).state)
-    command = superexec_command(data=data, port=port)
-    flower = [str(Path(sys.executable).parent / "flower-superexec"), *command.argv[4:]]
-
-    asked = _first_request(flower, {**os.environ, **command.environ()}, handler)
-
-    assert "flwr-agentapp" in asked
+    # Assert: the site's never takes a task of another type (an agent app runs the bundle's
+    # code); Flower's would
+    if program == "site":
+        assert asked == ["flwr-clientapp"]
+    else:
+        assert "flwr-agentapp" in asked
 
 
 @pytest.mark.parametrize("guarded", [True, False], ids=["site-command", "plain-python-m"])
