@@ -20,6 +20,9 @@ SPLITS = ("train", "val", "test")
 MAX_CLASSES = 1000
 #: The most values of a list setting (subgroups, age-band edges, evaluated splits).
 MAX_LIST = 32
+#: The most histogram bins of one statistics cell: a cell holds a histogram per class, so
+#: num-classes x score-bins (and x metric-bins) is bounded, at the server and every site.
+MAX_CELL_BINS = 200_000
 
 
 _E = TypeVar("_E", bound=StrEnum)
@@ -247,6 +250,13 @@ class RunConfig:
             )
         _check(self.num_workers >= 0, "num-workers", self.num_workers, ">= 0")
         _check(10 <= self.metric_bins <= 10_000, "metric-bins", self.metric_bins, "in [10, 10000]")
+        for key, bins in (("score-bins", self.score_bins), ("metric-bins", self.metric_bins)):
+            _check(
+                self.num_classes * bins <= MAX_CELL_BINS,
+                f"num-classes x {key}",
+                f"{self.num_classes} x {bins}",
+                f"at most {MAX_CELL_BINS} (fewer classes or bins)",
+            )
         _check(self.patch_size >= 0, "patch-size", self.patch_size, ">= 0 (0: whole images)")
         _check(0 <= self.sw_overlap < 1, "sw-overlap", self.sw_overlap, "in [0, 1)")
         for key, value in (

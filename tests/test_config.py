@@ -54,8 +54,19 @@ def test_flower_values_are_coerced_and_unknown_keys_kept() -> None:
         ({"det-batch-size-per-image": 10**9}, "'det-batch-size-per-image' must be in"),
         ({"subgroups": ",".join(f"a{i}" for i in range(33))}, "'subgroups' must be at most 32"),
         ({"age-bands": ",".join(str(i) for i in range(1, 34))}, "'age-bands' must be at most"),
+        # each bound alone allows it, the product would make every cell ~100 MB
+        ({"num-classes": 1000, "score-bins": 100_000}, "'num-classes x score-bins' must be"),
+        (
+            {"num-classes": 1000, "score-bins": 10, "metric-bins": 10_000},
+            "'num-classes x metric-bins' must be",
+        ),
     ],
 )
 def test_bad_values_are_named_with_the_fix(values: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RunConfig.from_run_config(values)
+
+
+def test_the_cell_bin_bound_admits_the_largest_sensible_settings() -> None:
+    assert RunConfig.from_run_config({"num-classes": 20, "score-bins": 10_000}).score_bins
+    assert RunConfig.from_run_config({"num-classes": 1000, "score-bins": 200}).num_classes

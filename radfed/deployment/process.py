@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,11 +104,14 @@ def wait_for_port(host: str, port: int, timeout: float = 60.0) -> None:
     raise ConfigError(f"nothing listens at {host}:{port} after {timeout:.0f} s")
 
 
-def run_foreground(*commands: Command, after_start: object = None) -> int:
+def run_foreground(*commands: Command, then: Sequence[Command | Callable[[], None]] = ()) -> int:
     """Run ``commands`` side by side, passing SIGINT/SIGTERM on to them, until one ends;
     then stop the others. Returns the exit code of the one that ended first.
 
-    ``after_start`` (a callable taking no argument) runs once the processes are up.
+    Once ``commands`` are started, the steps of ``then`` run in order: a command is started
+    beside them, a callable is called (and must return before the next step), so that what
+    a step prepares (the server's site keys) is in place before a later process accepts
+    anyone. An exception from a step stops everything started.
     """
     processes = [subprocess.Popen(c.argv, env=c.environ()) for c in commands]
 
@@ -118,8 +122,11 @@ def run_foreground(*commands: Command, after_start: object = None) -> int:
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if callable(after_start):
-            after_start()
+        for step in then:
+            if isinstance(step, Command):
+                processes.append(subprocess.Popen(step.argv, env=step.environ()))
+            else:
+                step()
         while True:
             for process in processes:
                 code = process.poll()

@@ -27,7 +27,7 @@ from radfed.deployment.process import (
     run_foreground,
     wait_for_port,
 )
-from radfed.deployment.site_kit import fingerprint
+from radfed.deployment.site_kit import check_site_name, fingerprint
 from radfed.errors import ConfigError
 from radfed.folders import SITES_FILE_ENV, ServerState
 from radfed.log import logger
@@ -111,12 +111,17 @@ def sync_site_keys(
     key replaced after it was lost or stolen) has its old node unregistered before the new
     key is registered, so the old key is refused from then on. ``STATE/site-keys.json``
     records the fingerprint each node was registered with.
+
+    Raises:
+        ConfigError: a key file's name is not a site name (nothing is changed).
     """
     register = register or register_site
     unregister = unregister or unregister_node
     known: dict[str, int] = _read_json(server.sites)
     prints: dict[str, str] = _read_json(server.site_keys)
     wanted = {key.stem: key for key in keys}
+    for site in wanted:
+        check_site_name(site)  # a key file named outside the rule is no site's
     for site in sorted(known):
         key = wanted.get(site)
         if key is not None and prints.get(site) == fingerprint(key):
@@ -192,7 +197,7 @@ def start_server(
 ) -> int:
     """Run the server in the foreground: the hardened SuperLink on loopback, nginx on
     ``host:port`` in front of it (radfed.deployment.edge: mutual TLS, the Fleet API only),
-    and register the PKI's site keys.
+    and register the PKI's site keys; the edge opens after they are registered.
 
     Site keys are registered once, from the PKI only; ``STATE/sites.json`` maps each site to
     the node id its key was given, and the ServerApp reads it (``RADFED_SITES_FILE``) to name
@@ -237,14 +242,18 @@ def start_server(
 
     def register() -> None:
         wait_for_port("127.0.0.1", inner)
-        wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
         known = sync_site_keys(home, server, pki.registered_keys())
+        logger.info("%d site keys registered; opening the edge", len(known))
+
+    def ready() -> None:
+        wait_for_port("127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
         logger.info(
-            "server ready on %s (sites, mutual TLS, the Fleet API only) with %d sites; the "
-            "Control API is on this host only: radfed launch --server 127.0.0.1:%d",
+            "server ready on %s (sites, mutual TLS, the Fleet API only); the Control API "
+            "is on this host only: radfed launch --server 127.0.0.1:%d",
             format_address(host, port),
-            len(known),
             inner,
         )
 
-    return run_foreground(command, edge, after_start=register)
+    # The edge opens only once the registered keys are exactly the PKI's: a key removed
+    # or replaced since the last start is refused from the first connection on.
+    return run_foreground(command, then=(register, edge, ready))

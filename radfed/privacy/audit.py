@@ -20,7 +20,9 @@ holds the values of its metric and config records: the aggregate statistics the 
 agreed to release (weights are named and hashed, not copied). ``request`` says what was
 asked: the message kind, the SHA-256 of the run configuration, of the run's app bundle
 (null in a simulation) and of the received weights (``weights_digest``), the message's own
-settings, and for an evaluation the splits asked for.
+settings, and for an evaluation the splits asked for. Settings are bounded: the ones the
+site reads first, at most 32, long values as a digest; when some are left out,
+``message-config-more`` counts them and ``message-config-sha256`` digests them all.
 
 ``seq`` counts lines from 1, ``prev`` is the SHA-256 of the previous line (64 zeros on the
 first) and ``hash`` the SHA-256 of the line's own canonical JSON without ``hash``, so
@@ -124,8 +126,11 @@ class Request:
         config_sha256: SHA-256 of the run configuration (canonical JSON).
         bundle_sha256: SHA-256 of the run's app bundle; None in a simulation.
         weights_sha256: ``weights_digest`` of the received weights; None without weights.
-        message_config: the message's own settings (server round, FedProx's mu).
+        message_config: the message's own settings (server round, FedProx's mu), the
+            ones the site reads first, bounded (``_auditable``).
         eval_splits: for an evaluation, the splits asked for.
+        message_config_more: how many settings were left out of ``message_config``.
+        message_config_sha256: with some left out, the SHA-256 of all the settings.
     """
 
     kind: str
@@ -134,6 +139,8 @@ class Request:
     weights_sha256: str | None = None
     message_config: Mapping[str, Any] = field(default_factory=dict)
     eval_splits: tuple[str, ...] = ()
+    message_config_more: int = 0
+    message_config_sha256: str | None = None
 
     @classmethod
     def describe(
@@ -149,12 +156,15 @@ class Request:
         ``kind`` is the message type as received (``evaluate``, ``evaluate.default``)."""
         splits = run_config.get("eval-splits", "")
         asked = tuple(s.strip() for s in str(splits).split(",") if s.strip())
+        kept, more, digest = _auditable(message_config or {})
         return cls(
             kind=str(_bounded(kind)),
             config_sha256=_sha256(_canonical({str(k): v for k, v in run_config.items()})),
             bundle_sha256=bundle_sha256,
             weights_sha256=weights_digest(arrays) if arrays is not None else None,
-            message_config=_auditable(message_config or {}),
+            message_config=kept,
+            message_config_more=more,
+            message_config_sha256=digest,
             eval_splits=tuple(str(_bounded(s)) for s in asked[:_MAX_ITEMS])
             if message_category(kind) == "evaluate"
             else (),
@@ -166,7 +176,7 @@ class Request:
         return message_category(self.kind)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "kind": self.kind,
             "config-sha256": self.config_sha256,
             "bundle-sha256": self.bundle_sha256,
@@ -174,6 +184,10 @@ class Request:
             "message-config": dict(self.message_config),
             "eval-splits": list(self.eval_splits),
         }
+        if self.message_config_more:  # only then, so that earlier lines still verify
+            obj["message-config-more"] = self.message_config_more
+            obj["message-config-sha256"] = self.message_config_sha256
+        return obj
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> Request:
@@ -184,6 +198,8 @@ class Request:
             weights_sha256=obj["weights-sha256"],
             message_config=dict(obj["message-config"]),
             eval_splits=tuple(obj["eval-splits"]),
+            message_config_more=int(obj.get("message-config-more", 0)),
+            message_config_sha256=obj.get("message-config-sha256"),
         )
 
 
@@ -205,15 +221,21 @@ def _bounded(value: object) -> bool | int | float | str:
     return f"<{type(value).__name__} of {len(data)} bytes, sha256 {_sha256(data)[:16]}>"
 
 
-def _auditable(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A message's settings, bounded (``_bounded``), in the message's order; past
-    ``_MAX_ITEMS``, their count and a digest of them all."""
-    items = list(config.items())
-    kept: dict[str, Any] = {str(_bounded(str(k))): _bounded(v) for k, v in items[:_MAX_ITEMS]}
-    if len(items) > _MAX_ITEMS:
-        kept["<more settings>"] = len(items) - _MAX_ITEMS
-        kept["<all sha256>"] = _sha256(_canonical({str(k): v for k, v in items}))
-    return kept
+#: The message settings the site's code reads (radfed.site.node.message_setting): kept
+#: first, so that no number of other settings pushes them out of the log.
+READ_SETTINGS = ("server-round", "proximal-mu")
+
+
+def _auditable(config: Mapping[str, Any]) -> tuple[dict[str, Any], int, str | None]:
+    """A message's settings as the log keeps them: those the site reads
+    (``READ_SETTINGS``) first, then the others in the message's order, ``_MAX_ITEMS`` in
+    all, bounded (``_bounded``); how many were left out, and with any left out the SHA-256
+    of them all."""
+    items = sorted(config.items(), key=lambda kv: kv[0] not in READ_SETTINGS)
+    kept = {str(_bounded(str(k))): _bounded(v) for k, v in items[:_MAX_ITEMS]}
+    more = len(items) - len(items[:_MAX_ITEMS])
+    digest = _sha256(_canonical({str(k): v for k, v in items})) if more else None
+    return kept, more, digest
 
 
 def _canonical(obj: Mapping[str, Any]) -> bytes:

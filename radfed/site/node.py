@@ -21,6 +21,7 @@ from radfed.folders import SiteFolder, list_sites
 from radfed.privacy import ResourceLimits, SitePolicy, load_policy
 
 __all__ = [
+    "MAX_MESSAGE_SETTING",
     "load_site_once",
     "message_setting",
     "resolve_site",
@@ -28,6 +29,9 @@ __all__ = [
     "site_min_cell",
     "site_policy",
 ]
+
+#: The largest number a message's config may carry (a round number, a proximal term).
+MAX_MESSAGE_SETTING = 1e6
 
 
 def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> tuple[str, Path]:
@@ -133,13 +137,32 @@ def site_policy(node_config: Mapping[str, Any], site_dir: Path) -> SitePolicy:
 
 def message_setting(msg: Message, key: str) -> float:
     """A number the strategy put in the message's config (``server-round``, FedProx's
-    ``proximal-mu``), or 0 when absent."""
+    ``proximal-mu``), or 0 when absent.
+
+    Raises:
+        ConfigError: it is not a finite number in [0, MAX_MESSAGE_SETTING] (a NaN or huge
+            proximal term would turn training into whatever the sender wants).
+    """
     config = msg.content.config_records.get("config")
     value = config.get(key, 0.0) if config is not None else 0.0
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"message config {key!r} must be a non-negative number")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= MAX_MESSAGE_SETTING  # False for NaN too
+    ):
+        raise ConfigError(
+            f"message config {key!r} must be a number in [0, {MAX_MESSAGE_SETTING:g}]"
+        )
     return float(value)
 
 
 def server_round(msg: Message) -> int:
-    return int(message_setting(msg, "server-round"))
+    """The message's ``server-round``: a whole number (0 when absent).
+
+    Raises:
+        ConfigError: it is not a whole number in [0, MAX_MESSAGE_SETTING].
+    """
+    value = message_setting(msg, "server-round")
+    if not value.is_integer():
+        raise ConfigError(f"message config 'server-round' must be a whole number, got {value}")
+    return int(value)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
@@ -175,24 +177,38 @@ def test_an_error_about_a_bad_run_setting_is_audited_too(site_copy: Path) -> Non
 def test_a_message_with_a_bad_round_is_refused_and_audited(site_copy: Path) -> None:
     context = make_context(CONFIG.to_run_config(), _node(site_copy))
 
-    replies = [handle_train(_request("train", server_round=r), context) for r in (-3, "one")]
+    bad: list[int | float | str] = [-3, "one", float("nan"), float("inf"), 2.5, 10**12]
+    replies = [handle_train(_request("train", server_round=r), context) for r in bad]
 
     assert all(r.has_error() and r.error.code == ErrorCode.CONFIG for r in replies)
     entries = _audit(site_copy)
-    assert [(e["kind"], e["round"]) for e in entries] == [("error", -1), ("error", -1)]
+    assert [(e["kind"], e["round"]) for e in entries] == [("error", -1)] * len(bad)
+
+
+@pytest.mark.parametrize("mu", [float("nan"), float("inf"), 1e30, -0.5])
+def test_a_proximal_term_that_is_not_a_bounded_number_is_refused(
+    site_copy: Path, mu: float
+) -> None:
+    message = _request("train")
+    message.content.config_records["config"]["proximal-mu"] = mu
+
+    reply = handle_train(message, make_context(CONFIG.to_run_config(), _node(site_copy)))
+
+    assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
+    (entry,) = _audit(site_copy)
+    assert entry["kind"] == "error" and entry["round"] == 1
 
 
 def test_the_audit_log_keeps_a_bounded_record_of_whatever_the_message_carries(
     site_copy: Path,
 ) -> None:
-    # Prepare: a message whose own settings are huge, many, and of every type
+    # Prepare: a message whose own settings are huge, many, and of every type, the ones
+    # the site reads sent last, after a hundred forged ones
     message = _request("query")
-    config = message.content.config_records["config"]
-    config["note"] = "x" * 1_000_000
-    config["blob"] = b"\0" * 1000
-    config["values"] = [1.0, 2.0]
-    for i in range(100):
-        config[f"k{i:03d}"] = i
+    settings: dict[str, Any] = {f"k{i:03d}": i for i in range(100)}
+    settings.update({"note": "x" * 1_000_000, "blob": b"\0" * 1000, "values": [1.0, 2.0]})
+    settings.update({"server-round": 1, "proximal-mu": 0.5})
+    message.content.config_records["config"] = ConfigRecord(settings)
 
     # Execute
     reply = handle_query(message, make_context(CONFIG.to_run_config(), _node(site_copy)))
@@ -202,9 +218,26 @@ def test_the_audit_log_keeps_a_bounded_record_of_whatever_the_message_carries(
     line = (site_copy / ".radfed" / "audit.jsonl").read_text().splitlines()[-1]
     assert len(line) < 10_000
     (entry,) = _audit(site_copy)
+    request = entry["request"]
+    kept = request["message-config"]  # type: ignore[index]
+    assert len(kept) == 32
+    assert kept["server-round"] == 1 and kept["proximal-mu"] == 0.5
+    assert request["message-config-more"] == 105 - 32  # type: ignore[index]
+    assert len(request["message-config-sha256"]) == 64  # type: ignore[index]
+
+
+def test_long_and_odd_settings_are_kept_as_their_digest(site_copy: Path) -> None:
+    message = _request("query")
+    config = message.content.config_records["config"]
+    config["note"] = "x" * 1_000_000
+    config["blob"] = b"\0" * 1000
+    config["values"] = [1.0, 2.0]
+
+    handle_query(message, make_context(CONFIG.to_run_config(), _node(site_copy)))
+
+    (entry,) = _audit(site_copy)
     kept = entry["request"]["message-config"]  # type: ignore[index]
-    assert kept["server-round"] == 1
     assert kept["note"].startswith("<str of 1000002 bytes, sha256 ")
     assert kept["blob"].startswith("<bytes of 1000 bytes, sha256 ")
     assert kept["values"].startswith("<list of ")
-    assert kept["<more settings>"] == 104 - 32 and len(kept["<all sha256>"]) == 64
+    assert "message-config-more" not in entry["request"]  # type: ignore[operator]
