@@ -34,6 +34,7 @@ from radfed.log import logger
 
 __all__ = [
     "control_port",
+    "list_nodes",
     "register_site",
     "start_server",
     "superlink_command",
@@ -91,8 +92,32 @@ def register_site(flwr_home: Path, key: Path) -> int:
     except (ValueError, KeyError, TypeError):
         raise ConfigError(
             f"the SuperLink did not register site key {key.name} (exit {done.returncode}); "
-            "a key registered before but missing from STATE/sites.json must be unregistered "
-            "first (flwr supernode unregister)"
+            "if it was registered outside `radfed server start` (it is not in "
+            "STATE/sites.json), the SuperLink never takes it again: the site makes a new "
+            "key and the central team replaces it (deploy/README.md, a lost or stolen key)"
+        ) from None
+
+
+def list_nodes(flwr_home: Path) -> list[int]:
+    """The ids of the nodes the running SuperLink has registered (and not unregistered).
+
+    Raises:
+        ConfigError: the SuperLink did not answer.
+    """
+    env = {**os.environ, **HARDENED_ENV, "FLWR_HOME": str(flwr_home)}
+    done = subprocess.run(
+        [flower_tool("flwr"), "supernode", "list", CONNECTION, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        reply = json.loads(done.stdout[done.stdout.index("{") :])
+        return [int(n["node-id"]) for n in reply["nodes"] if n["status"] != "unregistered"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"the SuperLink did not list its nodes (exit {done.returncode}); check its log"
         ) from None
 
 
@@ -103,20 +128,23 @@ def sync_site_keys(
     *,
     register: Callable[[Path, Path], int] | None = None,
     unregister: Callable[[Path, int], None] | None = None,
+    listed: Callable[[Path], list[int]] | None = None,
 ) -> dict[str, int]:
     """Make the SuperLink's registered nodes the PKI's site keys, exactly; return the
     registry (site -> node id) as written to ``STATE/sites.json``.
 
     A site whose key file is gone from the PKI is unregistered; a site whose key changed (a
     key replaced after it was lost or stolen) has its old node unregistered before the new
-    key is registered, so the old key is refused from then on. ``STATE/site-keys.json``
-    records the fingerprint each node was registered with.
+    key is registered, so the old key is refused from then on. A node registered some other
+    way (``flwr supernode register`` on the server host) is unregistered too.
+    ``STATE/site-keys.json`` records the fingerprint each node was registered with.
 
     Raises:
         ConfigError: a key file's name is not a site name (nothing is changed).
     """
     register = register or register_site
     unregister = unregister or unregister_node
+    listed = listed or list_nodes
     known: dict[str, int] = _read_json(server.sites)
     prints: dict[str, str] = _read_json(server.site_keys)
     wanted = {key.stem: key for key in keys}
@@ -132,6 +160,9 @@ def sync_site_keys(
         _write_json(server.site_keys, prints)
         why = "its key was removed from the PKI" if key is None else "its key was replaced"
         logger.warning("site %s: %s; its old node is unregistered", site, why)
+    for node in sorted(set(listed(flwr_home)) - set(known.values())):
+        unregister(flwr_home, node)
+        logger.warning("node %d was registered outside the PKI; it is unregistered", node)
     for site, key in sorted(wanted.items()):
         if site in known:
             continue

@@ -32,6 +32,12 @@ class SuperLink:
     def unregister(self, home: Path, node: int) -> None:
         del self.nodes[node]
 
+    def listed(self, home: Path) -> list[int]:
+        return list(self.nodes)
+
+    def calls(self) -> dict[str, object]:
+        return {"register": self.register, "unregister": self.unregister, "listed": self.listed}
+
 
 def _key(tmp_path: Path, site: str, tag: str) -> Path:
     made = make_site_keys(tmp_path / f"{site}-{tag}", site)
@@ -43,18 +49,12 @@ def test_the_registered_nodes_follow_the_pki(tmp_path: Path) -> None:
     server, link = ServerState(tmp_path / "state"), SuperLink()
     server.path.mkdir()
     a, b = _key(tmp_path, "a", "1"), _key(tmp_path, "b", "1")
-    first = sync_site_keys(
-        tmp_path, server, [a, b], register=link.register, unregister=link.unregister
-    )
-    again = sync_site_keys(
-        tmp_path, server, [a, b], register=link.register, unregister=link.unregister
-    )
+    first = sync_site_keys(tmp_path, server, [a, b], **link.calls())
+    again = sync_site_keys(tmp_path, server, [a, b], **link.calls())
     b2, c = _key(tmp_path, "b", "2"), _key(tmp_path, "c", "1")
 
     # Execute
-    after = sync_site_keys(
-        tmp_path, server, [b2, c], register=link.register, unregister=link.unregister
-    )
+    after = sync_site_keys(tmp_path, server, [b2, c], **link.calls())
 
     # Assert: a restart changes nothing; afterwards the SuperLink knows b's new key and c only
     assert first == again == {"a": 101, "b": 102}
@@ -68,7 +68,7 @@ def test_a_registry_that_is_not_radfeds_stops_the_server(tmp_path: Path) -> None
     server = ServerState(tmp_path)
     server.sites.write_text("[1, 2]")
     with pytest.raises(ConfigError, match="is not radfed's"):
-        sync_site_keys(tmp_path, server, [], register=SuperLink().register)
+        sync_site_keys(tmp_path, server, [], **SuperLink().calls())
 
 
 def test_a_key_file_not_named_as_a_site_changes_nothing(tmp_path: Path) -> None:
@@ -76,15 +76,13 @@ def test_a_key_file_not_named_as_a_site_changes_nothing(tmp_path: Path) -> None:
     server, link = ServerState(tmp_path / "state"), SuperLink()
     server.path.mkdir()
     a = _key(tmp_path, "a", "1")
-    sync_site_keys(tmp_path, server, [a], register=link.register, unregister=link.unregister)
+    sync_site_keys(tmp_path, server, [a], **link.calls())
     odd = a.with_name("A b.pub")
     odd.write_bytes(a.read_bytes())
 
     # Execute / Assert: refused by name, before any node changes
     with pytest.raises(ConfigError, match="site name 'A b' is invalid"):
-        sync_site_keys(
-            tmp_path, server, [a, odd], register=link.register, unregister=link.unregister
-        )
+        sync_site_keys(tmp_path, server, [a, odd], **link.calls())
     assert list(link.nodes.values()) == [fingerprint(a)]
 
 
@@ -128,3 +126,19 @@ def test_a_failed_sync_stops_the_server_before_the_edge_starts(tmp_path: Path) -
         run_foreground(superlink, then=(sync, edge))
     assert not seen.exists()
     assert time.monotonic() - started < 30  # the SuperLink was stopped, not waited for
+
+
+def test_a_node_registered_outside_the_pki_is_unregistered_at_start(tmp_path: Path) -> None:
+    # Prepare: site a registered; someone on the server host registered another key
+    server, link = ServerState(tmp_path / "state"), SuperLink()
+    server.path.mkdir()
+    a = _key(tmp_path, "a", "1")
+    sync_site_keys(tmp_path, server, [a], **link.calls())
+    link.register(tmp_path, _key(tmp_path, "x", "1"))
+
+    # Execute
+    after = sync_site_keys(tmp_path, server, [a], **link.calls())
+
+    # Assert: only the PKI's key keeps a node
+    assert after == {"a": 101}
+    assert list(link.nodes.values()) == [fingerprint(a)]

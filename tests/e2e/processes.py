@@ -41,12 +41,14 @@ class Background:
     """A radfed command running in its own process group, with its output in a log file.
 
     ``stop`` ends the group by the PID this object started (SIGTERM, then SIGKILL), so the
-    Flower processes it spawned (SuperExec, ServerApp, ClientApp) end with it.
+    Flower processes it spawned (SuperExec, ServerApp, ClientApp) end with it. A restarted
+    command appends to the same log; ``output`` is this process's part of it only.
     """
 
     def __init__(self, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.log = log
         self._handle = log.open("ab")
+        self._start = self._handle.tell()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "radfed", *args],
             env={**os.environ, **(env or {})},
@@ -57,7 +59,9 @@ class Background:
         self.pid = self.process.pid
 
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        with self.log.open("rb") as handle:
+            handle.seek(self._start)
+            return handle.read().decode(errors="replace")
 
     def wait_for(self, text: str, timeout: float) -> None:
         """Block until ``text`` appears in the output; fail with the output otherwise."""

@@ -526,6 +526,10 @@ def test_a_node_registered_outside_the_pki_is_never_a_site(federation: Federatio
     assert "e" not in {line["site"] for line in _metrics(out)}
     assert not (federation.data / "site-e" / ".radfed" / "audit.jsonl").exists()
     federation.processes["site-e"].stop()
+    # The SuperLink never registers a key twice: the central team drops e's key from the
+    # PKI (the server's next start unregisters the node; e would make a new key)
+    shutil.rmtree(federation.pki / "sites" / "e")
+    (federation.pki / "server" / "site-keys" / "e.pub").unlink()
 
 
 def test_a_site_whose_key_is_not_registered_is_refused(federation: Federation) -> None:
