@@ -6,17 +6,20 @@ rule: ``sex``, ``age_band`` and their intersection have closed vocabularies (``F
 empty or not; any other value (a manufacturer, a manifest column, a manifest ``age_band``
 outside the bands) may be free text, so groups with fewer than ``k`` cases are pooled at
 the site into one group, ``other (small groups)``, before anything is named. Cells below
-``k`` leave suppressed, and so many more as keep a suppressed group from being recovered
-by subtracting the others from the whole split.
+``k`` leave suppressed, and so many more that no sum or difference of released cells (of
+one attribute, or margins against intersections) covers fewer than ``k`` cases
+(``radfed.metrics.disclosure``).
 """
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from radfed.data.attributes import UNKNOWN
+from radfed.metrics.disclosure import protect
 
 __all__ = [
     "ALL",
@@ -145,21 +148,21 @@ def subgroup_cells(
 def suppressed_cells(cells: Sequence[Cell], k: int) -> set[int]:
     """Positions of the cells that must leave suppressed, complementary suppression included.
 
-    A cell with fewer than ``k`` cases is suppressed. Because the groups of an attribute add
-    up to the whole split, a lone suppressed group could be recovered by subtraction: while
-    the suppressed groups of an attribute hold between 1 and ``k - 1`` cases together, the
-    next-smallest group is suppressed as well.
+    A cell with fewer than ``k`` cases is suppressed, and then, jointly over every cell of
+    the split (``all``, margins and intersections are linked tables of the same cases), so
+    many more that no sum or difference of the released cells covers 1 to ``k - 1`` cases
+    (``radfed.metrics.disclosure.protect``). Intersections are suppressed before margins,
+    smaller cells before larger ones, ``all`` last: the bias report compares margins. The
+    result depends on the cells' attributes and cases only, so every round of a run
+    releases the same cells (and the answer is kept for the rounds that follow).
     """
-    out = {i for i, cell in enumerate(cells) if len(cell.index) < k}
-    by_attribute: dict[str, list[int]] = defaultdict(list)
-    for i, cell in enumerate(cells):
-        if cell.attribute != ALL:
-            by_attribute[cell.attribute].append(i)
-    for members in by_attribute.values():
-        hidden = sum(len(cells[i].index) for i in members if i in out)
-        shown = sorted((len(cells[i].index), i) for i in members if i not in out)
-        while 0 < hidden < k and shown:
-            size, i = shown.pop(0)
-            out.add(i)
-            hidden += size
-    return out
+    return set(_suppressed(tuple((cell.attribute, cell.index) for cell in cells), k))
+
+
+@functools.lru_cache(maxsize=32)
+def _suppressed(cells: tuple[tuple[str, tuple[int, ...]], ...], k: int) -> frozenset[int]:
+    def preference(i: int) -> tuple[bool, bool, int, int]:
+        attribute, index = cells[i]
+        return (attribute == ALL, "*" not in attribute, len(index), i)
+
+    return frozenset(protect([index for _, index in cells], k, preference=preference))

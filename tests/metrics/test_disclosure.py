@@ -1,0 +1,183 @@
+"""Disclosure control over linked tables: after ``suppressed_cells``, no sum or difference of
+the released cells of a split covers 1 to k-1 cases.
+
+Each test searches the released tables for an isolating combination by methods independent
+of radfed's (which enumerates elementary vectors in floating point): every signed sum of up
+to three released cells, case by case, and exact rational arithmetic (sympy) over every
+small set of atoms. The search is shown to find the attack on a release that only
+suppresses cells below k, so that a pass means something.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Sequence
+
+import pytest
+from sympy import QQ, ZZ
+from sympy.polys.matrices import DomainMatrix
+
+from radfed.data.attributes import STANDARD_BANDS
+from radfed.metrics.cells import Cell, subgroup_cells, suppressed_cells
+from radfed.metrics.disclosure import atoms, find_disclosure, protect
+
+BANDS = STANDARD_BANDS.labels
+SUBGROUPS = ["sex", "age_band", "sex*age_band", "manufacturer"]
+
+
+def _signed_sums(members: Sequence[set[int]], k: int, most: int = 3) -> list[str]:
+    """Every ±1 combination of up to ``most`` cells that covers 1..k-1 cases."""
+    found = []
+    for size in range(1, most + 1):
+        for chosen in itertools.combinations(range(len(members)), size):
+            for signs in itertools.product((1, -1), repeat=size - 1):
+                weight: dict[int, int] = {}
+                for sign, cell in zip((1, *signs), chosen, strict=True):
+                    for case in members[cell]:
+                        weight[case] = weight.get(case, 0) + sign
+                covered = sum(1 for w in weight.values() if w)
+                if 0 < covered < k:
+                    found.append(f"{chosen} {signs}: {covered} cases")
+    return found
+
+
+def _exact_isolations(members: Sequence[set[int]], k: int, most: int = 2) -> list[str]:
+    """Sets of small atoms (all of them when there are few, else up to ``most``) on which
+    some rational combination of the cells is non-zero while it vanishes on every other
+    atom, covering 1..k-1 cases: exact rational arithmetic (sympy's DomainMatrix)."""
+    cases = sorted(set().union(*members))
+    classes: dict[tuple[bool, ...], int] = {}
+    for case in cases:
+        key = tuple(case in m for m in members)
+        classes[key] = classes.get(key, 0) + 1
+    keys = sorted(classes)
+    matrix = DomainMatrix(
+        [[ZZ(int(key[c])) for key in keys] for c in range(len(members))],
+        (len(members), len(keys)),
+        ZZ,
+    ).convert_to(QQ)
+    small = [a for a, key in enumerate(keys) if classes[key] < k]
+    large = [a for a in range(len(keys)) if a not in small]
+    if not small:
+        return []
+    # the combinations that vanish on every large atom, seen on the small ones
+    if large:
+        null = matrix.extract(range(len(members)), large).transpose().nullspace()
+    else:
+        null = DomainMatrix.eye(len(members), QQ)
+    if null.shape[0] == 0:
+        return []
+    space = null * matrix.extract(range(len(members)), small)
+    dimension = space.rank()
+    dense = space.to_Matrix()
+    reach = [i for i in range(len(small)) if any(dense[:, i])]
+    sizes = range(1, len(reach) + 1) if len(reach) <= 10 else range(1, most + 1)
+    found = []
+    rows = range(space.shape[0])
+    for size in sizes:
+        for chosen in itertools.combinations(reach, size):
+            weight = sum(classes[keys[small[i]]] for i in chosen)
+            rest = [i for i in range(len(small)) if i not in chosen]
+            if weight < k and space.extract(rows, rest).rank() < dimension:
+                found.append(f"atoms {chosen}: {weight} cases")
+    return found
+
+
+def _released(cells: Sequence[Cell], hidden: set[int]) -> list[set[int]]:
+    return [set(c.index) for i, c in enumerate(cells) if i not in hidden]
+
+
+def _women_of_one_band() -> list[dict[str, str]]:
+    # the attack of issue 13: 80 women, 79 of them aged 40-59 and one 60-79
+    women = [{"sex": "F", "age_band": "40-59"}] * 79 + [{"sex": "F", "age_band": "60-79"}]
+    men = [{"sex": "M", "age_band": b} for b in ("18-39", "40-59", "60-79", "80+") * 20]
+    return [{**case, "manufacturer": "GE"} for case in women + men]
+
+
+def test_a_margin_minus_its_intersections_no_longer_isolates_a_patient() -> None:
+    # Prepare: the default subgroups over the cases of the attack
+    cells = subgroup_cells(_women_of_one_band(), ["sex", "age_band", "sex*age_band"], 10)
+    below_k = {i for i, c in enumerate(cells) if len(c.index) < 10}
+
+    # Execute
+    hidden = suppressed_cells(cells, 10)
+
+    # Assert: suppressing cells below k alone leaves the woman aged 60-79 exposed (sex=F
+    # minus sex*age_band=F|40-59), the search finds it; after protection it finds nothing
+    naive = _released(cells, below_k)
+    assert any(": 1 cases" in f for f in _signed_sums(naive, 10))
+    assert _exact_isolations(naive, 10)
+    protected = _released(cells, hidden)
+    assert _signed_sums(protected, 10) == [] and _exact_isolations(protected, 10) == []
+    shown = {c.name for i, c in enumerate(cells) if i not in hidden}
+    assert {"all=all", "sex=F", "sex=M"} <= shown  # the margins the report compares stay
+
+
+def _random_split(seed: int) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    n = rng.randint(20, 260)
+    sexes = rng.choice([("F", "M"), ("F", "M", "M", "other"), ("F", "F", "F", "M", "unknown")])
+    makers = rng.sample(["GE", "Siemens", "Philips", "Canon", "Fuji", "Agfa"], rng.randint(1, 5))
+    weights = [rng.random() + 0.05 for _ in BANDS]
+    return [
+        {
+            "sex": rng.choice(sexes),
+            "age_band": rng.choices(list(BANDS), weights)[0],
+            "manufacturer": rng.choice(makers),
+        }
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(18))
+def test_no_signed_sum_of_released_cells_isolates_fewer_than_k_cases(seed: int) -> None:
+    # Prepare: a random split, subgroups with margins, an intersection and free text
+    cases = _random_split(seed)
+    k = (5, 10, 20)[seed % 3]
+    cells = subgroup_cells(cases, SUBGROUPS, k, age_bands=BANDS)
+
+    # Execute
+    hidden = suppressed_cells(cells, k)
+
+    # Assert: nothing isolates; the whole split leaves whenever it holds k cases
+    released = _released(cells, hidden)
+    assert _signed_sums(released, k) == []
+    assert _exact_isolations(released, k) == []
+    assert (0 in hidden) == (len(cases) < k)
+
+
+def test_a_search_out_of_time_suppresses_more_never_less() -> None:
+    cases = _random_split(3)
+    cells = subgroup_cells(cases, SUBGROUPS, 10, age_bands=BANDS)
+    members = [c.index for c in cells]
+
+    exact = protect(members, 10)
+    conservative = protect(members, 10, time_limit=0.0)
+
+    assert exact <= conservative or len(conservative) >= len(exact)
+    assert _exact_isolations(_released(cells, conservative), 10) == []
+
+
+def test_the_suppression_depends_on_the_cells_not_on_the_order_of_cases() -> None:
+    # the same split read in another order releases the same cells, in every round
+    cases = _random_split(5)
+    order = list(range(len(cases)))
+    random.Random(1).shuffle(order)
+    shuffled = [cases[i] for i in order]
+    first = subgroup_cells(cases, SUBGROUPS, 10, age_bands=BANDS)
+    second = subgroup_cells(shuffled, SUBGROUPS, 10, age_bands=BANDS)
+    assert [c.name for c in first] == [c.name for c in second]
+    assert suppressed_cells(first, 10) == suppressed_cells(second, 10)
+
+
+def test_find_disclosure_names_the_cells_and_the_cases() -> None:
+    # all = 30 cases, F = 20, M = 9, other = 1: all - F - M isolates the one
+    members = [range(30), range(20), range(20, 29), range(29, 30)]
+    matrix, sizes = atoms(members)
+
+    found = find_disclosure(matrix, sizes, [0, 1, 2], 10)
+
+    assert found is not None and found.exact and found.cases == 1
+    assert sorted(found.cells) == [0, 1, 2]
+    assert find_disclosure(matrix, sizes, [0, 1], 10) is None  # all - F covers 10
