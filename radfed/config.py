@@ -11,7 +11,15 @@ from typing import Any, TypeVar
 
 from radfed.errors import ConfigError
 
-__all__ = ["SPLITS", "RunConfig", "StrategyName", "TaskName", "as_choice"]
+__all__ = [
+    "IDENTIFYING_PARTS",
+    "SPLITS",
+    "RunConfig",
+    "StrategyName",
+    "TaskName",
+    "as_choice",
+    "looks_identifying",
+]
 
 #: The split names a site knows; ``test`` is sealed and only evaluated on request.
 SPLITS = ("train", "val", "test")
@@ -23,6 +31,22 @@ MAX_LIST = 32
 #: The most histogram bins of one statistics cell: a cell holds a histogram per class, so
 #: num-classes x score-bins (and x metric-bins) is bounded, at the server and every site.
 MAX_CELL_BINS = 200_000
+
+#: Parts of an attribute name that say it may identify a patient or a person: such an
+#: attribute never leaves as a subgroup, whatever a run or a site policy asks.
+IDENTIFYING_PARTS = (
+    *("id", "name", "date", "postcode", "postal", "zip", "address", "phone", "email"),
+    *("birth", "mrn", "accession", "physician", "uid"),
+)
+
+
+def looks_identifying(attribute: str) -> bool:
+    """Whether an attribute name (or a part of ``a*b``) looks like an identifier: it holds
+    one of ``IDENTIFYING_PARTS`` (any case), or is ``age`` (report ``age_band``)."""
+    for part in attribute.lower().split("*"):
+        if part == "age" or any(word in part for word in IDENTIFYING_PARTS):
+            return True
+    return False
 
 
 _E = TypeVar("_E", bound=StrEnum)
@@ -243,10 +267,17 @@ class RunConfig:
         for name in self.subgroups:
             parts = name.split("*")
             _check(
-                len(parts) <= 2 and all(p.isidentifier() for p in parts) and "age" not in parts,
+                len(parts) <= 2 and all(p.isidentifier() for p in parts),
                 "subgroups",
                 ",".join(self.subgroups),
-                "attribute names (a*b for an intersection of two); use age_band, not age",
+                "attribute names (a*b for an intersection of two)",
+            )
+            _check(
+                not looks_identifying(name),
+                "subgroups",
+                name,
+                "attributes that do not look like identifiers (no id, name, date, postcode, "
+                "address, birth, accession, physician...; age_band, not age)",
             )
         _check(self.num_workers >= 0, "num-workers", self.num_workers, ">= 0")
         _check(10 <= self.metric_bins <= 10_000, "metric-bins", self.metric_bins, "in [10, 10000]")

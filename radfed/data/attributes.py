@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_AGE_BANDS",
     "STANDARD_BANDS",
     "UNKNOWN",
+    "VENDORS",
     "AgeBands",
     "attributes_from_header",
     "merge_manifest_attributes",
@@ -78,6 +79,11 @@ class AgeBands:
 
 #: The default bands: <18, 18-39, 40-59, 60-79, 80+ (and unknown).
 STANDARD_BANDS = AgeBands()
+
+
+#: The canonical vendor names ``normalise_manufacturer`` gives: the values of
+#: ``manufacturer`` a site names by default (others leave pooled).
+VENDORS = tuple(sorted({name for _, name in _VENDORS}))
 
 
 def normalise_sex(value: object) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,14 @@ from radfed.data.cache import CaseCache
 from radfed.data.image import MAX_VOXELS, ImageReadError, check_voxels
 from radfed.data.manifest import Case, RowProblem, read_manifest
 from radfed.data.reader import read_image
-from radfed.data.splits import PatientInfo, check_given_splits, load_or_make_splits, patient_key
+from radfed.data.splits import (
+    PatientInfo,
+    check_given_splits,
+    legacy_patient_key,
+    load_or_make_splits,
+    patient_key,
+    site_secret,
+)
 from radfed.errors import DataError
 from radfed.folders import MANIFEST_NAME, SiteFolder
 from radfed.log import logger
@@ -202,7 +209,9 @@ def load_site(
         msg = f"{site_dir.name}/{MANIFEST_NAME}: no readable image; fix the rows reported above"
         raise DataError(msg)
 
-    keys = [patient_key(c.patient_id) for c in kept]
+    secret = site_secret(state)
+    keys = [patient_key(c.patient_id, secret) for c in kept]
+    legacy = {legacy_patient_key(c.patient_id): k for c, k in zip(kept, keys, strict=True)}
     splits = _split_cases(
         kept,
         keys,
@@ -211,6 +220,7 @@ def load_site(
         val_fraction=val_fraction,
         test_fraction=test_fraction,
         seed=seed,
+        legacy=legacy,
     )
     stacked = torch.from_numpy(np.stack(pixels))[:, None]
     stacked_masks = torch.from_numpy(np.stack(masks))[:, None] if masks else None
@@ -250,6 +260,7 @@ def _split_cases(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    legacy: Mapping[str, str],
 ) -> list[str]:
     given = [c.split for c in cases]
     if all(s is not None for s in given):
@@ -268,7 +279,12 @@ def _split_cases(
         label = max(case.label, before.label) if before else case.label
         patients[key] = PatientInfo(label=label, sex=before.sex if before else sex)
     assignment = load_or_make_splits(
-        state_dir, patients, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed
+        state_dir,
+        patients,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+        legacy=legacy,
     )
     return [assignment[k] for k in keys]
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import secrets
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
@@ -14,6 +17,7 @@ import numpy as np
 
 from radfed.errors import DataError
 from radfed.folders import MANIFEST_NAME, SiteState
+from radfed.log import logger
 
 __all__ = [
     "PatientInfo",
@@ -22,9 +26,11 @@ __all__ = [
     "load_or_make_splits",
     "patient_key",
     "record_test_use",
+    "site_secret",
 ]
 
-_SPLIT_VERSION = 1
+#: 2: patient keys are an HMAC with the site's secret (1: a plain SHA-256 of the id).
+_SPLIT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -115,8 +121,43 @@ def check_given_splits(patient_splits: Sequence[tuple[str, str, int]]) -> None:
             raise DataError(msg)
 
 
-def patient_key(patient_id: str) -> str:
-    """A stable, non-reversible key for a patient id (state files never hold the id)."""
+def site_secret(state_dir: Path) -> bytes:
+    """The site's secret key, created on first use (0600, never leaves the site): it keys
+    the patient keys of the state files and the pseudonyms of ``radfed site index``."""
+    path = SiteState(state_dir).pseudonym_key
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another process made it first
+            pass
+        except OSError as err:
+            msg = (
+                f"{state_dir.name}: the site's secret key cannot be created "
+                f"({err.strerror}); make the site's state folder writable"
+            )
+            raise DataError(msg) from None
+        else:
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(secrets.token_hex(32))
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        msg = (
+            f"{state_dir.name}/{path.name}: the site's secret key cannot be read; restore it "
+            "from backup (a new one changes every patient key and so the splits)"
+        )
+        raise DataError(msg) from None
+
+
+def patient_key(patient_id: str, secret: bytes) -> str:
+    """A stable key for a patient id, keyed with the site's secret: without the secret it
+    cannot be recomputed from a guessed id (a plain hash of a medical record number can)."""
+    return hmac.new(secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
+
+
+def legacy_patient_key(patient_id: str) -> str:
+    """The key of split files of version 1 (a plain SHA-256), to re-key them."""
     return hashlib.sha256(patient_id.encode("utf-8")).hexdigest()[:24]
 
 
@@ -127,6 +168,7 @@ def load_or_make_splits(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    legacy: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Return the stored split of every patient, assigning and storing new patients.
 
@@ -140,20 +182,29 @@ def load_or_make_splits(
     Args:
         state_dir: the site's state folder.
         patients: patient key (see ``patient_key``) -> stratification info.
+        legacy: version-1 key -> key of each patient, to re-key a version-1 file (the
+            patients in it but no longer in the manifest are dropped).
     """
     path = SiteState(state_dir).split
     stored: dict[str, str] = {}
+    rekeyed = False
     if path.is_file():
         try:
             document = json.loads(path.read_text())
             stored = {str(k): str(v) for k, v in document["assignments"].items()}
+            version = document.get("version", 1)
         except (ValueError, KeyError, TypeError, AttributeError):
             msg = (
                 f"{state_dir.name}/{path.name}: unreadable split file in the site state folder; "
                 "restore it from backup (or delete it to re-split)"
             )
             raise DataError(msg) from None
-    if any(k not in stored for k in patients) or not path.is_file():
+        if version == 1:  # re-key with the site's secret; the splits stay as they were
+            old = len(stored)
+            stored = {(legacy or {})[k]: v for k, v in stored.items() if k in (legacy or {})}
+            rekeyed = True
+            logger.info("split file re-keyed with the site secret (%d of %d)", len(stored), old)
+    if rekeyed or any(k not in stored for k in patients) or not path.is_file():
         stored.update(
             assign_splits(
                 patients,

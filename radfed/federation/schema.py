@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from flwr.app import ConfigRecord, MetricRecord
 
 from radfed.config import RunConfig
+from radfed.data.attributes import AgeBands
 from radfed.federation.codes import InvalidReply
-from radfed.metrics.cells import ALL, cell_name, parse_cell_name
+from radfed.metrics.cells import ALL, SMALL_GROUPS, cell_name, closed_vocabulary, parse_cell_name
 from radfed.tasks import SplitStats, StatsValue, Task
 
 __all__ = [
@@ -133,12 +134,17 @@ def unpack_cells(
 
     Raises:
         InvalidReply: a key is missing or extra, the schema version is not this server's,
-            a cell names an attribute the run does not report, a value breaks the task's
+            a cell names an attribute the run does not report or a group outside a closed
+            vocabulary (sex, age band), the reply holds more values than its cells and
+            bins, a value breaks the task's
             statistics (wrong type, length, negative, totals that disagree), a suppressed
             cell carries counts, or positives exceed the cases.
     """
-    value_keys = list(task.to_values(task.empty_stats(config)))
+    empty = task.to_values(task.empty_stats(config))
+    value_keys = list(empty)
     per_cell = ("suppressed", "positives", *value_keys)
+    per_cell_values = 2 + sum(len(v) if isinstance(v, list) else 1 for v in empty.values())
+    bands = AgeBands(config.age_bands).labels
     cells: dict[str, list[tuple[str, str, str]]] = {}
     given = dict(names.items()) if names is not None else {}
     if set(given) - set(config.eval_splits):
@@ -155,6 +161,9 @@ def unpack_cells(
                 attribute, group = parse_cell_name(str(name), config.subgroups)
             except ValueError as err:
                 raise InvalidReply(f"{split} cell {number}: {err}") from None
+            vocabulary = closed_vocabulary(attribute, bands)
+            if vocabulary is not None and group not in (*vocabulary, SMALL_GROUPS):
+                raise InvalidReply(f"{split} cell {number}: a group outside its vocabulary")
             cells[split].append((f"{split}#{number}", attribute, group))
         if len({(a, g) for _, a, g in cells[split]}) != len(cells[split]):
             raise InvalidReply(f"{split} names a cell twice")
@@ -167,6 +176,9 @@ def unpack_cells(
         raise InvalidReply(
             f"statistics keys differ from schema (missing {missing[:5]}, extra {extra[:5]})"
         )
+    size = sum(len(v) if isinstance(v, list) else 1 for v in record.values())
+    if size > 2 + per_cell_values * sum(len(entries) for entries in cells.values()):
+        raise InvalidReply("the statistics hold more values than their cells and bins")
     schema = record["schema-version"]
     if isinstance(schema, bool) or not isinstance(schema, int):
         raise InvalidReply("schema-version must be an integer")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from radfed.data.attributes import UNKNOWN
@@ -90,10 +90,19 @@ def _clean(value: object, limit: int) -> str:
     return text[:limit] or UNKNOWN
 
 
-def _group_of(attributes: Mapping[str, str], attribute: str) -> str:
+def _group_of(
+    attributes: Mapping[str, str],
+    attribute: str,
+    vocabularies: Mapping[str, Collection[str]],
+) -> str:
     parts = attribute.split("*")
     limit = MAX_GROUP_LENGTH // len(parts) - 1
-    return "|".join(_clean(attributes.get(p), limit) for p in parts)
+    values = [_clean(attributes.get(p), limit) for p in parts]
+    for part, value in zip(parts, values, strict=True):
+        allowed = vocabularies.get(part)
+        if allowed is not None and value != UNKNOWN and value not in allowed:
+            return SMALL_GROUPS  # a value the site does not name
+    return "|".join(values)
 
 
 def closed_vocabulary(attribute: str, age_bands: Sequence[str]) -> tuple[str, ...] | None:
@@ -114,6 +123,7 @@ def subgroup_cells(
     k: int,
     *,
     age_bands: Sequence[str] = (),
+    vocabularies: Mapping[str, Collection[str]] | None = None,
 ) -> list[Cell]:
     """The cells of a split: ``all`` first, then each attribute's groups in name order.
 
@@ -127,12 +137,15 @@ def subgroup_cells(
         subgroups: the attributes to report (``RunConfig.subgroups``).
         k: the minimum cell size in force at the site.
         age_bands: the labels of the run's age bands (``AgeBands.labels``).
+        vocabularies: per free-text attribute the values the site names (its policy's
+            ``attribute-values``); a case with another value falls in ``other (small
+            groups)``. An attribute not given here may name any value of ``k`` cases.
     """
     cells = [Cell(ALL, ALL, tuple(range(len(attributes))))]
     for attribute in subgroups:
         groups: dict[str, list[int]] = defaultdict(list)
         for position, case in enumerate(attributes):
-            groups[_group_of(case, attribute)].append(position)
+            groups[_group_of(case, attribute, vocabularies or {})].append(position)
         vocabulary = closed_vocabulary(attribute, age_bands) or ()
         small = [g for g, members in groups.items() if len(members) < k and g not in vocabulary]
         if small:

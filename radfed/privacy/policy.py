@@ -6,8 +6,18 @@ The site administrator owns a TOML file (``site-policy.toml``); every key is opt
     [policy]
     min-cell-size = 20             # k: smaller cells leave only as "suppressed" (default 10)
     tasks = ["classification"]     # tasks this site trains (default: every radfed.config.TaskName)
-    subgroups = ["sex", "age_band", "manufacturer"]  # may leave per subgroup (default: any)
+    subgroups = ["sex", "age_band", "manufacturer", "sex*age_band"]  # (the default)
     max-message-bytes = 104857600  # the largest reply this site sends (default 512 MiB)
+
+    [policy.attribute-values]      # free-text attributes a site reports, with their values
+    manufacturer = ["GE", "Siemens"]  # default: the canonical vendor names
+    model = ["Discovery XR656", "Ysio Max"]
+
+    [policy.templates]             # the statistics a run may ask for: it chooses among these
+    age-bands = [18, 40, 60, 80]   # the band edges (default: these)
+    thresholds = [0.5]             # operating thresholds (default [0.5])
+    score-bins = [1000]            # score histogram bins (default [1000])
+    metric-bins = [100]            # per-case metric histogram bins (default [100])
 
     [policy.dp]                    # DP on weight updates (absent: not required)
     required = true
@@ -32,12 +42,21 @@ The site administrator owns a TOML file (``site-policy.toml``); every key is opt
     inbound-bytes = 2147483648     # the largest weights taken from a run
     model-parameters = 100000000   # the largest model built (parameters and buffers)
 
-``subgroups`` lists attributes; an intersection (``sex*age_band``) may leave only when all
-its parts are listed, and an empty list lets no subgroup statistics leave. ``tasks = []``
-makes the site evaluate-only. Within ``[policy.dp]``, ``required`` defaults to true, and
-``clipping-norm`` (> 0) and ``noise-multiplier`` (>= 0; 0 clips without noise, which
-bounds an update but gives no privacy guarantee) must then both be set. A run can make
-the site stricter (a larger k), never laxer.
+``subgroups`` lists the attributes and the intersections (``sex*age_band``) that may leave;
+an intersection only when it is listed itself, and an empty list lets no subgroup
+statistics leave. ``sex`` and ``age_band`` have closed vocabularies; any other attribute
+needs the values it may name in ``[policy.attribute-values]`` (``manufacturer`` has the
+canonical vendor names by default): other values leave pooled into ``other (small
+groups)``. Attribute names that look like identifiers (``radfed.config.looks_identifying``:
+``*id*``, ``*name*``, ``*date*``, ``*postcode*``, ``age``...) are refused. A run may only
+choose among ``[policy.templates]``: a run asking for other age bands, a threshold, or
+histogram bins the site does not list is refused with a code. The site computes its
+disclosure control over every cell its policy allows, whatever subset a run asks for, so
+that what different runs receive adds up to no more than one safe release.
+``tasks = []`` makes the site evaluate-only. Within ``[policy.dp]``, ``required``
+defaults to true, and ``clipping-norm`` (> 0) and ``noise-multiplier`` (>= 0; 0 clips
+without noise, which bounds an update but gives no privacy guarantee) must then both be
+set. A run can make the site stricter (a larger k), never laxer.
 
 No code of an app bundle ever runs at a site (``radfed.site.runtime`` answers with the
 radfed the site installed); ``[policy.bundle]`` says which bundles' runs the site answers
@@ -54,15 +73,77 @@ from typing import Any
 import numpy as np
 
 from radfed import __version__
-from radfed.config import TaskName
+from radfed.config import RunConfig, TaskName
+from radfed.data.attributes import STANDARD_BANDS, VENDORS
 from radfed.folders import POLICY_FILE_NAME
 from radfed.privacy.limits import ResourceLimits
 from radfed.privacy.refusal import PolicyRefusal
 
-__all__ = ["BundleRule", "DifferentialPrivacy", "PolicyRefusal", "SitePolicy"]
+__all__ = [
+    "CLOSED_ATTRIBUTES",
+    "DEFAULT_SUBGROUPS",
+    "BundleRule",
+    "DifferentialPrivacy",
+    "PolicyRefusal",
+    "QueryTemplates",
+    "SitePolicy",
+]
 
 DEFAULT_MIN_CELL_SIZE = 10
 DEFAULT_MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+#: What a site reports per subgroup unless its policy says otherwise.
+DEFAULT_SUBGROUPS = ("sex", "age_band", "manufacturer", "sex*age_band")
+#: Attributes whose vocabulary is fixed by radfed (``radfed.metrics.cells``).
+CLOSED_ATTRIBUTES = ("sex", "age_band")
+#: The values of free-text attributes a site names unless its policy says otherwise.
+DEFAULT_ATTRIBUTE_VALUES = (("manufacturer", VENDORS),)
+
+
+@dataclass(frozen=True, kw_only=True)
+class QueryTemplates:
+    """The statistics a run may ask of the site: it chooses among these values only, so
+    that two runs cannot slice the same cases two ways (band edges at 60 and at 66 would
+    isolate everyone aged 60-65; two thresholds, the cases scored between them).
+
+    Attributes:
+        age_bands: the age-band edges a run must use.
+        thresholds: the operating thresholds a run may choose.
+        score_bins: the score histogram sizes a run may choose.
+        metric_bins: the per-case metric histogram sizes a run may choose.
+    """
+
+    age_bands: tuple[int, ...] = STANDARD_BANDS.edges
+    thresholds: tuple[float, ...] = (0.5,)
+    score_bins: tuple[int, ...] = (1000,)
+    metric_bins: tuple[int, ...] = (100,)
+
+    def check(self, config: RunConfig) -> None:
+        """Raises PolicyRefusal naming the first setting of ``config`` outside these."""
+        for key, value, allowed in (
+            ("age-bands", config.age_bands, (self.age_bands,)),
+            ("threshold", config.threshold, self.thresholds),
+            ("score-bins", config.score_bins, self.score_bins),
+            ("metric-bins", config.metric_bins, self.metric_bins),
+        ):
+            if value not in allowed:
+                shown = " or ".join(_show(a) for a in allowed) or "none"
+                msg = (
+                    f"the run asks for {key} {_show(value)}; this site's policy allows "
+                    f"{shown} ([policy.templates] in {POLICY_FILE_NAME})"
+                )
+                raise PolicyRefusal(msg)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "age-bands": list(self.age_bands),
+            "thresholds": list(self.thresholds),
+            "score-bins": list(self.score_bins),
+            "metric-bins": list(self.metric_bins),
+        }
+
+
+def _show(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,7 +190,11 @@ class SitePolicy:
     Attributes:
         k: the site's minimum statistics cell size (``min-cell-size``).
         tasks: tasks the site agrees to train.
-        subgroups: attributes whose subgroup statistics may leave; None for any.
+        subgroups: the attributes and intersections whose statistics may leave; None
+            for whatever the run asks (a simulated site without a policy file only).
+        attribute_values: per free-text attribute, the values it may name.
+        templates: what a run may choose; None: anything (a simulated site without a
+            policy file only: the researcher owns both sides).
         max_message_bytes: the largest reply the site sends (serialized bytes).
         dp: differential privacy on weight updates; None when not required.
         bundle: the app bundles whose runs the site answers.
@@ -118,7 +203,9 @@ class SitePolicy:
 
     k: int = DEFAULT_MIN_CELL_SIZE
     tasks: tuple[str, ...] = tuple(t.value for t in TaskName)
-    subgroups: tuple[str, ...] | None = None
+    subgroups: tuple[str, ...] | None = DEFAULT_SUBGROUPS
+    attribute_values: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_ATTRIBUTE_VALUES
+    templates: QueryTemplates | None = field(default_factory=QueryTemplates)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     dp: DifferentialPrivacy | None = None
     bundle: BundleRule = field(default_factory=BundleRule)
@@ -145,11 +232,24 @@ class SitePolicy:
             raise PolicyRefusal(msg)
 
     def allowed_subgroups(self, requested: Sequence[str]) -> tuple[str, ...]:
-        """The requested subgroup specs (``a`` or ``a*b``) whose every attribute is allowed."""
+        """The requested subgroup specs (``a`` or ``a*b``) the policy lists, as listed."""
         if self.subgroups is None:
             return tuple(requested)
-        allowed = set(self.subgroups)
-        return tuple(spec for spec in requested if set(spec.split("*")) <= allowed)
+        return tuple(spec for spec in requested if spec in self.subgroups)
+
+    def template(self, requested: Sequence[str]) -> tuple[str, ...]:
+        """Every subgroup spec the site computes its disclosure control over: all the
+        policy allows (the run's own when the policy follows the run)."""
+        return tuple(requested) if self.subgroups is None else self.subgroups
+
+    def vocabularies(self) -> dict[str, tuple[str, ...]]:
+        """Per free-text attribute the values it may name (``attribute-values``)."""
+        return dict(self.attribute_values)
+
+    def check_templates(self, config: RunConfig) -> None:
+        """Raises PolicyRefusal when the run asks for statistics outside the templates."""
+        if self.templates is not None:
+            self.templates.check(config)
 
     def check_size(self, nbytes: int) -> None:
         """Raises PolicyRefusal when a reply of ``nbytes`` exceeds ``max-message-bytes``."""
@@ -207,6 +307,8 @@ class SitePolicy:
             "min-cell-size": self.k,
             "tasks": list(self.tasks),
             "subgroups": "any" if self.subgroups is None else list(self.subgroups),
+            "attribute-values": {a: len(v) for a, v in self.attribute_values},
+            "templates": "any" if self.templates is None else self.templates.describe(),
             "max-message-bytes": self.max_message_bytes,
             "dp": "off"
             if self.dp is None

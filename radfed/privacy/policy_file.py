@@ -12,14 +12,18 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from radfed.config import TaskName
+from radfed.config import MAX_LIST, TaskName, looks_identifying
 from radfed.errors import ConfigError
 from radfed.privacy.limits import ResourceLimits
 from radfed.privacy.policy import (
+    CLOSED_ATTRIBUTES,
+    DEFAULT_ATTRIBUTE_VALUES,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MIN_CELL_SIZE,
+    DEFAULT_SUBGROUPS,
     BundleRule,
     DifferentialPrivacy,
+    QueryTemplates,
     SitePolicy,
 )
 
@@ -29,8 +33,9 @@ __all__ = ["POLICY_KEYS", "load_policy"]
 POLICY_KEYS: dict[str, tuple[str, ...]] = {
     "policy": (
         *("min-cell-size", "tasks", "subgroups", "max-message-bytes"),
-        *("dp", "bundle", "limits"),
+        *("dp", "bundle", "limits", "attribute-values", "templates"),
     ),
+    "policy.templates": ("age-bands", "thresholds", "score-bins", "metric-bins"),
     "policy.dp": ("required", "clipping-norm", "noise-multiplier"),
     "policy.bundle": ("publisher", "name", "versions", "sha256"),
     "policy.limits": ResourceLimits.keys(),
@@ -123,19 +128,105 @@ class _Reader:
         tasks = self.names(table, "tasks")
         if tasks is not None and not set(tasks) <= set(known):
             self.fail("policy.tasks", f"a list of task names among {', '.join(known)}", tasks)
-        subgroups = self.names(table, "subgroups")
-        if any(not s.isidentifier() or s == "age" for s in subgroups or ()):
-            expected = "a list of attribute names (a*b is allowed when a and b are; age_band)"
-            self.fail("policy.subgroups", expected, subgroups)
+        values = self.attribute_values(table.get("attribute-values"))
+        subgroups = self.subgroups(table, values)
         return SitePolicy(
             k=self.integer(table, "min-cell-size", DEFAULT_MIN_CELL_SIZE),
             tasks=known if tasks is None else tasks,
             subgroups=subgroups,
+            attribute_values=tuple(sorted(values.items())),
+            templates=self.templates(table.get("templates", {})),
             max_message_bytes=self.integer(table, "max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES),
             dp=self.dp(table["dp"]) if "dp" in table else None,
             bundle=self.bundle(table["bundle"]) if "bundle" in table else BundleRule(),
             limits=self.limits(table["limits"]) if "limits" in table else ResourceLimits(),
         )
+
+    def subgroups(
+        self, table: Mapping[str, Any], values: Mapping[str, tuple[str, ...]]
+    ) -> tuple[str, ...]:
+        where = "policy.subgroups"
+        specs = self.names(table, "subgroups")
+        if specs is None:
+            return DEFAULT_SUBGROUPS
+        for spec in specs:
+            parts = spec.split("*")
+            if len(parts) > 2 or not all(p.isidentifier() for p in parts):
+                self.fail(where, "attribute names, or a*b for an intersection of two", spec)
+            if looks_identifying(spec):
+                self.fail(where, "attributes that do not look like identifiers (age_band)", spec)
+            for part in parts:
+                if part not in CLOSED_ATTRIBUTES and part not in values:
+                    self.fail(
+                        where,
+                        f"sex, age_band or an attribute with its values in "
+                        f"[policy.attribute-values] ({part} = [...])",
+                        spec,
+                    )
+        return specs
+
+    def attribute_values(self, value: object) -> dict[str, tuple[str, ...]]:
+        where = "policy.attribute-values"
+        if value is None:
+            return dict(DEFAULT_ATTRIBUTE_VALUES)
+        if not isinstance(value, dict):
+            self.fail(where, "a table of attribute = [values]", value)
+        out: dict[str, tuple[str, ...]] = {}
+        for name, listed in value.items():
+            key = f"{where}.{name}"
+            if not name.isidentifier() or looks_identifying(name) or name in CLOSED_ATTRIBUTES:
+                self.fail(key, "a free-text attribute that does not look like an identifier", name)
+            names = self.names(value, name, where)
+            if not names or len(names) > 64 or not all(v.strip() and len(v) <= 30 for v in names):
+                self.fail(key, "a list of 1 to 64 values of 1 to 30 characters", listed)
+            out[name] = names
+        return out
+
+    def templates(self, value: object) -> QueryTemplates:
+        where = "policy.templates"
+        table = self.table(where, value, POLICY_KEYS[where])
+        default = QueryTemplates()
+        bands = self.numbers(table, "age-bands", default.age_bands, where, integer=True)
+        if list(bands) != sorted(set(bands)) or bands[0] <= 0:
+            self.fail(f"{where}.age-bands", "ascending positive years", list(bands))
+        thresholds = self.numbers(table, "thresholds", default.thresholds, where)
+        if not all(0 < t < 1 for t in thresholds):
+            self.fail(f"{where}.thresholds", "numbers in (0, 1)", list(thresholds))
+        score_bins = self.numbers(table, "score-bins", default.score_bins, where, integer=True)
+        metric_bins = self.numbers(table, "metric-bins", default.metric_bins, where, integer=True)
+        for key, bins, most in (
+            ("score-bins", score_bins, 100_000),
+            ("metric-bins", metric_bins, 10_000),
+        ):
+            if not all(10 <= b <= most for b in bins):
+                self.fail(f"{where}.{key}", f"integers in [10, {most}]", list(bins))
+        return QueryTemplates(
+            age_bands=tuple(int(b) for b in bands),
+            thresholds=tuple(float(t) for t in thresholds),
+            score_bins=tuple(int(b) for b in score_bins),
+            metric_bins=tuple(int(b) for b in metric_bins),
+        )
+
+    def numbers(
+        self,
+        table: Mapping[str, Any],
+        key: str,
+        default: tuple[float, ...] | tuple[int, ...],
+        where: str,
+        *,
+        integer: bool = False,
+    ) -> tuple[float, ...]:
+        value = table.get(key, list(default))
+        kinds = (int,) if integer else (int, float)
+        if (
+            not isinstance(value, list)
+            or not 1 <= len(value) <= MAX_LIST
+            or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)
+            or not all(math.isfinite(v) for v in value)
+        ):
+            kind = "integers" if integer else "numbers"
+            self.fail(f"{where}.{key}", f"a list of 1 to {MAX_LIST} {kind}", value)
+        return tuple(value)
 
     def limits(self, value: object) -> ResourceLimits:
         where = "policy.limits"

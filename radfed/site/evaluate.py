@@ -24,23 +24,45 @@ from radfed.federation.checkpoint import load_checkpoint
 from radfed.federation.schema import CellStats, cell_names, pack_stats
 from radfed.folders import SiteFolder
 from radfed.log import logger
-from radfed.metrics.cells import subgroup_cells, suppressed_cells
+from radfed.metrics.cells import ALL, subgroup_cells, suppressed_cells
+from radfed.privacy import SitePolicy, load_policy
 from radfed.tasks import CaseOutputs, Task, get_task
 
 __all__ = ["EvaluationResult", "evaluate_cells", "evaluate_site"]
 
 
 def evaluate_cells(
-    task: Task, model: nn.Module, data: SplitData, config: RunConfig, k: int
+    task: Task,
+    model: nn.Module,
+    data: SplitData,
+    config: RunConfig,
+    k: int,
+    policy: SitePolicy,
 ) -> tuple[CaseOutputs, list[CellStats]]:
-    """Per-case outputs of a split and its subgroup cells (``all`` first) under cell size ``k``."""
+    """Per-case outputs of a split and its subgroup cells (``all`` first) under cell size
+    ``k``: the cells of the run's subgroups that ``policy`` allows.
+
+    The site's disclosure control runs over every cell the policy allows (its template),
+    under the policy's own cell size and under ``k``, whatever subset the run asks for:
+    what different runs receive from the same split is then part of one safe release.
+    """
     outputs = task.predict(model, data, config)
     positive = (data.labels > 0).tolist()
     bands = AgeBands(config.age_bands).labels
-    partition = subgroup_cells(data.attributes, config.subgroups, k, age_bands=bands)
-    hidden = suppressed_cells(partition, k)
+    wanted = {ALL, *policy.allowed_subgroups(config.subgroups)}
+    own_k = policy.k if policy.templates is not None else k  # fixed by the site
+    partition = subgroup_cells(
+        data.attributes,
+        policy.template(config.subgroups),
+        own_k,
+        age_bands=bands,
+        vocabularies=policy.vocabularies(),
+    )
+    hidden = suppressed_cells(partition, own_k) | suppressed_cells(partition, k)
     cells = []
     for number, cell in enumerate(partition):
+        if cell.attribute not in wanted:
+            continue
         if number in hidden:
             cells.append(
                 CellStats(cell.attribute, cell.group, task.empty_stats(config, suppressed=True), 0)
@@ -68,7 +90,8 @@ def evaluate_site(
 
     Writes ``out/predictions.csv`` (one row per case with its manifest line and image, for
     the site's own audit: it never leaves the site) and ``out/statistics.json`` (exactly
-    the statistics the site would send for this split, after its minimum cell size).
+    the statistics the site would send for this split under its policy,
+    ``SITE_DIR/site-policy.toml`` or the default one).
 
     Args:
         checkpoint: a radfed checkpoint (its run config rebuilds the task and model).
@@ -79,6 +102,7 @@ def evaluate_site(
 
     Raises:
         ConfigError: the checkpoint is missing or the split unknown.
+        PolicyRefusal: the checkpoint's run asks for statistics the policy does not allow.
     """
     if split not in SPLITS:
         raise ConfigError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -95,9 +119,12 @@ def evaluate_site(
         uses = record_test_use(SiteFolder(site_dir).state.path, run_id=0, server_round=0)
         logger.warning("the sealed test split is evaluated (use %d at this site)", uses)
     data = site.splits[split]
-    k = max(config.min_cell_size, min_cell_size)
+    own = SiteFolder(site_dir).policy
+    policy = load_policy(own if own.is_file() else None)
+    policy.check_templates(config)
+    k = policy.min_cell_size(max(config.min_cell_size, min_cell_size))
     with torch.no_grad():
-        outputs, cells = evaluate_cells(task, model, data, config, k)
+        outputs, cells = evaluate_cells(task, model, data, config, k, policy)
     out.mkdir(parents=True, exist_ok=True)
     predictions = out / "predictions.csv"
     _write_rows(predictions, outputs.rows(), data)

@@ -6,7 +6,6 @@ through the site policy and the audit log, and an exception leaves only as an er
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -136,8 +135,8 @@ def _train(msg: Message, context: Context) -> Message:
 
 def _evaluate(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context)
-    subgroups = job.policy.allowed_subgroups(job.config.subgroups)
-    config = dataclasses.replace(job.config, subgroups=subgroups)
+    config = job.config
+    job.policy.check_templates(config)
     if "test" in config.eval_splits:
         uses = record_test_use(
             SiteFolder(job.path).state.path,
@@ -150,7 +149,9 @@ def _evaluate(msg: Message, context: Context) -> Message:
     positives: dict[str, int] = {}
     cells: dict[str, list[CellStats]] = {}
     for split in config.eval_splits:
-        _, parts = evaluate_cells(job.task, job.model, job.site.splits[split], config, k)
+        _, parts = evaluate_cells(
+            job.task, job.model, job.site.splits[split], config, k, job.policy
+        )
         stats[split], positives[split] = parts[0].stats, parts[0].positives
         cells[split] = parts[1:]
     content = RecordDict(

@@ -13,7 +13,6 @@ import csv
 import hashlib
 import hmac
 import os
-import secrets
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -22,8 +21,9 @@ from pathlib import Path
 import pydicom
 
 from radfed.data.dicom import NON_IMAGE_MODALITIES, quiet_pydicom
+from radfed.data.splits import site_secret
 from radfed.errors import DataError
-from radfed.folders import SiteFolder, SiteState
+from radfed.folders import SiteFolder
 
 __all__ = ["LABEL_KEYS", "IndexSummary", "index_export", "pseudonymise"]
 
@@ -55,17 +55,6 @@ class _File:
     accession: str
     modality: str
     frames: int
-
-
-def site_secret(state_dir: Path) -> bytes:
-    """The site's pseudonymisation key, created on first use (0600, never leaves the site)."""
-    path = SiteState(state_dir).pseudonym_key
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_hex(32))
-    return bytes.fromhex(path.read_text().strip())
 
 
 def pseudonymise(secret: bytes, patient_id: str) -> str:

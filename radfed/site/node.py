@@ -121,8 +121,9 @@ def site_min_cell(node_config: Mapping[str, Any]) -> int:
 def site_policy(node_config: Mapping[str, Any], site_dir: Path) -> SitePolicy:
     """The site's policy: the file named by node config ``policy-path``, else
     ``SITE_DIR/site-policy.toml`` when present, else the default policy (minimum cell
-    size 10) for a deployed node. A simulated node without a policy file follows the
-    run's settings: the researcher owns both sides."""
+    size 10, the default subgroups and templates) for a deployed node. A simulated node
+    without a policy file follows the run's settings (cell size, subgroups, templates,
+    limits): the researcher owns both sides."""
     given = str(node_config.get("policy-path") or "").strip()
     if given:
         return load_policy(Path(given).expanduser())
@@ -132,7 +133,14 @@ def site_policy(node_config: Mapping[str, Any], site_dir: Path) -> SitePolicy:
     policy = SitePolicy.default()
     if "data-path" in node_config:
         return policy
-    return dataclasses.replace(policy, k=1, limits=ResourceLimits.unbounded())
+    return dataclasses.replace(
+        policy,
+        k=1,
+        limits=ResourceLimits.unbounded(),
+        subgroups=None,
+        attribute_values=(),
+        templates=None,
+    )
 
 
 def message_setting(msg: Message, key: str) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import shutil
 import warnings
@@ -12,7 +13,7 @@ import pydicom
 import pytest
 
 from radfed.data.loading import load_site
-from radfed.data.splits import patient_key
+from radfed.data.splits import legacy_patient_key, patient_key, site_secret
 from radfed.errors import DataError
 from radfed.folders import list_sites
 
@@ -40,7 +41,7 @@ def test_site_loads_every_case_into_patient_disjoint_splits(site_copy: Path) -> 
     assignments = json.loads(stored)["assignments"]
     for row in rows:
         by_patient.setdefault(row["patient_id"], set()).add(
-            assignments[patient_key(row["patient_id"])]
+            assignments[patient_key(row["patient_id"], site_secret(site_copy / ".radfed"))]
         )
     assert all(len(s) == 1 for s in by_patient.values())
     assert not any(row["patient_id"] in stored for row in rows)  # ids are hashed in the state file
@@ -135,3 +136,31 @@ def test_a_site_without_readable_images_is_an_error(site_copy: Path) -> None:
     shutil.rmtree(site_copy / "images")
     with pytest.raises(DataError, match="no readable image"):
         load_site(site_copy, **SETTINGS)
+
+
+def test_patient_keys_need_the_site_secret_and_old_split_files_keep_their_splits(
+    site_copy: Path,
+) -> None:
+    # Prepare: a split file of version 1 (plain SHA-256 keys), as radfed 0.1 wrote it
+    first = load_site(site_copy, **SETTINGS)
+    state = site_copy / ".radfed"
+    secret = site_secret(state)
+    rows = _rows(site_copy)
+    document = json.loads((state / "split.json").read_text())
+    by_key = document["assignments"]
+    old = {
+        legacy_patient_key(r["patient_id"]): by_key[patient_key(r["patient_id"], secret)]
+        for r in rows
+    }
+    (state / "split.json").write_text(json.dumps({**document, "version": 1, "assignments": old}))
+
+    # Execute
+    again = load_site(site_copy, **SETTINGS)
+
+    # Assert: every case keeps its split; the file now holds keyed values only, which a
+    # plain hash of a guessed id does not find
+    for name in ("train", "val", "test"):
+        assert again.splits[name].lines == first.splits[name].lines
+    stored = json.loads((state / "split.json").read_text())
+    assert stored["version"] == 2
+    assert not set(stored["assignments"]) & set(old)

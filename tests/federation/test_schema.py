@@ -10,7 +10,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from radfed.config import RunConfig
 from radfed.federation.codes import InvalidReply
 from radfed.federation.identity import SiteIdentity, read_site_identity
-from radfed.federation.schema import STATS_SCHEMA_VERSION, pack_stats, unpack_stats
+from radfed.federation.schema import (
+    STATS_SCHEMA_VERSION,
+    CellStats,
+    cell_names,
+    pack_stats,
+    unpack_cells,
+    unpack_stats,
+)
 from radfed.federation.updates import cast_like, validate_arrays
 from radfed.folders import POOLED_SITE
 from radfed.metrics.binary import BinaryStats
@@ -149,3 +156,29 @@ def test_cast_like_restores_integer_buffers() -> None:
     state = cast_like(averaged, reference)
     assert state["n"].dtype == torch.int64 and int(state["n"]) == 4
     assert state["w"].dtype == torch.float32
+
+
+def _with_cells(groups: list[tuple[str, str]]) -> tuple[MetricRecord, ConfigRecord, RunConfig]:
+    stats = _stats()
+    cells = {s: [CellStats(a, g, stats[s], 3) for a, g in groups] for s in stats}
+    record = pack_stats(TASK, stats, cells=cells, positives={s: 3 for s in stats})
+    config = RunConfig(score_bins=BINS, eval_splits=("train", "val"), subgroups=("sex", "site_x"))
+    return MetricRecord(dict(record)), cell_names(cells), config
+
+
+def test_a_group_outside_a_closed_vocabulary_is_refused() -> None:
+    # Prepare: a reply naming sex=Q (no such value) and a free-text group
+    good, names, config = _with_cells([("sex", "F"), ("site_x", "anything")])
+    bad, bad_names, _ = _with_cells([("sex", "Q")])
+
+    # Execute / Assert: free text may say anything; sex only its own values
+    assert len(unpack_cells(TASK, good, names, config)["val"]) == 3
+    with pytest.raises(InvalidReply, match="outside its vocabulary"):
+        unpack_cells(TASK, bad, bad_names, config)
+
+
+def test_a_reply_larger_than_its_cells_and_bins_is_refused_before_unpacking() -> None:
+    record = MetricRecord(dict(pack_stats(TASK, _stats())))
+    record["val.pos-hist"] = [0] * 1_000_000  # a million bins where the run has 20
+    with pytest.raises(InvalidReply, match="more values than their cells and bins"):
+        unpack_stats(TASK, record, _CONFIG)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radfed.config import TaskName
+from radfed.config import RunConfig, TaskName
 from radfed.errors import ConfigError, RadfedError
 from radfed.privacy import DifferentialPrivacy, PolicyRefusal, SitePolicy, load_policy
+from radfed.privacy.policy import QueryTemplates
 
 FULL = """\
 [policy]
@@ -45,7 +47,9 @@ def test_defaults() -> None:
     assert policy == SitePolicy.default()
     assert policy.k == 10
     assert policy.tasks == tuple(TaskName)
-    assert policy.subgroups is None
+    assert policy.subgroups == ("sex", "age_band", "manufacturer", "sex*age_band")
+    assert dict(policy.attribute_values)["manufacturer"][:3] == ("Agfa", "Canon", "Carestream")
+    assert policy.templates is not None and policy.templates.age_bands == (18, 40, 60, 80)
     assert policy.max_message_bytes == 512 * 1024 * 1024
     assert policy.dp is None
 
@@ -84,8 +88,29 @@ def test_dp_table_not_required_means_no_dp(tmp_path: Path) -> None:
         ('[policy]\ntasks = ["classification", "radiomics"]\n', "policy.tasks"),
         ('[policy]\ntasks = "classification"\n', "policy.tasks"),
         ("[policy]\ntasks = [1]\n", "policy.tasks"),
-        ('[policy]\nsubgroups = ["sex*age_band"]\n', "policy.subgroups"),
+        ('[policy]\nsubgroups = ["model"]\n', "policy.subgroups"),  # no values listed
         ('[policy]\nsubgroups = ["age"]\n', "policy.subgroups"),
+        ('[policy]\nsubgroups = ["Age"]\n', "policy.subgroups"),
+        ('[policy]\nsubgroups = ["sex*a*b"]\n', "policy.subgroups"),
+        ('[policy.attribute-values]\npatient_id = ["1"]\n', "policy.attribute-values.patient_id"),
+        (
+            '[policy.attribute-values]\nhome_postcode = ["AB1"]\n',
+            "policy.attribute-values.home_postcode",
+        ),
+        (
+            '[policy.attribute-values]\nreferring_physician = ["Dr X"]\n',
+            "policy.attribute-values.referring_physician",
+        ),
+        ('[policy.attribute-values]\nsex = ["F"]\n', "policy.attribute-values.sex"),
+        ("[policy.attribute-values]\nmodel = []\n", "policy.attribute-values.model"),
+        ("[policy.attribute-values]\nmodel = 3\n", "policy.attribute-values.model"),
+        ("[policy.templates]\nage-bands = [60, 40]\n", "policy.templates.age-bands"),
+        ("[policy.templates]\nage-bands = []\n", "policy.templates.age-bands"),
+        ("[policy.templates]\nthresholds = [1.5]\n", "policy.templates.thresholds"),
+        ("[policy.templates]\nthresholds = [nan]\n", "policy.templates.thresholds"),
+        ("[policy.templates]\nscore-bins = [5]\n", "policy.templates.score-bins"),
+        ("[policy.templates]\nscore-bins = [100.5]\n", "policy.templates.score-bins"),
+        ("[policy.templates]\nedges = [1]\n", "policy.templates.edges"),
         ("[policy]\nmin_cell_size = 20\n", "policy.min_cell_size"),
         ("[other]\nx = 1\n", "other"),
         ("policy = 3\n", "policy"),
@@ -161,9 +186,10 @@ def test_allowed_subgroups_filters_attributes_and_intersections() -> None:
     # Execute
     kept = SitePolicy(subgroups=("sex", "age_band")).allowed_subgroups(requested)
 
-    # Assert
-    assert kept == ("sex", "age_band", "sex*age_band")
-    assert SitePolicy().allowed_subgroups(requested) == requested
+    # Assert: an intersection leaves only when it is listed itself
+    assert kept == ("sex", "age_band")
+    assert SitePolicy().allowed_subgroups(requested) == requested[:4]
+    assert SitePolicy(subgroups=None).allowed_subgroups(requested) == requested
     assert SitePolicy(subgroups=()).allowed_subgroups(requested) == ()
     assert SitePolicy(subgroups=("age_band",)).allowed_subgroups(["sex*age_band"]) == ()
 
@@ -185,7 +211,8 @@ def test_describe_is_json_and_names_no_path(tmp_path: Path) -> None:
     assert described["min-cell-size"] == 20
     assert described["dp"] == {"clipping-norm": 1.0, "noise-multiplier": 0.8}
     assert SitePolicy.default().describe()["dp"] == "off"
-    assert SitePolicy.default().describe()["subgroups"] == "any"
+    assert SitePolicy.default().describe()["subgroups"] == list(SitePolicy().subgroups or ())
+    assert SitePolicy(subgroups=None, templates=None).describe()["templates"] == "any"
 
 
 # --- differential privacy on updates ---------------------------------------------------
@@ -319,3 +346,58 @@ def test_update_without_a_matching_reference_is_named() -> None:
         _dp(1.0, 1.0).privatize(
             update, {"fc.weight": np.zeros(6, np.float32)}, np.random.default_rng(0)
         )
+
+
+# --- query templates -------------------------------------------------------------------
+
+TEMPLATES = """\
+[policy]
+subgroups = ["sex", "model", "sex*model"]
+
+[policy.attribute-values]
+model = ["Ysio Max", "Discovery XR656"]
+
+[policy.templates]
+age-bands = [18, 50, 70]
+thresholds = [0.3, 0.5]
+score-bins = [200]
+"""
+
+
+def test_templates_and_attribute_values_are_read(tmp_path: Path) -> None:
+    policy = load_policy(_write(tmp_path, TEMPLATES))
+
+    assert policy.subgroups == ("sex", "model", "sex*model")
+    assert policy.vocabularies() == {"model": ("Ysio Max", "Discovery XR656")}
+    assert policy.templates == QueryTemplates(
+        age_bands=(18, 50, 70), thresholds=(0.3, 0.5), score_bins=(200,), metric_bins=(100,)
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        # two runs with band edges at 60 and at 66 would isolate everyone aged 60-65
+        ({"age_bands": (18, 40, 66, 80)}, "age-bands 18,40,66,80"),
+        # a second threshold gives the cases scored between the two
+        ({"threshold": 0.52}, "threshold 0.52"),
+        ({"score_bins": 999}, "score-bins 999"),
+        ({"metric_bins": 50}, "metric-bins 50"),
+    ],
+)
+def test_a_run_may_only_choose_among_the_templates(change: dict[str, object], named: str) -> None:
+    policy = SitePolicy()
+    policy.check_templates(RunConfig())  # the defaults are within
+
+    with pytest.raises(PolicyRefusal, match=named) as caught:
+        policy.check_templates(dataclasses.replace(RunConfig(), **change))  # type: ignore[arg-type]
+    assert "[policy.templates]" in str(caught.value)
+    SitePolicy(templates=None).check_templates(dataclasses.replace(RunConfig(), **change))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "name", ["patient_id", "PatientID", "home_postcode", "study_date", "Age", "sex*birth_year"]
+)
+def test_a_run_asking_for_an_identifying_attribute_is_refused(name: str) -> None:
+    with pytest.raises(ConfigError, match="look like identifiers"):
+        RunConfig.from_run_config({"subgroups": f"sex,{name}"})

@@ -24,7 +24,7 @@ from radfed.site.runtime import load_site_app
 from radfed.tasks.classification import build_model
 from tests.helpers import make_context, make_message
 
-CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=100, seed=3)
+CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=1000, seed=3)
 
 
 def _app_copy(tmp_path: Path, *, version: str | None = None, client: str | None = None) -> Path:

@@ -20,7 +20,7 @@ from radfed.site.handlers import handle_evaluate, handle_query, handle_train
 from radfed.tasks.classification import build_model
 from tests.helpers import make_context, make_message
 
-CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=100, seed=3)
+CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=1000, seed=3)
 
 
 def _request(kind: str, server_round: int | str = 1) -> Message:

@@ -25,7 +25,8 @@ runner = CliRunner()
 def test_evaluate_writes_cases_locally_and_the_statistics_a_round_would_send(
     site_copy: Path, tmp_path: Path
 ) -> None:
-    # Prepare: a checkpoint as the server writes it
+    # Prepare: a checkpoint as the server writes it, a site whose policy sets k = 3
+    (site_copy / "site-policy.toml").write_text("[policy]\nmin-cell-size = 3\n")
     run = RunFolder.start(tmp_path / "run", CONFIG)
     checkpoint = run.save_checkpoint(0, build_model(CONFIG).state_dict(), CONFIG)
     out = tmp_path / "eval"
@@ -88,3 +89,28 @@ def test_report_rerenders_the_html_from_the_json(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     html = (run.path / "bias_report.html").read_text()
     assert "site-a" in html and "data:image/png;base64," in html
+
+
+def test_evaluate_follows_the_site_policy_as_a_round_would(site_copy: Path, tmp_path: Path) -> None:
+    # Prepare: a checkpoint of a run asking for age bands the site does not use
+    config = dataclasses.replace(CONFIG, age_bands=(18, 66))
+    run = RunFolder.start(tmp_path / "run", config)
+    checkpoint = run.save_checkpoint(0, build_model(config).state_dict(), config)
+
+    # Execute
+    result = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(checkpoint),
+            "--data",
+            str(site_copy),
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
+
+    # Assert: refused as a round would be, naming the setting and what the site allows
+    assert result.exit_code != 0
+    assert "age-bands 18,66" in result.output and "18,40,60,80" in result.output

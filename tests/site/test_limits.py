@@ -26,7 +26,7 @@ from radfed.tasks.classification import build_model
 from radfed.tasks.training import model_size
 from tests.helpers import make_context, make_message
 
-CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=100, seed=3)
+CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=1000, seed=3)
 
 
 def _request(kind: str, config: RunConfig = CONFIG, server_round: int = 1) -> Message:

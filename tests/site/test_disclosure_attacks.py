@@ -1,0 +1,186 @@
+"""The attacks of issue 13 against a site's real evaluate handler, as an honest-but-curious
+server would run them, with the default site policy (k = 10): each fails, and each test
+says why.
+
+The site is generated DICOM whose manifest sets each case's sex, age and split, so that
+the validation split holds exactly the cases of the attack.
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+
+from radfed.config import RunConfig
+from radfed.data.loading import load_site_for
+from radfed.data.synth import synth_classification
+from radfed.federation.codes import ErrorCode
+from radfed.federation.schema import unpack_cells
+from radfed.metrics.cells import SMALL_GROUPS
+from radfed.site.handlers import handle_evaluate
+from radfed.tasks.classification import TASK, build_model
+from tests.disclosure_search import exact_isolations, signed_sums
+from tests.helpers import make_context, make_message
+
+CONFIG = RunConfig(image_size=32, eval_splits=("val",), seed=3)
+K = 10
+
+#: 80 women, 79 aged 40-59 and one aged 60-79; 80 men, 20 in each band from 18.
+WOMEN = [("F", 50)] * 79 + [("F", 70)]
+MEN = [("M", age) for age in (25, 50, 70, 85) for _ in range(20)]
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("attack") / "data"
+    synth_classification(root, sites=1, cases_per_site=200, seed=5, image_size=32)
+    return root / "site-a"
+
+
+def _site(generated: Path, tmp_path: Path, val: Sequence[tuple[str, int]]) -> Path:
+    """A copy of the generated site whose first ``len(val)`` cases are the validation split
+    with the given sex and age; the others train."""
+    site = tmp_path / "site-a"
+    shutil.copytree(generated, site)
+    with (site / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    for number, row in enumerate(rows):
+        sex, age = val[number] if number < len(val) else ("M", 30)
+        row.update(sex=sex, age=str(age), split="val" if number < len(val) else "train")
+    with (site / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return site
+
+
+def _evaluate(site: Path, config: RunConfig, server_round: int = 1) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(build_model(config).state_dict()),
+            "config": ConfigRecord({"server-round": server_round}),
+        }
+    )
+    message = make_message(content, message_type="evaluate", src_node_id=0, dst_node_id=1)
+    node = {"site-name": "site-a", "data-path": str(site)}
+    return handle_evaluate(message, make_context(config.to_run_config(), node))
+
+
+def _released_members(site: Path, config: RunConfig, reply: Message) -> list[set[int]]:
+    """The cases of every cell the reply released, from the site's own attributes."""
+    attributes = load_site_for(site, config).splits["val"].attributes
+    cells = unpack_cells(
+        TASK,
+        reply.content["metrics"],  # type: ignore[arg-type]
+        reply.content.config_records["cells"],
+        config,
+    )["val"]
+    named: dict[str, set[str]] = {}
+    for cell in cells:
+        named.setdefault(cell.attribute, set()).add(cell.group)
+    out = []
+    for cell in cells:
+        if not cell.stats.suppressed:
+            out.append({i for i, case in enumerate(attributes) if _in(case, cell, named)})
+    return out
+
+
+def _in(case: Mapping[str, str], cell: object, named: Mapping[str, set[str]]) -> bool:
+    attribute, group = cell.attribute, cell.group  # type: ignore[attr-defined]
+    if attribute == "all":
+        return True
+    parts = attribute.split("*")
+    value = "|".join(case[p] for p in parts)
+    if group == SMALL_GROUPS:
+        return value not in named[attribute] - {SMALL_GROUPS}
+    return value == group
+
+
+def test_a_margin_minus_its_intersections_isolates_no_woman(
+    generated: Path, tmp_path: Path
+) -> None:
+    # Prepare: the attack's cases, the default subgroups (margins and sex*age_band)
+    site = _site(generated, tmp_path, WOMEN + MEN)
+
+    # Execute
+    reply = _evaluate(site, CONFIG)
+
+    # Assert: sex=F (80) and sex*age_band=F|40-59 (79) would give the woman aged 60-79;
+    # the site suppressed jointly over margins and intersections, so no signed sum or
+    # rational combination of what left covers 1 to 9 cases, and the margins still left
+    assert not reply.has_error()
+    released = _released_members(site, CONFIG, reply)
+    assert signed_sums(released, K) == []
+    assert exact_isolations(released, K) == []
+    sizes = sorted(len(members) for members in released)
+    assert 160 in sizes and sizes.count(80) >= 2  # all, and both sexes
+
+
+def test_what_two_runs_ask_of_the_same_split_adds_up_to_no_isolation(
+    generated: Path, tmp_path: Path
+) -> None:
+    # Prepare: one run asks for the intersection only, another for the margins only
+    site = _site(generated, tmp_path, WOMEN + MEN)
+    first = RunConfig(**{**CONFIG.__dict__, "subgroups": ("sex*age_band",)})
+    second = RunConfig(**{**CONFIG.__dict__, "subgroups": ("sex", "age_band")})
+
+    # Execute
+    replies = [_evaluate(site, first), _evaluate(site, second)]
+
+    # Assert: each run gets part of the one release the site computes over every cell its
+    # policy allows, so together they are no more than that release
+    assert not any(r.has_error() for r in replies)
+    together = _released_members(site, first, replies[0])
+    together += _released_members(site, second, replies[1])
+    assert signed_sums(together, K) == []
+    assert exact_isolations(together, K) == []
+
+
+def test_a_run_choosing_its_own_band_edges_is_refused(generated: Path, tmp_path: Path) -> None:
+    # Prepare: two runs with band edges at 60 and at 66 would isolate everyone aged 60-65
+    site = _site(generated, tmp_path, WOMEN + MEN)
+    moved = RunConfig(**{**CONFIG.__dict__, "age_bands": (18, 40, 66, 80)})
+
+    # Execute
+    usual, shifted = _evaluate(site, CONFIG), _evaluate(site, moved)
+
+    # Assert: the site's policy fixes the bands; the second run gets a policy refusal
+    assert not usual.has_error()
+    assert shifted.has_error() and shifted.error.code == ErrorCode.POLICY
+    assert "66" not in shifted.error.reason  # a code leaves, never the text
+
+
+def test_free_text_values_the_policy_does_not_list_leave_pooled(
+    generated: Path, tmp_path: Path
+) -> None:
+    # Prepare: a labels file copied a home postcode and the scanner's model into the
+    # manifest; the site reports model, naming only the models it lists
+    site = _site(generated, tmp_path, WOMEN + MEN)
+    with (site / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    for number, row in enumerate(rows):
+        row["model"] = ("Ysio Max", "Secret Prototype 9")[number % 2]
+        row["home_postcode"] = f"AB{number % 3} 1CD"
+    with (site / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (site / "site-policy.toml").write_text(
+        '[policy]\nsubgroups = ["sex", "model"]\n[policy.attribute-values]\nmodel = ["Ysio Max"]\n'
+    )
+    config = RunConfig(**{**CONFIG.__dict__, "subgroups": ("sex", "model")})
+
+    # Execute
+    reply = _evaluate(site, config)
+
+    # Assert: "Secret Prototype 9" is not named; the postcode cannot even be asked for
+    names = list(reply.content.config_records["cells"]["val"])  # type: ignore[arg-type]
+    assert "model=Ysio Max" in names and f"model={SMALL_GROUPS}" in names
+    assert not any("Prototype" in n for n in names)
+    with pytest.raises(Exception, match="look like identifiers"):
+        RunConfig.from_run_config({"subgroups": "sex,home_postcode"})
