@@ -74,6 +74,11 @@ class SiteState:
         return self.path / "test_uses.json"
 
     @property
+    def queries(self) -> Path:
+        """The requests the site answered (``radfed.privacy.budget``)."""
+        return self.path / "queries.jsonl"
+
+    @property
     def audit_log(self) -> Path:
         """Everything that left the site, hash-chained."""
         return self.path / "audit.jsonl"

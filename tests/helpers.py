@@ -31,11 +31,16 @@ needs_nginx = pytest.mark.skipif(
 
 
 def make_message(
-    content: RecordDict, *, message_type: str, src_node_id: int = 1, dst_node_id: int = 0
+    content: RecordDict,
+    *,
+    message_type: str,
+    src_node_id: int = 1,
+    dst_node_id: int = 0,
+    run_id: int = 1,
 ) -> Message:
     """A message as the other side would have sent it (explicit metadata, as Flower's tests do)."""
     metadata = Metadata(
-        run_id=1,
+        run_id=run_id,
         message_id="",
         src_node_id=src_node_id,
         dst_node_id=dst_node_id,

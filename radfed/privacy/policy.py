@@ -19,6 +19,11 @@ The site administrator owns a TOML file (``site-policy.toml``); every key is opt
     score-bins = [1000]            # score histogram bins (default [1000])
     metric-bins = [100]            # per-case metric histogram bins (default [100])
 
+    [policy.queries]               # what a run may ask how often (radfed.privacy.budget)
+    splits = ["train", "val", "test"]  # splits whose statistics may leave (default: all)
+    test-evaluations = 1           # evaluations of the sealed test split per run
+    test-last-round-only = true    # and only in the run's last round
+
     [policy.dp]                    # DP on weight updates (absent: not required)
     required = true
     clipping-norm = 1.0            # L2 bound on (new weights - received weights)
@@ -76,6 +81,7 @@ from radfed import __version__
 from radfed.config import RunConfig, TaskName
 from radfed.data.attributes import STANDARD_BANDS, VENDORS
 from radfed.folders import POLICY_FILE_NAME
+from radfed.privacy.budget import QueryBudget
 from radfed.privacy.limits import ResourceLimits
 from radfed.privacy.refusal import PolicyRefusal
 
@@ -195,6 +201,7 @@ class SitePolicy:
         attribute_values: per free-text attribute, the values it may name.
         templates: what a run may choose; None: anything (a simulated site without a
             policy file only: the researcher owns both sides).
+        queries: what a run may ask how often; None: no budget (likewise).
         max_message_bytes: the largest reply the site sends (serialized bytes).
         dp: differential privacy on weight updates; None when not required.
         bundle: the app bundles whose runs the site answers.
@@ -206,6 +213,7 @@ class SitePolicy:
     subgroups: tuple[str, ...] | None = DEFAULT_SUBGROUPS
     attribute_values: tuple[tuple[str, tuple[str, ...]], ...] = DEFAULT_ATTRIBUTE_VALUES
     templates: QueryTemplates | None = field(default_factory=QueryTemplates)
+    queries: QueryBudget | None = field(default_factory=QueryBudget)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     dp: DifferentialPrivacy | None = None
     bundle: BundleRule = field(default_factory=BundleRule)
@@ -309,6 +317,7 @@ class SitePolicy:
             "subgroups": "any" if self.subgroups is None else list(self.subgroups),
             "attribute-values": {a: len(v) for a, v in self.attribute_values},
             "templates": "any" if self.templates is None else self.templates.describe(),
+            "queries": "any" if self.queries is None else self.queries.describe(),
             "max-message-bytes": self.max_message_bytes,
             "dp": "off"
             if self.dp is None

@@ -12,8 +12,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
 
-from radfed.config import MAX_LIST, TaskName, looks_identifying
+from radfed.config import MAX_LIST, SPLITS, TaskName, looks_identifying
 from radfed.errors import ConfigError
+from radfed.privacy.budget import QueryBudget
 from radfed.privacy.limits import ResourceLimits
 from radfed.privacy.policy import (
     CLOSED_ATTRIBUTES,
@@ -33,8 +34,9 @@ __all__ = ["POLICY_KEYS", "load_policy"]
 POLICY_KEYS: dict[str, tuple[str, ...]] = {
     "policy": (
         *("min-cell-size", "tasks", "subgroups", "max-message-bytes"),
-        *("dp", "bundle", "limits", "attribute-values", "templates"),
+        *("dp", "bundle", "limits", "attribute-values", "templates", "queries"),
     ),
+    "policy.queries": ("splits", "test-evaluations", "test-last-round-only"),
     "policy.templates": ("age-bands", "thresholds", "score-bins", "metric-bins"),
     "policy.dp": ("required", "clipping-norm", "noise-multiplier"),
     "policy.bundle": ("publisher", "name", "versions", "sha256"),
@@ -136,6 +138,7 @@ class _Reader:
             subgroups=subgroups,
             attribute_values=tuple(sorted(values.items())),
             templates=self.templates(table.get("templates", {})),
+            queries=self.queries(table.get("queries", {})),
             max_message_bytes=self.integer(table, "max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES),
             dp=self.dp(table["dp"]) if "dp" in table else None,
             bundle=self.bundle(table["bundle"]) if "bundle" in table else BundleRule(),
@@ -181,6 +184,25 @@ class _Reader:
                 self.fail(key, "a list of 1 to 64 values of 1 to 30 characters", listed)
             out[name] = names
         return out
+
+    def queries(self, value: object) -> QueryBudget:
+        where = "policy.queries"
+        table = self.table(where, value, POLICY_KEYS[where])
+        default = QueryBudget()
+        splits = self.names(table, "splits", where)
+        if splits is not None and not set(splits) <= set(SPLITS):
+            self.fail(f"{where}.splits", f"a list of split names among {', '.join(SPLITS)}", splits)
+        uses = table.get("test-evaluations", default.test_evaluations)
+        if isinstance(uses, bool) or not isinstance(uses, int) or uses < 0:
+            self.fail(f"{where}.test-evaluations", "an integer >= 0", uses)
+        last = table.get("test-last-round-only", default.test_last_round_only)
+        if not isinstance(last, bool):
+            self.fail(f"{where}.test-last-round-only", "true or false", last)
+        return QueryBudget(
+            splits=default.splits if splits is None else splits,
+            test_evaluations=uses,
+            test_last_round_only=last,
+        )
 
     def templates(self, value: object) -> QueryTemplates:
         where = "policy.templates"

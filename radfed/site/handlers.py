@@ -34,6 +34,7 @@ from radfed.federation.weights import load_global, shared_state
 from radfed.folders import SiteFolder
 from radfed.log import logger
 from radfed.privacy import SitePolicy
+from radfed.privacy.budget import QueryLedger
 from radfed.site.bundle import BundleIdentity
 from radfed.site.egress import Handler, HeldOut, guarded
 from radfed.site.evaluate import evaluate_cells
@@ -93,10 +94,25 @@ def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task
     return _Task(config, task, name, path, policy, site, model)
 
 
+def _within_budget(job: _Task, msg: Message, kind: str) -> None:
+    """Admit and record the request under the site's query budget (PolicyRefusal if not)."""
+    if job.policy.queries is None:
+        return
+    job.policy.queries.check(
+        QueryLedger(SiteFolder(job.path).state.queries),
+        run_id=msg.metadata.run_id,
+        server_round=server_round(msg),
+        kind=kind,
+        splits=job.config.eval_splits if kind == "evaluate" else (),
+        last_round=job.config.num_server_rounds,
+    )
+
+
 def _train(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context, training=True)
     config, train = job.config, job.site.splits["train"]
     job.policy.limits.check_steps(round_steps(config, len(train)))
+    _within_budget(job, msg, "train")
     round_ = server_round(msg)
     seed = config.seed + 1000 * round_ + zlib.crc32(job.name.encode())
     mu = message_setting(msg, "proximal-mu")
@@ -137,6 +153,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context)
     config = job.config
     job.policy.check_templates(config)
+    _within_budget(job, msg, "evaluate")
     if "test" in config.eval_splits:
         uses = record_test_use(
             SiteFolder(job.path).state.path,

@@ -123,7 +123,7 @@ def site_policy(node_config: Mapping[str, Any], site_dir: Path) -> SitePolicy:
     ``SITE_DIR/site-policy.toml`` when present, else the default policy (minimum cell
     size 10, the default subgroups and templates) for a deployed node. A simulated node
     without a policy file follows the run's settings (cell size, subgroups, templates,
-    limits): the researcher owns both sides."""
+    query budget, limits): the researcher owns both sides."""
     given = str(node_config.get("policy-path") or "").strip()
     if given:
         return load_policy(Path(given).expanduser())
@@ -140,6 +140,7 @@ def site_policy(node_config: Mapping[str, Any], site_dir: Path) -> SitePolicy:
         subgroups=None,
         attribute_values=(),
         templates=None,
+        queries=None,
     )
 
 

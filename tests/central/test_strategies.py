@@ -25,12 +25,12 @@ CONFIG = RunConfig(
 
 
 def _request(
-    config: RunConfig, arrays: ArrayRecord, kind: str = "train", **settings: float
+    config: RunConfig, arrays: ArrayRecord, kind: str = "train", run_id: int = 1, **settings: float
 ) -> object:
     content = RecordDict(
         {"arrays": arrays, "config": ConfigRecord({"server-round": 1, **settings})}
     )
-    return make_message(content, message_type=kind, src_node_id=0, dst_node_id=1)
+    return make_message(content, message_type=kind, src_node_id=0, dst_node_id=1, run_id=run_id)
 
 
 def _site(path: Path, name: str) -> dict[str, bool | float | int | str]:
@@ -43,8 +43,9 @@ def test_fedprox_term_keeps_the_local_update_closer_to_the_global_model(site_cop
     start = {k: v.clone() for k, v in model.state_dict().items()}
     context = make_context(CONFIG.to_run_config(), _site(site_copy, "site-a"))
 
-    def drift(**settings: float) -> float:
-        reply = handle_train(_request(CONFIG, ArrayRecord(start), **settings), context)  # type: ignore[arg-type]
+    def drift(run_id: int, **settings: float) -> float:  # one run each: a run trains once a round
+        request = _request(CONFIG, ArrayRecord(start), run_id=run_id, **settings)
+        reply = handle_train(request, context)  # type: ignore[arg-type]
         assert not reply.has_error()
         sent = reply.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
         return float(
@@ -52,7 +53,7 @@ def test_fedprox_term_keeps_the_local_update_closer_to_the_global_model(site_cop
         )
 
     # Execute: same data, same seed; only the proximal weight differs
-    plain, proximal = drift(), drift(**{"proximal-mu": 50.0})
+    plain, proximal = drift(1), drift(2, **{"proximal-mu": 50.0})
     # Assert
     assert proximal != plain
     assert proximal < plain

@@ -22,7 +22,9 @@ from radfed.data.synth import synth_classification
 from radfed.federation.codes import ErrorCode
 from radfed.federation.schema import unpack_cells
 from radfed.metrics.cells import SMALL_GROUPS
+from radfed.privacy import read_entries
 from radfed.site.handlers import handle_evaluate
+from radfed.site.review import review
 from radfed.tasks.classification import TASK, build_model
 from tests.disclosure_search import exact_isolations, signed_sums
 from tests.helpers import make_context, make_message
@@ -59,14 +61,16 @@ def _site(generated: Path, tmp_path: Path, val: Sequence[tuple[str, int]]) -> Pa
     return site
 
 
-def _evaluate(site: Path, config: RunConfig, server_round: int = 1) -> Message:
+def _evaluate(site: Path, config: RunConfig, server_round: int = 1, run_id: int = 1) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord(build_model(config).state_dict()),
             "config": ConfigRecord({"server-round": server_round}),
         }
     )
-    message = make_message(content, message_type="evaluate", src_node_id=0, dst_node_id=1)
+    message = make_message(
+        content, message_type="evaluate", src_node_id=0, dst_node_id=1, run_id=run_id
+    )
     node = {"site-name": "site-a", "data-path": str(site)}
     return handle_evaluate(message, make_context(config.to_run_config(), node))
 
@@ -130,7 +134,7 @@ def test_what_two_runs_ask_of_the_same_split_adds_up_to_no_isolation(
     second = RunConfig(**{**CONFIG.__dict__, "subgroups": ("sex", "age_band")})
 
     # Execute
-    replies = [_evaluate(site, first), _evaluate(site, second)]
+    replies = [_evaluate(site, first, run_id=1), _evaluate(site, second, run_id=2)]
 
     # Assert: each run gets part of the one release the site computes over every cell its
     # policy allows, so together they are no more than that release
@@ -147,7 +151,7 @@ def test_a_run_choosing_its_own_band_edges_is_refused(generated: Path, tmp_path:
     moved = RunConfig(**{**CONFIG.__dict__, "age_bands": (18, 40, 66, 80)})
 
     # Execute
-    usual, shifted = _evaluate(site, CONFIG), _evaluate(site, moved)
+    usual, shifted = _evaluate(site, CONFIG, run_id=1), _evaluate(site, moved, run_id=2)
 
     # Assert: the site's policy fixes the bands; the second run gets a policy refusal
     assert not usual.has_error()
@@ -184,3 +188,32 @@ def test_free_text_values_the_policy_does_not_list_leave_pooled(
     assert not any("Prototype" in n for n in names)
     with pytest.raises(Exception, match="look like identifiers"):
         RunConfig.from_run_config({"subgroups": "sex,home_postcode"})
+
+
+def test_a_threshold_sweep_within_a_round_is_refused_and_the_audit_shows_it(
+    generated: Path, tmp_path: Path
+) -> None:
+    # Prepare: the server re-sends the model with its final bias shifted, 22 times in one
+    # round, to move one patient's score across the threshold
+    site = _site(generated, tmp_path, WOMEN + MEN)
+    model = build_model(CONFIG)
+    replies = []
+
+    # Execute
+    for shift in range(22):
+        state = model.state_dict()
+        last_bias = [k for k in state if k.endswith("bias")][-1]
+        state[last_bias] = state[last_bias] + 0.01 * shift
+        content = RecordDict(
+            {"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}
+        )
+        message = make_message(content, message_type="evaluate", src_node_id=0, dst_node_id=1)
+        node = {"site-name": "site-a", "data-path": str(site)}
+        replies.append(handle_evaluate(message, make_context(CONFIG.to_run_config(), node)))
+
+    # Assert: the site answers one evaluation per round; the other 21 get a policy
+    # refusal, and the site's audit review names the repeats
+    assert not replies[0].has_error()
+    assert all(r.has_error() and r.error.code == ErrorCode.POLICY for r in replies[1:])
+    findings = review(read_entries(site / ".radfed" / "audit.jsonl"))
+    assert any(f.kind == "repeated evaluation" for f in findings)

@@ -65,8 +65,9 @@ def test_dp_policy_clips_the_update_whatever_the_run_asks(site_copy: Path) -> No
     sent_to_site = request.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     # Execute
     clipped = handle_train(request, make_context(CONFIG.to_run_config(), _node(site_copy, policy)))
-    free = handle_train(
-        _request("train"), make_context(CONFIG.to_run_config(), _node(site_copy, ""))
+    free = handle_train(  # round 2: the site trains once a round
+        _request("train", server_round=2),
+        make_context(CONFIG.to_run_config(), _node(site_copy, "")),
     )
 
     # Assert: without DP the update is far larger than the bound, with DP it is within it

@@ -150,19 +150,27 @@ def test_simulated_nodes_map_to_sorted_site_folders(synth_root: Path) -> None:
         resolve_site({}, config)
 
 
-def test_sealed_test_split_is_evaluated_only_on_request_and_counted(site_copy: Path) -> None:
+def test_sealed_test_split_is_evaluated_once_per_run_at_its_end_and_counted(
+    site_copy: Path,
+) -> None:
     uses = site_copy / ".radfed" / "test_uses.json"
     context = make_context(CONFIG.to_run_config(), _deployed(site_copy))
     handle_evaluate(_request("evaluate"), context)
     assert not uses.exists()
-    asking = dataclasses.replace(CONFIG, eval_splits=("val", "test"))
+    asking = dataclasses.replace(CONFIG, eval_splits=("val", "test"), num_server_rounds=3)
     context = make_context(asking.to_run_config(), _deployed(site_copy))
-    for expected in (1, 2):
-        reply = handle_evaluate(_request("evaluate", server_round=expected), context)
-        assert not reply.has_error()
-        assert "test.tp" in reply.content["metrics"]  # type: ignore[operator]
-        document = json.loads(uses.read_text())
-        assert len(document["uses"]) == expected and document["uses"][-1]["round"] == expected
+
+    early = handle_evaluate(_request("evaluate", server_round=2), context)
+    last = handle_evaluate(_request("evaluate", server_round=3), context)
+    again = handle_evaluate(_request("evaluate", server_round=3), context)
+
+    # Assert: before the last round and a second time, the default policy refuses; the one
+    # evaluation is counted
+    assert early.has_error() and early.error.code == ErrorCode.POLICY
+    assert not last.has_error() and "test.tp" in last.content["metrics"]  # type: ignore[operator]
+    assert again.has_error() and again.error.code == ErrorCode.POLICY
+    document = json.loads(uses.read_text())
+    assert [u["round"] for u in document["uses"]] == [3]
 
 
 def test_deployed_node_must_name_its_site(site_copy: Path) -> None:
@@ -202,7 +210,7 @@ def test_what_leaves_holds_no_cell_below_k_and_no_single_case_bin(site_copy: Pat
                 assert cell.attribute == "sex*age_band" or cell.group == SMALL_GROUPS, cell
     everything = CONFIG.to_run_config() | {"min-cell-size": 10_000}
     suppressed = handle_evaluate(
-        _request("evaluate"), make_context(everything, _deployed(site_copy))
+        _request("evaluate", server_round=2), make_context(everything, _deployed(site_copy))
     )
     values = suppressed.content["metrics"]
     assert all(values[f"{split}.suppressed"] == 1 for split in CONFIG.eval_splits)  # type: ignore[index]
