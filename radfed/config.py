@@ -68,6 +68,11 @@ class StrategyName(StrEnum):
     FEDADAM = "fedadam"
     FEDYOGI = "fedyogi"
     FEDAVGM = "fedavgm"
+    FEDMEDIAN = "fedmedian"
+    FEDTRIMMEDAVG = "fedtrimmedavg"
+    KRUM = "krum"
+    MULTIKRUM = "multikrum"
+    BULYAN = "bulyan"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,9 +111,13 @@ class RunConfig:
         min_cell_size: a statistics cell with fewer cases leaves a site only as suppressed,
             and score-histogram bins are merged to hold at least this many cases; a site's
             own ``min-cell-size`` node setting can only raise it.
-        max_update_norm: the server drops an update further than this (L2) from the global
-            model; 0 turns the check off.
-        strategy: ``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi`` or ``fedavgm``.
+        max_update_norm: the server clips an update further than this (L2) from the global
+            model to this distance; 0: 3 times the median distance of the first round's
+            updates (``radfed.central.strategy.NORM_FACTOR``).
+        strategy: ``fedavg``, ``fedprox``, ``fedadam``, ``fedyogi``, ``fedavgm``, or a
+            robust one: ``fedmedian``, ``fedtrimmedavg``, ``krum``, ``multikrum``, ``bulyan``.
+        robust_f: the number of malicious sites Krum, MultiKrum and Bulyan tolerate.
+        trim_beta: the fraction FedTrimmedAvg cuts from each end, per coordinate.
         proximal_mu: FedProx's proximal weight (sites add ``mu/2 * ||w - w_global||^2``).
         server_lr: the server optimiser's learning rate (FedAdam, FedYogi).
         fedbn: keep normalisation layers local (FedBN): neither sent nor overwritten.
@@ -174,6 +183,8 @@ class RunConfig:
     strategy: StrategyName = StrategyName.FEDAVG
     proximal_mu: float = 0.01
     server_lr: float = 0.01
+    robust_f: int = 1
+    trim_beta: float = 0.2
     fedbn: bool = False
     loss: str = ""
     init_checkpoint: str = ""
@@ -249,7 +260,9 @@ class RunConfig:
             "ascending positive years, e.g. '18,40,60,80'",
         )
         _check(self.min_cell_size >= 1, "min-cell-size", self.min_cell_size, ">= 1")
-        _check(self.max_update_norm >= 0, "max-update-norm", self.max_update_norm, ">= 0 (0: off)")
+        _check(self.max_update_norm >= 0, "max-update-norm", self.max_update_norm, ">= 0 (0: auto)")
+        _check(0 <= self.robust_f <= 1000, "robust-f", self.robust_f, "in [0, 1000]")
+        _check(0 <= self.trim_beta < 0.5, "trim-beta", self.trim_beta, "in [0, 0.5)")
         _check(
             self.early_stopping_patience >= 0,
             "early-stopping-patience",

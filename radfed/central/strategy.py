@@ -8,7 +8,18 @@ from typing import Any, TypeVar
 
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy import (
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
 
 from radfed.bias.report import build_report
 from radfed.central.run_folder import RunFolder
@@ -23,14 +34,22 @@ from radfed.federation.schema import (
     CellStats,
     unpack_cells,
 )
-from radfed.federation.updates import cast_like, validate_arrays
+from radfed.federation.updates import cast_like, clip_update, update_norm, validate_arrays
 from radfed.folders import POOLED_SITE
 from radfed.log import logger
 from radfed.tasks import get_task, merge_stats
 
-__all__ = ["STRATEGIES", "RadfedChecks", "RadfedFedAvg", "make_strategy"]
+__all__ = ["INFLUENCE_ALERT", "NORM_FACTOR", "STRATEGIES", "RadfedChecks", "RadfedFedAvg"]
+__all__ += ["make_strategy"]
 
 _R = TypeVar("_R", ArrayRecord, MetricRecord)
+
+#: Without a set ``max-update-norm``, updates are clipped to this many times the median
+#: distance of the first round's updates from the global model.
+NORM_FACTOR = 3.0
+#: A site whose leave-one-site-out changes a pooled headline metric by more than this is
+#: named in the log (its statistics may be wrong, or its population differs).
+INFLUENCE_ALERT = 0.05
 
 
 class RadfedChecks:
@@ -39,7 +58,12 @@ class RadfedChecks:
     Aggregation itself is the base strategy's (FedAvg, FedProx, FedAdam, ...).
 
     Every reply is checked on its own before aggregation; a bad one is logged with the
-    site name and dropped, never allowed to fail the round. An accepted training reply
+    site name and dropped, never allowed to fail the round. An update further from the
+    global model than the norm bound is clipped to it (the bound set, or ``NORM_FACTOR``
+    times the first round's median); a site's ``num-examples`` is capped at the size of its
+    train split as its statistics report it. Per split, each site's influence on the pooled
+    headline metric (leave one site out) is written beside its metrics, and a site that
+    moves it by more than ``INFLUENCE_ALERT`` is named. An accepted training reply
     holds exactly one ArrayRecord and one MetricRecord of fixed keys, so Flower's own
     consistency check cannot fail on the accepted set. Only the first reply of a round
     from each site name is used. Evaluation replies carry sufficient statistics: the
@@ -50,8 +74,9 @@ class RadfedChecks:
         config: the run configuration.
         reference: the initial global weights.
         run: the run folder to write.
-        max_update_norm: largest allowed L2 distance between an update and the current
-            global weights (floating-point tensors only); None for no bound.
+        max_update_norm: the L2 distance between an update and the current global weights
+            (floating-point tensors only) beyond which it is clipped; None: calibrated
+            from the first round.
         max_examples: largest ``num-examples`` a reply may report.
 
     Raises:
@@ -91,6 +116,10 @@ class RadfedChecks:
         self.max_update_norm = max_update_norm
         self.max_examples = max_examples
         self.site_names: dict[int, str] = {}
+        #: the norm bound calibrated from the first round's updates
+        self.calibrated_norm: float | None = None
+        #: site -> cases of its train split, from its statistics (caps num-examples)
+        self.train_sizes: dict[str, int] = {}
         #: node id -> site name of the keys registered with the SuperLink (a deployment)
         self.registered: dict[int, str] | None = None
 
@@ -98,11 +127,13 @@ class RadfedChecks:
         super().summary()  # type: ignore[misc]
         logger.info(
             "strategy %s: %d rounds, at least %d sites, statistics-based metrics, "
-            "update norm bound %s, at most %d examples per reply",
+            "update norm bound %s (clipping), at most %d examples per reply",
             self.config.strategy,
             self.config.num_server_rounds,
             self.config.min_sites,
-            "none" if self.max_update_norm is None else f"{self.max_update_norm:g}",
+            f"{NORM_FACTOR:g} x the first round's median"
+            if self.max_update_norm is None
+            else f"{self.max_update_norm:g}",
             self.max_examples,
         )
 
@@ -110,16 +141,18 @@ class RadfedChecks:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted: list[Message] = []
+        checked: list[tuple[Message, str, float]] = []
         losses: dict[str, float] = {}
         for msg, site in self._checked(server_round, replies, "update"):
             try:
                 loss = self._check_update(msg.content)
+                norm = update_norm(msg.content[ARRAYS_KEY], self.reference)  # type: ignore[arg-type]
             except InvalidReply as err:
                 self._drop(server_round, site, "update", err)
                 continue
-            accepted.append(msg)
+            checked.append((msg, site, norm))
             losses[site] = loss
+        accepted = self._bounded(server_round, checked)
         arrays: ArrayRecord | None = None
         metrics: MetricRecord | None = None
         if accepted:
@@ -140,6 +173,53 @@ class RadfedChecks:
         )
         return arrays, metrics
 
+    def _bounded(
+        self, server_round: int, checked: list[tuple[Message, str, float]]
+    ) -> list[Message]:
+        """Clip each update to the norm bound and cap each site's ``num-examples`` at its
+        train split; the messages to aggregate."""
+        bound = self.max_update_norm
+        if bound is None:
+            norms = sorted(n for _, _, n in checked if math.isfinite(n))
+            if self.calibrated_norm is None and norms and norms[len(norms) // 2] > 0:
+                self.calibrated_norm = NORM_FACTOR * float(norms[len(norms) // 2])
+                logger.info(
+                    "round %d: update norm bound calibrated at %.3g (%g x the median)",
+                    server_round,
+                    self.calibrated_norm,
+                    NORM_FACTOR,
+                )
+            bound = self.calibrated_norm
+        accepted: list[Message] = []
+        for msg, site, norm in checked:
+            if not math.isfinite(norm):
+                self._drop(server_round, site, "update", InvalidReply("its norm overflows"))
+                continue
+            if bound is not None and norm > bound:
+                arrays = msg.content[ARRAYS_KEY]
+                msg.content[ARRAYS_KEY] = clip_update(arrays, self.reference, bound / norm)  # type: ignore[arg-type]
+                logger.warning(
+                    "round %d: clipped the update of %s from %.3g to the bound %.3g (L2)",
+                    server_round,
+                    site,
+                    norm,
+                    bound,
+                )
+            metrics = msg.content.metric_records[METRICS_KEY]
+            reported, size = metrics["num-examples"], self.train_sizes.get(site)
+            if size is not None and isinstance(reported, int) and reported > size:
+                metrics["num-examples"] = size
+                logger.warning(
+                    "round %d: %s reported %d training examples, its train split holds %d; "
+                    "its weight is capped there",
+                    server_round,
+                    site,
+                    reported,
+                    size,
+                )
+            accepted.append(msg)
+        return accepted
+
     # ---------------------------------------------------------------- evaluation
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -153,6 +233,7 @@ class RadfedChecks:
         if not per_site:
             logger.warning("round %d: no valid statistics", server_round)
             return None
+        self._remember_train_sizes(per_site)
         summary: dict[str, float] = {}
         for split in self.config.eval_splits:
             pooled = merge_stats(  # the held-out site is reported, never pooled
@@ -165,8 +246,11 @@ class RadfedChecks:
                 POOLED_SITE: pooled,
             }
             headline, shown = self.task.headline, []
+            influence = self._influence(server_round, split, per_site)
             for name, stats in rows.items():
                 values = self.task.metrics(stats)
+                if name in influence:
+                    values = {**values, f"{headline}-influence": influence[name]}
                 self.run.append_metrics(
                     server_round, name, split, stats.n, values, suppressed=stats.suppressed
                 )
@@ -186,6 +270,45 @@ class RadfedChecks:
         self._write_bias_report(server_round, per_site)
         return MetricRecord(summary)  # type: ignore[arg-type]
 
+    def _remember_train_sizes(self, per_site: Mapping[str, Mapping[str, list[CellStats]]]) -> None:
+        for site, cells in per_site.items():
+            if "train" in cells and not cells["train"][0].stats.suppressed:
+                self.train_sizes[site] = cells["train"][0].stats.n
+
+    def _influence(
+        self, server_round: int, split: str, per_site: Mapping[str, Mapping[str, list[CellStats]]]
+    ) -> dict[str, float]:
+        """Per pooled site, how far leaving it out moves the pooled headline metric."""
+        headline = self.task.headline
+        pooled_sites = {
+            n: c[split][0].stats
+            for n, c in per_site.items()
+            if n != self.config.holdout_site and not c[split][0].stats.suppressed
+        }
+        if len(pooled_sites) < 2:
+            return {}
+        everyone = self.task.metrics(merge_stats(self.task, pooled_sites.values(), self.config))
+        out: dict[str, float] = {}
+        for name in pooled_sites:
+            rest = (s for n, s in pooled_sites.items() if n != name)
+            without = self.task.metrics(merge_stats(self.task, rest, self.config))
+            a, b = everyone.get(headline), without.get(headline)
+            if a is None or b is None:
+                continue
+            out[name] = abs(float(a) - float(b))
+            if out[name] > INFLUENCE_ALERT:
+                logger.warning(
+                    "round %d %s: leaving %s out moves the pooled %s by %.3f (more than %g): "
+                    "check its statistics and population",
+                    server_round,
+                    split,
+                    name,
+                    headline,
+                    out[name],
+                    INFLUENCE_ALERT,
+                )
+        return out
+
     def survey(self, replies: Iterable[Message]) -> None:
         """Before training: write the sites' data composition and confounder screen (from
         the counts of the initial model's evaluation; its metrics are not reported)."""
@@ -196,6 +319,7 @@ class RadfedChecks:
             except InvalidReply as err:
                 self._drop(0, site, "statistics", err)
         if per_site:
+            self._remember_train_sizes(per_site)
             self._write_bias_report(0, per_site)
             logger.info(
                 "before training: composition of %s in %s",
@@ -237,7 +361,7 @@ class RadfedChecks:
         loss = reported["train-loss"]
         if not isinstance(loss, float) or not math.isfinite(loss):
             raise InvalidReply("train-loss must be a finite float")
-        validate_arrays(arrays, self.reference, max_update_norm=self.max_update_norm)
+        validate_arrays(arrays, self.reference)  # the norm bound clips (_bounded)
         return loss
 
     def _check_statistics(self, content: RecordDict) -> dict[str, list[CellStats]]:
@@ -363,6 +487,11 @@ STRATEGIES: dict[StrategyName, type[FedAvg]] = {
     StrategyName.FEDADAM: FedAdam,
     StrategyName.FEDYOGI: FedYogi,
     StrategyName.FEDAVGM: FedAvgM,
+    StrategyName.FEDMEDIAN: FedMedian,
+    StrategyName.FEDTRIMMEDAVG: FedTrimmedAvg,
+    StrategyName.KRUM: Krum,
+    StrategyName.MULTIKRUM: MultiKrum,
+    StrategyName.BULYAN: Bulyan,
 }
 
 
@@ -376,6 +505,9 @@ def make_strategy(
 
     FedProx sends ``proximal-mu`` (the site adds the proximal term); FedAdam and FedYogi
     keep a server optimiser with learning rate ``server-lr``; FedAvgM uses server momentum.
+    The robust ones: FedMedian (coordinate-wise median), FedTrimmedAvg (cuts ``trim-beta``
+    from each end), Krum, MultiKrum and Bulyan (tolerating ``robust-f`` malicious sites;
+    Bulyan needs 4 f + 3 sites).
     """
     base = STRATEGIES[config.strategy]
     options: dict[str, Any] = {}
@@ -385,6 +517,12 @@ def make_strategy(
         options.update(eta=config.server_lr, eta_l=config.learning_rate, beta_1=0.9, beta_2=0.99)
     elif base is FedAvgM:
         options.update(server_learning_rate=1.0, server_momentum=0.9)
+    elif base is FedTrimmedAvg:
+        options["beta"] = config.trim_beta
+    elif base in (Krum, MultiKrum, Bulyan):
+        options["num_malicious_nodes"] = config.robust_f
+        if base is MultiKrum:  # average the n - f updates Krum scores best
+            options["num_nodes_to_select"] = max(1, config.min_sites - config.robust_f)
     cls = (
         RadfedFedAvg if base is FedAvg else type(f"Radfed{base.__name__}", (RadfedChecks, base), {})
     )

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 
 from radfed.federation.codes import InvalidReply
 
-__all__ = ["cast_like", "validate_arrays"]
+__all__ = ["cast_like", "clip_update", "update_norm", "validate_arrays"]
 
 
 def validate_arrays(
@@ -101,3 +101,31 @@ def cast_like(
             value = torch.round(value)
         out[name] = value.to(ref.dtype)
     return out
+
+
+def update_norm(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> float:
+    """The L2 distance of a checked update (``validate_arrays``) from ``reference``, over the
+    floating-point tensors taken together (inf when it overflows)."""
+    squared = 0.0
+    for name, ref in reference.items():
+        if not ref.is_floating_point():
+            continue
+        with np.errstate(over="ignore", invalid="ignore"):
+            diff = record[name].numpy().astype(np.float64) - ref.detach().cpu().numpy()
+            squared += float(np.sum(np.square(diff)))
+    return math.sqrt(squared) if math.isfinite(squared) else math.inf
+
+
+def clip_update(
+    record: ArrayRecord, reference: Mapping[str, torch.Tensor], scale: float
+) -> ArrayRecord:
+    """``reference + scale * (update - reference)`` for the floating-point tensors (the rest
+    unchanged), in the update's dtypes: an update clipped to a norm bound."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for name, ref in reference.items():
+        value = torch.from_numpy(np.array(record[name].numpy()))
+        if ref.is_floating_point():
+            base = ref.detach().cpu().to(torch.float64)
+            value = (base + scale * (value.to(torch.float64) - base)).to(value.dtype)
+        out[name] = value
+    return ArrayRecord(out)

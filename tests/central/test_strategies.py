@@ -105,7 +105,7 @@ def test_fedbn_keeps_each_sites_normalisation_layers(synth_root: Path, tmp_path:
 def test_every_strategy_aggregates_checked_updates_and_keeps_integer_buffers(
     name: str, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(CONFIG, strategy=name)
+    config = dataclasses.replace(CONFIG, strategy=name, robust_f=0)  # Bulyan: 4 f + 3 sites
     reference = {"w": torch.zeros(3), "bn.num_batches_tracked": torch.tensor(0)}
     strategy = make_strategy(config, reference, RunFolder.start(tmp_path / "run", config))
     # what configure_train records for server optimisers (FedOpt: NumPy arrays; FedAvgM: a record)
@@ -114,7 +114,7 @@ def test_every_strategy_aggregates_checked_updates_and_keeps_integer_buffers(
     elif hasattr(strategy, "current_arrays"):
         strategy.current_arrays = {k: v.numpy() for k, v in reference.items()}
     replies = []
-    for node, (site, w) in enumerate((("site-a", 1.0), ("site-b", 3.0)), start=1):
+    for node, (site, w) in enumerate((("site-a", 1.0), ("site-b", 3.0), ("site-c", 2.0)), start=1):
         content = RecordDict(
             {
                 "arrays": ArrayRecord(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -210,30 +211,54 @@ def test_malformed_update_is_dropped_without_failing_the_round(
     assert "Unsupported" not in caplog.text  # no exception text
 
 
-def test_update_norm_is_bounded_against_the_current_global_model(
+def test_an_update_beyond_the_norm_bound_is_clipped_to_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Prepare: bound 5; round 1 moves the global model from 0 to 1
+    # Prepare: bound 5; site-b's update w=4 (in 3 dimensions) is 6.93 from the model at 0
     strategy = _strategy(tmp_path, max_update_norm=5.0)
     caplog.set_level(logging.INFO, logger="radfed")
-    first, _ = strategy.aggregate_train(
-        1, [_train_reply("site-a", 1, 1.0, 10), _train_reply("site-b", 2, 4.0, 1000)]
+
+    # Execute: equal weights, so the mean shows what each update counted for
+    arrays, _ = strategy.aggregate_train(
+        1, [_train_reply("site-a", 1, 1.0, 10), _train_reply("site-b", 2, 4.0, 10)]
     )
-    # Execute: w=4 is 5.2 from the new global model, w=3 is 3.5 from it
-    second, _ = strategy.aggregate_train(
-        2, [_train_reply("site-a", 1, 3.0, 10), _train_reply("site-b", 2, 4.0, 1000)]
+
+    # Assert: site-b counted as its direction at norm 5 (w = 5 / sqrt(3)), not dropped
+    assert arrays is not None
+    clipped = 5.0 / math.sqrt(3)
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((3,), (1.0 + clipped) / 2))
+    assert "round 1: clipped the update of site-b from 6.93 to the bound 5 (L2)" in caplog.text
+    assert "site-a from" not in caplog.text
+
+
+def test_without_a_bound_the_first_round_calibrates_it(tmp_path: Path) -> None:
+    # Prepare: three honest updates of norm ~1.7, and in round 2 one 100 times larger
+    strategy = _strategy(tmp_path)
+    honest = [_train_reply(f"site-{s}", i, 1.0, 10) for i, s in enumerate("abc", start=1)]
+    strategy.aggregate_train(1, honest)  # the model moves to w = 1
+    attack = [_train_reply("site-a", 1, 1.0, 10), _train_reply("site-b", 2, 101.0, 10)]
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(2, attack)
+
+    # Assert: bound 3 x the first round's median norm (sqrt(3)); b moved by at most that
+    assert strategy.calibrated_norm == pytest.approx(3 * math.sqrt(3))
+    moved = arrays.to_torch_state_dict()["w"] - 1.0  # type: ignore[union-attr]
+    assert float(moved.norm()) <= strategy.calibrated_norm / 2 + 1e-5
+
+
+def test_num_examples_is_capped_at_the_sites_train_split(tmp_path: Path) -> None:
+    # Prepare: site-b's statistics say its train split holds 30 cases; it claims 10 million
+    strategy = _strategy(tmp_path, max_update_norm=1e6)
+    strategy.train_sizes["site-b"] = 30
+
+    # Execute
+    arrays, _ = strategy.aggregate_train(
+        1, [_train_reply("site-a", 1, 1.0, 30), _train_reply("site-b", 2, 4.0, 10_000_000)]
     )
-    # Assert: site-b (6.9 from 0) dropped in round 1; (5.2 from 1) still dropped in round 2
-    assert first is not None and torch.allclose(first.to_torch_state_dict()["w"], torch.ones(3))
-    assert second is not None
-    assert torch.allclose(second.to_torch_state_dict()["w"], torch.full((3,), 3.0))
-    assert "round 1: dropped update from site-b: update is 6.93 from the global model" in (
-        caplog.text
-    )
-    assert "round 2: dropped update from site-b: update is 5.2 from the global model" in (
-        caplog.text
-    )
-    assert "dropped update from site-a" not in caplog.text
+
+    # Assert: weighted 30 : 30, not 30 : 10,000,000
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((3,), 2.5))  # type: ignore[union-attr]
 
 
 @pytest.mark.parametrize(
