@@ -74,6 +74,11 @@ class SiteState:
         return self.path / "test_uses.json"
 
     @property
+    def privacy(self) -> Path:
+        """The privacy the site's DP updates spent (``radfed.privacy.accountant``)."""
+        return self.path / "privacy.jsonl"
+
+    @property
     def queries(self) -> Path:
         """The requests the site answered (``radfed.privacy.budget``)."""
         return self.path / "queries.jsonl"

@@ -143,6 +143,7 @@ def site_audit(
     look at (repeated evaluations, other weights evaluated, the sealed test split, refused
     bundles); exit 1 when there is something to look at."""
     from radfed.privacy import read_entries, verify
+    from radfed.privacy.accountant import PrivacyLedger
     from radfed.site.review import review
 
     path = SiteFolder(site_dir).state.audit_log
@@ -165,6 +166,12 @@ def site_audit(
             line += f" bundle {asked.bundle_sha256[:12]}" if asked.bundle_sha256 else ""
         typer.echo(line)
     typer.echo(f"audit log intact: {count} entries in {path}")
+    spent = attempt(PrivacyLedger(SiteFolder(site_dir).state.privacy).spent)
+    if spent.rounds:
+        typer.echo(
+            f"differential privacy: {spent.rounds} DP rounds, rho {spent.rho:.3g} "
+            f"(epsilon {spent.epsilon(1e-5):.3g} at delta 1e-05)"
+        )
     findings = review(entries)
     for finding in findings:
         typer.echo(f"look at: {finding.line()}")

@@ -28,6 +28,10 @@ The site administrator owns a TOML file (``site-policy.toml``); every key is opt
     required = true
     clipping-norm = 1.0            # L2 bound on (new weights - received weights)
     noise-multiplier = 0.8         # Gaussian noise std = noise-multiplier * clipping-norm
+    epsilon = 8.0                  # total budget over rounds and runs (default: none)
+    delta = 1e-5
+    min-batch-size = 8             # a run may not train on smaller batches (default 8)
+    max-learning-rate = 1.0        # nor with a larger learning rate (default 1.0)
 
     [policy.bundle]                # the app bundles whose runs this site takes part in
     publisher = "radfed"           # [tool.flwr.app] publisher (default radfed)
@@ -154,15 +158,43 @@ def _show(value: object) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class DifferentialPrivacy:
-    """Clipping and Gaussian noise applied to every weight update the site sends.
+    """Clipping and Gaussian noise applied to every weight update the site sends, and what
+    the site spends of its privacy budget (``radfed.privacy.accountant``).
 
     Attributes:
         clipping_norm: L2 bound on the update (new weights - received weights).
         noise_multiplier: noise std in units of ``clipping_norm``.
+        epsilon: the site's total budget over all rounds and runs, at ``delta``; None to
+            account without refusing.
+        delta: the delta of (epsilon, delta)-DP.
+        min_batch_size: the smallest ``batch-size`` a run may train with.
+        max_learning_rate: the largest ``learning-rate`` a run may train with.
     """
 
     clipping_norm: float
     noise_multiplier: float
+    epsilon: float | None = None
+    delta: float = 1e-5
+    min_batch_size: int = 8
+    max_learning_rate: float = 1.0
+
+    def check_run(self, config: RunConfig) -> None:
+        """Raises PolicyRefusal when the run trains with batches smaller or a learning
+        rate larger than the policy allows (a crafted batch of 2 let a server read the
+        labels of two chosen cases from each round)."""
+        if config.batch_size < self.min_batch_size:
+            msg = (
+                f"the run trains with batch-size {config.batch_size}; this site's DP policy "
+                f"needs at least {self.min_batch_size} ([policy.dp] min-batch-size)"
+            )
+            raise PolicyRefusal(msg)
+        if config.learning_rate > self.max_learning_rate:
+            msg = (
+                f"the run trains with learning-rate {config.learning_rate:g}; this site's DP "
+                f"policy allows at most {self.max_learning_rate:g} ([policy.dp] "
+                "max-learning-rate)"
+            )
+            raise PolicyRefusal(msg)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -324,6 +356,8 @@ class SitePolicy:
             else {
                 "clipping-norm": self.dp.clipping_norm,
                 "noise-multiplier": self.dp.noise_multiplier,
+                "epsilon": self.dp.epsilon,
+                "delta": self.dp.delta,
             },
             "bundle": self.bundle.describe(),
         }

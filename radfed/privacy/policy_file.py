@@ -38,7 +38,10 @@ POLICY_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "policy.queries": ("splits", "test-evaluations", "test-last-round-only"),
     "policy.templates": ("age-bands", "thresholds", "score-bins", "metric-bins"),
-    "policy.dp": ("required", "clipping-norm", "noise-multiplier"),
+    "policy.dp": (
+        *("required", "clipping-norm", "noise-multiplier", "epsilon", "delta"),
+        *("min-batch-size", "max-learning-rate"),
+    ),
     "policy.bundle": ("publisher", "name", "versions", "sha256"),
     "policy.limits": ResourceLimits.keys(),
 }
@@ -280,7 +283,7 @@ class _Reader:
         required = table.get("required", True)
         if not isinstance(required, bool):
             self.fail("policy.dp.required", "true or false", required)
-        missing = [k for k in POLICY_KEYS["policy.dp"][1:] if k not in table]
+        missing = [k for k in POLICY_KEYS["policy.dp"][1:3] if k not in table]
         if required and missing:
             msg = (
                 f"site policy {self.path}: 'policy.dp.{missing[0]}' is missing; set it "
@@ -289,4 +292,21 @@ class _Reader:
             raise ConfigError(msg)
         clip = self.number(table, "clipping-norm", positive=True)
         noise = self.number(table, "noise-multiplier", positive=False)
-        return DifferentialPrivacy(clipping_norm=clip, noise_multiplier=noise) if required else None
+        epsilon = self.number(table, "epsilon", positive=True) if "epsilon" in table else None
+        delta = self.number(table, "delta", positive=True) if "delta" in table else 1e-5
+        if not delta < 1:
+            self.fail("policy.dp.delta", "a number in (0, 1)", delta)
+        rate = table.get("max-learning-rate", 1.0)
+        if "max-learning-rate" in table:
+            rate = self.number(table, "max-learning-rate", positive=True)
+        batch = self.integer(table, "min-batch-size", 8, "policy.dp")
+        if not required:
+            return None
+        return DifferentialPrivacy(
+            clipping_norm=clip,
+            noise_multiplier=noise,
+            epsilon=epsilon,
+            delta=delta,
+            min_batch_size=batch,
+            max_learning_rate=float(rate),
+        )

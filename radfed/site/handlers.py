@@ -34,6 +34,7 @@ from radfed.federation.weights import load_global, shared_state
 from radfed.folders import SiteFolder
 from radfed.log import logger
 from radfed.privacy import SitePolicy
+from radfed.privacy.accountant import PrivacyLedger, rho_per_round
 from radfed.privacy.budget import QueryLedger
 from radfed.site.bundle import BundleIdentity
 from radfed.site.egress import Handler, HeldOut, guarded
@@ -112,7 +113,23 @@ def _train(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context, training=True)
     config, train = job.config, job.site.splits["train"]
     job.policy.limits.check_steps(round_steps(config, len(train)))
+    if job.policy.dp is not None:
+        job.policy.dp.check_run(config)
     _within_budget(job, msg, "train")
+    if job.policy.dp is not None:  # the round's privacy is spent before it is trained
+        spent = PrivacyLedger(SiteFolder(job.path).state.privacy).spend(
+            rho_per_round(job.policy.dp.noise_multiplier),
+            run_id=msg.metadata.run_id,
+            server_round=server_round(msg),
+            epsilon=job.policy.dp.epsilon,
+            delta=job.policy.dp.delta,
+        )
+        logger.info(
+            "differential privacy: epsilon %.3g spent at delta %g over %d rounds",
+            spent.epsilon(job.policy.dp.delta),
+            job.policy.dp.delta,
+            spent.rounds,
+        )
     round_ = server_round(msg)
     seed = config.seed + 1000 * round_ + zlib.crc32(job.name.encode())
     mu = message_setting(msg, "proximal-mu")
@@ -137,12 +154,16 @@ def _train(msg: Message, context: Context) -> Message:
             np.random.default_rng(),
         )
         state = OrderedDict((k, torch.from_numpy(v)) for k, v in noised.items())
+    examples, loss = result.num_examples, float(result.loss)
+    if job.policy.dp is not None:
+        # outside the noise, these would be exact: the loss is not sent (0), the count
+        # leaves rounded down to a multiple of the site's k
+        k = job.policy.k
+        examples, loss = max(k, examples // k * k), 0.0
     content = RecordDict(
         {
             ARRAYS_KEY: ArrayRecord(state),
-            METRICS_KEY: MetricRecord(
-                {"num-examples": result.num_examples, "train-loss": float(result.loss)}
-            ),
+            METRICS_KEY: MetricRecord({"num-examples": examples, "train-loss": loss}),
             SITE_KEY: SiteIdentity.local(job.name).to_record(),
         }
     )

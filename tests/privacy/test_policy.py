@@ -125,10 +125,19 @@ def test_dp_table_not_required_means_no_dp(tmp_path: Path) -> None:
         ("[policy.dp]\nnoise-multiplier = 1\n", "policy.dp.clipping-norm"),
         ("[policy.dp]\nclipping-norm = 1\n", "policy.dp.noise-multiplier"),
         (
-            "[policy.dp]\nclipping-norm = 1\nnoise-multiplier = 1\nepsilon = 3\n",
-            "policy.dp.epsilon",
+            "[policy.dp]\nclipping-norm = 1\nnoise-multiplier = 1\nsigma = 3\n",
+            "policy.dp.sigma",
         ),
         ("[policy.dp]\nrequired = false\nclipping-norm = -1\n", "policy.dp.clipping-norm"),
+        (
+            "[policy.dp]\nclipping-norm = 1\nnoise-multiplier = 1\nepsilon = 0\n",
+            "policy.dp.epsilon",
+        ),
+        ("[policy.dp]\nclipping-norm = 1\nnoise-multiplier = 1\ndelta = 1\n", "policy.dp.delta"),
+        (
+            "[policy.dp]\nclipping-norm = 1\nnoise-multiplier = 1\nmin-batch-size = 0\n",
+            "policy.dp.min-batch-size",
+        ),
     ],
 )
 def test_bad_values_are_refused_by_key(tmp_path: Path, text: str, key: str) -> None:
@@ -209,7 +218,12 @@ def test_describe_is_json_and_names_no_path(tmp_path: Path) -> None:
     text = json.dumps(described)
     assert str(tmp_path) not in text
     assert described["min-cell-size"] == 20
-    assert described["dp"] == {"clipping-norm": 1.0, "noise-multiplier": 0.8}
+    assert described["dp"] == {
+        "clipping-norm": 1.0,
+        "noise-multiplier": 0.8,
+        "epsilon": None,
+        "delta": 1e-5,
+    }
     assert SitePolicy.default().describe()["dp"] == "off"
     assert SitePolicy.default().describe()["subgroups"] == list(SitePolicy().subgroups or ())
     assert SitePolicy(subgroups=None, templates=None).describe()["templates"] == "any"

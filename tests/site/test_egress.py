@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from typer.testing import CliRunner
 
+from radfed.cli import app
 from radfed.config import RunConfig
 from radfed.federation.codes import ErrorCode
 from radfed.privacy import read_entries, verify, weights_digest
@@ -242,3 +244,41 @@ def test_long_and_odd_settings_are_kept_as_their_digest(site_copy: Path) -> None
     assert kept["blob"].startswith("<bytes of 1000 bytes, sha256 ")
     assert kept["values"].startswith("<list of ")
     assert "message-config-more" not in entry["request"]  # type: ignore[operator]
+
+
+def test_dp_training_spends_the_sites_budget_and_sends_no_exact_loss(site_copy: Path) -> None:
+    # Prepare: DP with a budget for two rounds of noise multiplier 10 (epsilon 0.69 after
+    # two, 0.85 after three, at delta 1e-5)
+    budget = "epsilon = 0.75\ndelta = 1e-5\n"
+    policy = f"[policy.dp]\nclipping-norm = 1.0\nnoise-multiplier = 10.0\n{budget}"
+    context = make_context(CONFIG.to_run_config(), _node(site_copy, policy))
+
+    # Execute: three rounds
+    replies = [handle_train(_request("train", server_round=r), context) for r in (1, 2, 3)]
+
+    # Assert: two rounds trained, the third refused before training; the loss is not
+    # sent and the count leaves rounded to the site's k
+    assert not replies[0].has_error() and not replies[1].has_error()
+    assert replies[2].has_error() and replies[2].error.code == ErrorCode.POLICY
+    metrics = replies[0].content["metrics"]
+    assert metrics["train-loss"] == 0.0  # type: ignore[index]
+    assert metrics["num-examples"] % 10 == 0  # type: ignore[index,operator]
+    lines = (site_copy / ".radfed" / "privacy.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    shown = CliRunner().invoke(app, ["site", "audit", str(site_copy)])
+    assert "differential privacy: 2 DP rounds, rho 0.01 (epsilon 0.689" in shown.output
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [({"batch-size": 2, "local-steps": 1}, "batch-size 2"), ({"learning-rate": 50.0}, "50")],
+)
+def test_dp_refuses_the_crafted_runs_that_single_out_training_cases(
+    site_copy: Path, settings: dict[str, object], named: str
+) -> None:
+    # a batch of 2 and one step made each round's update the gradient of two chosen cases
+    policy = "[policy.dp]\nclipping-norm = 1.0\nnoise-multiplier = 1.0\n"
+    run = {**CONFIG.to_run_config(), **settings}
+    reply = handle_train(_request("train"), make_context(run, _node(site_copy, policy)))  # type: ignore[arg-type]
+    assert reply.has_error() and reply.error.code == ErrorCode.POLICY
+    assert not (site_copy / ".radfed" / "privacy.jsonl").exists()  # nothing spent
