@@ -241,6 +241,13 @@ class RunConfig:
             "< 1 so that some patients train",
         )
         _check(0 < self.threshold < 1, "threshold", self.threshold, "in (0, 1)")
+        edge = self.threshold * self.score_bins
+        _check(
+            abs(edge - round(edge)) < 1e-9,
+            "threshold",
+            self.threshold,
+            f"on an edge of the {self.score_bins} score bins (a multiple of 1/{self.score_bins})",
+        )
         _check(10 <= self.score_bins <= 100_000, "score-bins", self.score_bins, "in [10, 100000]")
         _check(self.min_sites >= 1, "min-sites", self.min_sites, ">= 1")
         _check(self.round_timeout > 0, "round-timeout", self.round_timeout, "> 0")

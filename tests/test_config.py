@@ -70,3 +70,10 @@ def test_bad_values_are_named_with_the_fix(values: dict[str, object], message: s
 def test_the_cell_bin_bound_admits_the_largest_sensible_settings() -> None:
     assert RunConfig.from_run_config({"num-classes": 20, "score-bins": 10_000}).score_bins
     assert RunConfig.from_run_config({"num-classes": 1000, "score-bins": 200}).num_classes
+
+
+def test_the_threshold_must_fall_on_a_score_bin_edge() -> None:
+    # a threshold inside a bin would let the confusion counts split that bin's cases
+    with pytest.raises(ConfigError, match="on an edge of the 1000 score bins"):
+        RunConfig.from_run_config({"threshold": 0.5005})
+    assert RunConfig.from_run_config({"threshold": 0.3, "score-bins": 20}).threshold == 0.3

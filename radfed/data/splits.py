@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -17,7 +18,6 @@ import numpy as np
 
 from radfed.errors import DataError
 from radfed.folders import MANIFEST_NAME, SiteState
-from radfed.log import logger
 
 __all__ = [
     "PatientInfo",
@@ -48,6 +48,7 @@ def assign_splits(
     test_fraction: float,
     seed: int,
     fixed: Mapping[str, str] | None = None,
+    order: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Assign each patient to ``train``, ``val`` or ``test``, stratified by (label, sex).
 
@@ -62,6 +63,9 @@ def assign_splits(
         test_fraction: share of patients for the sealed test split.
         seed: random seed.
         fixed: patient key -> split already assigned.
+        order: patient key -> what patients are sorted by before the seeded shuffle
+            (default: the key). Keys made with a site's random secret would otherwise
+            make the same data and seed split differently at every new site folder.
 
     Returns:
         patient key -> split name, for every patient.
@@ -75,7 +79,7 @@ def assign_splits(
     strata: dict[tuple[int, str], list[str]] = defaultdict(list)
     in_stratum: dict[tuple[int, str], Counter[str]] = defaultdict(Counter)
     overall: Counter[str] = Counter()
-    for key in sorted(patients):
+    for key in sorted(patients, key=lambda k: (order or {}).get(k, k)):
         stratum = (patients[key].label, patients[key].sex)
         if key in fixed:
             in_stratum[stratum][fixed[key]] += 1
@@ -182,16 +186,46 @@ def load_or_make_splits(
     Args:
         state_dir: the site's state folder.
         patients: patient key (see ``patient_key``) -> stratification info.
-        legacy: version-1 key -> key of each patient, to re-key a version-1 file (the
-            patients in it but no longer in the manifest are dropped).
+        legacy: version-1 key -> key of each patient, to re-key a version-1 file, and to
+            order new patients (a plain hash, kept in memory only: the same data and seed
+            give the same split at every site folder).
     """
     path = SiteState(state_dir).split
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        msg = (
+            f"cannot write {state_dir.name}/{path.name}: the site state folder is not writable; "
+            "make it writable or point the site at a writable state folder"
+        )
+        raise DataError(msg) from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process assigns at a time
+        return _load_or_make(
+            path, state_dir, patients, val_fraction, test_fraction, seed, legacy or {}
+        )
+    finally:
+        os.close(lock)
+
+
+def _load_or_make(
+    path: Path,
+    state_dir: Path,
+    patients: Mapping[str, PatientInfo],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    legacy: Mapping[str, str],
+) -> dict[str, str]:
     stored: dict[str, str] = {}
-    rekeyed = False
+    unmapped: dict[str, str] = {}
+    changed = not path.is_file()
     if path.is_file():
         try:
             document = json.loads(path.read_text())
             stored = {str(k): str(v) for k, v in document["assignments"].items()}
+            unmapped = {str(k): str(v) for k, v in document.get("legacy", {}).items()}
             version = document.get("version", 1)
         except (ValueError, KeyError, TypeError, AttributeError):
             msg = (
@@ -200,11 +234,15 @@ def load_or_make_splits(
             )
             raise DataError(msg) from None
         if version == 1:  # re-key with the site's secret; the splits stay as they were
-            old = len(stored)
-            stored = {(legacy or {})[k]: v for k, v in stored.items() if k in (legacy or {})}
-            rekeyed = True
-            logger.info("split file re-keyed with the site secret (%d of %d)", len(stored), old)
-    if rekeyed or any(k not in stored for k in patients) or not path.is_file():
+            unmapped, stored = stored, {}
+            changed = True
+    # a patient of a version-1 file not seen since (an unreadable image that day) keeps
+    # its split when it comes back: the old keys wait in "legacy" until then
+    for old, key in legacy.items():
+        if old in unmapped and key not in stored:
+            stored[key] = unmapped.pop(old)
+            changed = True
+    if changed or any(k not in stored for k in patients):
         stored.update(
             assign_splits(
                 patients,
@@ -212,18 +250,18 @@ def load_or_make_splits(
                 test_fraction=test_fraction,
                 seed=seed,
                 fixed={k: v for k, v in stored.items() if k in patients},
+                order={key: old for old, key in legacy.items()},
             )
         )
-        _write_state(
-            state_dir,
-            path,
-            {
-                "version": _SPLIT_VERSION,
-                "seed": seed,
-                "fractions": {"val": val_fraction, "test": test_fraction},
-                "assignments": dict(sorted(stored.items())),
-            },
-        )
+        document = {
+            "version": _SPLIT_VERSION,
+            "seed": seed,
+            "fractions": {"val": val_fraction, "test": test_fraction},
+            "assignments": dict(sorted(stored.items())),
+        }
+        if unmapped:
+            document["legacy"] = dict(sorted(unmapped.items()))
+        _write_state(state_dir, path, document)
     return {k: stored[k] for k in patients}
 
 
@@ -231,7 +269,7 @@ def _write_state(state_dir: Path, path: Path, document: object) -> None:
     """Write a state file atomically; a read-only site folder gets a message with the fix."""
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # no two writers share it
         tmp.write_text(json.dumps(document, indent=1))
         tmp.replace(path)
     except OSError:

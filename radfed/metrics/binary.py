@@ -9,7 +9,7 @@ exactly for counts, and for AUC within the tie bound of ``auc_tie_bound``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -25,7 +25,15 @@ __all__ = [
     "expected_calibration_error",
     "sensitivity",
     "specificity",
+    "threshold_bin",
 ]
+
+
+def threshold_bin(threshold: float, bins: int) -> int | None:
+    """The first of ``bins`` equal score bins at or above ``threshold`` when the threshold
+    falls on a bin edge (``score >= threshold`` is then exactly those bins), else None."""
+    edge = threshold * bins
+    return round(edge) if abs(edge - round(edge)) < 1e-9 else None
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,8 @@ class BinaryStats:
         neg_hist: counts of negative cases per score bin, shape ``(B,)``.
         suppressed: the cell held fewer cases than the site's minimum cell size; every
             count is zero and the cell is left out of pooled values.
+        threshold_bin: the first bin at or above the threshold (the site merges sparse
+            bins on each side of it apart); not sent.
     """
 
     tp: int
@@ -47,6 +57,7 @@ class BinaryStats:
     pos_hist: tuple[int, ...]
     neg_hist: tuple[int, ...]
     suppressed: bool = False
+    threshold_bin: int | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def empty(cls, bins: int, *, suppressed: bool = False) -> BinaryStats:
@@ -82,6 +93,7 @@ class BinaryStats:
             fn=int(np.sum(~predicted & labels)),
             pos_hist=tuple(int(v) for v in np.bincount(index[labels], minlength=bins)),
             neg_hist=tuple(int(v) for v in np.bincount(index[~labels], minlength=bins)),
+            threshold_bin=threshold_bin(threshold, bins),
         )
 
     @property
@@ -94,14 +106,15 @@ class BinaryStats:
         Fewer than ``k`` cases: a suppressed cell without counts. Otherwise adjacent score
         bins are merged (from low to high scores) until every non-empty bin holds at least
         ``k`` cases, so no bin pins down the score and label of fewer than ``k`` cases; a
-        merged run is stored in its first bin. The AUC of the result stays within its own
+        merged run is stored in its first bin, and no run crosses the threshold (the
+        confusion counts would cut it). The AUC of the result stays within its own
         ``auc_tie_bound`` of the exact AUC.
         """
         if k <= 1:
             return self
         if self.n < k:
             return BinaryStats.empty(len(self.pos_hist), suppressed=True)
-        pos, neg = merge_sparse_bins((self.pos_hist, self.neg_hist), k)
+        pos, neg = merge_sparse_bins((self.pos_hist, self.neg_hist), k, split_at=self.threshold_bin)
         return BinaryStats(self.tp, self.fp, self.tn, self.fn, pos, neg)
 
     def __add__(self, other: BinaryStats) -> BinaryStats:

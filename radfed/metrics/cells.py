@@ -142,10 +142,13 @@ def subgroup_cells(
             groups)``. An attribute not given here may name any value of ``k`` cases.
     """
     cells = [Cell(ALL, ALL, tuple(range(len(attributes))))]
+    allowed: dict[str, Collection[str]] = dict(vocabularies or {})
+    if age_bands:  # a manifest column may put any text in sex or age_band: never named
+        allowed.update(sex=(*SEXES, UNKNOWN), age_band=(*age_bands, UNKNOWN))
     for attribute in subgroups:
         groups: dict[str, list[int]] = defaultdict(list)
         for position, case in enumerate(attributes):
-            groups[_group_of(case, attribute, vocabularies or {})].append(position)
+            groups[_group_of(case, attribute, allowed)].append(position)
         vocabulary = closed_vocabulary(attribute, age_bands) or ()
         small = [g for g, members in groups.items() if len(members) < k and g not in vocabulary]
         if small:

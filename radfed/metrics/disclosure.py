@@ -34,6 +34,7 @@ crafted models that sweep thresholds over the same cases (only noise protects th
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -46,7 +47,10 @@ __all__ = ["Disclosure", "atoms", "find_disclosure", "protect"]
 _TOL = 1e-9
 #: Seconds the solver may take for one search before any combination on small atoms
 #: counts as disclosing (more suppression, never less).
-TIME_LIMIT = 20.0
+TIME_LIMIT = 5.0
+#: Seconds ``protect`` may take for one split in all; beyond them only the cell preferred
+#: last (the whole split) is released.
+DEADLINE = 60.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +211,7 @@ def protect(
     *,
     preference: Callable[[int], tuple[object, ...]] | None = None,
     time_limit: float = TIME_LIMIT,
+    deadline: float = DEADLINE,
 ) -> set[int]:
     """The cells to suppress so that no combination of the others discloses.
 
@@ -217,6 +222,8 @@ def protect(
             uses, the one with the smallest key is suppressed next (default: the smallest
             cell).
         time_limit: as for ``find_disclosure``.
+        deadline: seconds for the whole search; beyond them every cell but the one
+            preferred last is suppressed (a crafted split cannot stall the site).
 
     Returns:
         Positions of the suppressed cells: every cell below ``k`` and the complementary
@@ -227,7 +234,11 @@ def protect(
         return suppressed
     key = preference or (lambda i: (len(memberships[i]), i))
     matrix, sizes = atoms(memberships)
+    stop = time.monotonic() + deadline
     while True:
+        if time.monotonic() > stop:
+            last = max(range(len(memberships)), key=key)
+            return set(range(len(memberships))) - ({last} - suppressed)
         released = [i for i in range(len(memberships)) if i not in suppressed]
         found = find_disclosure(matrix, sizes, released, k, time_limit=time_limit)
         if found is None:

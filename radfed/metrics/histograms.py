@@ -7,7 +7,9 @@ from collections.abc import Sequence
 __all__ = ["merge_sparse_bins"]
 
 
-def merge_sparse_bins(histograms: Sequence[Sequence[int]], k: int) -> list[tuple[int, ...]]:
+def merge_sparse_bins(
+    histograms: Sequence[Sequence[int]], k: int, *, split_at: int | None = None
+) -> list[tuple[int, ...]]:
     """Merge adjacent bins of aligned histograms until every non-empty bin holds ``k`` entries.
 
     The histograms share their bin edges (e.g. positive and negative score histograms) and
@@ -18,9 +20,12 @@ def merge_sparse_bins(histograms: Sequence[Sequence[int]], k: int) -> list[tuple
     Args:
         histograms: equally long count sequences.
         k: the minimum entries per non-empty merged bin; ``k <= 1`` returns them unchanged.
+        split_at: a bin index no run crosses: the bins below it and from it on are merged
+            apart (the operating threshold, whose counts each side are released anyway: a
+            run across it would be cut by them into parts of fewer than ``k``).
 
     Raises:
-        ValueError: histograms of different lengths.
+        ValueError: histograms of different lengths, or ``split_at`` outside them.
     """
     lengths = {len(h) for h in histograms}
     if len(lengths) > 1:
@@ -29,9 +34,24 @@ def merge_sparse_bins(histograms: Sequence[Sequence[int]], k: int) -> list[tuple
     if k <= 1 or not histograms:
         return [tuple(int(v) for v in h) for h in histograms]
     width = lengths.pop()
+    if split_at is not None and not 0 <= split_at <= width:
+        raise ValueError(f"split_at {split_at} is outside the {width} bins")
+    out = [[0] * width for _ in histograms]
+    parts = [(0, width)] if split_at is None else [(0, split_at), (split_at, width)]
+    for begin, end in parts:
+        for first, counts in _runs(histograms, k, begin, end):
+            for h, count in enumerate(counts):
+                out[h][first] = count
+    return [tuple(h) for h in out]
+
+
+def _runs(
+    histograms: Sequence[Sequence[int]], k: int, begin: int, end: int
+) -> list[tuple[int, list[int]]]:
+    """The merged runs of bins ``begin..end - 1``: (first bin, counts per histogram)."""
     runs: list[tuple[int, list[int]]] = []
-    start, run = 0, [0] * len(histograms)
-    for index in range(width):
+    start, run = begin, [0] * len(histograms)
+    for index in range(begin, end):
         if sum(run) == 0:
             start = index
         run = [r + int(h[index]) for r, h in zip(run, histograms, strict=True)]
@@ -44,8 +64,4 @@ def merge_sparse_bins(histograms: Sequence[Sequence[int]], k: int) -> list[tuple
             runs.append((first, [a + b for a, b in zip(before, run, strict=True)]))
         else:  # fewer than k entries in all: one bin
             runs.append((start, run))
-    out = [[0] * width for _ in histograms]
-    for first, counts in runs:
-        for h, count in enumerate(counts):
-            out[h][first] = count
-    return [tuple(h) for h in out]
+    return runs

@@ -4,11 +4,13 @@ A federated run asks each site once per round to train and once to evaluate. A s
 asks more (the same round again and again, with models of its making) can sweep thresholds
 over the same cases; the budget refuses it:
 
-- one training and one evaluation per (run, round): a second is refused;
+- one training and one evaluation per (run, round), and no round beyond the run's own
+  ``num-server-rounds``: a second request, or a later round, is refused;
 - statistics only of the splits the policy lists (``splits``; a site may keep its training
   split's statistics at home);
-- the sealed test split at most ``test-evaluations`` times per run (default once), and by
-  default only in the run's last round.
+- the sealed test split at most ``test-evaluations`` times per run (default once), by
+  default only in the run's last round, and ``test-evaluations-total`` times over all runs
+  (default 20): every look at it is a chance to fit to it, and a fresh run id is free.
 
 Every answered request is recorded in ``SITE_DIR/.radfed/queries.jsonl`` (0600, one JSON line
 per request, appended under a lock) before any work is done, so a refused or failed request
@@ -40,11 +42,13 @@ class QueryBudget:
         splits: the splits whose statistics may leave.
         test_evaluations: evaluations of the sealed test split per run.
         test_last_round_only: the test split only in the run's last round.
+        test_total: evaluations of the sealed test split over all runs.
     """
 
     splits: tuple[str, ...] = SPLITS
     test_evaluations: int = 1
     test_last_round_only: bool = True
+    test_total: int = 20
 
     def check(
         self,
@@ -78,6 +82,13 @@ class QueryBudget:
                 )
                 raise PolicyRefusal(msg)
         with ledger.locked() as answered:
+            if server_round > last_round:
+                msg = (
+                    f"run {run_id} asks for round {server_round} of a run of {last_round} "
+                    "rounds (num-server-rounds); refused"
+                )
+                ledger.add([run_id, server_round, kind, "refused"])
+                raise PolicyRefusal(msg)
             if any(a[:3] == [run_id, server_round, kind] for a in answered):
                 msg = (
                     f"run {run_id} already asked this site to {kind} in round "
@@ -92,6 +103,14 @@ class QueryBudget:
                         f"run {run_id} already evaluated the sealed test split {used} "
                         f"time(s), the most this site's policy allows per run "
                         f"([policy.queries] test-evaluations)"
+                    )
+                    ledger.add([run_id, server_round, kind, "refused"])
+                    raise PolicyRefusal(msg)
+                overall = sum(1 for a in answered if a[3] == "test")
+                if overall >= self.test_total:
+                    msg = (
+                        f"the sealed test split was evaluated {overall} times at this site, "
+                        "the most its policy allows ([policy.queries] test-evaluations-total)"
                     )
                     ledger.add([run_id, server_round, kind, "refused"])
                     raise PolicyRefusal(msg)
@@ -110,6 +129,7 @@ class QueryBudget:
             "splits": list(self.splits),
             "test-evaluations": self.test_evaluations,
             "test-last-round-only": self.test_last_round_only,
+            "test-evaluations-total": self.test_total,
         }
 
 

@@ -23,6 +23,7 @@ The site administrator owns a TOML file (``site-policy.toml``); every key is opt
     splits = ["train", "val", "test"]  # splits whose statistics may leave (default: all)
     test-evaluations = 1           # evaluations of the sealed test split per run
     test-last-round-only = true    # and only in the run's last round
+    test-evaluations-total = 20    # and over all runs
 
     [policy.dp]                    # DP on weight updates (absent: not required)
     required = true

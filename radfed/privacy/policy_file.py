@@ -36,7 +36,9 @@ POLICY_KEYS: dict[str, tuple[str, ...]] = {
         *("min-cell-size", "tasks", "subgroups", "max-message-bytes"),
         *("dp", "bundle", "limits", "attribute-values", "templates", "queries"),
     ),
-    "policy.queries": ("splits", "test-evaluations", "test-last-round-only"),
+    "policy.queries": (
+        *("splits", "test-evaluations", "test-last-round-only", "test-evaluations-total"),
+    ),
     "policy.templates": ("age-bands", "thresholds", "score-bins", "metric-bins"),
     "policy.dp": (
         *("required", "clipping-norm", "noise-multiplier", "epsilon", "delta"),
@@ -198,6 +200,9 @@ class _Reader:
         uses = table.get("test-evaluations", default.test_evaluations)
         if isinstance(uses, bool) or not isinstance(uses, int) or uses < 0:
             self.fail(f"{where}.test-evaluations", "an integer >= 0", uses)
+        total = table.get("test-evaluations-total", default.test_total)
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            self.fail(f"{where}.test-evaluations-total", "an integer >= 0", total)
         last = table.get("test-last-round-only", default.test_last_round_only)
         if not isinstance(last, bool):
             self.fail(f"{where}.test-last-round-only", "true or false", last)
@@ -205,6 +210,7 @@ class _Reader:
             splits=default.splits if splits is None else splits,
             test_evaluations=uses,
             test_last_round_only=last,
+            test_total=total,
         )
 
     def templates(self, value: object) -> QueryTemplates:

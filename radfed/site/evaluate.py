@@ -68,7 +68,7 @@ def evaluate_cells(
                 CellStats(cell.attribute, cell.group, task.empty_stats(config, suppressed=True), 0)
             )
             continue
-        stats = outputs.stats(cell.index).with_min_cell(k)
+        stats = outputs.stats(cell.index).with_min_cell(own_k)  # the same in every run
         positives = sum(positive[i] for i in cell.index)
         cells.append(CellStats(cell.attribute, cell.group, stats, positives))
     return outputs, cells

@@ -87,6 +87,9 @@ def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task
         raise ConfigError("the message carries no weights (ArrayRecord 'arrays')")
     policy.limits.check_inbound(sum(len(array.data) for array in arrays.values()))
     policy.limits.check_model(model_size(task.build_model, config))
+    if not training:  # an evaluation is admitted before the site's data is even loaded
+        policy.check_templates(config)
+        _within_budget(policy, path, config, msg, "evaluate")
     site = load_site_once(path, config, policy.limits)
     model = task.build_model(config)
     if config.fedbn:  # this site's own normalisation layers from its earlier rounds
@@ -95,17 +98,19 @@ def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task
     return _Task(config, task, name, path, policy, site, model)
 
 
-def _within_budget(job: _Task, msg: Message, kind: str) -> None:
+def _within_budget(
+    policy: SitePolicy, path: Path, config: RunConfig, msg: Message, kind: str
+) -> None:
     """Admit and record the request under the site's query budget (PolicyRefusal if not)."""
-    if job.policy.queries is None:
+    if policy.queries is None:
         return
-    job.policy.queries.check(
-        QueryLedger(SiteFolder(job.path).state.queries),
+    policy.queries.check(
+        QueryLedger(SiteFolder(path).state.queries),
         run_id=msg.metadata.run_id,
         server_round=server_round(msg),
         kind=kind,
-        splits=job.config.eval_splits if kind == "evaluate" else (),
-        last_round=job.config.num_server_rounds,
+        splits=config.eval_splits if kind == "evaluate" else (),
+        last_round=config.num_server_rounds,
     )
 
 
@@ -115,7 +120,7 @@ def _train(msg: Message, context: Context) -> Message:
     job.policy.limits.check_steps(round_steps(config, len(train)))
     if job.policy.dp is not None:
         job.policy.dp.check_run(config)
-    _within_budget(job, msg, "train")
+    _within_budget(job.policy, job.path, config, msg, "train")
     if job.policy.dp is not None:  # the round's privacy is spent before it is trained
         spent = PrivacyLedger(SiteFolder(job.path).state.privacy).spend(
             rho_per_round(job.policy.dp.noise_multiplier),
@@ -155,6 +160,9 @@ def _train(msg: Message, context: Context) -> Message:
         )
         state = OrderedDict((k, torch.from_numpy(v)) for k, v in noised.items())
     examples, loss = result.num_examples, float(result.loss)
+    touched = min(len(train), config.batch_size * config.local_steps) or len(train)
+    if touched < job.policy.k:  # the loss of fewer than k chosen cases is not sent
+        loss = 0.0
     if job.policy.dp is not None:
         # outside the noise, these would be exact: the loss is not sent (0), the count
         # leaves rounded down to a multiple of the site's k
@@ -173,8 +181,6 @@ def _train(msg: Message, context: Context) -> Message:
 def _evaluate(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context)
     config = job.config
-    job.policy.check_templates(config)
-    _within_budget(job, msg, "evaluate")
     if "test" in config.eval_splits:
         uses = record_test_use(
             SiteFolder(job.path).state.path,

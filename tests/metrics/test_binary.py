@@ -123,7 +123,13 @@ def test_min_cell_policy_hides_small_bins_and_keeps_auc_within_its_bound(
         assert safe.suppressed and safe.n == 0 and not any(safe.pos_hist) and not any(safe.neg_hist)
         return
     totals = [p + q for p, q in zip(safe.pos_hist, safe.neg_hist, strict=True)]
-    assert all(t == 0 or t >= k for t in totals)
+    # each side of the threshold (bin 50) is merged apart; a side of fewer than k cases is
+    # one bin, whose count the confusion counts give anyway
+    below, above = totals[:50], totals[50:]
+    assert all(t == 0 or t >= k or t == stats.tn + stats.fn for t in below)
+    assert all(t == 0 or t >= k or t == stats.tp + stats.fp for t in above)
+    assert sum(1 for t in below if t) <= max(1, (stats.tn + stats.fn) // k)
+    assert sum(1 for t in above if t) <= max(1, (stats.tp + stats.fp) // k)
     assert (safe.tp, safe.fp, safe.tn, safe.fn) == (stats.tp, stats.fp, stats.tn, stats.fn)
     assert sum(safe.pos_hist) == sum(stats.pos_hist) and sum(safe.neg_hist) == sum(stats.neg_hist)
     if len(set(labels)) == 2:
@@ -162,3 +168,15 @@ def test_expected_calibration_error_matches_sklearn_calibration_curve() -> None:
     assert ece == pytest.approx(exact, abs=0.0005 + 1e-9)
     assert binary_metrics(merged)["ece"] == pytest.approx(ece, abs=1e-6)
     assert expected_calibration_error((0,) * 10, (0,) * 10) is None
+
+
+def test_no_merged_bin_crosses_the_threshold() -> None:
+    # the attack: a run [0.497, 0.503) of 8 cases, cut at 0.5 by the confusion counts
+    scores = np.array([0.1] * 20 + [0.4985, 0.4995] + [0.5005] * 6 + [0.9] * 20)
+    labels = np.array([0] * 20 + [1, 0] + [0] * 6 + [1] * 20)
+    safe = BinaryStats.from_scores(scores, labels, bins=1000).with_min_cell(10)
+    totals = np.add(safe.pos_hist, safe.neg_hist)
+    edges = np.flatnonzero(totals)
+    below = totals[:500].sum()
+    assert below == safe.tn + safe.fn and totals[500:].sum() == safe.tp + safe.fp
+    assert all(t >= 10 for t in totals[edges])

@@ -52,3 +52,15 @@ def test_voxel_sums_are_withheld_with_the_metric_they_would_reveal() -> None:
     assert stats.tp_voxels == 9 and sent.n == 12 and not sent.suppressed
     assert (sent.tp_voxels, sent.fp_voxels, sent.fn_voxels) == (0, 0, 0)
     assert sent.dice_withheld == 1 and sum(sent.dice_hist) == 0
+
+
+def test_text_in_a_closed_attribute_never_leaves_as_a_group_name() -> None:
+    # a manifest column put a ward's name in age_band for 30 cases: enough for k, still pooled
+    cases = _attributes(["F"] * 30 + ["M"] * 30, ["Ward 7B oncology"] * 30 + ["40-59"] * 30)
+    cells = subgroup_cells(cases, ["age_band", "sex*age_band"], 10, age_bands=BANDS)
+    names = {c.group for c in cells}
+    assert not any("Ward" in n for n in names)
+    assert (
+        len(next(c for c in cells if c.attribute == "age_band" and c.group == SMALL_GROUPS).index)
+        == 30
+    )

@@ -122,3 +122,9 @@ def test_find_disclosure_names_the_cells_and_the_cases() -> None:
     assert found is not None and found.exact and found.cases == 1
     assert sorted(found.cells) == [0, 1, 2]
     assert find_disclosure(matrix, sizes, [0, 1], 10) is None  # all - F covers 10
+
+
+def test_past_the_deadline_only_the_whole_split_leaves() -> None:
+    cells = subgroup_cells(_random_split(3), SUBGROUPS, 10, age_bands=BANDS)
+    hidden = protect([c.index for c in cells], 10, deadline=0.0)
+    assert hidden == set(range(1, len(cells)))

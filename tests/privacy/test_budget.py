@@ -16,7 +16,8 @@ from radfed.privacy.budget import QueryBudget, QueryLedger
 
 def _ask(budget: QueryBudget, ledger: QueryLedger, **request: object) -> bool:
     try:
-        budget.check(ledger, **{"run_id": 1, "server_round": 1, "kind": "evaluate", **request})  # type: ignore[arg-type]
+        settings = {"run_id": 1, "server_round": 1, "kind": "evaluate", "last_round": 9}
+        budget.check(ledger, **{**settings, **request})  # type: ignore[arg-type]
     except PolicyRefusal:
         return False
     return True
@@ -90,3 +91,18 @@ def test_the_queries_table_is_read_and_checked(tmp_path: Path) -> None:
         path.write_text(f"[policy.queries]\n{bad}\n")
         with pytest.raises(ConfigError, match=r"policy\.queries"):
             load_policy(path)
+
+
+def test_no_round_beyond_the_runs_own_and_a_site_wide_cap_on_the_test_split(
+    tmp_path: Path,
+) -> None:
+    ledger, budget = QueryLedger(tmp_path / "q.jsonl"), QueryBudget(test_total=2)
+    # a run of 1 round asking for round 2..22: a sweep spread over rounds
+    assert _ask(budget, ledger, server_round=1, last_round=1, splits=("val",))
+    assert not any(
+        _ask(budget, ledger, server_round=r, last_round=1, splits=("val",)) for r in range(2, 23)
+    )
+    # fresh run ids for the test split: two at most over the site's life
+    test = {"splits": ("test",), "server_round": 1, "last_round": 1}
+    answers = [_ask(budget, ledger, run_id=run, **test) for run in range(10, 15)]
+    assert answers == [True, True, False, False, False]

@@ -395,7 +395,7 @@ def test_templates_and_attribute_values_are_read(tmp_path: Path) -> None:
         ({"age_bands": (18, 40, 66, 80)}, "age-bands 18,40,66,80"),
         # a second threshold gives the cases scored between the two
         ({"threshold": 0.52}, "threshold 0.52"),
-        ({"score_bins": 999}, "score-bins 999"),
+        ({"score_bins": 998}, "score-bins 998"),
         ({"metric_bins": 50}, "metric-bins 50"),
     ],
 )

@@ -282,3 +282,14 @@ def test_dp_refuses_the_crafted_runs_that_single_out_training_cases(
     reply = handle_train(_request("train"), make_context(run, _node(site_copy, policy)))  # type: ignore[arg-type]
     assert reply.has_error() and reply.error.code == ErrorCode.POLICY
     assert not (site_copy / ".radfed" / "privacy.jsonl").exists()  # nothing spent
+
+
+def test_the_loss_of_fewer_than_k_training_cases_is_not_sent(site_copy: Path) -> None:
+    # a batch of 2 and one step: the loss would give the labels of two cases every round
+    run = {**CONFIG.to_run_config(), "batch-size": 2, "local-steps": 1}
+    small = handle_train(_request("train"), make_context(run, _node(site_copy)))
+    usual = handle_train(
+        _request("train", server_round=2), make_context(CONFIG.to_run_config(), _node(site_copy))
+    )
+    assert small.content["metrics"]["train-loss"] == 0.0  # type: ignore[index]
+    assert usual.content["metrics"]["train-loss"] > 0.0  # type: ignore[index,operator]
