@@ -71,24 +71,36 @@ def superlink_command(
     return Command(argv, {**HARDENED_ENV, "FLWR_HOME": str(ServerState(state).flwr_home)})
 
 
-def register_site(flwr_home: Path, key: Path) -> int:
-    """Register one site public key with the running SuperLink; return its node id.
-
-    Raises:
-        ConfigError: the SuperLink refused it (e.g. the key is already registered, but
-            not in ``sites.json``: unregister it with ``flwr supernode unregister``).
-    """
+def _flwr_supernode(
+    flwr_home: Path, *args: str, as_json: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``flwr supernode ARGS radfed`` against the SuperLink of ``flwr_home``."""
     env = {**os.environ, **HARDENED_ENV, "FLWR_HOME": str(flwr_home)}
-    done = subprocess.run(
-        [flower_tool("flwr"), "supernode", "register", str(key), CONNECTION, "--format", "json"],
+    output = ["--format", "json"] if as_json else []
+    return subprocess.run(
+        [flower_tool("flwr"), "supernode", *args, CONNECTION, *output],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def _json_reply(done: subprocess.CompletedProcess[str]) -> Any:
+    """The JSON object a ``--format json`` command printed (after any log lines)."""
+    return json.loads(done.stdout[done.stdout.index("{") :])
+
+
+def register_site(flwr_home: Path, key: Path) -> int:
+    """Register one site public key with the running SuperLink; return its node id.
+
+    Raises:
+        ConfigError: the SuperLink refused it (e.g. the key was registered outside
+            ``radfed server start``).
+    """
+    done = _flwr_supernode(flwr_home, "register", str(key), as_json=True)
     try:
-        reply = json.loads(done.stdout[done.stdout.index("{") :])
-        return int(reply["node-id"])
+        return int(_json_reply(done)["node-id"])
     except (ValueError, KeyError, TypeError):
         raise ConfigError(
             f"the SuperLink did not register site key {key.name} (exit {done.returncode}); "
@@ -104,17 +116,10 @@ def list_nodes(flwr_home: Path) -> list[int]:
     Raises:
         ConfigError: the SuperLink did not answer.
     """
-    env = {**os.environ, **HARDENED_ENV, "FLWR_HOME": str(flwr_home)}
-    done = subprocess.run(
-        [flower_tool("flwr"), "supernode", "list", CONNECTION, "--format", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _flwr_supernode(flwr_home, "list", as_json=True)
     try:
-        reply = json.loads(done.stdout[done.stdout.index("{") :])
-        return [int(n["node-id"]) for n in reply["nodes"] if n["status"] != "unregistered"]
+        nodes = _json_reply(done)["nodes"]
+        return [int(n["node-id"]) for n in nodes if n["status"] != "unregistered"]
     except (ValueError, KeyError, TypeError):
         raise ConfigError(
             f"the SuperLink did not list its nodes (exit {done.returncode}); check its log"
@@ -180,14 +185,7 @@ def unregister_node(flwr_home: Path, node: int) -> None:
     Raises:
         ConfigError: the SuperLink refused.
     """
-    env = {**os.environ, **HARDENED_ENV, "FLWR_HOME": str(flwr_home)}
-    done = subprocess.run(
-        [flower_tool("flwr"), "supernode", "unregister", str(node), CONNECTION],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _flwr_supernode(flwr_home, "unregister", str(node))
     if done.returncode != 0:
         raise ConfigError(
             f"the SuperLink did not unregister node {node} (exit {done.returncode}); "

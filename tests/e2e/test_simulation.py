@@ -67,6 +67,8 @@ def test_every_site_has_metrics_every_round(finished_run: tuple[Path, Path]) -> 
     }
     assert keys == expected and len(lines) == len(expected)
     for line in lines:
+        # each site's row also says how far leaving it out moves the pooled AUC
+        influence = {"auc-influence"} if line["site"] != "ALL" else set()
         assert set(line["metrics"]) == {
             "auc",
             "sensitivity",
@@ -75,7 +77,9 @@ def test_every_site_has_metrics_every_round(finished_run: tuple[Path, Path]) -> 
             "prevalence",
             "auc_tie_bound",
             "ece",
+            *influence,
         }
+        assert not influence or 0 <= line["metrics"]["auc-influence"] <= 1
         assert line["suppressed"] is False
     for r in range(1, ROUNDS + 1):
         sites_n = sum(
