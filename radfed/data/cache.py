@@ -99,7 +99,7 @@ class CaseCache:
             raise
         if self.max_bytes is not None:
             if self._size is None:
-                self._size = sum(p.stat().st_size for p in self.folder.glob("*.npz"))
+                self._size = sum(size for _, size, _ in self._entries())
             else:
                 self._size += entry_path.stat().st_size
             if self._size > self.max_bytes:
@@ -109,11 +109,7 @@ class CaseCache:
         """Remove the least recently used entries until the cache holds 90% of its cap."""
         if self.max_bytes is None or self._size is None:
             return
-        entries = sorted(
-            (p.stat().st_mtime_ns, p.stat().st_size, p)
-            for p in self.folder.glob("*.npz")
-            if p != keep
-        )
+        entries = sorted(e for e in self._entries() if e[2] != keep)
         target = int(self.max_bytes * 0.9)
         for _, size, path in entries:
             if self._size <= target:
@@ -121,3 +117,15 @@ class CaseCache:
             path.unlink(missing_ok=True)
             self._size -= size
             self.evicted += 1
+
+    def _entries(self) -> list[tuple[int, int, Path]]:
+        """(last use, bytes, path) of every entry on disk; one that another process of the
+        site evicts meanwhile is skipped, not an error."""
+        out = []
+        for path in self.folder.glob("*.npz"):
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                continue
+            out.append((info.st_mtime_ns, info.st_size, path))
+        return out

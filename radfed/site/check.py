@@ -20,12 +20,13 @@ import torch
 
 from radfed.config import RunConfig
 from radfed.data.image import ImageReadError
-from radfed.data.loading import SiteData, load_site_for
+from radfed.data.loading import SiteData
 from radfed.data.manifest import Case, RowProblem, read_manifest
 from radfed.data.reader import read_image
 from radfed.errors import RadfedError
 from radfed.folders import MANIFEST_NAME
 from radfed.log import ProgressFn
+from radfed.site.node import load_site_within, own_policy
 from radfed.tasks import get_task
 
 __all__ = ["IDENTIFYING_KEYWORDS", "SiteReport", "check_site"]
@@ -115,7 +116,7 @@ def check_site(
             "(duplicates inflate metrics and may cross splits)"
         )
     try:
-        site = load_site_for(site_dir, config)
+        site = load_site_within(site_dir, config, own_policy(site_dir).limits)
     except RadfedError as err:
         report.blockers.append(str(err))
         return report

@@ -23,7 +23,9 @@ from radfed.privacy import ResourceLimits, SitePolicy, load_policy
 __all__ = [
     "MAX_MESSAGE_SETTING",
     "load_site_once",
+    "load_site_within",
     "message_setting",
+    "own_policy",
     "resolve_site",
     "server_round",
     "site_min_cell",
@@ -76,18 +78,31 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> tuple[str
 _SITE_MEMO: dict[tuple[object, ...], SiteData] = {}
 
 
+def own_policy(site_dir: Path) -> SitePolicy:
+    """The policy a site's local commands follow (``radfed evaluate``, ``radfed site check``):
+    ``SITE_DIR/site-policy.toml``, else the default one."""
+    path = SiteFolder(site_dir).policy
+    return load_policy(path if path.is_file() else None)
+
+
+def load_site_within(site_dir: Path, config: RunConfig, limits: ResourceLimits) -> SiteData:
+    """Load a site with the run's data settings within the site's limits (the size of a
+    case image, of the decoded-case cache)."""
+    return load_site_for(
+        site_dir, config, max_voxels=limits.decoded_voxels, cache_bytes=limits.cache_bytes
+    )
+
+
 def load_site_once(path: Path, config: RunConfig, limits: ResourceLimits) -> SiteData:
     """Load the site once per process and settings (a simulated node keeps its process),
-    within the site's limits (the size of a case image, of the cache)."""
+    within the site's limits (``load_site_within``)."""
     manifest = SiteFolder(path).manifest
     stamp = manifest.stat().st_mtime_ns if manifest.exists() else 0
     settings = {k: v for k, v in config.to_run_config().items() if k not in _NOT_DATA_SETTINGS}
     key = (str(path.resolve()), stamp, tuple(sorted(settings.items())))
     if key not in _SITE_MEMO:
         _SITE_MEMO.clear()  # one site per process in a deployment; bounded memory in simulation
-        _SITE_MEMO[key] = load_site_for(
-            path, config, max_voxels=limits.decoded_voxels, cache_bytes=limits.cache_bytes
-        )
+        _SITE_MEMO[key] = load_site_within(path, config, limits)
     return _SITE_MEMO[key]
 
 

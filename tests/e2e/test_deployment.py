@@ -389,8 +389,15 @@ def test_a_run_beyond_a_sites_limits_is_refused_before_any_decoding(
 
 
 def test_the_decoded_case_cache_stays_under_the_sites_cap(federation: Federation) -> None:
-    # The runs above trained and evaluated at site a: its cache evicted to stay under the cap
-    files = list((federation.data / "site-a" / ".radfed" / "cache").glob("*.npz"))
+    # Prepare: whatever the runs above left at site a, its administrator's check reads
+    # every case once more, in a fresh process under the site's policy
+    site = federation.data / "site-a"
+    checked = _radfed("site", "check", str(site), "--run-config", "image-size=32", "--no-preflight")
+    assert checked.returncode in (0, 1) and "Traceback" not in checked.stderr, checked.stderr
+
+    # Assert: the cache evicted to stay under the cap, the deployed node's entries and the
+    # check's together
+    files = list((site / ".radfed" / "cache").glob("*.npz"))
     sizes = [f.stat().st_size for f in files]
     assert files and sum(sizes) <= CACHE_CAP
     assert len(files) < 30  # the site has 30 cases: some were evicted

@@ -191,3 +191,18 @@ def test_check_reports_progress_per_case(site_copy: Path) -> None:
     check_site(site_copy, CONFIG, preflight=False, progress=lambda d, t: calls.append((d, t)))
     rows = len(_rows(site_copy))
     assert calls[-1] == (rows, rows) and len(calls) == rows
+
+
+def test_the_check_reads_the_site_within_its_own_cache_cap(site_copy: Path) -> None:
+    # Prepare: the site's policy caps its decoded-case cache far below its cases
+    cap = 20_000
+    (site_copy / "site-policy.toml").write_text(f"[policy.limits]\ncache-bytes = {cap}\n")
+
+    # Execute
+    report = check_site(site_copy, CONFIG, preflight=False)
+
+    # Assert: every case was read, and the cache kept under the cap (the check used to
+    # load the site without the policy's limits)
+    files = list((site_copy / ".radfed" / "cache").glob("*.npz"))
+    assert report.cases_usable > len(files) > 0
+    assert sum(f.stat().st_size for f in files) <= cap
