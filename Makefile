@@ -37,6 +37,7 @@ test-fast: install
 bench: install
 	$(BIN)/python bench/data_bench.py
 	$(BIN)/python bench/train_bench.py
+	$(BIN)/python bench/dp_coverage.py
 
 lint: install
 	$(BIN)/ruff format --check radfed server client tests bench

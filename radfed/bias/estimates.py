@@ -8,10 +8,17 @@ turn them into intervals (methods named in ``METHODS``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from radfed.metrics import intervals as iv
-from radfed.metrics.binary import BinaryStats, auc_tie_bound, expected_calibration_error
+from radfed.metrics.binary import (
+    BinaryStats,
+    auc_tie_bound,
+    binary_metrics,
+    noisy_auc,
+    noisy_ratio,
+)
 from radfed.metrics.detection import DetectionStats, detection_metrics
 from radfed.metrics.intervals import Interval
 from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
@@ -33,18 +40,22 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Proportion:
-    """``successes`` of ``trials``."""
+    """``successes`` of ``trials``; with DP statistics, noisy counts whose successes and
+    failures carry independent noise of the variances ``noise``."""
 
     successes: int
     trials: int
+    noise: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass(frozen=True)
 class Auc:
-    """ROC AUC of positive and negative score histograms."""
+    """ROC AUC of positive and negative score histograms; ``noise`` is each bin's noise
+    variance (DP statistics)."""
 
     pos: tuple[int, ...]
     neg: tuple[int, ...]
+    noise: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +91,12 @@ METHODS = {
     ),
     "ratio": "Katz log (proportions); delta method on the log scale (AUC, means)",
     "plain": "no interval (AP and FROC need per-image resampling, which no site sends)",
+    "noise": (
+        "sites with DP statistics send noisy counts: each interval is that of the counts "
+        "taken as exact, widened on each side in quadrature by z times the noise's standard "
+        "error (delta method, from the noise variance the site states), around the noisy "
+        "estimate (MOVER, Zou and Donner 2008)"
+    ),
 }
 
 
@@ -96,13 +113,17 @@ class Metric:
 def estimates(stats: object) -> dict[str, Metric]:
     """The metrics of the bias report for a task's statistics, with what they come from."""
     if isinstance(stats, BinaryStats):
+        above, below = stats.count_noise()
         return {
-            "auc": Metric(Auc(stats.pos_hist, stats.neg_hist)),
-            "sensitivity": Metric(Proportion(stats.tp, stats.tp + stats.fn)),
-            "specificity": Metric(Proportion(stats.tn, stats.tn + stats.fp)),
-            "accuracy": Metric(Proportion(stats.tp + stats.tn, stats.n), compared=False),
+            "auc": Metric(Auc(stats.pos_hist, stats.neg_hist, stats.noise)),
+            "sensitivity": Metric(Proportion(stats.tp, stats.tp + stats.fn, (above, below))),
+            "specificity": Metric(Proportion(stats.tn, stats.tn + stats.fp, (below, above))),
+            "accuracy": Metric(
+                Proportion(stats.tp + stats.tn, stats.n, (above + below, above + below)),
+                compared=False,
+            ),
             "ece": Metric(
-                Plain(expected_calibration_error(stats.pos_hist, stats.neg_hist)),
+                Plain(binary_metrics(stats)["ece"]),
                 higher_is_better=False,
                 compared=False,
             ),
@@ -141,8 +162,51 @@ def estimates(stats: object) -> dict[str, Metric]:
     raise TypeError(msg)
 
 
+def _noisy(estimate: Estimate) -> bool:
+    if isinstance(estimate, Proportion):
+        return any(v > 0 for v in estimate.noise)
+    return isinstance(estimate, Auc) and estimate.noise > 0
+
+
+def _as_exact(estimate: Estimate) -> Estimate:
+    """The noisy counts as exact ones (negative counts as 0), for the sampling part of an
+    interval; an exact estimate unchanged."""
+    if isinstance(estimate, Proportion) and _noisy(estimate):
+        trials = max(estimate.trials, 0)
+        return Proportion(min(max(estimate.successes, 0), trials), trials)
+    if isinstance(estimate, Auc) and _noisy(estimate):
+        return Auc(tuple(max(v, 0) for v in estimate.pos), tuple(max(v, 0) for v in estimate.neg))
+    return estimate
+
+
+def _noise_se(estimate: Estimate) -> float | None:
+    """The standard error the noise adds to a noisy estimate (0 when exact)."""
+    if isinstance(estimate, Proportion) and _noisy(estimate):
+        failures = estimate.trials - estimate.successes
+        return iv.proportion_noise_se(estimate.successes, failures, *estimate.noise)
+    if isinstance(estimate, Auc) and _noisy(estimate):
+        return iv.auc_noise_se(estimate.pos, estimate.neg, estimate.noise)
+    return 0.0
+
+
+def _noisy_value(estimate: Estimate) -> float | None:
+    if isinstance(estimate, Proportion):
+        return noisy_ratio(estimate.successes, estimate.trials)
+    assert isinstance(estimate, Auc)
+    return noisy_auc(estimate.pos, estimate.neg)
+
+
 def interval(estimate: Estimate, confidence: float) -> Interval:
-    """The value of an estimate with its interval."""
+    """The value of an estimate with its interval; for noisy counts, the interval of the
+    counts taken as exact, widened in quadrature by the noise's (``radfed.metrics.intervals
+    .add_noise``) around the noisy estimate."""
+    if _noisy(estimate):
+        se = _noise_se(estimate)
+        value = _noisy_value(estimate)
+        if se is None or value is None:
+            return Interval(None)
+        fit = interval(_as_exact(estimate), confidence)
+        return iv.add_noise(fit, value, iv.z_value(confidence) * se, lowest=0.0, highest=1.0)
     if isinstance(estimate, Proportion):
         return iv.wilson(estimate.successes, estimate.trials, confidence=confidence)
     if isinstance(estimate, Auc):
@@ -181,7 +245,11 @@ def _widen(fit: Interval, by: float, lowest: float, highest: float) -> Interval:
 
 
 def compare(worst: Estimate, best: Estimate, confidence: float) -> tuple[Interval, Interval]:
-    """Difference (worst - best) and ratio (worst / best) of two disjoint groups' estimates."""
+    """Difference (worst - best) and ratio (worst / best) of two disjoint groups' estimates;
+    for noisy counts, the intervals of the counts taken as exact, widened in quadrature by
+    the two groups' noise (independent between groups)."""
+    if _noisy(worst) or _noisy(best):
+        return _compare_noisy(worst, best, confidence)
     if isinstance(worst, Proportion) and isinstance(best, Proportion):
         args = (worst.successes, worst.trials, best.successes, best.trials)
         return (
@@ -211,3 +279,17 @@ def compare(worst: Estimate, best: Estimate, confidence: float) -> tuple[Interva
     diff = None if first is None or second is None else first - second
     quotient = None if first is None or not second else first / second
     return Interval(diff, None, None), Interval(quotient, None, None)
+
+
+def _compare_noisy(worst: Estimate, best: Estimate, confidence: float) -> tuple[Interval, Interval]:
+    se_a, se_b = _noise_se(worst), _noise_se(best)
+    a, b = interval(worst, confidence).value, interval(best, confidence).value
+    if se_a is None or se_b is None or a is None or b is None:
+        return Interval(None), Interval(None)
+    z = iv.z_value(confidence)
+    gap, share = compare(_as_exact(worst), _as_exact(best), confidence)
+    difference = iv.add_noise(gap, a - b, z * math.hypot(se_a, se_b), lowest=-1.0, highest=1.0)
+    if a <= 0 or b <= 0:
+        return difference, Interval(a / b if b else None)
+    ratio = iv.ratio_with_noise(share, a / b, z * math.hypot(se_a / a, se_b / b))
+    return difference, ratio

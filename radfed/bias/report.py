@@ -19,7 +19,7 @@ from radfed.bias.figures import curves_from_metrics
 from radfed.config import RunConfig
 from radfed.federation.schema import CellStats
 from radfed.folders import POOLED_SITE
-from radfed.metrics.binary import BinaryStats
+from radfed.metrics.binary import BinaryStats, noisy_ratio
 from radfed.metrics.cells import ALL
 from radfed.tasks import SplitStats, Task, merge_stats
 
@@ -137,12 +137,19 @@ def _cell_json(row: _Row, config: RunConfig, split: str) -> dict[str, Any]:
         "role": role,
         "n": None if row.suppressed else row.stats.n,
         "suppressed": row.suppressed,
+        "noise_sd": _noise_sd(row.stats),
         "positives": None if row.suppressed else row.positives,
         "metrics": {
             name: _clean(interval(metric.estimate, CONFIDENCE).to_dict())
             for name, metric in row.metrics.items()
         },
     }
+
+
+def _noise_sd(stats: SplitStats) -> float | None:
+    """The standard deviation of the DP noise on each count of a cell; None when exact."""
+    noise = float(getattr(stats, "noise", 0.0))
+    return _round(math.sqrt(noise)) if noise > 0 else None
 
 
 def _gaps(rows: list[_Row], config: RunConfig, *, in_sample: bool) -> list[dict[str, Any]]:
@@ -234,7 +241,8 @@ def _composition(per_site: SiteCells) -> list[dict[str, Any]]:
                     "split": split,
                     "n": n,
                     "positives": None if n is None else first.positives,
-                    "prevalence": _round(first.positives / n) if n else None,
+                    "prevalence": None if n is None else _round(noisy_ratio(first.positives, n)),
+                    "noise_sd": _noise_sd(first.stats),
                     "groups": dict(groups),
                     "suppressed_groups": dict(hidden),
                 }
@@ -269,7 +277,7 @@ def _confounders(per_site: SiteCells, config: RunConfig) -> list[dict[str, Any]]
         for attribute in config.subgroups:
             cells = by_attribute.get(attribute, [])
             table = np.array([[c.positives, c.stats.n - c.positives] for c in cells])
-            value = cramers_v(table) if len(cells) >= 2 else None
+            value = cramers_v(np.maximum(table, 0)) if len(cells) >= 2 else None
             if value is None:
                 continue
             risk = (
@@ -286,7 +294,9 @@ def _confounders(per_site: SiteCells, config: RunConfig) -> list[dict[str, Any]]
                     "attribute": attribute,
                     "cramers_v": _round(value),
                     "prevalence_by_group": {
-                        c.group: _round(c.positives / c.stats.n) for c in cells if c.stats.n
+                        c.group: _round(noisy_ratio(c.positives, c.stats.n))
+                        for c in cells
+                        if c.stats.n > 0
                     },
                     "risk": risk,
                 }
@@ -297,8 +307,8 @@ def _confounders(per_site: SiteCells, config: RunConfig) -> list[dict[str, Any]]
 def _roc(stats: SplitStats) -> dict[str, Any]:
     """ROC points from score histograms, thresholds from the highest bin down."""
     assert isinstance(stats, BinaryStats)
-    pos = np.asarray(stats.pos_hist, dtype=np.float64)[::-1]
-    neg = np.asarray(stats.neg_hist, dtype=np.float64)[::-1]
+    pos = np.maximum(np.asarray(stats.pos_hist, dtype=np.float64)[::-1], 0)  # noisy bins
+    neg = np.maximum(np.asarray(stats.neg_hist, dtype=np.float64)[::-1], 0)
     if pos.sum() == 0 or neg.sum() == 0:
         return {"fpr": [], "tpr": [], "auc": None}
     keep = (pos + neg) > 0

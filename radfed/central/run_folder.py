@@ -127,12 +127,15 @@ class RunFolder:
         metrics: Mapping[str, float | None],
         *,
         suppressed: bool = False,
+        noise_sd: float | None = None,
     ) -> None:
         """Append one (round, site, split) line to metrics.jsonl.
 
         A suppressed cell (fewer cases than the site's minimum cell size) has ``n`` null.
+        Statistics with DP noise add ``noise_sd``, the standard deviation of the noise on
+        each of their histogram bins (``n`` is then a noisy count).
         """
-        line = {
+        line: dict[str, Any] = {
             "round": round_,
             "site": site,
             "split": split,
@@ -140,6 +143,8 @@ class RunFolder:
             "suppressed": suppressed,
             "metrics": dict(metrics),
         }
+        if noise_sd is not None:
+            line["noise_sd"] = round(noise_sd, 6)
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
 

@@ -251,8 +251,15 @@ class RadfedChecks:
                 values = self.task.metrics(stats)
                 if name in influence:
                     values = {**values, f"{headline}-influence": influence[name]}
+                noise = float(getattr(stats, "noise", 0.0))  # DP statistics: per-bin variance
                 self.run.append_metrics(
-                    server_round, name, split, stats.n, values, suppressed=stats.suppressed
+                    server_round,
+                    name,
+                    split,
+                    stats.n,
+                    values,
+                    suppressed=stats.suppressed,
+                    noise_sd=math.sqrt(noise) if noise > 0 else None,
                 )
                 shown.append(
                     f"{name} {'suppressed' if stats.suppressed else _fmt(values.get(headline))}"
@@ -271,9 +278,15 @@ class RadfedChecks:
         return MetricRecord(summary)  # type: ignore[arg-type]
 
     def _remember_train_sizes(self, per_site: Mapping[str, Mapping[str, list[CellStats]]]) -> None:
+        """Each site's train split size, the cap of its ``num-examples``; a noisy count
+        (DP statistics) is taken at its upper limit (3 noise standard deviations above),
+        so that noise does not cut an honest site's weight."""
         for site, cells in per_site.items():
             if "train" in cells and not cells["train"][0].stats.suppressed:
-                self.train_sizes[site] = cells["train"][0].stats.n
+                stats = cells["train"][0].stats
+                bins = len(getattr(stats, "pos_hist", ()))
+                spread = 3 * math.sqrt(2 * bins * float(getattr(stats, "noise", 0.0)))
+                self.train_sizes[site] = max(0, stats.n + math.ceil(spread))
 
     def _influence(
         self, server_round: int, split: str, per_site: Mapping[str, Mapping[str, list[CellStats]]]

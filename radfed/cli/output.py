@@ -168,16 +168,24 @@ def _summary_table(title: str, rows: list[dict[str, Any]], keys: list[str]) -> T
             column, no_wrap=True, justify="left" if column in ("site", "split") else "right"
         )
     for row in rows:
-        n = "suppressed" if row.get("suppressed") else str(row["n"])
+        n = _count(row)
         table.add_row(row["site"], row["split"], n, *(_fmt(row["metrics"].get(k)) for k in keys))
     return table
+
+
+def _count(row: Mapping[str, Any]) -> str:
+    """A row's case count: ``suppressed``, exact, or noisy (DP statistics: ``~n``)."""
+    if row.get("suppressed"):
+        return "suppressed"
+    return f"~{row['n']}" if row.get("noise_sd") else str(row["n"])
 
 
 def summary_lines(rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
     """The summary as one line per (site, split): readable at any width, and in logs."""
     out = []
     for row in rows:
-        n = "suppressed" if row.get("suppressed") else f"n {row['n']}"
+        n = _count(row)
+        n = n if row.get("suppressed") else f"n {n}"
         values = ", ".join(f"{k} {_fmt(row['metrics'].get(k))}" for k in keys)
         out.append(f"  {row['site']} {row['split']}: {n}" + (f"; {values}" if values else ""))
     return out

@@ -142,7 +142,7 @@ def site_audit(
     """Verify the site's audit log, show what was asked and what left, and point out what to
     look at (repeated evaluations, other weights evaluated, the sealed test split, refused
     bundles); exit 1 when there is something to look at."""
-    from radfed.privacy import read_entries, verify
+    from radfed.privacy import load_policy, read_entries, verify
     from radfed.privacy.accountant import PrivacyLedger
     from radfed.site.review import review
 
@@ -166,11 +166,26 @@ def site_audit(
             line += f" bundle {asked.bundle_sha256[:12]}" if asked.bundle_sha256 else ""
         typer.echo(line)
     typer.echo(f"audit log intact: {count} entries in {path}")
-    spent = attempt(PrivacyLedger(SiteFolder(site_dir).state.privacy).spent)
-    if spent.rounds:
+    ledger = PrivacyLedger(SiteFolder(site_dir).state.privacy)
+    policy_file = SiteFolder(site_dir).policy
+    policy = attempt(load_policy, policy_file if policy_file.is_file() else None)
+    deltas = {
+        "update": policy.dp.delta if policy.dp is not None else 1e-5,
+        "statistics": policy.dp_statistics.delta if policy.dp_statistics is not None else 1e-6,
+    }
+    for kind, what in (("update", "DP rounds"), ("statistics", "DP statistics releases")):
+        spent = attempt(ledger.spent, kind)
+        if spent.rounds:
+            typer.echo(
+                f"differential privacy: {spent.rounds} {what}, rho {spent.rho:.3g} "
+                f"(epsilon {spent.epsilon(deltas[kind]):.3g} at delta {deltas[kind]:g})"
+            )
+    both = attempt(ledger.spent)
+    if both.rounds and all(attempt(ledger.spent, kind).rounds for kind in deltas):
+        delta = min(deltas.values())
         typer.echo(
-            f"differential privacy: {spent.rounds} DP rounds, rho {spent.rho:.3g} "
-            f"(epsilon {spent.epsilon(1e-5):.3g} at delta 1e-05)"
+            f"differential privacy per patient, both together: rho {both.rho:.3g} "
+            f"(epsilon {both.epsilon(delta):.3g} at delta {delta:g})"
         )
     findings = review(entries)
     for finding in findings:

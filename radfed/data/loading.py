@@ -46,6 +46,8 @@ class SplitData:
         masks: segmentation only: uint8 tensor of shape ``(N, 1, S, S[, S])``, 1 inside the
             structure, aligned with ``images``; None for other tasks.
         lines: the manifest line of each case (for the site's own audit tables).
+        patients: the patient key of each case (an HMAC with the site's secret; it never
+            leaves the site): DP statistics bound the cases one patient adds.
     """
 
     images: torch.Tensor
@@ -54,6 +56,7 @@ class SplitData:
     boxes: tuple[np.ndarray, ...] = ()
     masks: torch.Tensor | None = None
     lines: tuple[int, ...] = ()
+    patients: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -69,6 +72,7 @@ class SplitData:
             boxes=tuple(self.boxes[i] for i in positions) if self.boxes else (),
             masks=self.masks[chosen] if self.masks is not None else None,
             lines=tuple(self.lines[i] for i in positions) if self.lines else (),
+            patients=tuple(self.patients[i] for i in positions) if self.patients else (),
         )
 
 
@@ -237,6 +241,7 @@ def load_site(
             boxes=tuple(boxes[i] for i in index.tolist()) if boxes else (),
             masks=stacked_masks[index].contiguous() if stacked_masks is not None else None,
             lines=tuple(kept[i].line for i in index.tolist()),
+            patients=tuple(keys[i] for i in index.tolist()),
         )
     counts = Counter(splits)
     logger.info(

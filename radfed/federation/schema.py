@@ -1,6 +1,6 @@
 """The statistics schema: what an evaluation reply carries, and its checks at the server.
 
-Statistics schema 1, in the reply's one MetricRecord:
+Statistics schema 2, in the reply's one MetricRecord:
 
 - ``num-examples`` (int): cases evaluated (train replies: cases trained on);
 - ``schema-version`` (int): ``STATS_SCHEMA_VERSION``;
@@ -10,7 +10,11 @@ Statistics schema 1, in the reply's one MetricRecord:
   statistics (``Task.to_values``; fixed keys and lengths for a run config). For binary
   classification: ``tp``, ``fp``, ``tn``, ``fn`` and ``pos-hist``, ``neg-hist`` (lists of
   ``score-bins`` ints; adjacent bins merged until each non-empty bin holds at least the
-  minimum cell size). The task modules document theirs.
+  minimum cell size) and ``noise-variance``. With the site's DP statistics
+  (``radfed.privacy.statistics_dp``) the histograms are noisy, unmerged and may hold
+  negative counts, the confusion counts and ``positives`` are sums of their bins,
+  ``noise-variance`` is the variance of each bin's noise, no cell is suppressed and
+  ``num-examples`` is the noisy total (0 when below). The task modules document theirs.
 - per subgroup cell ``i`` (1, 2, ...) of split ``S``: the same keys under ``S#i.``; the
   reply's ConfigRecord ``cells`` lists per split the cells' names (``sex=F``,
   ``age_band=60-79``, ``sex*age_band=F|60-79``; see ``radfed.metrics.cells``).
@@ -24,7 +28,7 @@ Nothing else leaves a site: no per-case value, no path, id, header value or exce
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from flwr.app import ConfigRecord, MetricRecord
@@ -50,7 +54,7 @@ __all__ = [
 ]
 
 #: Version of the statistics schema that sites send; the server refuses others by name.
-STATS_SCHEMA_VERSION = 1
+STATS_SCHEMA_VERSION = 2
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -94,7 +98,7 @@ def pack_stats(
         positives: per split its positive cases (0 for a suppressed split).
     """
     record: dict[str, StatsValue] = {
-        "num-examples": sum(s.n for s in stats.values()),
+        "num-examples": _examples(stats.values()),
         "schema-version": STATS_SCHEMA_VERSION,
     }
     for split, s in stats.items():
@@ -102,6 +106,16 @@ def pack_stats(
         for number, cell in enumerate((cells or {}).get(split, ()), start=1):
             _put(record, f"{split}#{number}", task, cell.stats, cell.positives)
     return MetricRecord(record)  # type: ignore[arg-type]
+
+
+def _noisy(stats: SplitStats) -> bool:
+    """Whether the statistics carry DP noise (their counts may then be negative)."""
+    return float(getattr(stats, "noise", 0.0)) > 0
+
+
+def _examples(stats: Iterable[SplitStats]) -> int:
+    """``num-examples``: the cases of the splits, a noisy total taken as 0 when below."""
+    return max(0, sum(s.n for s in stats))
 
 
 def _put(
@@ -199,9 +213,13 @@ def unpack_cells(
         out[split] = [
             _cell(task, record, prefix, a, g, value_keys, config) for prefix, a, g in entries
         ]
-        if any(c.stats.n > out[split][0].stats.n for c in out[split][1:]):
+        noisy = any(_noisy(c.stats) for c in out[split])
+        if noisy and not all(_noisy(c.stats) for c in out[split]):
+            raise InvalidReply(f"{split}: noisy and exact cells in one split")
+        if not noisy and any(c.stats.n > out[split][0].stats.n for c in out[split][1:]):
             raise InvalidReply(f"{split}: a subgroup holds more cases than the split")
-    if _count(record["num-examples"], "num-examples") != sum(c[0].stats.n for c in out.values()):
+    examples = _examples(c[0].stats for c in out.values())
+    if _count(record["num-examples"], "num-examples") != examples:
         raise InvalidReply("num-examples disagrees with the statistics")
     return out
 
@@ -228,17 +246,18 @@ def _cell(
     suppressed = record[f"{prefix}.suppressed"]
     if suppressed not in (0, 1) or isinstance(suppressed, bool):
         raise InvalidReply(f"{prefix}.suppressed must be 0 or 1")
-    positives = _count(record[f"{prefix}.positives"], f"{prefix}.positives")
-    if suppressed and (stats.n or positives):
+    noisy = _noisy(stats)
+    positives = _count(record[f"{prefix}.positives"], f"{prefix}.positives", signed=noisy)
+    if suppressed and (stats.n or positives or noisy):
         raise InvalidReply(f"{prefix}: a suppressed cell must not carry counts")
-    if positives > stats.n:
+    if positives > stats.n and not noisy:
         raise InvalidReply(f"{prefix}: more positives than cases")
     if suppressed:
         stats = task.empty_stats(config, suppressed=True)
     return CellStats(attribute, group, stats, positives)
 
 
-def _count(value: object, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+def _count(value: object, key: str, *, signed: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and not signed):
         raise InvalidReply(f"{key} must be a non-negative integer")
     return value

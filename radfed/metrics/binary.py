@@ -4,6 +4,11 @@ A site summarises its per-case scores as confusion counts at the operating thres
 plus positive and negative score histograms; the server sums these over sites and
 computes every number from the sums, so a pooled value is the value on the pooled cases:
 exactly for counts, and for AUC within the tie bound of ``auc_tie_bound``.
+
+A site with DP statistics (``radfed.privacy.statistics_dp``) sends noisy histograms instead
+and derives its confusion counts from them; ``noise`` is then the variance of each bin's
+noise (summed over sites when pooled), counts may be negative, and the metrics are the
+noisy estimates, clipped to their range.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ __all__ = [
     "auc_tie_bound",
     "binary_metrics",
     "expected_calibration_error",
+    "noisy_auc",
+    "noisy_ratio",
     "sensitivity",
     "specificity",
     "threshold_bin",
@@ -46,6 +53,8 @@ class BinaryStats:
         neg_hist: counts of negative cases per score bin, shape ``(B,)``.
         suppressed: the cell held fewer cases than the site's minimum cell size; every
             count is zero and the cell is left out of pooled values.
+        noise: the variance of the noise of every histogram bin (0: exact counts); the
+            confusion counts are then sums of the noisy bins each side of the threshold.
         threshold_bin: the first bin at or above the threshold (the site merges sparse
             bins on each side of it apart); not sent.
     """
@@ -57,6 +66,7 @@ class BinaryStats:
     pos_hist: tuple[int, ...]
     neg_hist: tuple[int, ...]
     suppressed: bool = False
+    noise: float = 0.0
     threshold_bin: int | None = field(default=None, compare=False, repr=False)
 
     @classmethod
@@ -100,6 +110,15 @@ class BinaryStats:
     def n(self) -> int:
         return self.tp + self.fp + self.tn + self.fn
 
+    def count_noise(self) -> tuple[float, float]:
+        """The noise variances of the counts at and above the threshold (``tp``, ``fp``)
+        and below it (``fn``, ``tn``): the bins each sums; every bin when the threshold is
+        not on a bin edge."""
+        bins = len(self.pos_hist)
+        if self.threshold_bin is None:
+            return self.noise * bins, self.noise * bins
+        return self.noise * (bins - self.threshold_bin), self.noise * self.threshold_bin
+
     def with_min_cell(self, k: int) -> BinaryStats:
         """What may leave a site under a minimum cell size ``k``.
 
@@ -128,6 +147,10 @@ class BinaryStats:
             fn=self.fn + other.fn,
             pos_hist=tuple(a + b for a, b in zip(self.pos_hist, other.pos_hist, strict=True)),
             neg_hist=tuple(a + b for a, b in zip(self.neg_hist, other.neg_hist, strict=True)),
+            noise=self.noise + other.noise,
+            threshold_bin=self.threshold_bin
+            if other.threshold_bin is None
+            else other.threshold_bin,
         )
 
 
@@ -233,7 +256,12 @@ def binary_metrics(s: BinaryStats) -> dict[str, float | None]:
 
     ``auc_tie_bound`` is the largest possible distance of ``auc`` from the exact AUC of
     the cases (the histograms' resolution, coarser where bins were merged for privacy).
+    Noisy statistics give the noisy estimates clipped to [0, 1], None where a noisy count
+    of cases is not above 0; their tie bound and calibration error come from the
+    histograms with negative bins taken as empty.
     """
+    if s.noise > 0:
+        return _noisy_metrics(s)
     auc = auc_from_histograms(s.pos_hist, s.neg_hist)
     prevalence = _ratio(s.tp + s.fn, s.n)
     out = {
@@ -244,5 +272,34 @@ def binary_metrics(s: BinaryStats) -> dict[str, float | None]:
         "prevalence": prevalence,
         "auc_tie_bound": auc_tie_bound(s.pos_hist, s.neg_hist),
         "ece": expected_calibration_error(s.pos_hist, s.neg_hist),
+    }
+    return {k: (None if v is None or math.isnan(v) else round(v, 6)) for k, v in out.items()}
+
+
+def noisy_ratio(num: float, den: float) -> float | None:
+    """A proportion of noisy counts, clipped to [0, 1]; None unless ``den > 0``."""
+    return min(max(num / den, 0.0), 1.0) if den > 0 else None
+
+
+def noisy_auc(pos_hist: tuple[int, ...], neg_hist: tuple[int, ...]) -> float | None:
+    """The Mann-Whitney AUC of noisy histograms, clipped to [0, 1]; None unless both
+    classes' noisy totals are above 0."""
+    if sum(pos_hist) <= 0 or sum(neg_hist) <= 0:
+        return None
+    auc = auc_from_histograms(pos_hist, neg_hist)
+    return None if auc is None else min(max(auc, 0.0), 1.0)
+
+
+def _noisy_metrics(s: BinaryStats) -> dict[str, float | None]:
+    pos = tuple(max(v, 0) for v in s.pos_hist)
+    neg = tuple(max(v, 0) for v in s.neg_hist)
+    out = {
+        "auc": noisy_auc(s.pos_hist, s.neg_hist),
+        "sensitivity": noisy_ratio(s.tp, s.tp + s.fn),
+        "specificity": noisy_ratio(s.tn, s.tn + s.fp),
+        "accuracy": noisy_ratio(s.tp + s.tn, s.n),
+        "prevalence": noisy_ratio(s.tp + s.fn, s.n),
+        "auc_tie_bound": auc_tie_bound(pos, neg),
+        "ece": expected_calibration_error(pos, neg),
     }
     return {k: (None if v is None or math.isnan(v) else round(v, 6)) for k, v in out.items()}

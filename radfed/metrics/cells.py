@@ -27,6 +27,7 @@ __all__ = [
     "Cell",
     "cell_name",
     "closed_vocabulary",
+    "listed_groups",
     "parse_cell_name",
     "subgroup_cells",
     "suppressed_cells",
@@ -117,6 +118,29 @@ def closed_vocabulary(attribute: str, age_bands: Sequence[str]) -> tuple[str, ..
     return tuple(groups)
 
 
+def listed_groups(
+    attribute: str, age_bands: Sequence[str], vocabularies: Mapping[str, Collection[str]]
+) -> tuple[str, ...]:
+    """Every group an attribute (or intersection) can name, fixed before any data is seen:
+    the products of each part's vocabulary and ``unknown``, then ``other (small groups)``.
+
+    Raises:
+        ValueError: a part has no vocabulary (a free-text attribute the policy lists no
+            values of).
+    """
+    fixed = {"sex": (*SEXES, UNKNOWN), "age_band": (*age_bands, UNKNOWN)}
+    groups = [""]
+    for part in attribute.split("*"):
+        if part in fixed:
+            values: Sequence[str] = fixed[part]
+        elif part in vocabularies:
+            values = [*sorted(vocabularies[part]), UNKNOWN]
+        else:
+            raise ValueError(f"attribute {part!r} has no fixed vocabulary")
+        groups = [f"{g}|{v}" if g else v for g in groups for v in values]
+    return (*groups, SMALL_GROUPS)
+
+
 def subgroup_cells(
     attributes: Sequence[Mapping[str, str]],
     subgroups: Sequence[str],
@@ -124,6 +148,7 @@ def subgroup_cells(
     *,
     age_bands: Sequence[str] = (),
     vocabularies: Mapping[str, Collection[str]] | None = None,
+    listed: bool = False,
 ) -> list[Cell]:
     """The cells of a split: ``all`` first, then each attribute's groups in name order.
 
@@ -140,6 +165,8 @@ def subgroup_cells(
         vocabularies: per free-text attribute the values the site names (its policy's
             ``attribute-values``); a case with another value falls in ``other (small
             groups)``. An attribute not given here may name any value of ``k`` cases.
+        listed: every group of ``listed_groups`` is a cell, empty or not, and none is
+            pooled by ``k``: which cells exist does not depend on the data (DP statistics).
     """
     cells = [Cell(ALL, ALL, tuple(range(len(attributes))))]
     allowed: dict[str, Collection[str]] = dict(vocabularies or {})
@@ -150,6 +177,11 @@ def subgroup_cells(
         for position, case in enumerate(attributes):
             groups[_group_of(case, attribute, allowed)].append(position)
         vocabulary = closed_vocabulary(attribute, age_bands) or ()
+        if listed:
+            vocabulary = listed_groups(attribute, age_bands, allowed)
+            unnamed = [g for g in groups if g not in vocabulary]
+            for group in unnamed:  # a value outside the vocabulary (an unknown part)
+                groups[SMALL_GROUPS] = sorted(groups.get(SMALL_GROUPS, []) + groups.pop(group))
         small = [g for g, members in groups.items() if len(members) < k and g not in vocabulary]
         if small:
             pooled = sorted(i for g in small for i in groups.pop(g))

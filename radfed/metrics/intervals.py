@@ -25,7 +25,9 @@ __all__ = [
     "METHODS",
     "Counts",
     "Interval",
+    "add_noise",
     "auc_difference",
+    "auc_noise_se",
     "auc_ratio",
     "delong_auc",
     "delong_variance",
@@ -33,8 +35,11 @@ __all__ = [
     "mean_from_histogram",
     "mean_ratio",
     "newcombe_difference",
+    "proportion_noise_se",
     "proportion_ratio",
+    "ratio_with_noise",
     "wilson",
+    "z_value",
 ]
 
 #: Histogram counts per bin, shape ``(B,)``.
@@ -86,10 +91,13 @@ def _check_confidence(confidence: float) -> None:
         raise ValueError(msg)
 
 
-def _z(confidence: float) -> float:
+def z_value(confidence: float) -> float:
     """The standard normal quantile leaving ``(1 - confidence) / 2`` above it."""
     _check_confidence(confidence)
     return float(stats.norm.ppf(0.5 + confidence / 2))
+
+
+_z = z_value
 
 
 def _t(confidence: float, df: float) -> float:
@@ -464,3 +472,77 @@ def mean_ratio(
     se, df = _welch(va, vb, fa, fb)
     half = _t(confidence, df) * se
     return Interval(r, r * math.exp(-half), r * math.exp(half))
+
+
+# ---------------------------------------------------------------- noisy counts (DP statistics)
+
+
+def proportion_noise_se(
+    successes: float, failures: float, var_successes: float, var_failures: float
+) -> float | None:
+    """Standard error of ``s / (s + f)`` that independent noise on the two counts adds,
+    delta method: ``sqrt(f^2 V_s + s^2 V_f) / (s + f)^2`` (counts taken as at least 0);
+    None unless ``s + f > 0``."""
+    s, f = max(successes, 0.0), max(failures, 0.0)
+    n = s + f
+    if n <= 0:
+        return None
+    return math.sqrt(f * f * var_successes + s * s * var_failures) / (n * n)
+
+
+def auc_noise_se(pos_hist: Sequence[int], neg_hist: Sequence[int], variance: float) -> float | None:
+    """Standard error of the Mann-Whitney AUC of histograms that independent noise of
+    ``variance`` on every bin adds, delta method (the AUC is ``W / (P N)`` with ``W`` the
+    pairs won); None unless both noisy totals are above 0."""
+    pos = np.asarray(pos_hist, dtype=np.float64)
+    neg = np.asarray(neg_hist, dtype=np.float64)
+    m, n = float(pos.sum()), float(neg.sum())
+    if m <= 0 or n <= 0:
+        return None
+    auc = auc_from_histograms(pos, neg)
+    assert auc is not None
+    below = np.cumsum(neg) - neg  # negatives in lower bins
+    above = pos.sum() - np.cumsum(pos)  # positives in higher bins
+    d_pos = (below + 0.5 * neg) / (m * n) - auc / m
+    d_neg = (above + 0.5 * pos) / (m * n) - auc / n
+    return math.sqrt(variance * float(np.sum(d_pos**2) + np.sum(d_neg**2)))
+
+
+def add_noise(
+    fit: Interval,
+    value: float | None,
+    half_width: float,
+    *,
+    lowest: float,
+    highest: float,
+) -> Interval:
+    """A sampling interval ``fit`` (of the counts taken as exact) around ``value`` (the
+    noisy estimate), each side widened in quadrature by ``half_width`` (``z`` times the
+    noise's standard error): the noise and the sampling error are independent, so their
+    half-widths add as squares (the MOVER principle: G. Y. Zou and A. Donner (2008),
+    Construction of confidence limits about effect measures, Stat Med 27:1693-1702).
+    No interval when ``fit`` has none."""
+    if value is None or fit.value is None or fit.low is None or fit.high is None:
+        return Interval(value)
+    low = value - math.hypot(fit.value - fit.low, half_width)
+    high = value + math.hypot(fit.high - fit.value, half_width)
+    return Interval(value, max(lowest, low), min(highest, high))
+
+
+def ratio_with_noise(fit: Interval, value: float | None, log_half_width: float) -> Interval:
+    """A ratio's interval ``fit`` around the noisy ratio ``value``, widened in quadrature on
+    the log scale by ``log_half_width`` (``z`` times the log ratio's noise standard error)."""
+    limits = (value, fit.value, fit.low, fit.high)
+    if any(v is None or v <= 0 for v in limits):
+        return Interval(value)
+    assert value is not None and fit.value is not None and fit.low is not None
+    assert fit.high is not None
+    down = math.hypot(math.log(fit.value / fit.low), log_half_width)
+    up = math.hypot(math.log(fit.high / fit.value), log_half_width)
+    if not up < _LARGEST_LOG:  # noise far larger than the value: no upper limit
+        return Interval(value, value * math.exp(-min(down, _LARGEST_LOG)), None)
+    return Interval(value, value * math.exp(-down), value * math.exp(up))
+
+
+#: The largest log-scale half-width turned into a limit (``exp`` overflows beyond ~709).
+_LARGEST_LOG = 700.0

@@ -34,6 +34,12 @@ The site administrator owns a TOML file (``site-policy.toml``); every key is opt
     min-batch-size = 8             # a run may not train on smaller batches (default 8)
     max-learning-rate = 1.0        # nor with a larger learning rate (default 1.0)
 
+    [policy.dp-statistics]         # DP on released statistics (absent: off)
+    noise = 4.0                    # std of the discrete Gaussian added to every count
+    epsilon = 10.0                 # total budget for statistics over rounds and runs
+    delta = 1e-6
+    cases-per-patient = 1          # the most images of one patient a release counts
+
     [policy.bundle]                # the app bundles whose runs this site takes part in
     publisher = "radfed"           # [tool.flwr.app] publisher (default radfed)
     name = "radfed"                # [project] name (default radfed)
@@ -68,6 +74,11 @@ defaults to true, and ``clipping-norm`` (> 0) and ``noise-multiplier`` (>= 0; 0 
 without noise, which bounds an update but gives no privacy guarantee) must then both be
 set. A run can make the site stricter (a larger k), never laxer.
 
+``[policy.dp-statistics]`` (``radfed.privacy.statistics_dp``) replaces suppression and bin
+merging by noise: binary classification only, the threshold on an edge of the score bins,
+which default to ``[20]`` in ``[policy.templates]`` then (fine bins sum more noise into
+each confusion count); ``noise`` (> 0) must be set.
+
 No code of an app bundle ever runs at a site (``radfed.site.runtime`` answers with the
 radfed the site installed); ``[policy.bundle]`` says which bundles' runs the site answers
 at all. Pin ``sha256`` to accept exactly the bundles the site has reviewed.
@@ -89,6 +100,7 @@ from radfed.folders import POLICY_FILE_NAME
 from radfed.privacy.budget import QueryBudget
 from radfed.privacy.limits import ResourceLimits
 from radfed.privacy.refusal import PolicyRefusal
+from radfed.privacy.statistics_dp import StatisticsDP
 
 __all__ = [
     "CLOSED_ATTRIBUTES",
@@ -98,6 +110,7 @@ __all__ = [
     "PolicyRefusal",
     "QueryTemplates",
     "SitePolicy",
+    "StatisticsDP",
 ]
 
 DEFAULT_MIN_CELL_SIZE = 10
@@ -237,6 +250,7 @@ class SitePolicy:
         queries: what a run may ask how often; None: no budget (likewise).
         max_message_bytes: the largest reply the site sends (serialized bytes).
         dp: differential privacy on weight updates; None when not required.
+        dp_statistics: differential privacy on released statistics; None when off.
         bundle: the app bundles whose runs the site answers.
         limits: what a run may cost the site (compute, memory, disk).
     """
@@ -249,6 +263,7 @@ class SitePolicy:
     queries: QueryBudget | None = field(default_factory=QueryBudget)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     dp: DifferentialPrivacy | None = None
+    dp_statistics: StatisticsDP | None = None
     bundle: BundleRule = field(default_factory=BundleRule)
     limits: ResourceLimits = field(default_factory=ResourceLimits)
 
@@ -288,9 +303,12 @@ class SitePolicy:
         return dict(self.attribute_values)
 
     def check_templates(self, config: RunConfig) -> None:
-        """Raises PolicyRefusal when the run asks for statistics outside the templates."""
+        """Raises PolicyRefusal when the run asks for statistics outside the templates, or
+        ones the site cannot release with noise under its DP statistics."""
         if self.templates is not None:
             self.templates.check(config)
+        if self.dp_statistics is not None:
+            self.dp_statistics.check_run(config)
 
     def check_size(self, nbytes: int) -> None:
         """Raises PolicyRefusal when a reply of ``nbytes`` exceeds ``max-message-bytes``."""
@@ -360,5 +378,6 @@ class SitePolicy:
                 "epsilon": self.dp.epsilon,
                 "delta": self.dp.delta,
             },
+            "dp-statistics": "off" if self.dp_statistics is None else self.dp_statistics.describe(),
             "bundle": self.bundle.describe(),
         }

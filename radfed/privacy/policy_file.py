@@ -26,15 +26,20 @@ from radfed.privacy.policy import (
     DifferentialPrivacy,
     QueryTemplates,
     SitePolicy,
+    StatisticsDP,
 )
 
-__all__ = ["POLICY_KEYS", "load_policy"]
+__all__ = ["DP_SCORE_BINS", "POLICY_KEYS", "load_policy"]
+
+#: The score bins of ``[policy.templates]`` under DP statistics unless the site lists others.
+DP_SCORE_BINS = 20
 
 #: The keys of each table of the file: ``policy`` and its sub-tables.
 POLICY_KEYS: dict[str, tuple[str, ...]] = {
     "policy": (
         *("min-cell-size", "tasks", "subgroups", "max-message-bytes"),
         *("dp", "bundle", "limits", "attribute-values", "templates", "queries"),
+        "dp-statistics",
     ),
     "policy.queries": (
         *("splits", "test-evaluations", "test-last-round-only", "test-evaluations-total"),
@@ -44,6 +49,7 @@ POLICY_KEYS: dict[str, tuple[str, ...]] = {
         *("required", "clipping-norm", "noise-multiplier", "epsilon", "delta"),
         *("min-batch-size", "max-learning-rate"),
     ),
+    "policy.dp-statistics": ("noise", "epsilon", "delta", "cases-per-patient"),
     "policy.bundle": ("publisher", "name", "versions", "sha256"),
     "policy.limits": ResourceLimits.keys(),
 }
@@ -103,13 +109,13 @@ class _Reader:
             self.fail(f"{where}.{key}", "an integer >= 1", value)
         return value
 
-    def number(self, table: Mapping[str, Any], key: str, *, positive: bool) -> float:
+    def number(
+        self, table: Mapping[str, Any], key: str, *, positive: bool, where: str = "policy.dp"
+    ) -> float:
         value = table.get(key, 1.0)
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         if not ok or not math.isfinite(value) or value < 0 or (positive and value == 0):
-            self.fail(
-                "policy.dp." + key, "a finite number " + ("> 0" if positive else ">= 0"), value
-            )
+            self.fail(f"{where}.{key}", "a finite number " + ("> 0" if positive else ">= 0"), value)
         return float(value)
 
     def names(
@@ -137,15 +143,20 @@ class _Reader:
             self.fail("policy.tasks", f"a list of task names among {', '.join(known)}", tasks)
         values = self.attribute_values(table.get("attribute-values"))
         subgroups = self.subgroups(table, values)
+        noisy = None
+        if "dp-statistics" in table:
+            noisy = self.dp_statistics(table["dp-statistics"])
+        templates = self.templates(table.get("templates", {}), noisy is not None)
         return SitePolicy(
             k=self.integer(table, "min-cell-size", DEFAULT_MIN_CELL_SIZE),
             tasks=known if tasks is None else tasks,
             subgroups=subgroups,
             attribute_values=tuple(sorted(values.items())),
-            templates=self.templates(table.get("templates", {})),
+            templates=templates,
             queries=self.queries(table.get("queries", {})),
             max_message_bytes=self.integer(table, "max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES),
             dp=self.dp(table["dp"]) if "dp" in table else None,
+            dp_statistics=noisy,
             bundle=self.bundle(table["bundle"]) if "bundle" in table else BundleRule(),
             limits=self.limits(table["limits"]) if "limits" in table else ResourceLimits(),
         )
@@ -213,10 +224,10 @@ class _Reader:
             test_total=total,
         )
 
-    def templates(self, value: object) -> QueryTemplates:
+    def templates(self, value: object, noisy: bool = False) -> QueryTemplates:
         where = "policy.templates"
         table = self.table(where, value, POLICY_KEYS[where])
-        default = QueryTemplates()
+        default = QueryTemplates(score_bins=(DP_SCORE_BINS,)) if noisy else QueryTemplates()
         bands = self.numbers(table, "age-bands", default.age_bands, where, integer=True)
         if list(bands) != sorted(set(bands)) or bands[0] <= 0:
             self.fail(f"{where}.age-bands", "ascending positive years", list(bands))
@@ -231,6 +242,17 @@ class _Reader:
         ):
             if not all(10 <= b <= most for b in bins):
                 self.fail(f"{where}.{key}", f"integers in [10, {most}]", list(bins))
+        off_edge = [
+            (t, b) for t in thresholds for b in score_bins if abs(t * b - round(t * b)) > 1e-9
+        ]
+        if noisy and off_edge:
+            threshold, count = off_edge[0]
+            self.fail(
+                f"{where}.thresholds",
+                f"on an edge of every score-bins under [policy.dp-statistics] "
+                f"({threshold:g} is not a multiple of 1/{count:g})",
+                list(thresholds),
+            )
         return QueryTemplates(
             age_bands=tuple(int(b) for b in bands),
             thresholds=tuple(float(t) for t in thresholds),
@@ -283,6 +305,29 @@ class _Reader:
             versions=default.versions if versions is None else versions,
             sha256=digests,
         )
+
+    def dp_statistics(self, value: object) -> StatisticsDP:
+        where = "policy.dp-statistics"
+        table = self.table(where, value, POLICY_KEYS[where])
+        if "noise" not in table:
+            msg = (
+                f"site policy {self.path}: '{where}.noise' is missing; set the standard "
+                "deviation of the noise on each count (for instance 4.0)"
+            )
+            raise ConfigError(msg)
+        noise = self.number(table, "noise", positive=True, where=where)
+        epsilon = None
+        if "epsilon" in table:
+            epsilon = self.number(table, "epsilon", positive=True, where=where)
+        delta = (
+            self.number(table, "delta", positive=True, where=where) if "delta" in table else 1e-6
+        )
+        if not delta < 1:
+            self.fail(f"{where}.delta", "a number in (0, 1)", delta)
+        if not noise <= 1000:
+            self.fail(f"{where}.noise", "a number in (0, 1000]", noise)
+        most = self.integer(table, "cases-per-patient", 1, where)
+        return StatisticsDP(noise=noise, epsilon=epsilon, delta=delta, cases_per_patient=most)
 
     def dp(self, value: object) -> DifferentialPrivacy | None:
         table = self.table("policy.dp", value, POLICY_KEYS["policy.dp"])

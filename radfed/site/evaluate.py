@@ -17,18 +17,21 @@ from torch import nn
 
 from radfed.config import SPLITS, RunConfig
 from radfed.data.attributes import AgeBands
-from radfed.data.loading import SplitData, load_site_for
+from radfed.data.loading import SplitData
 from radfed.data.splits import record_test_use
 from radfed.errors import ConfigError
 from radfed.federation.checkpoint import load_checkpoint
 from radfed.federation.schema import CellStats, cell_names, pack_stats
 from radfed.folders import SiteFolder
 from radfed.log import logger
+from radfed.metrics.binary import BinaryStats
 from radfed.metrics.cells import ALL, subgroup_cells, suppressed_cells
-from radfed.privacy import SitePolicy, load_policy
+from radfed.privacy import SitePolicy
+from radfed.privacy.statistics_dp import StatisticsDP, bounded_cases, noisy_release
+from radfed.site.node import load_site_within, own_policy
 from radfed.tasks import CaseOutputs, Task, get_task
 
-__all__ = ["EvaluationResult", "evaluate_cells", "evaluate_site"]
+__all__ = ["EvaluationResult", "evaluate_cells", "evaluate_site", "released_cells_per_case"]
 
 
 def evaluate_cells(
@@ -45,8 +48,12 @@ def evaluate_cells(
     The site's disclosure control runs over every cell the policy allows (its template),
     under the policy's own cell size and under ``k``, whatever subset the run asks for:
     what different runs receive from the same split is then part of one safe release.
+    With DP statistics in the policy, the cells the run asks for leave with noise instead
+    (``radfed.privacy.statistics_dp``); the caller has spent the release's privacy.
     """
     outputs = task.predict(model, data, config)
+    if policy.dp_statistics is not None:
+        return outputs, _noisy_cells(outputs, data, config, policy, policy.dp_statistics)
     positive = (data.labels > 0).tolist()
     bands = AgeBands(config.age_bands).labels
     wanted = {ALL, *policy.allowed_subgroups(config.subgroups)}
@@ -72,6 +79,41 @@ def evaluate_cells(
         positives = sum(positive[i] for i in cell.index)
         cells.append(CellStats(cell.attribute, cell.group, stats, positives))
     return outputs, cells
+
+
+def released_cells_per_case(config: RunConfig, policy: SitePolicy) -> int:
+    """How many cells of a release each case is in: ``all`` and one group of each
+    attribute the policy lets the run have (the sensitivity of DP statistics)."""
+    return 1 + len(policy.allowed_subgroups(config.subgroups))
+
+
+def _noisy_cells(
+    outputs: CaseOutputs,
+    data: SplitData,
+    config: RunConfig,
+    policy: SitePolicy,
+    noisy: StatisticsDP,
+) -> list[CellStats]:
+    """The cells of a DP statistics release (``radfed.privacy.statistics_dp``): at most
+    ``cases-per-patient`` cases of a patient, every listed group, noise on every bin."""
+    kept = bounded_cases(data.patients, len(data), noisy.cases_per_patient)
+    if len(kept) < len(data):
+        logger.info("DP statistics count %d of %d cases (cases-per-patient)", len(kept), len(data))
+    partition = subgroup_cells(
+        [data.attributes[i] for i in kept] if data.attributes else [{} for _ in kept],
+        policy.allowed_subgroups(config.subgroups),
+        0,
+        age_bands=AgeBands(config.age_bands).labels,
+        vocabularies=policy.vocabularies(),
+        listed=True,
+    )
+    cells = []
+    for cell in partition:
+        exact = outputs.stats([kept[i] for i in cell.index])
+        assert isinstance(exact, BinaryStats)  # check_run admits binary classification only
+        released = noisy_release(exact, noisy.noise)
+        cells.append(CellStats(cell.attribute, cell.group, released, released.tp + released.fn))
+    return cells
 
 
 @dataclass(frozen=True)
@@ -114,14 +156,13 @@ def evaluate_site(
     task.check(config)
     model = task.build_model(config)
     model.load_state_dict(stored["state_dict"], strict=not config.fedbn)
-    site = load_site_for(site_dir, config)
+    policy = own_policy(site_dir)
+    policy.check_templates(config)
+    site = load_site_within(site_dir, config, policy.limits)
     if split == "test":
         uses = record_test_use(SiteFolder(site_dir).state.path, run_id=0, server_round=0)
         logger.warning("the sealed test split is evaluated (use %d at this site)", uses)
     data = site.splits[split]
-    own = SiteFolder(site_dir).policy
-    policy = load_policy(own if own.is_file() else None)
-    policy.check_templates(config)
     k = policy.min_cell_size(max(config.min_cell_size, min_cell_size))
     with torch.no_grad():
         outputs, cells = evaluate_cells(task, model, data, config, k, policy)

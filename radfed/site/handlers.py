@@ -36,9 +36,10 @@ from radfed.log import logger
 from radfed.privacy import SitePolicy
 from radfed.privacy.accountant import PrivacyLedger, rho_per_round
 from radfed.privacy.budget import QueryLedger
+from radfed.privacy.noise import discrete_gaussian
 from radfed.site.bundle import BundleIdentity
 from radfed.site.egress import Handler, HeldOut, guarded
-from radfed.site.evaluate import evaluate_cells
+from radfed.site.evaluate import evaluate_cells, released_cells_per_case
 from radfed.site.fedbn import LocalState
 from radfed.site.node import (
     load_site_once,
@@ -90,6 +91,19 @@ def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task
     if not training:  # an evaluation is admitted before the site's data is even loaded
         policy.check_templates(config)
         _within_budget(policy, path, config, msg, "evaluate")
+        if policy.dp_statistics is not None:  # its privacy is spent before any data is read
+            spent = policy.dp_statistics.spend(
+                PrivacyLedger(SiteFolder(path).state.privacy),
+                released_cells_per_case(config, policy),
+                run_id=msg.metadata.run_id,
+                server_round=server_round(msg),
+            )
+            logger.info(
+                "DP statistics: epsilon %.3g spent at delta %g over %d releases",
+                spent.epsilon(policy.dp_statistics.delta),
+                policy.dp_statistics.delta,
+                spent.rounds,
+            )
     site = load_site_once(path, config, policy.limits)
     model = task.build_model(config)
     if config.fedbn:  # this site's own normalisation layers from its earlier rounds
@@ -117,10 +131,19 @@ def _within_budget(
 def _train(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context, training=True)
     config, train = job.config, job.site.splits["train"]
+    if len(train) == 0:  # before anything is spent or trained
+        raise DataError("the train split is empty; add cases or lower val/test fractions")
     job.policy.limits.check_steps(round_steps(config, len(train)))
     if job.policy.dp is not None:
         job.policy.dp.check_run(config)
     _within_budget(job.policy, job.path, config, msg, "train")
+    if job.policy.dp_statistics is not None:  # num-examples is a noisy count: spent first
+        job.policy.dp_statistics.spend(
+            PrivacyLedger(SiteFolder(job.path).state.privacy),
+            1,
+            run_id=msg.metadata.run_id,
+            server_round=server_round(msg),
+        )
     if job.policy.dp is not None:  # the round's privacy is spent before it is trained
         spent = PrivacyLedger(SiteFolder(job.path).state.privacy).spend(
             rho_per_round(job.policy.dp.noise_multiplier),
@@ -144,8 +167,6 @@ def _train(msg: Message, context: Context) -> Message:
     )
     if config.fedbn:
         LocalState(SiteFolder(job.path).state, msg.metadata.run_id).save(model)
-    if result.num_examples == 0:
-        raise DataError("the train split is empty; add cases or lower val/test fractions")
     logger.info(
         "round %d: trained on %d cases, loss %.4f", round_, result.num_examples, result.loss
     )
@@ -168,6 +189,9 @@ def _train(msg: Message, context: Context) -> Message:
         # leaves rounded down to a multiple of the site's k
         k = job.policy.k
         examples, loss = max(k, examples // k * k), 0.0
+    if job.policy.dp_statistics is not None:  # the count with noise, the loss not sent
+        noise = discrete_gaussian(job.policy.dp_statistics.noise)
+        examples, loss = max(1, result.num_examples + noise), 0.0
     content = RecordDict(
         {
             ARRAYS_KEY: ArrayRecord(state),

@@ -14,9 +14,16 @@ from torch.utils.data import TensorDataset
 from radfed.config import RunConfig, TaskName
 from radfed.data.loading import SplitData
 from radfed.errors import ConfigError, DataError
-from radfed.metrics.binary import BinaryStats, binary_metrics
+from radfed.metrics.binary import BinaryStats, binary_metrics, threshold_bin
 from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
-from radfed.tasks.protocol import StatsValue, Task, choose, record_count, record_histogram
+from radfed.tasks.protocol import (
+    StatsValue,
+    Task,
+    choose,
+    record_count,
+    record_histogram,
+    record_noise,
+)
 from radfed.tasks.training import (
     TrainResult,
     augment_intensity,
@@ -306,10 +313,11 @@ _COUNT_KEYS = ("tp", "fp", "tn", "fn")
 class ClassificationTask:
     """Binary (one sigmoid logit) or multi-class (softmax) image classification.
 
-    Statistics: binary: ``tp``, ``fp``, ``tn``, ``fn`` at ``threshold`` and ``pos-hist``,
-    ``neg-hist`` of ``score-bins`` counts; multi-class: ``confusion`` (C x C counts, row =
-    true class, flattened) and per class ``c`` its one-vs-rest ``class-c.pos-hist`` and
-    ``class-c.neg-hist``.
+    Statistics: binary: ``tp``, ``fp``, ``tn``, ``fn`` at ``threshold``, ``pos-hist``,
+    ``neg-hist`` of ``score-bins`` counts and ``noise-variance`` (the variance of each bin's
+    noise under the site's DP statistics, 0 for exact counts); multi-class: ``confusion``
+    (C x C counts, row = true class, flattened) and per class ``c`` its one-vs-rest
+    ``class-c.pos-hist`` and ``class-c.neg-hist``.
     """
 
     name = TaskName.CLASSIFICATION
@@ -362,12 +370,20 @@ class ClassificationTask:
     def from_values(self, values: Mapping[str, object], config: RunConfig) -> ClassStats:
         bins, classes = config.score_bins, config.num_classes
         if classes == 2:
-            counts = [record_count(values.get(k), k) for k in _COUNT_KEYS]
-            pos, neg = (record_histogram(values.get(k), k, bins) for k in ("pos-hist", "neg-hist"))
+            noise = record_noise(values.get("noise-variance"), "noise-variance")
+            signed = noise > 0  # noisy counts may be negative
+            counts = [record_count(values.get(k), k, signed=signed) for k in _COUNT_KEYS]
+            pos, neg = (
+                record_histogram(values.get(k), k, bins, signed=signed)
+                for k in ("pos-hist", "neg-hist")
+            )
             tp, fp, tn, fn = counts
             if sum(pos) != tp + fn or sum(neg) != tn + fp:
                 raise ValueError("score histograms disagree with the confusion counts")
-            return BinaryStats(tp, fp, tn, fn, pos, neg)
+            edge = threshold_bin(config.threshold, bins)
+            if signed and (edge is None or (sum(pos[edge:]), sum(neg[edge:])) != (tp, fp)):
+                raise ValueError("noisy confusion counts must be the sums of the noisy bins")
+            return BinaryStats(tp, fp, tn, fn, pos, neg, noise=noise, threshold_bin=edge)
         flat = values.get("confusion")
         if not isinstance(flat, list) or len(flat) != classes * classes:
             raise ValueError(f"confusion must be a list of {classes * classes} counts")
@@ -399,6 +415,7 @@ def _binary_values(stats: BinaryStats) -> dict[str, StatsValue]:
     values: dict[str, StatsValue] = {k: int(getattr(stats, k)) for k in _COUNT_KEYS}
     values["pos-hist"] = [int(v) for v in stats.pos_hist]
     values["neg-hist"] = [int(v) for v in stats.neg_hist]
+    values["noise-variance"] = float(stats.noise)
     return values
 
 

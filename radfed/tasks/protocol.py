@@ -21,6 +21,7 @@ from radfed.metrics.pooling import pool
 from radfed.tasks.training import TrainResult
 
 __all__ = [
+    "MAX_NOISE_VARIANCE",
     "CaseOutputs",
     "SplitStats",
     "StatsValue",
@@ -29,6 +30,7 @@ __all__ = [
     "merge_stats",
     "record_count",
     "record_histogram",
+    "record_noise",
     "record_value",
 ]
 
@@ -167,15 +169,30 @@ def record_value(values: Mapping[str, object], key: str) -> object:
     return values[key]
 
 
-def record_count(value: object, key: str) -> int:
-    """A received count: a non-negative int (bools refused); never quotes the value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+def record_count(value: object, key: str, *, signed: bool = False) -> int:
+    """A received count: a non-negative int (any int when ``signed``: a noisy count; bools
+    refused); never quotes the value."""
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and not signed):
         raise ValueError(f"{key} must be a non-negative integer")
     return value
 
 
-def record_histogram(value: object, key: str, bins: int) -> tuple[int, ...]:
-    """A received histogram: a list of ``bins`` counts."""
+def record_histogram(
+    value: object, key: str, bins: int, *, signed: bool = False
+) -> tuple[int, ...]:
+    """A received histogram: a list of ``bins`` counts (noisy ones when ``signed``)."""
     if not isinstance(value, list) or len(value) != bins:
         raise ValueError(f"{key} must be a list of {bins} counts")
-    return tuple(record_count(v, key) for v in value)
+    return tuple(record_count(v, key, signed=signed) for v in value)
+
+
+#: The largest noise variance a statistic may declare (a standard deviation of 1000 counts).
+MAX_NOISE_VARIANCE = 1e6
+
+
+def record_noise(value: object, key: str) -> float:
+    """A received noise variance: a finite number in [0, ``MAX_NOISE_VARIANCE``]."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not 0 <= float(value) <= MAX_NOISE_VARIANCE:  # type: ignore[arg-type]
+        raise ValueError(f"{key} must be a number in [0, {MAX_NOISE_VARIANCE:g}]")
+    return float(value)  # type: ignore[arg-type]

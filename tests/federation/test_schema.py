@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from radfed.federation.schema import (
 from radfed.federation.updates import cast_like, validate_arrays
 from radfed.folders import POOLED_SITE
 from radfed.metrics.binary import BinaryStats
+from radfed.privacy.statistics_dp import noisy_release
 from radfed.tasks.classification import TASK
 
 BINS = 20
@@ -182,3 +185,78 @@ def test_a_reply_larger_than_its_cells_and_bins_is_refused_before_unpacking() ->
     record["val.pos-hist"] = [0] * 1_000_000  # a million bins where the run has 20
     with pytest.raises(InvalidReply, match="more values than their cells and bins"):
         unpack_stats(TASK, record, _CONFIG)
+
+
+def _noisy_reply() -> tuple[MetricRecord, ConfigRecord, dict[str, list[CellStats]]]:
+    """A reply as a site with DP statistics sends it: noise heavy enough for negative
+    counts in a small cell."""
+    rng = random.Random(4)
+    stats = _stats()
+    cells = {}
+    for split, exact in stats.items():
+        small = BinaryStats.from_scores(np.array([0.7, 0.2]), np.array([1, 0]), bins=BINS)
+        noisy = [noisy_release(exact, 6.0, rng), noisy_release(small, 6.0, rng)]
+        cells[split] = [CellStats("all", "all", noisy[0], noisy[0].tp + noisy[0].fn)]
+        cells[split].append(CellStats("sex", "F", noisy[1], noisy[1].tp + noisy[1].fn))
+    record = pack_stats(
+        TASK,
+        {s: c[0].stats for s, c in cells.items()},
+        cells={s: c[1:] for s, c in cells.items()},
+        positives={s: c[0].positives for s, c in cells.items()},
+    )
+    return MetricRecord(dict(record)), cell_names({s: c[1:] for s, c in cells.items()}), cells
+
+
+def test_a_noisy_reply_round_trips_with_its_negative_counts_and_noise() -> None:
+    # Prepare
+    record, names, sent = _noisy_reply()
+    config = RunConfig(score_bins=BINS, eval_splits=("train", "val"), subgroups=("sex",))
+
+    # Execute
+    received = unpack_cells(TASK, record, names, config)
+
+    # Assert: what the site sent, noise variance and all, negative counts included
+    assert received == sent
+    assert any(v < 0 for cells in received.values() for c in cells for v in c.stats.pos_hist)  # type: ignore[attr-defined]
+    assert {c.stats.noise for cells in received.values() for c in cells} == {36.0}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r.__setitem__("val#1.noise-variance", 0.0), "non-negative integer"),
+        (lambda r: r.__setitem__("val.noise-variance", -1.0), "noise-variance must be"),
+        (lambda r: r.__setitem__("val.noise-variance", float("nan")), "non-finite"),
+        (lambda r: r.__setitem__("val.tp", r["val.tp"] + 1), "disagree"),
+        (lambda r: r.__setitem__("val.suppressed", 1), "suppressed cell"),
+        (lambda r: r.__setitem__("num-examples", r["num-examples"] + 1), "num-examples"),
+    ],
+)
+def test_a_noisy_reply_that_breaks_the_release_rules_is_refused(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    record, names, _ = _noisy_reply()
+    config = RunConfig(score_bins=BINS, eval_splits=("train", "val"), subgroups=("sex",))
+    mutate(record)
+    with pytest.raises(InvalidReply, match=message):
+        unpack_cells(TASK, record, names, config)
+
+
+def test_noisy_confusion_counts_that_are_not_the_sums_of_their_bins_are_refused() -> None:
+    # a server-side check that keeps a noisy cell's counts consistent with its histograms
+    record, names, _ = _noisy_reply()
+    config = RunConfig(score_bins=BINS, eval_splits=("train", "val"), subgroups=("sex",))
+    record["val.tp"] = record["val.tp"] + 1  # type: ignore[operator]
+    record["val.fn"] = record["val.fn"] - 1  # type: ignore[operator]
+    with pytest.raises(InvalidReply, match="sums of the noisy bins"):
+        unpack_cells(TASK, record, names, config)
+
+
+def test_noisy_and_exact_cells_in_one_split_are_refused() -> None:
+    # an exact cell beside noisy ones would say which counts carry no noise
+    record, names, _ = _noisy_reply()
+    config = RunConfig(score_bins=BINS, eval_splits=("train", "val"), subgroups=("sex",))
+    exact = BinaryStats.from_scores(np.array([0.7, 0.2]), np.array([1, 0]), bins=BINS)
+    for key, value in TASK.to_values(exact).items():
+        record[f"val#1.{key}"] = value
+    record["val#1.positives"] = 1
+    with pytest.raises(InvalidReply, match="noisy and exact cells"):
+        unpack_cells(TASK, record, names, config)

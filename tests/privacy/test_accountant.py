@@ -58,3 +58,16 @@ def test_without_a_budget_the_ledger_accounts_and_a_broken_one_stops(tmp_path: P
     with pytest.raises(DataError, match="privacy ledger"):
         ledger.spent()
     assert rho_per_round(0.0) == math.inf  # clipping without noise: no guarantee
+
+
+def test_a_ledger_line_without_a_kind_is_an_update_and_an_unknown_kind_is_refused(
+    tmp_path: Path,
+) -> None:
+    # a ledger of radfed before DP statistics: its lines have no kind
+    path = tmp_path / "privacy.jsonl"
+    path.write_text('{"run": 1, "round": 1, "rho": 0.5}\n')
+    ledger = PrivacyLedger(path)
+    assert ledger.spent("update").rho == 0.5 and ledger.spent("statistics").rounds == 0
+    path.write_text('{"run": 1, "round": 1, "rho": 0.5, "kind": "pixels"}\n')
+    with pytest.raises(DataError, match="not radfed's"):
+        ledger.spent()
