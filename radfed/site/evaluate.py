@@ -7,11 +7,13 @@ inspects with ``radfed evaluate`` is what the site sends in a federated round.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,13 +27,20 @@ from radfed.federation.schema import CellStats, cell_names, pack_stats
 from radfed.folders import SiteFolder
 from radfed.log import logger
 from radfed.metrics.binary import BinaryStats
-from radfed.metrics.cells import ALL, subgroup_cells, suppressed_cells
+from radfed.metrics.cells import ALL, Cell, subgroup_cells, suppressed_cells
 from radfed.privacy import SitePolicy
 from radfed.privacy.statistics_dp import StatisticsDP, bounded_cases, noisy_release
 from radfed.site.node import load_site_within, own_policy
 from radfed.tasks import CaseOutputs, Task, get_task
+from radfed.tasks.classification import ScoreOutputs
 
-__all__ = ["EvaluationResult", "evaluate_cells", "evaluate_site", "released_cells_per_case"]
+__all__ = [
+    "EvaluationResult",
+    "empty_noisy_cells",
+    "evaluate_cells",
+    "evaluate_site",
+    "released_cells_per_case",
+]
 
 
 def evaluate_cells(
@@ -99,19 +108,44 @@ def _noisy_cells(
     kept = bounded_cases(data.patients, len(data), noisy.cases_per_patient)
     if len(kept) < len(data):
         logger.info("DP statistics count %d of %d cases (cases-per-patient)", len(kept), len(data))
-    partition = subgroup_cells(
-        [data.attributes[i] for i in kept] if data.attributes else [{} for _ in kept],
+    attributes = [data.attributes[i] for i in kept] if data.attributes else [{} for _ in kept]
+    assert isinstance(outputs, ScoreOutputs)  # check_run admits binary classification only
+    # a crafted model may score some cases NaN or out of range: each case's score is mapped
+    # to [0, 1] on its own (NaN to 0), so that no case can make the release fail
+    scores = np.clip(np.nan_to_num(outputs.scores, nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+    safe = dataclasses.replace(outputs, scores=scores)
+    cells = []
+    for cell in _listed_cells(attributes, config, policy):
+        exact = safe.stats([kept[i] for i in cell.index])
+        assert isinstance(exact, BinaryStats)
+        released = noisy_release(exact, noisy.noise)
+        cells.append(CellStats(cell.attribute, cell.group, released, released.tp + released.fn))
+    return cells
+
+
+def _listed_cells(
+    attributes: list[dict[str, str]], config: RunConfig, policy: SitePolicy
+) -> list[Cell]:
+    return subgroup_cells(
+        attributes,
         policy.allowed_subgroups(config.subgroups),
         0,
         age_bands=AgeBands(config.age_bands).labels,
         vocabularies=policy.vocabularies(),
         listed=True,
     )
+
+
+def empty_noisy_cells(config: RunConfig, policy: SitePolicy) -> list[CellStats]:
+    """A DP statistics release of no cases: the cells a release lists, each only noise
+    (what a site sends when its work failed after the release was spent)."""
+    assert policy.dp_statistics is not None
+    empty = BinaryStats.from_scores(
+        np.zeros(0), np.zeros(0, dtype=bool), threshold=config.threshold, bins=config.score_bins
+    )
     cells = []
-    for cell in partition:
-        exact = outputs.stats([kept[i] for i in cell.index])
-        assert isinstance(exact, BinaryStats)  # check_run admits binary classification only
-        released = noisy_release(exact, noisy.noise)
+    for cell in _listed_cells([], config, policy):
+        released = noisy_release(empty, policy.dp_statistics.noise)
         cells.append(CellStats(cell.attribute, cell.group, released, released.tp + released.fn))
     return cells
 
@@ -182,6 +216,11 @@ def evaluate_site(
         "metrics": dict(record.items()),
         "cells": dict(cell_names({split: cells[1:]}).items()),
     }
+    if policy.dp_statistics is not None:
+        document["dp-statistics"] = (
+            "noise drawn here and not accounted in the site's privacy ledger: a sample of "
+            "what the site would send; share it as a release only by spending from the budget"
+        )
     statistics = out / "statistics.json"
     statistics.write_text(json.dumps(document, indent=1) + "\n")
     logger.info(

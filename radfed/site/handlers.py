@@ -37,9 +37,10 @@ from radfed.privacy import SitePolicy
 from radfed.privacy.accountant import PrivacyLedger, rho_per_round
 from radfed.privacy.budget import QueryLedger
 from radfed.privacy.noise import discrete_gaussian
+from radfed.privacy.statistics_dp import bounded_cases
 from radfed.site.bundle import BundleIdentity
 from radfed.site.egress import Handler, HeldOut, guarded
-from radfed.site.evaluate import evaluate_cells, released_cells_per_case
+from radfed.site.evaluate import empty_noisy_cells, evaluate_cells, released_cells_per_case
 from radfed.site.fedbn import LocalState
 from radfed.site.node import (
     load_site_once,
@@ -49,7 +50,7 @@ from radfed.site.node import (
     site_min_cell,
     site_policy,
 )
-from radfed.tasks import SplitStats, Task, get_task
+from radfed.tasks import Task, get_task
 from radfed.tasks.training import model_size, round_steps
 
 __all__ = ["handle_evaluate", "handle_query", "handle_train", "site_handlers"]
@@ -88,28 +89,49 @@ def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task
         raise ConfigError("the message carries no weights (ArrayRecord 'arrays')")
     policy.limits.check_inbound(sum(len(array.data) for array in arrays.values()))
     policy.limits.check_model(model_size(task.build_model, config))
+    if not all(np.isfinite(array.numpy()).all() for array in arrays.values()):
+        # before anything is spent: a crafted model with NaN for some cases would make
+        # whether the work fails an exact answer about the data
+        raise ConfigError("the received weights hold NaN or infinity; send a finite model")
+    spent = False
     if not training:  # an evaluation is admitted before the site's data is even loaded
         policy.check_templates(config)
         _within_budget(policy, path, config, msg, "evaluate")
         if policy.dp_statistics is not None:  # its privacy is spent before any data is read
-            spent = policy.dp_statistics.spend(
+            total = policy.dp_statistics.spend(
                 PrivacyLedger(SiteFolder(path).state.privacy),
                 released_cells_per_case(config, policy),
                 run_id=msg.metadata.run_id,
                 server_round=server_round(msg),
             )
+            spent = True
             logger.info(
                 "DP statistics: epsilon %.3g spent at delta %g over %d releases",
-                spent.epsilon(policy.dp_statistics.delta),
+                total.epsilon(policy.dp_statistics.delta),
                 policy.dp_statistics.delta,
-                spent.rounds,
+                total.rounds,
             )
-    site = load_site_once(path, config, policy.limits)
-    model = task.build_model(config)
-    if config.fedbn:  # this site's own normalisation layers from its earlier rounds
-        LocalState(SiteFolder(path).state, msg.metadata.run_id).restore(model)
-    load_global(model, arrays, config.fedbn)
+    try:
+        site = load_site_once(path, config, policy.limits)
+        model = task.build_model(config)
+        if config.fedbn:  # this site's own normalisation layers from its earlier rounds
+            LocalState(SiteFolder(path).state, msg.metadata.run_id).restore(model)
+        load_global(model, arrays, config.fedbn)
+    except Exception as err:
+        if spent:
+            raise _SpentRelease(config, policy, name, err) from None
+        raise
     return _Task(config, task, name, path, policy, site, model)
+
+
+class _SpentRelease(Exception):
+    """A DP statistics release was spent and then its work failed. Whether (and why) the
+    work failed may depend on the data (no case readable under the run's settings), so the
+    reply must not say it: the site sends a noisy release of no cases instead."""
+
+    def __init__(self, config: RunConfig, policy: SitePolicy, name: str, cause: Exception):
+        super().__init__(type(cause).__name__)
+        self.config, self.policy, self.name = config, policy, name
 
 
 def _within_budget(
@@ -190,8 +212,10 @@ def _train(msg: Message, context: Context) -> Message:
         k = job.policy.k
         examples, loss = max(k, examples // k * k), 0.0
     if job.policy.dp_statistics is not None:  # the count with noise, the loss not sent
+        most = job.policy.dp_statistics.cases_per_patient
+        counted = len(bounded_cases(train.patients, len(train), most))  # sensitivity L
         noise = discrete_gaussian(job.policy.dp_statistics.noise)
-        examples, loss = max(1, result.num_examples + noise), 0.0
+        examples, loss = max(1, counted + noise), 0.0
     content = RecordDict(
         {
             ARRAYS_KEY: ArrayRecord(state),
@@ -203,7 +227,22 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    job = _prepare(msg, context)
+    try:
+        return _evaluate_job(msg, context, _prepare(msg, context))
+    except _SpentRelease as failed:
+        logger.warning(
+            "the evaluation failed (%s) after its DP statistics were spent: a noisy release "
+            "of no cases is sent instead",
+            failed,
+        )
+        cells = {
+            split: empty_noisy_cells(failed.config, failed.policy)
+            for split in failed.config.eval_splits
+        }
+        return _statistics_reply(msg, get_task(failed.config.task), cells, failed.name)
+
+
+def _evaluate_job(msg: Message, context: Context, job: _Task) -> Message:
     config = job.config
     if "test" in config.eval_splits:
         uses = record_test_use(
@@ -213,20 +252,34 @@ def _evaluate(msg: Message, context: Context) -> Message:
         )
         logger.warning("the sealed test split is evaluated (use %d at this site)", uses)
     k = job.policy.min_cell_size(max(config.min_cell_size, site_min_cell(context.node_config)))
-    stats: dict[str, SplitStats] = {}
-    positives: dict[str, int] = {}
     cells: dict[str, list[CellStats]] = {}
     for split in config.eval_splits:
-        _, parts = evaluate_cells(
-            job.task, job.model, job.site.splits[split], config, k, job.policy
-        )
-        stats[split], positives[split] = parts[0].stats, parts[0].positives
-        cells[split] = parts[1:]
+        try:
+            _, cells[split] = evaluate_cells(
+                job.task, job.model, job.site.splits[split], config, k, job.policy
+            )
+        except Exception as err:
+            if job.policy.dp_statistics is not None:  # spent: see _SpentRelease
+                raise _SpentRelease(config, job.policy, job.name, err) from None
+            raise
+    return _statistics_reply(msg, job.task, cells, job.name)
+
+
+def _statistics_reply(
+    msg: Message, task: Task, cells: dict[str, list[CellStats]], name: str
+) -> Message:
+    """The evaluation reply: per split its ``all`` cell and its subgroup cells."""
+    rest = {split: parts[1:] for split, parts in cells.items()}
     content = RecordDict(
         {
-            METRICS_KEY: pack_stats(job.task, stats, cells=cells, positives=positives),
-            CELLS_KEY: cell_names(cells),
-            SITE_KEY: SiteIdentity.local(job.name).to_record(),
+            METRICS_KEY: pack_stats(
+                task,
+                {split: parts[0].stats for split, parts in cells.items()},
+                cells=rest,
+                positives={split: parts[0].positives for split, parts in cells.items()},
+            ),
+            CELLS_KEY: cell_names(rest),
+            SITE_KEY: SiteIdentity.local(name).to_record(),
         }
     )
     return Message(content=content, reply_to=msg)

@@ -44,7 +44,8 @@ def test_a_run_over_sites_with_dp_statistics_reports_noisy_numbers(tmp_path: Pat
 
     # Assert: the round's pooled AUC came from the noisy replies; every cell of the bias
     # report states the noise on its counts (the pool's adds the sites' variances); each
-    # site accounted its two releases (the survey and round 1) and its audit says so
+    # site accounted its releases (the survey and round 1's evaluations, round 1's training
+    # count) and its audit says so
     assert "round 1/1 val auc" in output and "Traceback" not in output
     report = json.loads((out / "bias_report.json").read_text())
     cells = report["splits"]["val"]["cells"]
@@ -53,9 +54,11 @@ def test_a_run_over_sites_with_dp_statistics_reports_noisy_numbers(tmp_path: Pat
     assert pooled and all(v == pytest.approx(NOISE * 3**0.5, abs=1e-5) for v in pooled)
     assert not any(c["suppressed"] for c in cells)
     assert "noise" in report["methods"]
+    cells_per_case = 5  # all, sex, age_band, manufacturer, sex*age_band
+    rho = (2 * cells_per_case + 1) / (2 * NOISE**2)  # two evaluations, one training count
     for site in SITES:
         spent = PrivacyLedger(data / site / ".radfed" / "privacy.jsonl").spent("statistics")
-        assert spent.rounds == 2
+        assert spent.rounds == 3 and spent.rho == pytest.approx(rho)
     audit = subprocess.run(
         [sys.executable, "-m", "radfed", "site", "audit", str(data / SITES[0])],
         capture_output=True,
@@ -63,4 +66,4 @@ def test_a_run_over_sites_with_dp_statistics_reports_noisy_numbers(tmp_path: Pat
         timeout=120,
         check=False,
     )
-    assert "2 DP statistics releases" in audit.stdout, audit.stdout + audit.stderr
+    assert "3 DP statistics releases" in audit.stdout, audit.stdout + audit.stderr

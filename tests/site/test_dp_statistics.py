@@ -24,6 +24,7 @@ from radfed.config import RunConfig
 from radfed.data.attributes import AgeBands
 from radfed.data.loading import SplitData, load_site_for
 from radfed.data.synth import synth_classification
+from radfed.errors import DataError
 from radfed.federation.codes import ErrorCode
 from radfed.federation.schema import CellStats, unpack_cells
 from radfed.metrics.binary import BinaryStats
@@ -32,6 +33,7 @@ from radfed.privacy import load_policy
 from radfed.privacy import noise as noise_module
 from radfed.privacy.accountant import PrivacyLedger
 from radfed.site import evaluate as site_evaluate
+from radfed.site import handlers
 from radfed.site.handlers import handle_evaluate, handle_train
 from radfed.tasks.classification import TASK, build_model
 from tests.helpers import make_context, make_message
@@ -158,6 +160,82 @@ def test_a_training_reply_sends_no_exact_loss_under_dp_statistics(
     assert metrics["train-loss"] == 0.0 and metrics["num-examples"] >= 1  # type: ignore[index]
     spent = PrivacyLedger(site / ".radfed" / "privacy.jsonl").spent("statistics")
     assert spent.rounds == 1 and spent.rho == pytest.approx(1 / (2 * NOISE**2))
+
+
+def test_a_model_that_scores_cases_nan_still_gets_a_noisy_release(site: Path) -> None:
+    # Prepare: finite weights whose logit overflows to +inf - inf = NaN (a crafted model
+    # can make this happen for some cases only: whether the reply is an error would then
+    # be an exact answer about the data)
+    state = build_model(CONFIG).state_dict()
+    weight = state["fc.weight"]
+    state["fc.weight"] = (
+        torch.where(torch.arange(weight.shape[1]) % 2 == 0, torch.tensor(3e38), torch.tensor(-3e38))
+        .expand_as(weight)
+        .clone()
+    )
+
+    # Execute
+    reply = _send(site, state)
+
+    # Assert: the same kind of reply as for any model (NaN scores count as 0)
+    assert not reply.has_error()
+    assert all(c.stats.noise == NOISE**2 for c in _cells(reply))
+
+
+def test_non_finite_weights_are_refused_before_anything_is_spent(site: Path) -> None:
+    state = build_model(CONFIG).state_dict()
+    state["fc.bias"] = torch.tensor([float("nan")])
+    reply = _send(site, state)
+    assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
+    assert not (site / ".radfed" / "privacy.jsonl").exists()
+
+
+def test_work_that_fails_after_the_release_was_spent_sends_noise_not_an_error(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the site's data cannot be read under the run's settings (whether it can may
+    # depend on the data, so the reply must not tell)
+    def unreadable(*args: object, **kwargs: object) -> None:
+        raise DataError("no readable image")
+
+    monkeypatch.setattr(handlers, "load_site_once", unreadable)
+
+    # Execute
+    reply = _send(site, build_model(CONFIG).state_dict())
+
+    # Assert: a release of the same cells, each only noise; spent like any other
+    assert not reply.has_error()
+    cells = _cells(reply)
+    assert len(cells) > 40 and all(c.stats.noise == NOISE**2 for c in cells)
+    assert PrivacyLedger(site / ".radfed" / "privacy.jsonl").spent("statistics").rounds == 1
+
+
+def test_the_training_count_counts_each_patient_at_most_cases_per_patient_times(
+    generated: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: every case trains; one patient has five of them (others several too); the
+    # noise is set to 0 to see the count it is added to
+    site = _site(generated, tmp_path, [])
+    (site / "site-policy.toml").write_text(POLICY)
+    with (site / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows[1:5]:
+        row["patient_id"] = rows[0]["patient_id"]
+    with (site / "manifest.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    monkeypatch.setattr(handlers, "discrete_gaussian", lambda sigma: 0)
+    config = dataclasses.replace(CONFIG, local_epochs=1, batch_size=16)
+    train = load_site_for(site, config).splits["train"]
+
+    # Execute
+    reply = _send(site, build_model(config).state_dict(), config, kind="train")
+
+    # Assert: the patients, each once (the charge is for a count of sensitivity 1)
+    assert not reply.has_error()
+    examples = reply.content["metrics"]["num-examples"]  # type: ignore[index]
+    assert examples == len(set(train.patients)) < len(train)
 
 
 def _exact_vector(monkeypatch: pytest.MonkeyPatch, site: Path, data: SplitData) -> np.ndarray:
