@@ -145,6 +145,8 @@ class RunConfig:
             ``sex``, ``age_band``, ``manufacturer``); ``a*b`` is the intersection of two.
         bias_margin: the bias report flags a gap when the interval of the difference
             excludes 0 and the difference is at least this large.
+        primary_subgroups: attributes of ``subgroups`` that the run declares primary: their
+            comparisons form a multiple-testing family of their own (docs/bias_report.md).
         holdout_site: in simulation, a site that does not train and is evaluated as a
             held-out site (geographic validation); empty for none.
         sites: in a deployment, the site names expected in the run; the server names the
@@ -202,6 +204,7 @@ class RunConfig:
     det_positive_fraction: float = 0.3
     subgroups: tuple[str, ...] = ("sex", "age_band", "manufacturer", "sex*age_band")
     bias_margin: float = 0.05
+    primary_subgroups: tuple[str, ...] = ()
     holdout_site: str = ""
     sites: tuple[str, ...] = ()
     site_wait: float = 300.0
@@ -284,6 +287,12 @@ class RunConfig:
         )
         _check(self.local_steps >= 0, "local-steps", self.local_steps, ">= 0 (0: use epochs)")
         _check(0 <= self.bias_margin < 1, "bias-margin", self.bias_margin, "in [0, 1)")
+        _check(
+            set(self.primary_subgroups) <= set(self.subgroups),
+            "primary-subgroups",
+            ",".join(self.primary_subgroups),
+            f"attributes among subgroups ({','.join(self.subgroups)})",
+        )
         for name in self.subgroups:
             parts = name.split("*")
             _check(

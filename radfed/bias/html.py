@@ -18,7 +18,7 @@ from radfed.errors import DataError
 __all__ = ["render_html"]
 
 _FORMAT = "radfed-bias-report"
-_FORMAT_MAJOR = 1
+_FORMAT_MAJOR = 2
 _DPI = 90
 _RISKS = ("low", "moderate", "high")
 _CSS = """
@@ -29,10 +29,13 @@ table{border-collapse:collapse;margin:.8em 0;font-size:.85em;display:block;overf
 th,td{border:1px solid #ccc;padding:.25em .5em;text-align:left;vertical-align:top}
 th{background:#f2f2f2}
 tr.flagged td{background:#fde2e2;font-weight:600}tr.suppressed td{color:#888}
+tr.inconclusive td{background:#fff6d9}tr.warning td{background:#f3e3f7}
 .role{display:inline-block;padding:.1em .6em;border-radius:.8em;background:#1f4e79;color:#fff;
 font-size:.8em;vertical-align:middle}
 .risk-low{background:#dcefdc}.risk-moderate{background:#fff1c2}.risk-high{background:#f7c6c6}
 .none{padding:.6em 1em;background:#e8f3e8;border-left:4px solid #3a7d3a}
+.alarm{padding:.6em 1em;background:#fde2e2;border-left:4px solid #b22}
+.unsure{padding:.6em 1em;background:#fff1c2;border-left:4px solid #b8860b}
 .muted{color:#666}img{max-width:100%;height:auto;display:block;margin:.6em 0}
 dt{font-weight:600}dd{margin:0 0 .4em 1.5em}
 """
@@ -52,13 +55,13 @@ def render_html(report: Mapping[str, Any], out: Path) -> Path:
         ``out``.
 
     Raises:
-        DataError: the report is not a ``radfed-bias-report`` of format version 1.
+        DataError: the report is not a ``radfed-bias-report`` of format version 2.
     """
     _check_format(report)
     splits = as_mapping(report.get("splits"))
     body = [
         _header(report),
-        _flags(report, splits),
+        _verdicts(report, splits),
         *(_split(str(name), as_mapping(split), report) for name, split in splits.items()),
         _roc(report, splits),
         _curves(report, splits),
@@ -116,10 +119,19 @@ def _header(report: Mapping[str, Any]) -> str:
         "larger k than the run's) is <i>suppressed</i>: only that flag left the site, the cell "
         "shows no number and is left out of the pool, so a pooled cell may hold fewer cases "
         f"than the sites together. Intervals are {_e(level)} intervals, shown as "
-        "value [low, high]; the method of each is listed below. A gap compares the worst and "
-        "best group of one attribute for one metric within a site or the pool; it is "
-        "<b>flagged</b> when the interval of the difference excludes 0 and |difference| is at "
-        f"least the margin {_e(margin)}. Each split's role says what kind of evidence it is: "
+        "value [low, high]; the method of each is listed below. A gap compares, for one metric "
+        "within a site or the pool, the worst and the best group of an attribute, or one group "
+        "and the rest of its site. Each gap gets one of three verdicts: <b>flagged</b> (the "
+        f"difference is beyond chance and at least the margin {_e(margin)}), <b>within "
+        "margin</b> (its interval lies inside &plusmn;margin: evidence that no gap of that size "
+        "exists) or <b>inconclusive</b> (neither: too few cases to tell; the table says about "
+        "how many cases per group would resolve it). Comparisons are screened for false "
+        "discoveries (Benjamini-Hochberg, 5%, per family) and their intervals adjusted to "
+        "match. A pooled gap names the sites that drive it; one that differs between sites "
+        "(Cochran's Q) is <i>heterogeneous</i>, a property of those sites, not of the pool. "
+        "Gaps on training cases get no verdict: one beyond the margin there is an "
+        "<i>in-sample warning</i> about that group's data or labels. "
+        "Each split's role says what kind of evidence it is: "
         "<i>internal</i> (the sites' own cases), <i>held-out site</i> (a site that did not "
         "train) or <i>sealed test</i>. n/a: undefined or not applicable.</p>\n"
         f"<h3>Methods of the intervals</h3>\n<dl>{method_list or '<dd>none given</dd>'}</dl>"
@@ -127,24 +139,97 @@ def _header(report: Mapping[str, Any]) -> str:
     )
 
 
-def _flags(report: Mapping[str, Any], splits: Mapping[str, Any]) -> str:
+def _verdicts(report: Mapping[str, Any], splits: Mapping[str, Any]) -> str:
+    """The headline: how many gaps of each verdict, the flagged ones with their sites, the
+    largest inconclusive ones, and the in-sample warnings apart. "No gap flagged" is never
+    said alone while some gap is inconclusive."""
     margin = as_mapping(report.get("settings")).get("margin")
-    criterion = (
-        "a gap is flagged when the interval of the difference excludes 0 and |difference| "
-        f"&ge; margin {_e(margin)}"
+    gaps = [
+        (str(name), as_mapping(split).get("role"), gap)
+        for name, split in splits.items()
+        for gap in map(as_mapping, as_list(as_mapping(split).get("gaps")))
+    ]
+    flagged = [g for g in gaps if g[2].get("verdict") == "flagged"]
+    unsure = [g for g in gaps if g[2].get("verdict") == "inconclusive"]
+    within = [g for g in gaps if g[2].get("verdict") == "within margin"]
+    warnings = [g for g in gaps if g[2].get("verdict") == "in-sample warning"]
+    counts = (
+        f"{len(flagged)} flagged · {len(within)} within margin &plusmn;{_e(margin)} · "
+        f"{len(unsure)} inconclusive"
     )
-    rows = []
-    for name, split in splits.items():
-        role = as_mapping(split).get("role")
-        for gap in map(as_mapping, as_list(as_mapping(split).get("gaps"))):
-            if gap.get("flagged") is True:
-                rows.append(([_e(name), _e(role), *_gap_cells(gap)], "flagged"))
-    head = '<section id="flags"><h2>Flagged gaps</h2>\n'
-    if not rows:
-        return f'{head}<p class="none">No gap is flagged ({criterion}).</p></section>'
-    headers = ["split", "role", "site", "attribute", "metric", "worst group", "best group"]
-    table = _table([*headers, "difference [interval]", "ratio [interval]"], rows)
-    return f"{head}<p>{len(rows)} gap(s) flagged; {criterion}.</p>\n{table}</section>"
+    head = f'<section id="verdicts"><h2>Verdicts</h2>\n<p>{counts}</p>\n'
+    parts = [head]
+    if flagged:
+        parts.append(f'<p class="alarm">{len(flagged)} gap(s) flagged.</p>')
+    elif unsure:
+        parts.append(
+            f'<p class="unsure">No gap is flagged, but {len(unsure)} gap(s) are inconclusive: '
+            "too few cases to tell whether a gap of the margin exists. This is not evidence "
+            "that there is no bias.</p>"
+        )
+    elif within:
+        parts.append(
+            f'<p class="none">Every gap is within the margin &plusmn;{_e(margin)}: no gap of '
+            "that size, as far as the intervals show.</p>"
+        )
+    else:
+        parts.append('<p class="muted">No gap could be compared in this report.</p>')
+    headers = ["split", "role", *_GAP_HEADERS]
+    if flagged:
+        rows = [([_e(n), _e(r), *_gap_cells(g), _sites(g)], "flagged") for n, r, g in flagged]
+        parts.append("<h3>Flagged gaps</h3>" + _table([*headers, "sites"], rows))
+    if unsure:
+        unsure.sort(key=lambda item: -abs(as_float(_diff(item[2])) or 0.0))
+        rows = [
+            ([_e(n), _e(r), *_gap_cells(g), _cases(g)], "inconclusive") for n, r, g in unsure[:10]
+        ]
+        title = "<h3>Largest inconclusive gaps</h3>"
+        parts.append(title + _table([*headers, "cases per group to resolve"], rows))
+    if warnings:
+        rows = [
+            ([_e(n), _e(r), *_gap_cells(g), _e(g.get("reason"))], "warning") for n, r, g in warnings
+        ]
+        parts.append(
+            "<h3>In-sample warnings (training cases)</h3><p>A group that fails on the cases "
+            "the model was fitted to: check its data and labels. Not a held-out verdict.</p>"
+            + _table([*headers, "reason"], rows)
+        )
+    return "\n".join(parts) + "</section>"
+
+
+_GAP_HEADERS = ["site", "attribute", "metric", "comparison", "group", "against"]
+_GAP_HEADERS += ["difference [interval]", "ratio [interval]"]
+
+
+def _diff(gap: Mapping[str, Any]) -> Any:
+    return as_mapping(gap.get("difference")).get("value")
+
+
+def _sites(gap: Mapping[str, Any]) -> str:
+    """A pooled gap's attribution: the sites that drive it and whether it is heterogeneous."""
+    attribution = as_mapping(gap.get("attribution"))
+    if not attribution:
+        return "this site"
+    drivers = ", ".join(_e(s) for s in as_list(attribution.get("drivers"))) or "none alone"
+    q = as_mapping(attribution.get("heterogeneity"))
+    per_site = "; ".join(
+        f"{_e(row.get('site'))} {_estimate(row.get('difference'))}"
+        for row in map(as_mapping, as_list(attribution.get("sites")))
+    )
+    kind = (
+        "<b>heterogeneous</b> across sites (a property of the driving sites, not of the pool)"
+        if attribution.get("heterogeneous") is True
+        else "consistent across sites"
+    )
+    test = f" (Cochran's Q p = {_num(q.get('p_value'))})" if q else ""
+    return f"driven by {drivers}; {kind}{test}<br><span class='muted'>{per_site}</span>"
+
+
+def _cases(gap: Mapping[str, Any]) -> str:
+    needed = as_mapping(gap.get("cases_needed"))
+    if not needed:
+        return "n/a"
+    return ", ".join(f"{_e(group)} ~{_num(n)}" for group, n in needed.items())
 
 
 def _split(name: str, split: Mapping[str, Any], report: Mapping[str, Any]) -> str:
@@ -187,13 +272,12 @@ def _split(name: str, split: Mapping[str, Any], report: Mapping[str, Any]) -> st
     parts.append("<h3>Gaps</h3>")
     gap_rows = [
         (
-            [*_gap_cells(g), "yes" if g.get("flagged") is True else "no", _e(g.get("reason"))],
-            "flagged" if g.get("flagged") is True else "",
+            [*_gap_cells(g), _e(g.get("verdict")), _e(g.get("reason")), _cases(g)],
+            _VERDICT_CSS.get(str(g.get("verdict")), ""),
         )
         for g in gaps
     ]
-    headers = ["site", "attribute", "metric", "worst group", "best group", "difference"]
-    headers += ["ratio", "flagged", "reason"]
+    headers = [*_GAP_HEADERS, "verdict", "reason", "cases per group to resolve"]
     parts.append(
         _table(headers, gap_rows)
         if gap_rows
@@ -293,12 +377,24 @@ def _table(headers: Sequence[str], rows: Iterable[tuple[Sequence[str], str]]) ->
     return f"<table><thead><tr>{head}</tr></thead>\n<tbody>{body}</tbody></table>"
 
 
+_VERDICT_CSS = {
+    "flagged": "flagged",
+    "inconclusive": "inconclusive",
+    "in-sample warning": "warning",
+}
+
+
 def _gap_cells(gap: Mapping[str, Any]) -> list[str]:
-    """Site, attribute, metric, worst, best, difference and ratio of a gap, as HTML."""
+    """Site, attribute, metric, comparison, its two sides, difference and ratio, as HTML."""
+    sides = (
+        ("worst", "best")
+        if gap.get("comparison", "worst vs best") == "worst vs best"
+        else ("group", "rest")
+    )
     ends = []
-    for end in (as_mapping(gap.get("worst")), as_mapping(gap.get("best"))):
+    for end in (as_mapping(gap.get(sides[0])), as_mapping(gap.get(sides[1]))):
         ends.append(f"{_e(end.get('group'))}: {_num(end.get('value'))} (n = {_num(end.get('n'))})")
-    ids = [_e(gap.get(key)) for key in ("site", "attribute", "metric")]
+    ids = [_e(gap.get(key)) for key in ("site", "attribute", "metric", "comparison")]
     return [*ids, *ends, _estimate(gap.get("difference")), _estimate(gap.get("ratio"))]
 
 
@@ -307,7 +403,7 @@ def _estimate(est: Any) -> str:
     est = as_mapping(est)
     value, low, high = (as_float(est.get(key)) for key in ("value", "low", "high"))
     if value is None:
-        return "n/a"
+        return "n/a" if low is None or high is None else f"n/a [{low:.3f}, {high:.3f}]"
     if low is None or high is None:
         return f"{value:.3f}"
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"

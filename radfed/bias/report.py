@@ -14,8 +14,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from radfed import __version__
-from radfed.bias.estimates import METHODS, Metric, compare, estimates, interval
+from radfed.bias.estimates import METHODS, estimates, interval
 from radfed.bias.figures import curves_from_metrics
+from radfed.bias.gaps import GroupCell, judge, summarise
 from radfed.config import RunConfig
 from radfed.federation.schema import CellStats
 from radfed.folders import POOLED_SITE
@@ -26,7 +27,7 @@ from radfed.tasks import SplitStats, Task, merge_stats
 __all__ = ["CONFIDENCE", "FORMAT", "FORMAT_VERSION", "build_report", "cramers_v"]
 
 FORMAT = "radfed-bias-report"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: The level of every interval in the report.
 CONFIDENCE = 0.95
 #: Cramér's V below these is a low / moderate shortcut risk; above, high.
@@ -67,7 +68,14 @@ def build_report(
         splits[split] = {
             "role": "sealed test" if split == "test" else "internal",
             "cells": [_cell_json(row, config, split) for row in rows],
-            "gaps": _gaps(rows, config, in_sample=split == "train"),
+            "gaps": judge(
+                rows,
+                merge=lambda parts: merge_stats(task, parts, config),
+                margin=config.bias_margin,
+                primary=config.primary_subgroups,
+                in_sample=_in_sample_sites(rows, config) if split == "train" else frozenset(),
+                pooled=POOLED_SITE,
+            ),
         }
         curves = {
             row.site: _roc(row.stats)
@@ -96,17 +104,17 @@ def build_report(
         "confounders": _confounders(per_site, config),
         "curves": {} if run is None else curves_from_metrics(run.read_metrics(), [task.headline]),
         "roc": roc,
+        "summary": summarise(splits),
     }
 
 
-class _Row:
-    """One (site or pool, attribute, group) cell of a split with its metrics."""
+_Row = GroupCell
 
-    def __init__(self, site: str, attribute: str, group: str, stats: SplitStats, positives: int):
-        self.site, self.attribute, self.group = site, attribute, group
-        self.stats, self.positives = stats, positives
-        self.suppressed = stats.suppressed
-        self.metrics: dict[str, Metric] = {} if self.suppressed else estimates(stats)
+
+def _in_sample_sites(rows: list[_Row], config: RunConfig) -> frozenset[str]:
+    """The sites (and the pool) whose training cases the model was fitted to: all but a
+    held-out site."""
+    return frozenset(row.site for row in rows if row.site != config.holdout_site)
 
 
 def _rows(task: Task, config: RunConfig, per_site: SiteCells, split: str) -> list[_Row]:
@@ -150,76 +158,6 @@ def _noise_sd(stats: SplitStats) -> float | None:
     """The standard deviation of the DP noise on each count of a cell; None when exact."""
     noise = float(getattr(stats, "noise", 0.0))
     return _round(math.sqrt(noise)) if noise > 0 else None
-
-
-def _gaps(rows: list[_Row], config: RunConfig, *, in_sample: bool) -> list[dict[str, Any]]:
-    """Worst against best group per (site, attribute, metric), flagged when significant.
-
-    The intervals of the differences hold jointly for the whole split: Bonferroni over every
-    group pair that could have been the worst-best pair, of every site, attribute and metric
-    of the split. A report makes hundreds of comparisons; without this, chance differences
-    are flagged on data without any bias.
-
-    Gaps on the training cases (``in_sample``) are reported but never flagged: a model's
-    numbers on the cases it was fitted to are no evidence of how it treats a group.
-    """
-    groups: dict[tuple[str, str], list[_Row]] = defaultdict(list)
-    for row in rows:
-        if row.attribute != ALL and not row.suppressed and row.stats.n > 0:
-            groups[(row.site, row.attribute)].append(row)
-    found: list[tuple[str, str, str, list[tuple[float, _Row]]]] = []
-    for (site, attribute), members in groups.items():
-        names = [n for n, m in members[0].metrics.items() if m.compared] if members else []
-        for name in names:
-            valued = []
-            for row in members:
-                value = interval(row.metrics[name].estimate, CONFIDENCE).value
-                if value is not None:
-                    valued.append((value, row))
-            if len(valued) >= 2:
-                better = members[0].metrics[name].higher_is_better
-                valued.sort(key=lambda item: item[0], reverse=not better)
-                found.append((site, attribute, name, valued))
-    comparisons = sum(len(v) * (len(v) - 1) // 2 for *_, v in found)
-    level = 1 - (1 - CONFIDENCE) / max(comparisons, 1)
-    out: list[dict[str, Any]] = []
-    for site, attribute, name, valued in found:
-        (worst_value, worst), (best_value, best) = valued[0], valued[-1]
-        difference, ratio = compare(
-            worst.metrics[name].estimate, best.metrics[name].estimate, level
-        )
-        flagged, reason = _flag(difference.to_dict(), config.bias_margin)
-        if in_sample:
-            flagged, reason = False, "training cases (in-sample): reported, not flagged"
-        out.append(
-            {
-                "site": site,
-                "attribute": attribute,
-                "metric": name,
-                "worst": {"group": worst.group, "value": _round(worst_value), "n": worst.stats.n},
-                "best": {"group": best.group, "value": _round(best_value), "n": best.stats.n},
-                "difference": _clean(difference.to_dict()),
-                "ratio": _clean(ratio.to_dict()),
-                "confidence": round(level, 8),
-                "comparisons": comparisons,
-                "flagged": flagged,
-                "reason": reason,
-            }
-        )
-    return out
-
-
-def _flag(difference: Mapping[str, float | None], margin: float) -> tuple[bool, str]:
-    value, low, high = difference["value"], difference["low"], difference["high"]
-    if value is None or low is None or high is None:
-        return False, "no interval for this metric"
-    excludes = high < 0 or low > 0
-    large = abs(value) >= margin
-    if excludes and large:
-        return True, f"interval of the difference excludes 0 and |difference| >= margin {margin:g}"
-    if not excludes:
-        return False, "interval of the difference includes 0"
-    return False, f"|difference| below margin {margin:g}"
 
 
 def _composition(per_site: SiteCells) -> list[dict[str, Any]]:

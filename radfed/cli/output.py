@@ -192,29 +192,58 @@ def summary_lines(rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
 
 
 def _flag_lines(report: Mapping[str, Any]) -> list[str]:
-    """The flagged subgroup gaps of a bias report, worst first, at most ten."""
-    flagged = [
-        (split, gap)
-        for split, body in report["splits"].items()
-        for gap in body["gaps"]
-        if gap["flagged"]
+    """The bias report's verdicts: counts, the flagged gaps (largest first, with the sites
+    that drive a pooled one), the largest inconclusive gaps, and in-sample warnings apart.
+    "No gap flagged" is never said alone while some gap is inconclusive."""
+    margin = report["settings"]["margin"]
+    gaps = [(split, gap) for split, body in report["splits"].items() for gap in body["gaps"]]
+    by = {v: [(s, g) for s, g in gaps if g.get("verdict") == v] for v in _VERDICTS}
+    flagged, unsure = by["flagged"], by["inconclusive"]
+    out = [
+        f"bias report: {len(flagged)} gap(s) flagged, {len(by['within margin'])} within margin "
+        f"±{margin:g}, {len(unsure)} inconclusive (too few cases)"
     ]
-    if not flagged:
-        return [
-            f"bias report: no gap flagged (margin {report['settings']['margin']:g}, "
-            "interval of the difference must exclude 0)"
-        ]
-    flagged.sort(key=lambda item: -abs(item[1]["difference"]["value"]))
-    out = [f"bias report: {len(flagged)} gap(s) flagged, largest first:"]
-    for split, gap in flagged[:10]:
-        d = gap["difference"]
+    if not flagged and unsure:
         out.append(
-            f"  {split} {gap['site']} {gap['attribute']} {gap['metric']}: "
-            f"{gap['worst']['group']} {gap['worst']['value']:.3f} vs "
-            f"{gap['best']['group']} {gap['best']['value']:.3f} "
-            f"(difference {d['value']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}])"
+            "  no gap is flagged, but the inconclusive gaps are not evidence of no bias: "
+            "see the largest below"
         )
+    for title, chosen in (("flagged, largest first", flagged), ("largest inconclusive", unsure)):
+        chosen = sorted(chosen, key=lambda item: -abs(item[1]["difference"]["value"] or 0.0))
+        if chosen:
+            out.append(f"  {title}:")
+        out.extend(f"    {_gap_line(split, gap)}" for split, gap in chosen[:5])
+    if by["in-sample warning"]:
+        out.append("  in-sample warnings (a group fails on its own training cases):")
+        out.extend(f"    {_gap_line(s, g)}" for s, g in by["in-sample warning"][:5])
     return out
+
+
+_VERDICTS = ("flagged", "within margin", "inconclusive", "in-sample warning")
+
+
+def _gap_line(split: str, gap: Mapping[str, Any]) -> str:
+    first, second = ("worst", "best") if gap["comparison"] == "worst vs best" else ("group", "rest")
+    a, b, d = gap[first], gap[second], gap["difference"]
+    interval = "" if d["low"] is None else f" [{d['low']:+.3f}, {d['high']:+.3f}]"
+    text = (
+        f"{split} {gap['site']} {gap['attribute']} {gap['metric']}: "
+        f"{a['group']} {_fmt(a['value'])} (n {a['n']}) vs {b['group']} {_fmt(b['value'])} "
+        f"(n {b['n']}), difference {_signed(d['value'])}{interval}"
+    )
+    attribution = gap.get("attribution")
+    if gap["verdict"] == "flagged" and attribution:
+        drivers = ", ".join(attribution["drivers"]) or "no single site"
+        kind = "heterogeneous across sites" if attribution["heterogeneous"] else "consistent"
+        text += f"; driven by {drivers} ({kind})"
+    needed = gap.get("cases_needed")
+    if needed:
+        text += "; resolved at about " + " and ".join(f"{n} {g}" for g, n in needed.items())
+    return text
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
 
 
 def _fmt(value: float | None) -> str:

@@ -1,4 +1,5 @@
-"""The bias report's HTML page: flags first, figures embedded, every site string escaped."""
+"""The bias report's HTML page: verdicts first, never a reassurance that the data do not
+show, figures embedded, every site string escaped."""
 
 from __future__ import annotations
 
@@ -52,32 +53,47 @@ def _classification_report() -> dict[str, Any]:
         )
     ]
     flagged = {
-        "site": "site-b",
+        "site": "ALL",
         "attribute": "sex",
         "metric": "sensitivity",
+        "comparison": "worst vs best",
         "worst": {"group": "F", "value": 0.52, "n": 52},
         "best": {"group": "M", "value": 0.84, "n": 61},
         "difference": _est(-0.32, -0.51, -0.12),
         "ratio": _est(0.62, 0.43, 0.88),
+        "verdict": "flagged",
         "flagged": True,
-        "reason": "interval of the difference excludes 0 and |difference| >= margin 0.05",
+        "reason": "beyond chance and |difference| >= margin 0.05",
+        "cases_needed": None,
+        "attribution": {
+            "sites": [
+                {"site": "site-a", "difference": _est(0.01, -0.1, 0.12)},
+                {"site": "site-b", "difference": _est(-0.6, -0.8, -0.4)},
+            ],
+            "heterogeneity": {"q": 30.0, "df": 1, "p_value": 0.00001, "i2": 0.97},
+            "heterogeneous": True,
+            "drivers": ["site-b"],
+        },
     }
     unflagged = {
         "site": "ALL",
         "attribute": "age_band",
         "metric": "specificity",
-        "worst": {"group": "<18", "value": 0.74, "n": 12},
-        "best": {"group": "40-59", "value": 0.77, "n": 140},
+        "comparison": "one vs rest",
+        "group": {"group": "<18", "value": 0.74, "n": 12},
+        "rest": {"group": "rest", "value": 0.77, "n": 140},
         "difference": _est(-0.03, -0.2, 0.14),
         "ratio": None,
+        "verdict": "inconclusive",
         "flagged": False,
-        "reason": "interval of the difference includes 0",
+        "reason": "too few cases",
+        "cases_needed": {"<18": 530, "rest": 6100},
     }
     rounds = {"auc": [[1, 0.71], [2, 0.78]], "sensitivity": [[1, 0.6], [2, 0.7]]}
     roc = {"fpr": [0.0, 0.2, 1.0], "tpr": [0.0, 0.7, 1.0], "auc": 0.81}
     return {
         "format": "radfed-bias-report",
-        "format_version": 1,
+        "format_version": 2,
         "radfed_version": "0.1.0",
         "task": "classification",
         "round": 2,
@@ -158,11 +174,14 @@ def test_flagged_gaps_come_first_and_suppressed_cells_show_no_number(
     # Prepare / Execute: the fixture renders the classification report
     page = classification_page
     # Assert
-    flags = _section(page, "flags")
-    assert page.index('<section id="flags">') < page.index('class="split"')
-    assert "site-b" in flags and "sex" in flags and "sensitivity" in flags
-    assert "-0.320 [-0.510, -0.120]" in flags
-    assert "specificity" not in flags  # the unflagged gap stays in the split's table
+    verdicts = _section(page, "verdicts")
+    assert page.index('<section id="verdicts">') < page.index('class="split"')
+    assert "1 flagged · 0 within margin &plusmn;0.05 · 1 inconclusive" in verdicts
+    flagged = verdicts[: verdicts.index("Largest inconclusive")]
+    assert "sex" in flagged and "sensitivity" in flagged and "-0.320 [-0.510, -0.120]" in flagged
+    assert "driven by site-b" in flagged and "heterogeneous" in flagged
+    assert "specificity" not in flagged
+    assert "&lt;18 ~530, rest ~6100" in verdicts  # the inconclusive gap, with cases needed
     assert "No gap is flagged" not in page
     assert "<td>suppressed</td>" in page
     assert "internal" in page and "0.810 [0.690, 0.930]" in page
@@ -192,22 +211,51 @@ def test_strings_from_sites_are_escaped(tmp_path: Path) -> None:
     page = render_html(report, tmp_path / "r.html").read_text(encoding="utf-8")
     # Assert
     assert "<b>x</b>" not in page and "<u>" not in page
-    assert "&lt;b&gt;x&lt;/b&gt;" in _section(page, "flags")
+    assert "&lt;b&gt;x&lt;/b&gt;" in _section(page, "verdicts")
     assert "$a_&lt;u&gt;" in page
 
 
-def test_no_flagged_gap_is_said_with_its_criterion(tmp_path: Path) -> None:
+def test_no_flag_is_never_said_alone_while_a_gap_is_inconclusive(tmp_path: Path) -> None:
+    # Prepare: the flagged gap becomes inconclusive too
+    report = _classification_report()
+    gap = report["splits"]["val"]["gaps"][0]
+    gap.update(verdict="inconclusive", flagged=False, cases_needed={"F": 90, "M": 110})
+    # Execute
+    page = render_html(report, tmp_path / "r.html").read_text(encoding="utf-8")
+    # Assert: no green box; the caveat and the largest inconclusive gap first
+    verdicts = _section(page, "verdicts")
+    assert 'class="none"' not in verdicts and 'class="unsure"' in verdicts
+    assert "No gap is flagged, but 2 gap(s) are inconclusive" in verdicts
+    assert "not evidence that there is no bias" in verdicts
+    assert verdicts.index("-0.320") < verdicts.index("-0.030")
+
+
+def test_only_gaps_within_the_margin_read_as_no_gap(tmp_path: Path) -> None:
     # Prepare
     report = _classification_report()
     for gap in report["splits"]["val"]["gaps"]:
-        gap["flagged"] = False
+        gap.update(verdict="within margin", flagged=False, difference=_est(0.01, -0.03, 0.04))
     # Execute
     page = render_html(report, tmp_path / "r.html").read_text(encoding="utf-8")
     # Assert
-    flags = _section(page, "flags")
-    assert "No gap is flagged" in flags
-    assert "margin 0.05" in flags and "excludes 0" in flags
-    assert "<table>" not in flags
+    verdicts = _section(page, "verdicts")
+    assert 'class="none"' in verdicts and "Every gap is within the margin" in verdicts
+    assert "<table>" not in verdicts
+
+
+def test_in_sample_warnings_stand_apart_from_held_out_verdicts(tmp_path: Path) -> None:
+    # Prepare: a training split whose group fails on its own training cases
+    report = _classification_report()
+    warning = {**report["splits"]["val"]["gaps"][0], "verdict": "in-sample warning"}
+    warning.update(flagged=False, reason="check this group's data and labels", site="site-b")
+    report["splits"]["train"] = {"role": "internal", "cells": [], "gaps": [warning]}
+    # Execute
+    page = render_html(report, tmp_path / "r.html").read_text(encoding="utf-8")
+    # Assert: counted apart from the verdicts, in its own table
+    verdicts = _section(page, "verdicts")
+    assert "1 flagged · 0 within margin" in verdicts
+    warnings = verdicts[verdicts.index("In-sample warnings") :]
+    assert "check this group&#x27;s data and labels" in warnings and "site-b" in warnings
 
 
 def test_segmentation_report_without_roc_shows_undefined_values_as_na(tmp_path: Path) -> None:
@@ -221,7 +269,7 @@ def test_segmentation_report_without_roc_shows_undefined_values_as_na(tmp_path: 
     assert "sealed test" in page and "dice_mean" in page and "hd95_median" in page
     assert "<td>n/a</td>" in page and "<td>4.000</td>" in page
     assert "<td>suppressed</td>" in page
-    assert "No gap is flagged" in page
+    assert "No gap could be compared" in page
 
 
 def test_empty_sections_render_without_figures(tmp_path: Path) -> None:
@@ -238,7 +286,7 @@ def test_empty_sections_render_without_figures(tmp_path: Path) -> None:
     assert "No composition in this report" in page and "No curves in this report" in page
 
 
-@pytest.mark.parametrize(("fmt", "version"), [("radfed-bias-report", 2), ("other", 1)])
+@pytest.mark.parametrize(("fmt", "version"), [("radfed-bias-report", 1), ("other", 2)])
 def test_another_format_is_refused(tmp_path: Path, fmt: str, version: int) -> None:
     # Prepare
     report = {**_classification_report(), "format": fmt, "format_version": version}

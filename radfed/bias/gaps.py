@@ -1,0 +1,510 @@
+"""Subgroup gaps and their verdicts: flagged, within margin, or inconclusive.
+
+For each split, site (and the pool) and attribute, groups are compared on each compared
+metric in two ways:
+
+- **worst vs best**: the lowest against the highest group. The pair is chosen by its
+  values, so its p-value is multiplied by the number of pairs that could have been chosen
+  (g(g-1)/2 for g groups: Bonferroni within the attribute).
+- **one vs rest**: each group against the rest of its site (the other released groups of
+  the attribute, pooled), for attributes of three or more groups (with two, it is the same
+  comparison as worst vs best). These have power where one small group fails.
+
+Each kind of comparison forms a family per split; the run's ``primary-subgroups`` form
+families of their own. Within a family the p-values (from inverting the intervals of the
+difference, so tests and intervals agree) are screened with Benjamini-Hochberg at 5%: on
+data without any gap, any flag at all appears with probability at most 5% (the false
+discovery rate equals the family-wise rate under the complete null), while with real gaps
+a small share of the flags may be false. Intervals are then reported at the
+false-coverage-rate-adjusted level of Benjamini and Yekutieli (2005): ``1 - 0.05 R / m``
+(R flagged of m), so a flag and its interval agree.
+
+Verdicts (held-out splits):
+
+- **flagged**: the difference is beyond chance (rejected by the screen) and at least the
+  margin;
+- **within margin**: the adjusted interval of the difference lies inside (-margin, margin):
+  evidence, as in equivalence testing, that no gap of the margin's size exists;
+- **inconclusive**: neither: too few cases to tell. ``cases_needed`` then says about how many
+  cases per group would resolve a gap of the observed size (variance taken as proportional
+  to 1/n at the same composition).
+
+Training cases (``in_sample``) get no verdict: a gap whose interval excludes 0 by more than
+the margin on the very cases the model was fitted to is an ``in-sample warning`` (a group's
+data or labels may be wrong), reported apart from the held-out verdicts.
+
+A pooled gap is attributed to its sites: the same comparison at each site with its own
+interval, and Cochran's Q across the sites; a heterogeneous gap is reported as driven by
+the sites that show it, not as a property of the pool.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from scipy import stats as st
+
+from radfed.bias.estimates import Estimate, Metric, compare, estimates, interval
+from radfed.metrics.intervals import Interval
+from radfed.tasks import SplitStats
+
+__all__ = [
+    "FALSE_DISCOVERY_RATE",
+    "HETEROGENEITY_LEVEL",
+    "GroupCell",
+    "Verdict",
+    "judge",
+    "summarise",
+]
+
+#: The false discovery rate of each family's screen (and 1 - the level of every interval).
+FALSE_DISCOVERY_RATE = 0.05
+#: Cochran's Q below this p-value calls a pooled gap heterogeneous across sites (Q has low
+#: power with few sites; 0.10 is the usual level in meta-analysis).
+HETEROGENEITY_LEVEL = 0.10
+#: The level of each site's own interval when a pooled gap is attributed.
+_SITE_CONFIDENCE = 0.95
+WORST_VS_BEST = "worst vs best"
+ONE_VS_REST = "one vs rest"
+#: The name of the other groups of a site in a one-vs-rest comparison.
+REST = "rest"
+
+
+class Verdict:
+    """The verdicts of a gap (strings in the JSON)."""
+
+    FLAGGED = "flagged"
+    WITHIN_MARGIN = "within margin"
+    INCONCLUSIVE = "inconclusive"
+    IN_SAMPLE_WARNING = "in-sample warning"
+    IN_SAMPLE = "in-sample"
+
+    HELD_OUT = (FLAGGED, WITHIN_MARGIN, INCONCLUSIVE)
+
+
+@dataclass
+class GroupCell:
+    """One (site or pool, attribute, group) cell of a split with its metrics."""
+
+    site: str
+    attribute: str
+    group: str
+    stats: SplitStats
+    positives: int
+    metrics: dict[str, Metric] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.metrics and not self.stats.suppressed:
+            self.metrics = estimates(self.stats)
+
+    @property
+    def suppressed(self) -> bool:
+        return bool(self.stats.suppressed)
+
+
+@dataclass(frozen=True)
+class _Side:
+    group: str
+    value: float
+    n: int
+    estimate: Estimate
+
+
+@dataclass
+class _Comparison:
+    site: str
+    attribute: str
+    metric: str
+    kind: str
+    first: _Side
+    second: _Side
+    pairs: int  # how many pairs the comparison was chosen from (selection factor)
+    family: str
+    p_value: float | None = None
+    level: float = 1 - FALSE_DISCOVERY_RATE
+    discovered: bool = False
+
+
+Merge = Callable[[Sequence[SplitStats]], SplitStats]
+
+
+def judge(
+    cells: Sequence[GroupCell],
+    *,
+    merge: Merge,
+    margin: float,
+    primary: Sequence[str] = (),
+    in_sample: Collection[str] = frozenset(),
+    pooled: str = "ALL",
+) -> list[dict[str, Any]]:
+    """The gaps of one split with their verdicts (JSON-ready; docs/bias_report.md).
+
+    Args:
+        cells: the split's cells, per site and pooled (``all`` cells are skipped).
+        merge: pools statistics of disjoint groups (the rest of a site).
+        margin: the smallest difference worth flagging (``bias-margin``).
+        primary: the attributes that form families of their own.
+        in_sample: the sites (and the pool) whose cells are training cases: warnings
+            only, no verdicts, in families of their own.
+        pooled: the site name of the pool.
+    """
+    comparisons = _comparisons(cells, merge, primary, in_sample)
+    families: dict[str, list[_Comparison]] = defaultdict(list)
+    for comparison in comparisons:
+        comparison.p_value = _p_value(comparison.first.estimate, comparison.second.estimate)
+        families[comparison.family].append(comparison)
+    sizes = {name: _screen(members) for name, members in families.items()}
+    out = []
+    for c in comparisons:
+        own = c.site in in_sample
+        gap = _gap_json(c, margin, in_sample=own, family_size=sizes[c.family])
+        if c.site == pooled and not own:
+            gap["attribution"] = _attribute(c, cells, margin, pooled, merge)
+        out.append(gap)
+    return out
+
+
+def _comparisons(
+    cells: Sequence[GroupCell], merge: Merge, primary: Sequence[str], in_sample: Collection[str]
+) -> list[_Comparison]:
+    groups: dict[tuple[str, str], list[GroupCell]] = defaultdict(list)
+    for cell in cells:
+        if cell.attribute != "all" and not cell.suppressed and cell.stats.n > 0:
+            groups[(cell.site, cell.attribute)].append(cell)
+    out: list[_Comparison] = []
+    for (site, attribute), members in groups.items():
+        names = [n for n, m in members[0].metrics.items() if m.compared]
+        for name in names:
+            valued = [(_value(c.metrics[name].estimate), c) for c in members]
+            ranked = [(v, c) for v, c in valued if v is not None]
+            if len(ranked) < 2:
+                continue
+            better = members[0].metrics[name].higher_is_better
+            ranked.sort(key=lambda item: (item[0], item[1].group), reverse=not better)
+            family_of = "primary" if attribute in primary else "secondary"
+            if site in in_sample:
+                family_of += ", in-sample"
+            g = len(ranked)
+            (wv, worst), (bv, best) = ranked[0], ranked[-1]
+            out.append(
+                _Comparison(
+                    site,
+                    attribute,
+                    name,
+                    WORST_VS_BEST,
+                    _side(worst, name, wv),
+                    _side(best, name, bv),
+                    pairs=g * (g - 1) // 2,
+                    family=f"{WORST_VS_BEST}, {family_of}",
+                )
+            )
+            if g < 3:
+                continue
+            for value, cell in sorted(ranked, key=lambda item: item[1].group):
+                rest = merge([c.stats for c in members if c is not cell])
+                rest_metric = estimates(rest)[name]
+                rest_value = _value(rest_metric.estimate)
+                if rest_value is None:
+                    continue
+                rest_side = _Side(REST, rest_value, rest.n, rest_metric.estimate)
+                out.append(
+                    _Comparison(
+                        site,
+                        attribute,
+                        name,
+                        ONE_VS_REST,
+                        _side(cell, name, value),
+                        rest_side,
+                        pairs=1,
+                        family=f"{ONE_VS_REST}, {family_of}",
+                    )
+                )
+    return out
+
+
+def _side(cell: GroupCell, metric: str, value: float) -> _Side:
+    return _Side(cell.group, value, cell.stats.n, cell.metrics[metric].estimate)
+
+
+def _value(estimate: Estimate) -> float | None:
+    return interval(estimate, 1 - FALSE_DISCOVERY_RATE).value
+
+
+def _difference(first: Estimate, second: Estimate, confidence: float) -> Interval:
+    return compare(first, second, confidence)[0]
+
+
+def _excludes_zero(fit: Interval) -> bool:
+    return fit.low is not None and fit.high is not None and (fit.low > 0 or fit.high < 0)
+
+
+def _p_value(first: Estimate, second: Estimate) -> float | None:
+    """The two-sided p-value of "no difference", by inverting the interval of the
+    difference: the largest ``alpha`` whose ``1 - alpha`` interval still holds 0."""
+    fit = _difference(first, second, 0.5)
+    if fit.value is None or fit.low is None or fit.high is None:
+        return None
+    if not _excludes_zero(fit):  # p >= 0.5: bisect on [0.5, 1)
+        low, high = 0.5, 1.0 - 1e-9
+        if not _excludes_zero(_difference(first, second, 1 - high)):
+            return 1.0
+    else:
+        low, high = 1e-15, 0.5
+        if _excludes_zero(_difference(first, second, 1 - low)):
+            return low
+    for _ in range(40):  # log-scale bisection; the interval shrinks as alpha grows
+        middle = math.sqrt(low * high)
+        if _excludes_zero(_difference(first, second, 1 - middle)):
+            high = middle
+        else:
+            low = middle
+        if high / low < 1.01:
+            break
+    return high
+
+
+def _screen(members: list[_Comparison]) -> int:
+    """Benjamini-Hochberg at ``FALSE_DISCOVERY_RATE`` over a family; sets each
+    comparison's discovery and interval level (FCR-adjusted); returns the family size."""
+    tested = sorted(
+        (c for c in members if c.p_value is not None),
+        key=lambda c: min(1.0, c.p_value * c.pairs),  # type: ignore[operator]
+    )
+    m = len(tested)
+    found = 0
+    for rank, c in enumerate(tested, start=1):
+        assert c.p_value is not None
+        if min(1.0, c.p_value * c.pairs) <= FALSE_DISCOVERY_RATE * rank / m:
+            found = rank
+    for rank, c in enumerate(tested, start=1):
+        c.discovered = rank <= found
+        c.level = 1 - FALSE_DISCOVERY_RATE * max(found, 1) / (m * c.pairs)
+    return m
+
+
+def _gap_json(
+    c: _Comparison, margin: float, *, in_sample: bool, family_size: int
+) -> dict[str, Any]:
+    difference, ratio = compare(c.first.estimate, c.second.estimate, c.level)
+    verdict, reason = _verdict(c, difference, margin, in_sample)
+    first, second = ("worst", "best") if c.kind == WORST_VS_BEST else ("group", "rest")
+    gap: dict[str, Any] = {
+        "site": c.site,
+        "attribute": c.attribute,
+        "metric": c.metric,
+        "comparison": c.kind,
+        first: {"group": c.first.group, "value": _round(c.first.value), "n": c.first.n},
+        second: {"group": c.second.group, "value": _round(c.second.value), "n": c.second.n},
+        "difference": _clean(difference),
+        "ratio": _clean(ratio),
+        "p_value": _round(c.p_value, 8),
+        "family": c.family,
+        "comparisons": family_size,
+        "confidence": round(c.level, 8),
+        "verdict": verdict,
+        "flagged": verdict == Verdict.FLAGGED,
+        "reason": reason,
+        "cases_needed": None,
+    }
+    if verdict == Verdict.INCONCLUSIVE:
+        gap["cases_needed"] = _cases_needed(c, difference, margin)
+    return gap
+
+
+def _verdict(
+    c: _Comparison, difference: Interval, margin: float, in_sample: bool
+) -> tuple[str, str]:
+    value, low, high = difference.value, difference.low, difference.high
+    if in_sample:
+        if low is not None and high is not None and (low > margin or high < -margin):
+            return Verdict.IN_SAMPLE_WARNING, (
+                f"on its own training cases the group differs by more than the margin "
+                f"{margin:g} beyond chance: check this group's data and labels"
+            )
+        return Verdict.IN_SAMPLE, "training cases (in-sample): no verdict"
+    if value is None or low is None or high is None:
+        return Verdict.INCONCLUSIVE, "no interval for this metric: a gap cannot be ruled out"
+    if c.discovered and abs(value) >= margin:
+        return Verdict.FLAGGED, (
+            f"beyond chance (false discovery rate {FALSE_DISCOVERY_RATE:g} over "
+            f"{c.family}) and |difference| >= margin {margin:g}"
+        )
+    if -margin < low and high < margin:
+        return Verdict.WITHIN_MARGIN, f"the interval of the difference lies inside ±{margin:g}"
+    if c.discovered:
+        return Verdict.INCONCLUSIVE, (
+            f"a difference beyond chance but below the margin {margin:g}, and its interval "
+            "reaches past the margin"
+        )
+    return Verdict.INCONCLUSIVE, (
+        f"too few cases: the interval of the difference holds 0 and reaches past ±{margin:g}"
+    )
+
+
+def _cases_needed(c: _Comparison, difference: Interval, margin: float) -> dict[str, int] | None:
+    """About how many cases per group would resolve a gap of the observed size: flag it
+    (when it is at least the margin) or show it within the margin (when smaller), with the
+    variance shrinking as 1/n at the same composition."""
+    value, low, high = difference.value, difference.low, difference.high
+    if value is None or low is None or high is None:
+        return None
+    size = abs(value)
+    half = (high - value) if value <= 0 else (value - low)  # the side towards 0
+    if size < margin:
+        half = max(high - value, value - low)
+    target = size if size >= margin else margin - size
+    if target <= 0 or half <= 0:
+        return None
+    factor = max(1.0, (half / target) ** 2)
+    return {
+        c.first.group: math.ceil(c.first.n * factor),
+        c.second.group: math.ceil(c.second.n * factor),
+    }
+
+
+def _attribute(
+    c: _Comparison,
+    cells: Sequence[GroupCell],
+    margin: float,
+    pooled: str,
+    merge: Merge,
+) -> dict[str, Any]:
+    """The same comparison at each site, Cochran's Q across them, and the sites that
+    drive the pooled difference."""
+    sites = sorted({cell.site for cell in cells if cell.site != pooled})
+    rows: list[dict[str, Any]] = []
+    drivers: list[str] = []
+    direction = -1.0 if c.first.value < c.second.value else 1.0
+    for site in sites:
+        pair = _site_pair(c, site, cells, merge)
+        if pair is None:
+            continue
+        first, second = pair
+        fit = _difference(first[1], second[1], _SITE_CONFIDENCE)
+        if fit.value is None:
+            continue
+        rows.append(
+            {
+                "site": site,
+                "first": {"value": _round(_value(first[1])), "n": first[0]},
+                "second": {"value": _round(_value(second[1])), "n": second[0]},
+                "difference": _clean(fit),
+            }
+        )
+        if _excludes_zero(fit) and (fit.value or 0.0) * direction > 0:
+            drivers.append(site)
+    q = _cochran(rows)
+    heterogeneous = q is not None and q["p_value"] < HETEROGENEITY_LEVEL
+    return {
+        "sites": rows,
+        "heterogeneity": q,
+        "heterogeneous": heterogeneous,
+        "drivers": drivers,
+        "site_confidence": _SITE_CONFIDENCE,
+        "margin": margin,
+    }
+
+
+def _site_pair(
+    c: _Comparison, site: str, cells: Sequence[GroupCell], merge: Merge
+) -> tuple[tuple[int, Estimate], tuple[int, Estimate]] | None:
+    """The pooled comparison's two sides at one site: (cases, estimate) each; the rest of
+    a one-vs-rest comparison is the site's other released groups, pooled."""
+    own = [
+        cell
+        for cell in cells
+        if cell.site == site and cell.attribute == c.attribute and not cell.suppressed
+    ]
+    by_group = {cell.group: cell for cell in own if cell.stats.n > 0}
+    first = by_group.get(c.first.group)
+    if first is None or c.metric not in first.metrics:
+        return None
+    if c.kind == ONE_VS_REST:
+        others = [cell.stats for group, cell in by_group.items() if group != c.first.group]
+        if not others:
+            return None
+        rest = merge(others)
+        return (first.stats.n, first.metrics[c.metric].estimate), (
+            rest.n,
+            estimates(rest)[c.metric].estimate,
+        )
+    second = by_group.get(c.second.group)
+    if second is None or c.metric not in second.metrics:
+        return None
+    return (
+        (first.stats.n, first.metrics[c.metric].estimate),
+        (second.stats.n, second.metrics[c.metric].estimate),
+    )
+
+
+def _cochran(rows: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
+    """Cochran's Q of the sites' differences (inverse-variance weights, variances from
+    each site's interval) and I²; None with fewer than two sites."""
+    z = st.norm.ppf(0.5 + _SITE_CONFIDENCE / 2)
+    points = []
+    for row in rows:
+        d = row["difference"]
+        if d["value"] is None or d["low"] is None or d["high"] is None:
+            continue
+        se = (d["high"] - d["low"]) / (2 * z)
+        if se > 0:
+            points.append((d["value"], 1 / (se * se)))
+    if len(points) < 2:
+        return None
+    total = sum(w for _, w in points)
+    mean = sum(v * w for v, w in points) / total
+    q = sum(w * (v - mean) ** 2 for v, w in points)
+    df = len(points) - 1
+    return {
+        "q": round(q, 6),
+        "df": df,
+        "p_value": round(float(st.chi2.sf(q, df)), 8),
+        "i2": round(max(0.0, (q - df) / q) if q > 0 else 0.0, 6),
+    }
+
+
+def summarise(splits: Mapping[str, Mapping[str, Any]], *, top: int = 5) -> dict[str, Any]:
+    """The report's headline: how many gaps of each verdict over the held-out splits, the
+    inconclusive ones with the largest point differences, and the in-sample warnings."""
+    counts = {verdict: 0 for verdict in Verdict.HELD_OUT}
+    inconclusive: list[dict[str, Any]] = []
+    warnings: list[dict[str, Any]] = []
+    for split, body in splits.items():
+        for gap in body.get("gaps", ()):
+            verdict = gap.get("verdict")
+            if verdict in counts:
+                counts[verdict] += 1
+            if verdict == Verdict.INCONCLUSIVE and gap["difference"]["value"] is not None:
+                inconclusive.append({"split": split, **gap})
+            if verdict == Verdict.IN_SAMPLE_WARNING:
+                warnings.append({"split": split, **gap})
+    inconclusive.sort(key=lambda g: -abs(g["difference"]["value"]))
+    return {
+        "counts": counts,
+        "largest_inconclusive": [_brief(g) for g in inconclusive[:top]],
+        "in_sample_warnings": [_brief(g) for g in warnings],
+    }
+
+
+def _brief(gap: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("split", "site", "attribute", "metric", "comparison", "difference", "cases_needed")
+    out = {k: gap.get(k) for k in keys}
+    first, second = (
+        ("worst", "best") if gap.get("comparison") == WORST_VS_BEST else ("group", "rest")
+    )
+    out["first"], out["second"] = gap.get(first), gap.get(second)
+    return out
+
+
+def _round(value: float | None, digits: int = 6) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(float(value), digits)
+
+
+def _clean(fit: Interval) -> dict[str, float | None]:
+    return {k: _round(v) for k, v in fit.to_dict().items()}
