@@ -38,6 +38,7 @@ bench: install
 	$(BIN)/python bench/data_bench.py
 	$(BIN)/python bench/train_bench.py
 	$(BIN)/python bench/dp_coverage.py
+	$(BIN)/python bench/bias_power.py
 
 lint: install
 	$(BIN)/ruff format --check radfed server client tests bench

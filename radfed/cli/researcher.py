@@ -30,7 +30,14 @@ def synth(
         ),
     ] = TaskName.CLASSIFICATION,
     sites: Annotated[int, typer.Option(help="Number of sites.")] = 3,
-    cases_per_site: Annotated[int, typer.Option(help="Average cases per site.")] = 60,
+    cases_per_site: Annotated[
+        int | None,
+        typer.Option(
+            help="Average cases per site (default 60; with --bias small-sites, 240: the size "
+            "of a small hospital's site).",
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of everything generated.")] = 0,
     image_size: Annotated[int, typer.Option(help="Size of every axis of each image.")] = 64,
     dims: Annotated[int, typer.Option(help="2 for images, 3 for volumes (multi-frame DICOM).")] = 2,
@@ -38,7 +45,9 @@ def synth(
         str,
         typer.Option(
             help="Plant a subgroup effect with a known answer at one site: none, contrast "
-            "(fainter lesions in women aged 60+), marker (burned-in marker tied to the label)."
+            "(fainter lesions in women aged 60+), small-sites (the same at the sizes of small "
+            "real sites, where the report must say inconclusive rather than no gap), marker "
+            "(burned-in marker tied to the label)."
         ),
     ] = "none",
     overwrite: Annotated[bool, typer.Option(help="Replace an --out that synth wrote.")] = False,

@@ -12,7 +12,7 @@ import pydicom
 import pytest
 
 from radfed.data.reader import read_image
-from radfed.data.synth import site_profiles, synth_classification, synth_sites
+from radfed.data.synth import SMALL_SITE_CASES, site_profiles, synth_classification, synth_sites
 from radfed.errors import ConfigError
 
 
@@ -152,3 +152,16 @@ def test_progress_reports_every_case_once(tmp_path: Path) -> None:
     total = sum(s.cases for s in summaries)
     assert [done for done, _ in calls] == list(range(1, total + 1))
     assert {t for _, t in calls} == {total}
+
+
+def test_small_sites_preset_plants_the_contrast_effect_at_small_sites_sizes(
+    tmp_path: Path,
+) -> None:
+    # Execute: no size given, so the preset's (a small hospital's site)
+    summaries = synth_sites(tmp_path / "small", bias="small-sites", sites=2, image_size=32, seed=9)
+    planted = json.loads((tmp_path / "small" / "synth.json").read_text())["bias"]
+    # Assert: the contrast effect, its expected verdicts, sites around SMALL_SITE_CASES
+    assert planted["preset"] == "small-sites" and planted["site"] == "site-b"
+    assert planted["group"] == {"sex": "F", "min_age": 60} and "inconclusive" in planted["expected"]
+    assert SMALL_SITE_CASES == 240
+    assert all(0.5 * SMALL_SITE_CASES <= s.cases <= 1.5 * SMALL_SITE_CASES for s in summaries)
