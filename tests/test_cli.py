@@ -161,3 +161,47 @@ def test_a_run_that_stopped_early_says_how_to_continue(
     out = capsys.readouterr().out
     assert "round 1 (pooled" in out
     assert "the run stopped after round 1 of 3; continue with radfed launch --resume" in out
+
+
+def _with_report(run: Path, per_site: dict[str, list[object]]) -> None:
+    from tests.bias.test_gaps import _report
+
+    (run / "bias_report.json").write_text(json.dumps(_report(per_site)))  # type: ignore[arg-type]
+
+
+def test_closing_lines_never_say_no_gap_alone_while_gaps_are_inconclusive(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a 0.3 sensitivity gap at a site of 40 cases: too few to tell
+    from tests.bias.test_gaps import _site
+
+    monkeypatch.setenv("COLUMNS", "200")
+    run = _run_folder(tmp_path / "run", ["a"])
+    _with_report(run, {"a": _site({"F": (10, 0.6, 10, 0.8), "M": (10, 0.9, 10, 0.8)})})
+    # Execute
+    print_summary(run, get_task("classification").summary)
+    # Assert
+    out = capsys.readouterr().out
+    assert "bias report: 0 gap(s) flagged, 0 within margin ±0.05," in out
+    assert "inconclusive (too few cases)" in out
+    assert "not evidence of no bias" in out
+    assert "a sex sensitivity: F 0.600 (n 20) vs M 0.900 (n 20), difference -0.300" in out
+    assert "resolved at about" in out
+
+
+def test_closing_lines_name_the_site_that_drives_a_pooled_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.bias.test_gaps import _two_sites_one_failing
+
+    monkeypatch.setenv("COLUMNS", "200")
+    run = _run_folder(tmp_path / "run", ["site-a", "site-b", "site-c"])
+    _with_report(run, _two_sites_one_failing())  # type: ignore[arg-type]
+
+    print_summary(run, get_task("classification").summary)
+
+    out = capsys.readouterr().out
+    assert "flagged, largest first:" in out
+    pooled = next(line for line in out.splitlines() if "val ALL sex sensitivity" in line)
+    assert "driven by site-b (heterogeneous across sites)" in pooled
+    assert "not evidence of no bias" not in out

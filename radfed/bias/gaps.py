@@ -140,6 +140,7 @@ def judge(
     primary: Sequence[str] = (),
     in_sample: Collection[str] = frozenset(),
     pooled: str = "ALL",
+    outside_pool: Collection[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """The gaps of one split with their verdicts (JSON-ready; docs/bias_report.md).
 
@@ -151,6 +152,7 @@ def judge(
         in_sample: the sites (and the pool) whose cells are training cases: warnings
             only, no verdicts, in families of their own.
         pooled: the site name of the pool.
+        outside_pool: sites whose cells the pool leaves out (a held-out site).
     """
     comparisons = _comparisons(cells, merge, primary, in_sample)
     families: dict[str, list[_Comparison]] = defaultdict(list)
@@ -158,12 +160,15 @@ def judge(
         comparison.p_value = _p_value(comparison.first.estimate, comparison.second.estimate)
         families[comparison.family].append(comparison)
     sizes = {name: _screen(members) for name, members in families.items()}
+    sites = sorted({cell.site for cell in cells} - {pooled, *outside_pool})
     out = []
     for c in comparisons:
         own = c.site in in_sample
         gap = _gap_json(c, margin, in_sample=own, family_size=sizes[c.family])
         if c.site == pooled and not own:
-            gap["attribution"] = _attribute(c, cells, margin, pooled, merge)
+            gap["attribution"] = _attribute(
+                c, cells, flagged=gap["flagged"], margin=margin, sites=sites, merge=merge
+            )
         out.append(gap)
     return out
 
@@ -369,76 +374,95 @@ def _cases_needed(c: _Comparison, difference: Interval, margin: float) -> dict[s
 def _attribute(
     c: _Comparison,
     cells: Sequence[GroupCell],
+    *,
+    flagged: bool,
     margin: float,
-    pooled: str,
+    sites: Sequence[str],
     merge: Merge,
 ) -> dict[str, Any]:
-    """The same comparison at each site, Cochran's Q across them, and the sites that
-    drive the pooled difference."""
-    sites = sorted({cell.site for cell in cells if cell.site != pooled})
+    """Which sites a pooled gap comes from.
+
+    Per site: both sides' values side by side and, where the site holds both, its own
+    difference (95%); Cochran's Q across those sites; and the pooled difference without
+    each site (at the gap's level). A site drives the gap when its own interval excludes 0
+    in the gap's direction, or, for a flagged gap, when without it the gap would not be
+    flagged. A gap no site holds both sides of compares sites, not groups: it is
+    ``confounded_with_site``.
+    """
+    direction = -1.0 if c.first.value < c.second.value else 1.0
     rows: list[dict[str, Any]] = []
     drivers: list[str] = []
-    direction = -1.0 if c.first.value < c.second.value else 1.0
     for site in sites:
-        pair = _site_pair(c, site, cells, merge)
-        if pair is None:
-            continue
-        first, second = pair
-        fit = _difference(first[1], second[1], _SITE_CONFIDENCE)
-        if fit.value is None:
-            continue
-        rows.append(
-            {
-                "site": site,
-                "first": {"value": _round(_value(first[1])), "n": first[0]},
-                "second": {"value": _round(_value(second[1])), "n": second[0]},
-                "difference": _clean(fit),
-            }
+        first, second = _sides(c, [site], cells, merge)
+        row: dict[str, Any] = {
+            "site": site,
+            "first": _side_json(first, c.metric),
+            "second": _side_json(second, c.metric),
+            "difference": None,
+        }
+        own = _fit(c, first, second, _SITE_CONFIDENCE)
+        if own is not None:
+            row["difference"] = _clean(own)
+        others = _fit(c, *_sides(c, [s for s in sites if s != site], cells, merge), c.level)
+        row["without_site"] = None if others is None else _clean(others)
+        shows = own is not None and _excludes_zero(own) and (own.value or 0.0) * direction > 0
+        holds = (
+            others is not None
+            and _excludes_zero(others)
+            and (others.value or 0.0) * direction > 0
+            and abs(others.value or 0.0) >= margin
         )
-        if _excludes_zero(fit) and (fit.value or 0.0) * direction > 0:
+        if shows or (flagged and not holds):
             drivers.append(site)
-    q = _cochran(rows)
-    heterogeneous = q is not None and q["p_value"] < HETEROGENEITY_LEVEL
+        rows.append(row)
+    q = _cochran([row for row in rows if row["difference"] is not None])
     return {
         "sites": rows,
         "heterogeneity": q,
-        "heterogeneous": heterogeneous,
+        "heterogeneous": q is not None and q["p_value"] < HETEROGENEITY_LEVEL,
+        "confounded_with_site": all(row["difference"] is None for row in rows),
         "drivers": drivers,
         "site_confidence": _SITE_CONFIDENCE,
-        "margin": margin,
     }
 
 
-def _site_pair(
-    c: _Comparison, site: str, cells: Sequence[GroupCell], merge: Merge
-) -> tuple[tuple[int, Estimate], tuple[int, Estimate]] | None:
-    """The pooled comparison's two sides at one site: (cases, estimate) each; the rest of
-    a one-vs-rest comparison is the site's other released groups, pooled."""
+def _sides(
+    c: _Comparison, sites: Sequence[str], cells: Sequence[GroupCell], merge: Merge
+) -> tuple[SplitStats | None, SplitStats | None]:
+    """The comparison's two sides pooled over ``sites`` (as the report pools: released
+    cells only); the rest of a one-vs-rest comparison is the sites' other groups."""
     own = [
         cell
         for cell in cells
-        if cell.site == site and cell.attribute == c.attribute and not cell.suppressed
+        if cell.site in sites
+        and cell.attribute == c.attribute
+        and not cell.suppressed
+        and cell.stats.n > 0
     ]
-    by_group = {cell.group: cell for cell in own if cell.stats.n > 0}
-    first = by_group.get(c.first.group)
-    if first is None or c.metric not in first.metrics:
-        return None
+    first = [cell.stats for cell in own if cell.group == c.first.group]
     if c.kind == ONE_VS_REST:
-        others = [cell.stats for group, cell in by_group.items() if group != c.first.group]
-        if not others:
-            return None
-        rest = merge(others)
-        return (first.stats.n, first.metrics[c.metric].estimate), (
-            rest.n,
-            estimates(rest)[c.metric].estimate,
-        )
-    second = by_group.get(c.second.group)
-    if second is None or c.metric not in second.metrics:
+        second = [cell.stats for cell in own if cell.group != c.first.group]
+    else:
+        second = [cell.stats for cell in own if cell.group == c.second.group]
+    return (merge(first) if first else None), (merge(second) if second else None)
+
+
+def _side_json(stats: SplitStats | None, metric: str) -> dict[str, Any] | None:
+    if stats is None:
         return None
-    return (
-        (first.stats.n, first.metrics[c.metric].estimate),
-        (second.stats.n, second.metrics[c.metric].estimate),
-    )
+    return {"value": _round(_value(estimates(stats)[metric].estimate)), "n": stats.n}
+
+
+def _fit(
+    c: _Comparison, first: SplitStats | None, second: SplitStats | None, confidence: float
+) -> Interval | None:
+    if first is None or second is None:
+        return None
+    a, b = estimates(first)[c.metric].estimate, estimates(second)[c.metric].estimate
+    if _value(a) is None or _value(b) is None:
+        return None
+    fit = _difference(a, b, confidence)
+    return None if fit.value is None else fit
 
 
 def _cochran(rows: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:

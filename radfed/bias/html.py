@@ -212,17 +212,24 @@ def _sites(gap: Mapping[str, Any]) -> str:
         return "this site"
     drivers = ", ".join(_e(s) for s in as_list(attribution.get("drivers"))) or "none alone"
     q = as_mapping(attribution.get("heterogeneity"))
+    test = f" (Cochran's Q p = {_num(q.get('p_value'))})" if q else ""
     per_site = "; ".join(
-        f"{_e(row.get('site'))} {_estimate(row.get('difference'))}"
+        f"{_e(row.get('site'))}: {_side(row.get('first'))} vs {_side(row.get('second'))}, "
+        f"difference {_estimate(row.get('difference'))}"
         for row in map(as_mapping, as_list(attribution.get("sites")))
     )
-    kind = (
-        "<b>heterogeneous</b> across sites (a property of the driving sites, not of the pool)"
-        if attribution.get("heterogeneous") is True
-        else "consistent across sites"
-    )
-    test = f" (Cochran's Q p = {_num(q.get('p_value'))})" if q else ""
+    if attribution.get("confounded_with_site") is True:
+        kind = "<b>between sites</b>: no site holds both groups, so the gap compares sites"
+    elif attribution.get("heterogeneous") is True:
+        kind = "<b>heterogeneous</b> across sites (a property of the driving sites, not the pool)"
+    else:
+        kind = "consistent across sites"
     return f"driven by {drivers}; {kind}{test}<br><span class='muted'>{per_site}</span>"
+
+
+def _side(side: Any) -> str:
+    side = as_mapping(side)
+    return f"{_num(side.get('value'))} (n = {_num(side.get('n'))})" if side else "none"
 
 
 def _cases(gap: Mapping[str, Any]) -> str:

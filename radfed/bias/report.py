@@ -75,6 +75,7 @@ def build_report(
                 primary=config.primary_subgroups,
                 in_sample=_in_sample_sites(rows, config) if split == "train" else frozenset(),
                 pooled=POOLED_SITE,
+                outside_pool={config.holdout_site} if config.holdout_site else frozenset(),
             ),
         }
         curves = {
@@ -96,6 +97,7 @@ def build_report(
             "margin": config.bias_margin,
             "confidence": CONFIDENCE,
             "subgroups": list(config.subgroups),
+            "primary_subgroups": list(config.primary_subgroups),
             "holdout_site": config.holdout_site or None,
         },
         "methods": dict(METHODS),

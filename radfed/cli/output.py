@@ -234,7 +234,13 @@ def _gap_line(split: str, gap: Mapping[str, Any]) -> str:
     attribution = gap.get("attribution")
     if gap["verdict"] == "flagged" and attribution:
         drivers = ", ".join(attribution["drivers"]) or "no single site"
-        kind = "heterogeneous across sites" if attribution["heterogeneous"] else "consistent"
+        kind = (
+            "between sites: no site holds both groups"
+            if attribution.get("confounded_with_site")
+            else "heterogeneous across sites"
+            if attribution["heterogeneous"]
+            else "consistent across sites"
+        )
         text += f"; driven by {drivers} ({kind})"
     needed = gap.get("cases_needed")
     if needed:

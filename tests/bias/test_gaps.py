@@ -289,3 +289,32 @@ def test_judge_skips_suppressed_and_all_cells() -> None:
         GroupCell("a", "sex", "M", BinaryStats.empty(100, suppressed=True), 0),
     ]
     assert judge(cells, merge=lambda parts: parts[0], margin=0.05) == []
+
+
+def test_a_gap_no_site_holds_both_groups_of_is_confounded_with_site() -> None:
+    # Prepare: one scanner per site, as synth writes them; site-b's scanner fails
+    config = dataclasses.replace(CONFIG, subgroups=("manufacturer",))
+    per_site = {
+        "site-a": _site({"Siemens": (200, 0.9, 200, 0.8)}, "manufacturer"),
+        "site-b": _site({"GE": (200, 0.5, 200, 0.8)}, "manufacturer"),
+        "site-c": _site({"Philips": (200, 0.9, 200, 0.8)}, "manufacturer"),
+    }
+    # Execute
+    report = _report(per_site, config)
+    pooled = [
+        g
+        for g in report["splits"]["val"]["gaps"]
+        if g["site"] == "ALL" and g["metric"] == "sensitivity" and g["verdict"] == "flagged"
+    ]
+    # Assert: flagged in the pool, named as a comparison of sites, driven by site-b
+    assert pooled
+    for gap in pooled:
+        attribution = gap["attribution"]
+        assert attribution["confounded_with_site"] is True
+        assert attribution["heterogeneity"] is None
+        assert "site-b" in attribution["drivers"]
+    one_rest = next(g for g in pooled if g["comparison"] == "one vs rest")
+    assert one_rest["group"]["group"] == "GE"
+    assert one_rest["attribution"]["drivers"] == ["site-b"]
+    without_b = next(r for r in one_rest["attribution"]["sites"] if r["site"] == "site-b")
+    assert without_b["without_site"] is None and without_b["first"]["value"] == pytest.approx(0.5)
