@@ -1,30 +1,35 @@
 """What each metric is estimated from, so that intervals and group differences can be computed.
 
-A metric of merged statistics is a proportion of counts, an AUC of score histograms, a mean
-of a histogrammed per-case value with its exact sum, or a plain value without an interval
-(AP, FROC). ``estimates`` maps a task's statistics to these; ``interval`` and ``compare``
-turn them into intervals (methods named in ``METHODS``).
+A metric of merged statistics is a proportion of counts, an AUC of score histograms (exact
+within the sites that sent their Mann-Whitney count), a mean of a histogrammed per-case
+value with its exact sum, or a plain value without an interval (AP, FROC). ``estimates``
+maps a task's statistics to these; ``interval`` and ``compare`` turn them into intervals
+(methods named in ``METHODS``); ``design_effect``, ``is_exact`` and ``tie_bound`` say more
+about an estimate.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from radfed.bias.auc_fit import MAX_TIE_BOUND, AucFit, fit_auc, withheld
 from radfed.metrics import intervals as iv
 from radfed.metrics.binary import (
     BinaryStats,
-    auc_tie_bound,
     binary_metrics,
     noisy_auc,
     noisy_ratio,
 )
+from radfed.metrics.clusters import AucClusters, ProportionClusters, proportion_design_effect
 from radfed.metrics.detection import DetectionStats, detection_metrics
+from radfed.metrics.exact_auc import ExactAuc
 from radfed.metrics.intervals import Interval
 from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
 from radfed.metrics.segmentation import SegmentationStats
 
 __all__ = [
+    "MAX_TIE_BOUND",
     "METHODS",
     "Auc",
     "Estimate",
@@ -33,29 +38,37 @@ __all__ = [
     "Plain",
     "Proportion",
     "compare",
+    "design_effect",
     "estimates",
     "interval",
+    "is_exact",
+    "tie_bound",
 ]
 
 
 @dataclass(frozen=True)
 class Proportion:
     """``successes`` of ``trials``; with DP statistics, noisy counts whose successes and
-    failures carry independent noise of the variances ``noise``."""
+    failures carry independent noise of the variances ``noise``; ``clusters``: the sites'
+    per-patient sums (``radfed.metrics.clusters``), used where they cover every trial."""
 
     successes: int
     trials: int
     noise: tuple[float, float] = (0.0, 0.0)
+    clusters: ProportionClusters | None = None
 
 
 @dataclass(frozen=True)
 class Auc:
     """ROC AUC of positive and negative score histograms; ``noise`` is each bin's noise
-    variance (DP statistics)."""
+    variance (DP statistics); ``exact`` the sites' exact Mann-Whitney parts and
+    ``clusters`` their per-patient sums for Obuchowski's variance."""
 
     pos: tuple[int, ...]
     neg: tuple[int, ...]
     noise: float = 0.0
+    exact: ExactAuc = field(default_factory=ExactAuc)
+    clusters: AucClusters | None = None
 
 
 @dataclass(frozen=True)
@@ -79,10 +92,24 @@ Estimate = Proportion | Auc | Mean | Plain
 
 #: The interval method of each kind of estimate, as the report names it.
 METHODS = {
-    "proportion": "Wilson score interval",
+    "proportion": (
+        "Wilson score interval; where the sites sent per-patient sums for every case, on the "
+        "effective sample size n / max(1, deff) (Korn and Graubard 1998), deff the design "
+        "effect of the cluster-robust variance (ratio estimator with patients as clusters, "
+        "sites' patients pooled as one sample)"
+    ),
     "auc": (
-        "DeLong variance from the merged score histograms (logit scale), widened on each side "
-        "by the histogram tie bound (cases sharing a bin, more where bins were merged for k)"
+        "within a site: the exact AUC (Mann-Whitney count the site sent) with DeLong's "
+        "variance of its cases, or Obuchowski's clustered variance (patients as clusters) "
+        "where larger; pooled over sites: pairs within a site exact, pairs across sites from "
+        "the merged score histograms, DeLong variance from the merged histograms (without "
+        "the patient clustering), widened on each side by the tie bound of the pairs not "
+        "counted exactly (cases sharing a bin, more where bins were merged for k); logit "
+        f"scale; an AUC that is not exact is withheld when its tie bound exceeds {MAX_TIE_BOUND}"
+    ),
+    "design_effect": (
+        "the cluster-robust variance over the variance that takes every image as "
+        "independent (1 with one image per patient); intervals use max(1, deff)"
     ),
     "mean": "t interval of the exact mean, variance from the merged histogram (bin midpoints)",
     "difference": (
@@ -115,9 +142,31 @@ def estimates(stats: object) -> dict[str, Metric]:
     if isinstance(stats, BinaryStats):
         above, below = stats.count_noise()
         return {
-            "auc": Metric(Auc(stats.pos_hist, stats.neg_hist, stats.noise)),
-            "sensitivity": Metric(Proportion(stats.tp, stats.tp + stats.fn, (above, below))),
-            "specificity": Metric(Proportion(stats.tn, stats.tn + stats.fp, (below, above))),
+            "auc": Metric(
+                Auc(
+                    stats.pos_hist,
+                    stats.neg_hist,
+                    stats.noise,
+                    stats.exact,
+                    stats.auc_clusters if stats.auc_clusters.clusters else None,
+                )
+            ),
+            "sensitivity": Metric(
+                Proportion(
+                    stats.tp,
+                    stats.tp + stats.fn,
+                    (above, below),
+                    stats.sens_clusters if stats.sens_clusters.clusters else None,
+                )
+            ),
+            "specificity": Metric(
+                Proportion(
+                    stats.tn,
+                    stats.tn + stats.fp,
+                    (below, above),
+                    stats.spec_clusters if stats.spec_clusters.clusters else None,
+                )
+            ),
             "accuracy": Metric(
                 Proportion(stats.tp + stats.tn, stats.n, (above + below, above + below)),
                 compared=False,
@@ -208,10 +257,18 @@ def interval(estimate: Estimate, confidence: float) -> Interval:
         fit = interval(_as_exact(estimate), confidence)
         return iv.add_noise(fit, value, iv.z_value(confidence) * se, lowest=0.0, highest=1.0)
     if isinstance(estimate, Proportion):
-        return iv.wilson(estimate.successes, estimate.trials, confidence=confidence)
+        return iv.wilson(
+            estimate.successes,
+            estimate.trials,
+            confidence=confidence,
+            design_effect=_inflation(_proportion_deff(estimate)),
+        )
     if isinstance(estimate, Auc):
-        fit = iv.delong_auc(estimate.pos, estimate.neg, confidence=confidence)
-        return _widen(fit, _tie(estimate), 0.0, 1.0)
+        auc = _auc_fit(estimate)
+        if auc is None or withheld(auc):
+            return Interval(None)
+        fit = iv.logit_auc_interval(auc.value, auc.variance, confidence=confidence)
+        return _widen(fit, auc.tie, 0.0, 1.0)
     if isinstance(estimate, Mean):
         try:
             return iv.mean_from_histogram(
@@ -227,10 +284,53 @@ def interval(estimate: Estimate, confidence: float) -> Interval:
     return Interval(estimate.value, None, None)
 
 
-def _tie(estimate: Auc) -> float:
-    """How far the histogram AUC can be from the exact AUC of the cases (bins shared by
-    positives and negatives; coarser where bins were merged for privacy)."""
-    return auc_tie_bound(estimate.pos, estimate.neg) or 0.0
+def _auc_fit(estimate: Auc) -> AucFit | None:
+    return fit_auc(estimate.pos, estimate.neg, estimate.exact, estimate.clusters)
+
+
+def _proportion_deff(estimate: Proportion) -> float | None:
+    if estimate.clusters is None or _noisy(estimate):
+        return None
+    return proportion_design_effect(estimate.clusters, estimate.successes, estimate.trials)
+
+
+def _inflation(deff: float | None) -> float:
+    """The design effect an interval uses: at least 1 (Korn and Graubard)."""
+    return 1.0 if deff is None else max(1.0, deff)
+
+
+def design_effect(estimate: Estimate) -> float | None:
+    """The design effect of an estimate: its cluster-robust variance (patients as clusters)
+    over the variance that takes every image as independent, as estimated (it may be
+    below 1; intervals use ``max(1, deff)``). None where the sites sent no per-patient
+    sums covering every case (DP statistics, too few patients, a pooled AUC of several
+    sites), or where the variance is undefined (a proportion of 0 or 1)."""
+    if isinstance(estimate, Proportion):
+        return _proportion_deff(estimate)
+    if isinstance(estimate, Auc) and not _noisy(estimate):
+        fit = _auc_fit(estimate)
+        return None if fit is None or withheld(fit) else fit.design_effect
+    return None
+
+
+def is_exact(estimate: Estimate) -> bool:
+    """Whether an AUC is the exact AUC of its cases (every positive-negative pair counted
+    from a site's exact Mann-Whitney count: a cell of one site that sent it); False for
+    every other estimate."""
+    if not isinstance(estimate, Auc) or _noisy(estimate):
+        return False
+    fit = _auc_fit(estimate)
+    return fit is not None and fit.exact
+
+
+def tie_bound(estimate: Estimate) -> float | None:
+    """How far an AUC can be from the exact AUC of its cases: 0 when exact, else half the
+    share of the pairs not counted exactly that share a bin (``radfed.metrics.exact_auc
+    .pooled_auc``); None for other estimates and noisy or undefined AUCs."""
+    if not isinstance(estimate, Auc) or _noisy(estimate):
+        return None
+    fit = _auc_fit(estimate)
+    return None if fit is None else fit.tie
 
 
 def _widen(fit: Interval, by: float, lowest: float, highest: float) -> Interval:
@@ -252,25 +352,13 @@ def compare(worst: Estimate, best: Estimate, confidence: float) -> tuple[Interva
         return _compare_noisy(worst, best, confidence)
     if isinstance(worst, Proportion) and isinstance(best, Proportion):
         args = (worst.successes, worst.trials, best.successes, best.trials)
+        effects = (_inflation(_proportion_deff(worst)), _inflation(_proportion_deff(best)))
         return (
-            iv.newcombe_difference(*args, confidence=confidence),
-            iv.proportion_ratio(*args, confidence=confidence),
+            iv.newcombe_difference(*args, confidence=confidence, design_effects=effects),
+            iv.proportion_ratio(*args, confidence=confidence, design_effects=effects),
         )
     if isinstance(worst, Auc) and isinstance(best, Auc):
-        pair = ((worst.pos, worst.neg), (best.pos, best.neg))
-        tie_a, tie_b = _tie(worst), _tie(best)
-        gap = _widen(iv.auc_difference(*pair, confidence=confidence), tie_a + tie_b, -1.0, 1.0)
-        share = iv.auc_ratio(*pair, confidence=confidence)
-        if (tie_a or tie_b) and share.low is not None and share.high is not None:
-            wa = interval(worst, confidence).value or 0.0
-            wb = interval(best, confidence).value or 0.0
-            if wa and wb:
-                share = Interval(
-                    share.value,
-                    share.low * max(0.0, 1 - tie_a / wa) / (1 + tie_b / wb),
-                    share.high * (1 + tie_a / wa) / max(1 - tie_b / wb, 1e-9),
-                )
-        return gap, share
+        return _compare_auc(worst, best, confidence)
     if isinstance(worst, Mean) and isinstance(best, Mean):
         a, b = (worst.hist, worst.total), (best.hist, best.total)
         bounds = {"low": worst.low, "high": max(worst.high, best.high), "confidence": confidence}
@@ -279,6 +367,33 @@ def compare(worst: Estimate, best: Estimate, confidence: float) -> tuple[Interva
     diff = None if first is None or second is None else first - second
     quotient = None if first is None or not second else first / second
     return Interval(diff, None, None), Interval(quotient, None, None)
+
+
+def _compare_auc(worst: Auc, best: Auc, confidence: float) -> tuple[Interval, Interval]:
+    """Difference and ratio of two disjoint groups' AUCs: their variances add (DeLong et al.
+    1988, without the covariance of shared cases); normal interval of the difference, delta
+    method on the log scale for the ratio; each widened by the groups' tie bounds."""
+    fa, fb = _auc_fit(worst), _auc_fit(best)
+    if fa is None or fb is None or withheld(fa) or withheld(fb):
+        return Interval(None), Interval(None)
+    z = iv.z_value(confidence)
+    d = fa.value - fb.value
+    gap = Interval(d)
+    if fa.variance is not None and fb.variance is not None:
+        se = math.sqrt(fa.variance + fb.variance)
+        gap = Interval(d, max(-1.0, d - z * se), min(1.0, d + z * se))
+    gap = _widen(gap, fa.tie + fb.tie, -1.0, 1.0)
+    if fb.value == 0:
+        return gap, Interval(None)
+    r = fa.value / fb.value
+    if fa.variance is None or fb.variance is None or fa.value == 0:
+        return gap, Interval(r)
+    se = math.sqrt(fa.variance / fa.value**2 + fb.variance / fb.value**2)
+    low, high = r * math.exp(-z * se), r * math.exp(z * se)
+    if fa.tie or fb.tie:
+        low *= max(0.0, 1 - fa.tie / fa.value) / (1 + fb.tie / fb.value)
+        high *= (1 + fa.tie / fa.value) / max(1 - fb.tie / fb.value, 1e-9)
+    return gap, Interval(r, low, high)
 
 
 def _compare_noisy(worst: Estimate, best: Estimate, confidence: float) -> tuple[Interval, Interval]:

@@ -1,6 +1,6 @@
 """The statistics schema: what an evaluation reply carries, and its checks at the server.
 
-Statistics schema 2, in the reply's one MetricRecord:
+Statistics schema 3, in the reply's one MetricRecord:
 
 - ``num-examples`` (int): cases evaluated (train replies: cases trained on);
 - ``schema-version`` (int): ``STATS_SCHEMA_VERSION``;
@@ -10,11 +10,23 @@ Statistics schema 2, in the reply's one MetricRecord:
   statistics (``Task.to_values``; fixed keys and lengths for a run config). For binary
   classification: ``tp``, ``fp``, ``tn``, ``fn`` and ``pos-hist``, ``neg-hist`` (lists of
   ``score-bins`` ints; adjacent bins merged until each non-empty bin holds at least the
-  minimum cell size) and ``noise-variance``. With the site's DP statistics
+  minimum cell size) and ``noise-variance``; for a cell with at least the minimum cell
+  size of positives and of negatives ``auc-exact`` 1, ``auc-mw2`` (int: twice the exact
+  Mann-Whitney count of the cell's positive-negative pairs, ties counting 1) and
+  ``auc-v10-sq``, ``auc-v01-sq`` (floats: sums of the squared placement values of the
+  positives and of the negatives, for DeLong's variance), else ``auc-exact`` 0 and the
+  others 0; per-patient sums for cluster-robust variances: ``sens-clusters`` and
+  ``spec-clusters`` (ints ``[patients, sum x^2, sum x m, sum m^2]``, ``x`` a patient's true
+  positives of its ``m`` positives, true negatives of its negatives), ``auc-clusters``
+  (ints ``[patients, with a positive, with a negative]``) and ``auc-cluster-sums`` (ten
+  floats of Obuchowski's variance, ``radfed.metrics.clusters.AUC_SUMS``), all 0 when
+  fewer patients than the minimum cell size contribute (``radfed.tasks.binary_values``;
+  the server refuses values no cell's cases can have). With the site's DP statistics
   (``radfed.privacy.statistics_dp``) the histograms are noisy, unmerged and may hold
   negative counts, the confusion counts and ``positives`` are sums of their bins,
-  ``noise-variance`` is the variance of each bin's noise, no cell is suppressed and
-  ``num-examples`` is the noisy total (0 when below). The task modules document theirs.
+  ``noise-variance`` is the variance of each bin's noise, no cell is suppressed, no exact
+  count or per-patient sum is sent and ``num-examples`` is the noisy total (0 when
+  below). The task modules document theirs.
 - per subgroup cell ``i`` (1, 2, ...) of split ``S``: the same keys under ``S#i.``; the
   reply's ConfigRecord ``cells`` lists per split the cells' names (``sex=F``,
   ``age_band=60-79``, ``sex*age_band=F|60-79``; see ``radfed.metrics.cells``).
@@ -54,7 +66,7 @@ __all__ = [
 ]
 
 #: Version of the statistics schema that sites send; the server refuses others by name.
-STATS_SCHEMA_VERSION = 2
+STATS_SCHEMA_VERSION = 3
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"

@@ -9,15 +9,29 @@ A site with DP statistics (``radfed.privacy.statistics_dp``) sends noisy histogr
 and derives its confusion counts from them; ``noise`` is then the variance of each bin's
 noise (summed over sites when pooled), counts may be negative, and the metrics are the
 noisy estimates, clipped to their range.
+
+A site also sends, for a released cell with at least ``k`` positives and ``k`` negatives, the
+exact Mann-Whitney count of its own pairs (``radfed.metrics.exact_auc``) and sums over its
+patients for cluster-robust variances (``radfed.metrics.clusters``); both add over sites.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from radfed.metrics.clusters import (
+    AucClusters,
+    ProportionClusters,
+    auc_clusters,
+    patient_groups,
+    proportion_clusters,
+)
+from radfed.metrics.exact_auc import ExactAuc, placements2, pooled_auc
 from radfed.metrics.histograms import merge_sparse_bins
 
 __all__ = [
@@ -26,6 +40,7 @@ __all__ = [
     "accuracy",
     "auc_from_histograms",
     "auc_tie_bound",
+    "auc_with_bound",
     "binary_metrics",
     "expected_calibration_error",
     "noisy_auc",
@@ -57,6 +72,10 @@ class BinaryStats:
             confusion counts are then sums of the noisy bins each side of the threshold.
         threshold_bin: the first bin at or above the threshold (the site merges sparse
             bins on each side of it apart); not sent.
+        exact: the exact Mann-Whitney parts of the sites that sent them (empty when none).
+        sens_clusters, spec_clusters: the per-patient sums of sensitivity and specificity
+            (``radfed.metrics.clusters``; empty when not sent).
+        auc_clusters: the per-patient sums of Obuchowski's AUC variance.
     """
 
     tp: int
@@ -68,6 +87,10 @@ class BinaryStats:
     suppressed: bool = False
     noise: float = 0.0
     threshold_bin: int | None = field(default=None, compare=False, repr=False)
+    exact: ExactAuc = field(default_factory=ExactAuc)
+    sens_clusters: ProportionClusters = field(default_factory=ProportionClusters)
+    spec_clusters: ProportionClusters = field(default_factory=ProportionClusters)
+    auc_clusters: AucClusters = field(default_factory=AucClusters)
 
     @classmethod
     def empty(cls, bins: int, *, suppressed: bool = False) -> BinaryStats:
@@ -76,7 +99,14 @@ class BinaryStats:
 
     @classmethod
     def from_scores(
-        cls, scores: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5, bins: int = 1000
+        cls,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        *,
+        threshold: float = 0.5,
+        bins: int = 1000,
+        exact: bool = False,
+        patients: Sequence[str] = (),
     ) -> BinaryStats:
         """Summarise per-case scores.
 
@@ -85,6 +115,10 @@ class BinaryStats:
             labels: 0/1 labels, shape ``(N,)``.
             threshold: operating threshold.
             bins: number of equal-width score bins on [0, 1].
+            exact: also the exact Mann-Whitney parts and the per-patient sums (a site's
+                cell; ``with_min_cell`` decides which of them may leave).
+            patients: each case's patient key, shape ``(N,)``, used for the sums only
+                (never kept); empty: every case its own patient.
         """
         scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         labels = np.asarray(labels).reshape(-1).astype(bool)
@@ -96,7 +130,7 @@ class BinaryStats:
             raise ValueError(msg)
         predicted = scores >= threshold
         index = np.minimum((scores * bins).astype(np.int64), bins - 1)
-        return cls(
+        stats = cls(
             tp=int(np.sum(predicted & labels)),
             fp=int(np.sum(predicted & ~labels)),
             tn=int(np.sum(~predicted & ~labels)),
@@ -104,6 +138,27 @@ class BinaryStats:
             pos_hist=tuple(int(v) for v in np.bincount(index[labels], minlength=bins)),
             neg_hist=tuple(int(v) for v in np.bincount(index[~labels], minlength=bins)),
             threshold_bin=threshold_bin(threshold, bins),
+        )
+        if not exact:
+            return stats
+        p, n = int(labels.sum()), int((~labels).sum())
+        group = patient_groups(tuple(patients), scores.size)
+        stats = dataclasses.replace(
+            stats,
+            sens_clusters=proportion_clusters(predicted[labels], group[labels]),
+            spec_clusters=proportion_clusters(~predicted[~labels], group[~labels]),
+        )
+        if p == 0 or n == 0:
+            return stats
+        a, b = placements2(scores, labels)
+        v10, v01 = a / (2.0 * n), b / (2.0 * p)
+        parts = ExactAuc(
+            pairs=p * n, mw2=int(a.sum()), v10_sq=float(v10 @ v10), v01_sq=float(v01 @ v01)
+        )
+        return dataclasses.replace(
+            stats,
+            exact=parts.on_histograms(stats.pos_hist, stats.neg_hist),
+            auc_clusters=auc_clusters(v10, group[labels], v01, group[~labels]),
         )
 
     @property
@@ -128,13 +183,34 @@ class BinaryStats:
         merged run is stored in its first bin, and no run crosses the threshold (the
         confusion counts would cut it). The AUC of the result stays within its own
         ``auc_tie_bound`` of the exact AUC.
+
+        The exact Mann-Whitney parts leave only with at least ``k`` positives and ``k``
+        negatives; the per-patient sums of sensitivity (specificity) only where no patient
+        holds more than ``1 / k`` of the positives (negatives), those of the AUC only with
+        the exact parts and where no patient holds more than ``1 / k`` of either class.
         """
         if k <= 1:
             return self
         if self.n < k:
             return BinaryStats.empty(len(self.pos_hist), suppressed=True)
         pos, neg = merge_sparse_bins((self.pos_hist, self.neg_hist), k, split_at=self.threshold_bin)
-        return BinaryStats(self.tp, self.fp, self.tn, self.fn, pos, neg)
+        positives, negatives = self.tp + self.fn, self.tn + self.fp
+        exact = self.exact.on_histograms(pos, neg)
+        if not (self.exact and positives >= k and negatives >= k):
+            exact = ExactAuc()
+        sens, spec, auc = self.sens_clusters, self.spec_clusters, self.auc_clusters
+        return BinaryStats(
+            self.tp,
+            self.fp,
+            self.tn,
+            self.fn,
+            pos,
+            neg,
+            exact=exact,
+            sens_clusters=sens if sens.releasable(k) else ProportionClusters(),
+            spec_clusters=spec if spec.releasable(k) else ProportionClusters(),
+            auc_clusters=auc if exact and auc.releasable(k) else AucClusters(),
+        )
 
     def __add__(self, other: BinaryStats) -> BinaryStats:
         if len(self.pos_hist) != len(other.pos_hist):
@@ -151,6 +227,10 @@ class BinaryStats:
             threshold_bin=self.threshold_bin
             if other.threshold_bin is None
             else other.threshold_bin,
+            exact=self.exact + other.exact,
+            sens_clusters=self.sens_clusters + other.sens_clusters,
+            spec_clusters=self.spec_clusters + other.spec_clusters,
+            auc_clusters=self.auc_clusters + other.auc_clusters,
         )
 
 
@@ -223,6 +303,14 @@ def auc_tie_bound(
     return 0.5 * float(np.sum(pos * neg)) / pairs if pairs else None
 
 
+def auc_with_bound(s: BinaryStats) -> tuple[float, float] | None:
+    """The AUC of (pooled) statistics and its tie bound: exact for the pairs within each
+    site that sent its exact count, from the histograms for the others
+    (``radfed.metrics.exact_auc.pooled_auc``); None unless both classes are present.
+    Exact statistics only (noisy ones: ``noisy_auc``)."""
+    return pooled_auc(s.pos_hist, s.neg_hist, s.exact)
+
+
 def expected_calibration_error(
     pos_hist: np.ndarray | tuple[int, ...],
     neg_hist: np.ndarray | tuple[int, ...],
@@ -255,22 +343,23 @@ def binary_metrics(s: BinaryStats) -> dict[str, float | None]:
     """Every reported metric of one set of statistics (None where undefined).
 
     ``auc_tie_bound`` is the largest possible distance of ``auc`` from the exact AUC of
-    the cases (the histograms' resolution, coarser where bins were merged for privacy).
+    the cases (the histograms' resolution, coarser where bins were merged for privacy; 0
+    where every pair is covered by a site's exact count, ``auc_with_bound``).
     Noisy statistics give the noisy estimates clipped to [0, 1], None where a noisy count
     of cases is not above 0; their tie bound and calibration error come from the
     histograms with negative bins taken as empty.
     """
     if s.noise > 0:
         return _noisy_metrics(s)
-    auc = auc_from_histograms(s.pos_hist, s.neg_hist)
+    fit = auc_with_bound(s)
     prevalence = _ratio(s.tp + s.fn, s.n)
     out = {
-        "auc": auc,
+        "auc": None if fit is None else fit[0],
         "sensitivity": sensitivity(s),
         "specificity": specificity(s),
         "accuracy": accuracy(s),
         "prevalence": prevalence,
-        "auc_tie_bound": auc_tie_bound(s.pos_hist, s.neg_hist),
+        "auc_tie_bound": None if fit is None else fit[1],
         "ece": expected_calibration_error(s.pos_hist, s.neg_hist),
     }
     return {k: (None if v is None or math.isnan(v) else round(v, 6)) for k, v in out.items()}

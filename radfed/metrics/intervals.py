@@ -31,6 +31,7 @@ __all__ = [
     "auc_ratio",
     "delong_auc",
     "delong_variance",
+    "logit_auc_interval",
     "mean_difference",
     "mean_from_histogram",
     "mean_ratio",
@@ -47,7 +48,8 @@ Counts: TypeAlias = Sequence[int] | np.ndarray
 
 #: Each function's method in words (for the ``methods`` section of reports).
 METHODS: dict[str, str] = {
-    "wilson": "Wilson score interval (Wilson 1927)",
+    "wilson": "Wilson score interval (Wilson 1927); with a design effect, on the effective "
+    "sample size n / max(1, deff) (Korn and Graubard 1998)",
     "newcombe_difference": "Newcombe hybrid score interval, method 10 (Newcombe 1998)",
     "proportion_ratio": "Katz log interval, 0.5 added to each cell when one is zero "
     "(Katz et al. 1978)",
@@ -122,7 +124,7 @@ def _counts(hist: Counts, name: str) -> np.ndarray:
 # ---------------------------------------------------------------- proportions
 
 
-def _wilson_limits(successes: int, trials: int, z: float) -> tuple[float, float]:
+def _wilson_limits(successes: float, trials: float, z: float) -> tuple[float, float]:
     p = successes / trials
     shrink = z * z / trials
     centre = (p + shrink / 2) / (1 + shrink)
@@ -132,14 +134,33 @@ def _wilson_limits(successes: int, trials: int, z: float) -> tuple[float, float]
     return low, high
 
 
-def wilson(successes: int, trials: int, *, confidence: float = 0.95) -> Interval:
+def _inflation(design_effect: float) -> float:
+    """The variance inflation of a design effect: ``max(1, deff)`` (Korn and Graubard)."""
+    if not (math.isfinite(design_effect) and design_effect > 0):
+        msg = f"a design effect must be a finite number above 0, got {design_effect!r}"
+        raise ValueError(msg)
+    return max(1.0, design_effect)
+
+
+def _effective(successes: int, trials: int, design_effect: float) -> tuple[float, float]:
+    """The effective counts ``(p n_eff, n_eff)`` with ``n_eff = n / max(1, deff)``."""
+    scale = _inflation(design_effect)
+    return successes / scale, trials / scale
+
+
+def wilson(
+    successes: int, trials: int, *, confidence: float = 0.95, design_effect: float = 1.0
+) -> Interval:
     """Wilson score interval of a proportion.
 
     The limits are the proportions ``π`` with ``|p - π| = z sqrt(π (1 - π) / n)``; the
     interval stays in [0, 1], reaches 0 when ``successes == 0`` and 1 when
-    ``successes == trials``. Reference: E. B. Wilson (1927), Probable inference, the law
-    of succession, and statistical inference, JASA 22:209-212; Newcombe (1998), Stat Med
-    17:857-872, method 3.
+    ``successes == trials``. With a ``design_effect`` (clustered cases) ``n`` is the
+    effective sample size ``n / max(1, deff)`` (E. L. Korn, B. I. Graubard (1998),
+    Confidence intervals for proportions with small expected number of positive counts
+    estimated from survey data, Survey Methodology 24:193-201). Reference: E. B. Wilson
+    (1927), Probable inference, the law of succession, and statistical inference, JASA
+    22:209-212; Newcombe (1998), Stat Med 17:857-872, method 3.
 
     Returns:
         The proportion and its interval; all None when ``trials == 0``.
@@ -148,18 +169,27 @@ def wilson(successes: int, trials: int, *, confidence: float = 0.95) -> Interval
     z = _z(confidence)
     if trials == 0:
         return _UNDEFINED
-    return Interval(successes / trials, *_wilson_limits(successes, trials, z))
+    limits = _wilson_limits(*_effective(successes, trials, design_effect), z)
+    return Interval(successes / trials, *limits)
 
 
 def newcombe_difference(
-    s1: int, n1: int, s2: int, n2: int, *, confidence: float = 0.95
+    s1: int,
+    n1: int,
+    s2: int,
+    n2: int,
+    *,
+    confidence: float = 0.95,
+    design_effects: tuple[float, float] = (1.0, 1.0),
 ) -> Interval:
     """Difference ``p1 - p2`` of two independent proportions, Newcombe's hybrid score interval.
 
     With Wilson limits ``(l1, u1)`` and ``(l2, u2)`` of the two proportions, the limits are
-    ``d - sqrt((p1 - l1)^2 + (u2 - p2)^2)`` and ``d + sqrt((u1 - p1)^2 + (p2 - l2)^2)``.
-    Reference: R. G. Newcombe (1998), Interval estimation for the difference between
-    independent proportions: comparison of eleven methods, Stat Med 17:873-890, method 10.
+    ``d - sqrt((p1 - l1)^2 + (u2 - p2)^2)`` and ``d + sqrt((u1 - p1)^2 + (p2 - l2)^2)``;
+    each Wilson interval on its effective sample size under its ``design_effects`` entry
+    (as ``wilson``). Reference: R. G. Newcombe (1998), Interval estimation for the
+    difference between independent proportions: comparison of eleven methods, Stat Med
+    17:873-890, method 10.
 
     Returns:
         All None when either group has no trials.
@@ -170,21 +200,30 @@ def newcombe_difference(
     if n1 == 0 or n2 == 0:
         return _UNDEFINED
     p1, p2 = s1 / n1, s2 / n2
-    l1, u1 = _wilson_limits(s1, n1, z)
-    l2, u2 = _wilson_limits(s2, n2, z)
+    l1, u1 = _wilson_limits(*_effective(s1, n1, design_effects[0]), z)
+    l2, u2 = _wilson_limits(*_effective(s2, n2, design_effects[1]), z)
     d = p1 - p2
     low = d - math.hypot(p1 - l1, u2 - p2)
     high = d + math.hypot(u1 - p1, p2 - l2)
     return Interval(d, max(-1.0, low), min(1.0, high))
 
 
-def proportion_ratio(s1: int, n1: int, s2: int, n2: int, *, confidence: float = 0.95) -> Interval:
+def proportion_ratio(
+    s1: int,
+    n1: int,
+    s2: int,
+    n2: int,
+    *,
+    confidence: float = 0.95,
+    design_effects: tuple[float, float] = (1.0, 1.0),
+) -> Interval:
     """Ratio ``p1 / p2`` of two independent proportions, Katz log interval.
 
-    ``exp(log r ± z sqrt(1/s1 - 1/n1 + 1/s2 - 1/n2))``. Where any of the four cells
-    (``s1``, ``n1 - s1``, ``s2``, ``n2 - s2``) is zero, the interval is computed with 0.5
-    added to every cell (Haldane-Anscombe); the value stays the observed ratio and the
-    interval is widened to contain it (so ``s1 == 0`` gives ``low = 0``). Reference:
+    ``exp(log r ± z sqrt(1/s1 - 1/n1 + 1/s2 - 1/n2))``; each group's two terms multiplied
+    by ``max(1, deff)`` of its ``design_effects`` entry (its effective counts). Where any
+    of the four cells (``s1``, ``n1 - s1``, ``s2``, ``n2 - s2``) is zero, the interval is
+    computed with 0.5 added to every cell (Haldane-Anscombe); the value stays the observed
+    ratio and the interval is widened to contain it (so ``s1 == 0`` gives ``low = 0``). Reference:
     D. Katz, J. Baptista, S. P. Azen, M. C. Pike (1978), Obtaining confidence intervals for
     the risk ratio in cohort studies, Biometrics 34:469-474.
 
@@ -201,7 +240,8 @@ def proportion_ratio(s1: int, n1: int, s2: int, n2: int, *, confidence: float = 
     if 0 in (s1, n1 - s1, s2, n2 - s2):
         a, m1, b, m2 = a + 0.5, m1 + 1.0, b + 0.5, m2 + 1.0
     centre = math.log((a / m1) / (b / m2))
-    se = math.sqrt(1 / a - 1 / m1 + 1 / b - 1 / m2)
+    d1, d2 = (_inflation(d) for d in design_effects)
+    se = math.sqrt(d1 * (1 / a - 1 / m1) + d2 * (1 / b - 1 / m2))
     low, high = math.exp(centre - z * se), math.exp(centre + z * se)
     return Interval(ratio, min(low, ratio), max(high, ratio))
 
@@ -272,11 +312,21 @@ def delong_auc(pos_hist: Counts, neg_hist: Counts, *, confidence: float = 0.95) 
         cases of a class, or when the AUC is 0 or 1 (the DeLong variance is then zero and
         the logit infinite: no interval rather than a false ``[1, 1]``).
     """
-    z = _z(confidence)
+    _check_confidence(confidence)
     fit = _delong(pos_hist, neg_hist)
     if fit is None:
         return _UNDEFINED
-    auc, variance = fit
+    return logit_auc_interval(fit.auc, fit.variance, confidence=confidence)
+
+
+def logit_auc_interval(auc: float, variance: float | None, *, confidence: float = 0.95) -> Interval:
+    """An AUC with the normal interval of its logit, ``expit(logit(A) ± z se / (A (1 - A)))``
+    for a variance ``se^2`` of ``A`` (DeLong's, Obuchowski's): the method of ``delong_auc``.
+
+    Returns:
+        No limits without a variance, or when the AUC is 0 or 1.
+    """
+    z = _z(confidence)
     if variance is None or auc in (0.0, 1.0):
         return Interval(auc)
     se = math.sqrt(variance) / (auc * (1 - auc))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -14,15 +14,15 @@ from torch.utils.data import TensorDataset
 from radfed.config import RunConfig, TaskName
 from radfed.data.loading import SplitData
 from radfed.errors import ConfigError, DataError
-from radfed.metrics.binary import BinaryStats, binary_metrics, threshold_bin
+from radfed.metrics.binary import BinaryStats, binary_metrics
 from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
+from radfed.tasks.binary_values import binary_from_values, binary_values
 from radfed.tasks.protocol import (
     StatsValue,
     Task,
     choose,
     record_count,
     record_histogram,
-    record_noise,
 )
 from radfed.tasks.training import (
     TrainResult,
@@ -275,13 +275,19 @@ def predict(
 
 @dataclass(frozen=True)
 class ScoreOutputs:
-    """Per-case probabilities and labels of a split (kept at the site)."""
+    """Per-case probabilities and labels of a split (kept at the site).
+
+    ``patients`` holds each case's patient key (``SplitData.patients``; empty: every case
+    its own patient). It only groups the cases for the per-patient sums of binary
+    statistics: no key is ever packed, written to ``rows`` or logged.
+    """
 
     scores: np.ndarray
     labels: np.ndarray
     classes: int
     threshold: float
     bins: int
+    patients: tuple[str, ...] = field(default=(), repr=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -290,7 +296,12 @@ class ScoreOutputs:
         chosen = np.asarray(index, dtype=np.int64)
         if self.classes == 2:
             return BinaryStats.from_scores(
-                self.scores[chosen], self.labels[chosen], threshold=self.threshold, bins=self.bins
+                self.scores[chosen],
+                self.labels[chosen],
+                threshold=self.threshold,
+                bins=self.bins,
+                exact=True,
+                patients=tuple(self.patients[i] for i in chosen.tolist()) if self.patients else (),
             )
         return MulticlassStats.from_scores(self.scores[chosen], self.labels[chosen], bins=self.bins)
 
@@ -307,17 +318,13 @@ class ScoreOutputs:
         return out
 
 
-_COUNT_KEYS = ("tp", "fp", "tn", "fn")
-
-
 class ClassificationTask:
     """Binary (one sigmoid logit) or multi-class (softmax) image classification.
 
-    Statistics: binary: ``tp``, ``fp``, ``tn``, ``fn`` at ``threshold``, ``pos-hist``,
-    ``neg-hist`` of ``score-bins`` counts and ``noise-variance`` (the variance of each bin's
-    noise under the site's DP statistics, 0 for exact counts); multi-class: ``confusion``
-    (C x C counts, row = true class, flattened) and per class ``c`` its one-vs-rest
-    ``class-c.pos-hist`` and ``class-c.neg-hist``.
+    Statistics: binary: the keys of ``radfed.tasks.binary_values`` (confusion counts,
+    score histograms, noise variance, exact Mann-Whitney parts and per-patient sums);
+    multi-class: ``confusion`` (C x C counts, row = true class, flattened) and per class
+    ``c`` its one-vs-rest ``class-c.pos-hist`` and ``class-c.neg-hist``.
     """
 
     name = TaskName.CLASSIFICATION
@@ -350,6 +357,7 @@ class ClassificationTask:
             classes=config.num_classes,
             threshold=config.threshold,
             bins=config.score_bins,
+            patients=tuple(data.patients),
         )
 
     def empty_stats(self, config: RunConfig, *, suppressed: bool = False) -> ClassStats:
@@ -359,7 +367,7 @@ class ClassificationTask:
 
     def to_values(self, stats: Any) -> dict[str, StatsValue]:
         if isinstance(stats, BinaryStats):
-            return _binary_values(stats)
+            return binary_values(stats)
         assert isinstance(stats, MulticlassStats)
         values: dict[str, StatsValue] = {"confusion": [v for row in stats.confusion for v in row]}
         for c, part in enumerate(stats.per_class):
@@ -370,20 +378,7 @@ class ClassificationTask:
     def from_values(self, values: Mapping[str, object], config: RunConfig) -> ClassStats:
         bins, classes = config.score_bins, config.num_classes
         if classes == 2:
-            noise = record_noise(values.get("noise-variance"), "noise-variance")
-            signed = noise > 0  # noisy counts may be negative
-            counts = [record_count(values.get(k), k, signed=signed) for k in _COUNT_KEYS]
-            pos, neg = (
-                record_histogram(values.get(k), k, bins, signed=signed)
-                for k in ("pos-hist", "neg-hist")
-            )
-            tp, fp, tn, fn = counts
-            if sum(pos) != tp + fn or sum(neg) != tn + fp:
-                raise ValueError("score histograms disagree with the confusion counts")
-            edge = threshold_bin(config.threshold, bins)
-            if signed and (edge is None or (sum(pos[edge:]), sum(neg[edge:])) != (tp, fp)):
-                raise ValueError("noisy confusion counts must be the sums of the noisy bins")
-            return BinaryStats(tp, fp, tn, fn, pos, neg, noise=noise, threshold_bin=edge)
+            return binary_from_values(values, config)
         flat = values.get("confusion")
         if not isinstance(flat, list) or len(flat) != classes * classes:
             raise ValueError(f"confusion must be a list of {classes * classes} counts")
@@ -409,14 +404,6 @@ class ClassificationTask:
             return binary_metrics(stats)
         assert isinstance(stats, MulticlassStats)
         return multiclass_metrics(stats)
-
-
-def _binary_values(stats: BinaryStats) -> dict[str, StatsValue]:
-    values: dict[str, StatsValue] = {k: int(getattr(stats, k)) for k in _COUNT_KEYS}
-    values["pos-hist"] = [int(v) for v in stats.pos_hist]
-    values["neg-hist"] = [int(v) for v in stats.neg_hist]
-    values["noise-variance"] = float(stats.noise)
-    return values
 
 
 #: The classification task of the registry.

@@ -103,7 +103,7 @@ def test_no_gap_at_a_large_site_is_within_margin() -> None:
     gap = _gap(report, "a", "sensitivity")
     # Assert
     assert gap["verdict"] == Verdict.WITHIN_MARGIN
-    assert -0.05 < gap["difference"]["low"] and gap["difference"]["high"] < 0.05
+    assert gap["difference"]["low"] > -0.05 and gap["difference"]["high"] < 0.05
     assert report["summary"]["counts"]["flagged"] == 0
 
 

@@ -260,3 +260,77 @@ def test_noisy_and_exact_cells_in_one_split_are_refused() -> None:
     record["val#1.positives"] = 1
     with pytest.raises(InvalidReply, match="noisy and exact cells"):
         unpack_cells(TASK, record, names, config)
+
+
+def _exact_stats() -> dict[str, BinaryStats]:
+    """A site's cells with exact Mann-Whitney parts and per-patient sums (2 images each)."""
+    rng = np.random.default_rng(1)
+    out = {}
+    for split in ("train", "val"):
+        scores, labels = rng.random(60), (rng.random(60) < 0.5).astype(int)
+        patients = [str(i // 2) for i in range(60)]
+        stats = BinaryStats.from_scores(scores, labels, bins=BINS, exact=True, patients=patients)
+        out[split] = stats.with_min_cell(5)
+    return out
+
+
+def test_exact_counts_and_per_patient_sums_round_trip() -> None:
+    # Prepare
+    stats = _exact_stats()
+    # Execute
+    record = pack_stats(TASK, stats)
+    received = unpack_stats(TASK, record, _CONFIG)
+    # Assert: sent, and read back as they left
+    assert record["val.auc-exact"] == 1 and record["val.auc-mw2"] == stats["val"].exact.mw2
+    assert record["val.sens-clusters"][0] > 0 and record["val.auc-clusters"][0] > 0  # type: ignore[index]
+    assert received == stats
+    assert received["val"].exact.pairs == (stats["val"].tp + stats["val"].fn) * (
+        stats["val"].tn + stats["val"].fp
+    )
+
+
+def _pairs(r: MetricRecord) -> int:
+    return (r["val.tp"] + r["val.fn"]) * (r["val.tn"] + r["val.fp"])  # type: ignore[operator,no-any-return]
+
+
+def _set_item(key: str, index: int, value: object):  # type: ignore[no-untyped-def]
+    def mutate(r: MetricRecord) -> None:
+        values = list(r[key])  # type: ignore[arg-type]
+        values[index] = value
+        r[key] = values
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda r: r.__setitem__("val.auc-mw2", 2 * _pairs(r) + 1), "exceeds the pairs"),
+        (lambda r: r.__setitem__("val.auc-mw2", -1), "non-negative integer"),
+        (lambda r: r.__setitem__("val.auc-exact", 2), "auc-exact must be 0 or 1"),
+        (lambda r: r.__setitem__("val.auc-exact", 0), "must be 0 without auc-exact"),
+        (lambda r: r.__setitem__("val.auc-v10-sq", -1.0), "finite numbers >= 0"),
+        (lambda r: r.__setitem__("val.auc-v01-sq", 1e6), "outside the range"),
+        (_set_item("val.sens-clusters", 0, 10_000), "more patients than images"),
+        (_set_item("val.sens-clusters", 1, -3), "non-negative integer"),
+        (_set_item("val.spec-clusters", 3, 10**8), "cannot have"),
+        (_set_item("val.auc-clusters", 1, 10_000), "more patients than images"),
+        (_set_item("val.auc-cluster-sums", 0, 1e9), "cannot have"),
+        (_set_item("val.auc-cluster-sums", 4, -1.0), "finite numbers >= 0"),
+        (_set_item("val.auc-cluster-sums", 2, float("inf")), "non-finite"),
+    ],
+)
+def test_inconsistent_exact_counts_or_patient_sums_are_refused(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    record = MetricRecord(dict(pack_stats(TASK, _exact_stats())))
+    mutate(record)
+    with pytest.raises(InvalidReply, match=message):
+        unpack_stats(TASK, record, _CONFIG)
+
+
+def test_a_noisy_cell_with_an_exact_count_is_refused() -> None:
+    record, names, _ = _noisy_reply()
+    config = RunConfig(score_bins=BINS, eval_splits=("train", "val"), subgroups=("sex",))
+    record["val.auc-exact"] = 1
+    record["val.auc-mw2"] = 1
+    with pytest.raises(InvalidReply, match="noisy statistics carry no exact count"):
+        unpack_cells(TASK, record, names, config)

@@ -390,3 +390,29 @@ def test_a_threshold_sweep_under_dp_statistics_fails_to_recover_a_score(
     assert max(exact_errors) < 0.01, exact_errors
     assert float(np.median(errors)) > 0.05, errors
     assert sum(e < 0.01 for e in errors) <= len(targets) // 4, errors
+
+
+def test_dp_statistics_cells_carry_no_exact_count_and_no_patient_sums(site: Path) -> None:
+    # Prepare
+    state = build_model(CONFIG).state_dict()
+
+    # Execute
+    reply = _send(site, state)
+
+    # Assert: every cell says "not exact", every exact value and per-patient sum is 0
+    assert not reply.has_error()
+    record = reply.content["metrics"]
+    flags = {k: v for k, v in record.items() if k.endswith(".auc-exact")}
+    assert flags and set(flags.values()) == {0}
+    for key, value in record.items():
+        if key.rsplit(".", 1)[-1] in ("auc-mw2", "auc-v10-sq", "auc-v01-sq"):
+            assert value == 0
+        if key.rsplit(".", 1)[-1] in (
+            "sens-clusters",
+            "spec-clusters",
+            "auc-clusters",
+            "auc-cluster-sums",
+        ):
+            assert not any(value), key  # type: ignore[arg-type]
+    cells = _cells(reply)
+    assert all(not c.stats.exact and not c.stats.sens_clusters.clusters for c in cells)  # type: ignore[attr-defined]

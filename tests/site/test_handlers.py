@@ -105,7 +105,10 @@ def test_evaluate_reply_holds_statistics_and_nothing_identifying(site_copy: Path
             if key.endswith(".noise-variance"):  # the policy's noise (none here), not data
                 assert value == 0.0
                 continue
-            assert isinstance(value, int | list), "only counts leave a site"
+            if key.endswith((".auc-v10-sq", ".auc-v01-sq")):  # sums over a cell's cases
+                assert isinstance(value, float) and value >= 0
+                continue
+            assert isinstance(value, int | list), "only counts and sums leave a site"
 
 
 def test_site_failure_replies_with_a_code_not_the_exception_text(

@@ -178,3 +178,23 @@ def test_intensity_augmentation_is_seeded_and_varies_each_image() -> None:
     assert torch.equal(first, again)
     assert not torch.allclose(first[0], first[1])  # each image gets its own draw
     assert (first - images).abs().mean() > 0.01
+
+
+def test_outputs_group_cases_by_patient_for_the_sums_and_never_show_the_keys() -> None:
+    from radfed.data.loading import SplitData
+    from radfed.tasks.classification import TASK
+
+    # Prepare: 24 images of 8 patients (3 each)
+    generator = torch.Generator().manual_seed(6)
+    keys = tuple(f"secret-{i // 3}" for i in range(24))
+    data = SplitData(
+        torch.rand(24, 1, 32, 32, generator=generator), torch.arange(24) % 2, patients=keys
+    )
+    # Execute
+    outputs = TASK.predict(build_model(CONFIG), data, CONFIG)
+    stats = outputs.stats(range(24))
+    values = TASK.to_values(stats)
+    # Assert: patients counted, keys nowhere in what leaves or in the audit rows
+    assert stats.auc_clusters.clusters == 8  # type: ignore[attr-defined]
+    assert values["auc-exact"] == 1 and values["auc-clusters"] == [8, 8, 8]
+    assert not any("secret" in repr(v) for v in (*values.values(), *outputs.rows(), stats))
