@@ -113,8 +113,9 @@ METHODS = {
     ),
     "mean": "t interval of the exact mean, variance from the merged histogram (bin midpoints)",
     "difference": (
-        "Newcombe hybrid score (proportions); DeLong variances added (AUC); Welch (means); "
-        "Bonferroni-adjusted for the group pairs of each attribute"
+        "Newcombe hybrid score (proportions); MOVER from the two AUCs' own intervals (AUC); "
+        "Welch (means); at the false-coverage-rate-adjusted level of the comparison's family "
+        "(see gaps)"
     ),
     "ratio": "Katz log (proportions); delta method on the log scale (AUC, means)",
     "plain": "no interval (AP and FROC need per-image resampling, which no site sends)",
@@ -370,19 +371,25 @@ def compare(worst: Estimate, best: Estimate, confidence: float) -> tuple[Interva
 
 
 def _compare_auc(worst: Auc, best: Auc, confidence: float) -> tuple[Interval, Interval]:
-    """Difference and ratio of two disjoint groups' AUCs: their variances add (DeLong et al.
-    1988, without the covariance of shared cases); normal interval of the difference, delta
-    method on the log scale for the ratio; each widened by the groups' tie bounds."""
+    """Difference and ratio of two disjoint groups' AUCs. The difference's interval is
+    MOVER (Zou and Donner 2008) from each AUC's own interval (logit scale, widened by its
+    tie bound): a raw-scale normal interval collapses as an AUC nears 1, where DeLong's
+    variance goes to 0, and falsely flags small groups with near-perfect AUCs; without an
+    interval on either side (an AUC of 0 or 1, or a class of one case) the difference has
+    none. The ratio: delta method on the log scale, widened by the tie bounds."""
     fa, fb = _auc_fit(worst), _auc_fit(best)
     if fa is None or fb is None or withheld(fa) or withheld(fb):
         return Interval(None), Interval(None)
     z = iv.z_value(confidence)
     d = fa.value - fb.value
     gap = Interval(d)
-    if fa.variance is not None and fb.variance is not None:
-        se = math.sqrt(fa.variance + fb.variance)
-        gap = Interval(d, max(-1.0, d - z * se), min(1.0, d + z * se))
-    gap = _widen(gap, fa.tie + fb.tie, -1.0, 1.0)
+    own_a, own_b = interval(worst, confidence), interval(best, confidence)
+    if None not in (own_a.low, own_a.high, own_b.low, own_b.high):
+        assert own_a.low is not None and own_a.high is not None
+        assert own_b.low is not None and own_b.high is not None
+        low = d - math.hypot(fa.value - own_a.low, own_b.high - fb.value)
+        high = d + math.hypot(own_a.high - fa.value, fb.value - own_b.low)
+        gap = Interval(d, max(-1.0, low), min(1.0, high))
     if fb.value == 0:
         return gap, Interval(None)
     r = fa.value / fb.value

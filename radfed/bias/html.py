@@ -133,7 +133,11 @@ def _header(report: Mapping[str, Any]) -> str:
         "<i>in-sample warning</i> about that group's data or labels. "
         "Each split's role says what kind of evidence it is: "
         "<i>internal</i> (the sites' own cases), <i>held-out site</i> (a site that did not "
-        "train) or <i>sealed test</i>. n/a: undefined or not applicable.</p>\n"
+        "train) or <i>sealed test</i>. The <i>design effect</i> of a cell is how much its "
+        "patients' several images widen the intervals (1: one image per patient); "
+        "<i>AUC exact</i> marks an AUC computed from the site's exact pair count rather than "
+        "score histograms. n/a: undefined, not applicable, or (an AUC) too coarse to mean "
+        "anything.</p>\n"
         f"<h3>Methods of the intervals</h3>\n<dl>{method_list or '<dd>none given</dd>'}</dl>"
         "</header>"
     )
@@ -227,6 +231,14 @@ def _sites(gap: Mapping[str, Any]) -> str:
     return f"driven by {drivers}; {kind}{test}<br><span class='muted'>{per_site}</span>"
 
 
+def _deff(cell: Mapping[str, Any]) -> str:
+    """A cell's design effects (several images per patient) and whether its AUC is exact."""
+    parts = [f"{_e(m)} {_num(v)}" for m, v in as_mapping(cell.get("design_effect")).items()]
+    if cell.get("exact_auc") is True:
+        parts.append("AUC exact")
+    return ", ".join(parts) or "n/a"
+
+
 def _side(side: Any) -> str:
     side = as_mapping(side)
     return f"{_num(side.get('value'))} (n = {_num(side.get('n'))})" if side else "none"
@@ -268,13 +280,14 @@ def _split(name: str, split: Mapping[str, Any], report: Mapping[str, Any]) -> st
                 "suppressed" if c.get("suppressed") else _num(c.get("n")),
                 _num(c.get("positives")),
                 *(_estimate(as_mapping(c.get("metrics")).get(m)) for m in names),
+                _deff(c),
             ],
             "suppressed" if c.get("suppressed") else "",
         )
         for c in cells
     ]
     parts.append("<h3>Cells</h3>")
-    headers = ["site", "attribute", "group", "n", "positives", *names]
+    headers = ["site", "attribute", "group", "n", "positives", *names, "design effect"]
     parts.append(_table(headers, rows) if rows else '<p class="muted">No cells.</p>')
     parts.append("<h3>Gaps</h3>")
     gap_rows = [

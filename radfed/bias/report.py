@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from radfed import __version__
-from radfed.bias.estimates import METHODS, estimates, interval
+from radfed.bias.estimates import METHODS, design_effect, estimates, interval, is_exact
 from radfed.bias.figures import curves_from_metrics
 from radfed.bias.gaps import GroupCell, judge, summarise
 from radfed.config import RunConfig
@@ -153,6 +153,12 @@ def _cell_json(row: _Row, config: RunConfig, split: str) -> dict[str, Any]:
             name: _clean(interval(metric.estimate, CONFIDENCE).to_dict())
             for name, metric in row.metrics.items()
         },
+        "design_effect": {
+            name: _round(deff)
+            for name, metric in row.metrics.items()
+            if (deff := design_effect(metric.estimate)) is not None
+        },
+        "exact_auc": "auc" in row.metrics and is_exact(row.metrics["auc"].estimate),
     }
 
 

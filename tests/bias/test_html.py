@@ -294,3 +294,17 @@ def test_another_format_is_refused(tmp_path: Path, fmt: str, version: int) -> No
     with pytest.raises(DataError, match=f"format {fmt!r} version {version}"):
         render_html(report, tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
+
+
+def test_cells_show_their_design_effect_and_an_exact_auc(tmp_path: Path) -> None:
+    # Prepare
+    report = _classification_report()
+    cell = report["splits"]["val"]["cells"][0]
+    cell.update(design_effect={"sensitivity": 2.1}, exact_auc=True)
+    cell["metrics"]["auc"] = _est(None, 0.6, 0.9)  # withheld value, interval kept
+    # Execute
+    page = render_html(report, tmp_path / "r.html").read_text(encoding="utf-8")
+    # Assert
+    assert "<td>sensitivity 2.100, AUC exact</td>" in page
+    assert "<td>n/a [0.600, 0.900]</td>" in page
+    assert "design effect" in page

@@ -192,3 +192,33 @@ def test_before_training_the_report_holds_composition_and_no_metric(tmp_path: Pa
     assert {c["attribute"] for c in report["confounders"]} >= {"sex", "manufacturer"}
     html = render_html(report, tmp_path / "report.html").read_text()
     assert "site-a" in html
+
+
+def test_site_cells_show_the_exact_auc_and_the_design_effect_of_repeat_images() -> None:
+    # Prepare: 150 patients with 3 images each; a patient's images share most of their
+    # score (a patient effect), so the images are far from independent
+    rng = np.random.default_rng(8)
+    patients = np.repeat(np.arange(150), 3)
+    labels = np.repeat(rng.integers(0, 2, 150), 3)
+    effect = np.repeat(rng.normal(0, 1.5, 150), 3)
+    scores = 1 / (1 + np.exp(-(2 * labels - 1 + effect + rng.normal(0, 0.3, 450))))
+    keys = [f"p{p}" for p in patients]
+    stats = BinaryStats.from_scores(scores, labels, bins=100, exact=True, patients=keys)
+    config = dataclasses.replace(CONFIG, score_bins=100, min_cell_size=10, subgroups=("sex",))
+    cell = CellStats("all", "all", stats.with_min_cell(10), int(labels.sum()))
+    # Execute
+    report = build_report(TASK, config, {"site-a": {"val": [cell]}}, server_round=1)
+    site = next(c for c in report["splits"]["val"]["cells"] if c["site"] == "site-a")
+    # Assert: the AUC is the exact one of the cases, not the merged histogram's
+    assert site["exact_auc"] is True
+    assert site["metrics"]["auc"]["value"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
+    # three nearly identical images per patient: close to 3 times the variance
+    assert site["design_effect"]["sensitivity"] > 2
+    assert site["design_effect"]["auc"] > 2
+    naive = BinaryStats.from_scores(scores, labels, bins=100, exact=True).with_min_cell(10)
+    alone = CellStats("all", "all", naive, int(labels.sum()))
+    unclustered = build_report(TASK, config, {"site-a": {"val": [alone]}}, server_round=1)
+    plain = next(c for c in unclustered["splits"]["val"]["cells"] if c["site"] == "site-a")
+    width = site["metrics"]["sensitivity"]["high"] - site["metrics"]["sensitivity"]["low"]
+    narrow = plain["metrics"]["sensitivity"]["high"] - plain["metrics"]["sensitivity"]["low"]
+    assert width > 1.3 * narrow
