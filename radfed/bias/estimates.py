@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from radfed.bias.auc_fit import MAX_TIE_BOUND, AucFit, fit_auc, withheld
 from radfed.metrics import intervals as iv
@@ -89,6 +90,7 @@ class Plain:
 
 
 Estimate = Proportion | Auc | Mean | Plain
+_Clusters = TypeVar("_Clusters", ProportionClusters, AucClusters)
 
 #: The interval method of each kind of estimate, as the report names it.
 METHODS = {
@@ -149,7 +151,7 @@ def estimates(stats: object) -> dict[str, Metric]:
                     stats.neg_hist,
                     stats.noise,
                     stats.exact,
-                    stats.auc_clusters if stats.auc_clusters.clusters else None,
+                    _sent(stats.auc_clusters),
                 )
             ),
             "sensitivity": Metric(
@@ -157,7 +159,7 @@ def estimates(stats: object) -> dict[str, Metric]:
                     stats.tp,
                     stats.tp + stats.fn,
                     (above, below),
-                    stats.sens_clusters if stats.sens_clusters.clusters else None,
+                    _sent(stats.sens_clusters),
                 )
             ),
             "specificity": Metric(
@@ -165,7 +167,7 @@ def estimates(stats: object) -> dict[str, Metric]:
                     stats.tn,
                     stats.tn + stats.fp,
                     (below, above),
-                    stats.spec_clusters if stats.spec_clusters.clusters else None,
+                    _sent(stats.spec_clusters),
                 )
             ),
             "accuracy": Metric(
@@ -210,6 +212,11 @@ def estimates(stats: object) -> dict[str, Metric]:
         }
     msg = f"no bias-report metrics for {type(stats).__name__}"
     raise TypeError(msg)
+
+
+def _sent(clusters: _Clusters) -> _Clusters | None:
+    """Per-patient sums a site sent, or None (none sent: zero patients)."""
+    return clusters if clusters.clusters else None
 
 
 def _noisy(estimate: Estimate) -> bool:
@@ -381,15 +388,7 @@ def _compare_auc(worst: Auc, best: Auc, confidence: float) -> tuple[Interval, In
     if fa is None or fb is None or withheld(fa) or withheld(fb):
         return Interval(None), Interval(None)
     z = iv.z_value(confidence)
-    d = fa.value - fb.value
-    gap = Interval(d)
-    own_a, own_b = interval(worst, confidence), interval(best, confidence)
-    if None not in (own_a.low, own_a.high, own_b.low, own_b.high):
-        assert own_a.low is not None and own_a.high is not None
-        assert own_b.low is not None and own_b.high is not None
-        low = d - math.hypot(fa.value - own_a.low, own_b.high - fb.value)
-        high = d + math.hypot(own_a.high - fa.value, fb.value - own_b.low)
-        gap = Interval(d, max(-1.0, low), min(1.0, high))
+    gap = iv.mover_difference(interval(worst, confidence), interval(best, confidence))
     if fb.value == 0:
         return gap, Interval(None)
     r = fa.value / fb.value

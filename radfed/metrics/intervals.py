@@ -202,9 +202,25 @@ def newcombe_difference(
     p1, p2 = s1 / n1, s2 / n2
     l1, u1 = _wilson_limits(*_effective(s1, n1, design_effects[0]), z)
     l2, u2 = _wilson_limits(*_effective(s2, n2, design_effects[1]), z)
-    d = p1 - p2
-    low = d - math.hypot(p1 - l1, u2 - p2)
-    high = d + math.hypot(u1 - p1, p2 - l2)
+    return mover_difference(Interval(p1, l1, u1), Interval(p2, l2, u2))
+
+
+def mover_difference(first: Interval, second: Interval) -> Interval:
+    """The difference of two independent estimates from their own intervals, by the method
+    of variance estimates recovery (MOVER; Zou and Donner 2008): ``d - sqrt((a - la)^2 +
+    (ub - b)^2)`` to ``d + sqrt((ua - a)^2 + (b - lb)^2)``, within [-1, 1] (estimates on
+    [0, 1]). Newcombe's interval is this over Wilson limits. Without both intervals, the
+    difference alone."""
+    a, b = first.value, second.value
+    if a is None or b is None:
+        return _UNDEFINED
+    if None in (first.low, first.high, second.low, second.high):
+        return Interval(a - b)
+    assert first.low is not None and first.high is not None
+    assert second.low is not None and second.high is not None
+    d = a - b
+    low = d - math.hypot(a - first.low, second.high - b)
+    high = d + math.hypot(first.high - a, b - second.low)
     return Interval(d, max(-1.0, low), min(1.0, high))
 
 
