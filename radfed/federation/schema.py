@@ -10,8 +10,10 @@ Statistics schema 3, in the reply's one MetricRecord:
   statistics (``Task.to_values``; fixed keys and lengths for a run config). For binary
   classification: ``tp``, ``fp``, ``tn``, ``fn`` and ``pos-hist``, ``neg-hist`` (lists of
   ``score-bins`` ints; adjacent bins merged until each non-empty bin holds at least the
-  minimum cell size) and ``noise-variance``; for a cell with at least the minimum cell
-  size of positives and of negatives ``auc-exact`` 1, ``auc-mw2`` (int: twice the exact
+  minimum cell size) and ``noise-variance``; where the site's policy sends exact pair
+  counts (``exact-auc``), for a cell with at least the minimum cell size of positives and
+  of negatives (bins then merged until a bin holding both classes holds that many of
+  each) ``auc-exact`` 1, ``auc-mw2`` (int: twice the exact
   Mann-Whitney count of the cell's positive-negative pairs, ties counting 1) and
   ``auc-v10-sq``, ``auc-v01-sq`` (floats: sums of the squared placement values of the
   positives and of the negatives, for DeLong's variance), else ``auc-exact`` 0 and the

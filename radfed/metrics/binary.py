@@ -32,7 +32,7 @@ from radfed.metrics.clusters import (
     proportion_clusters,
 )
 from radfed.metrics.exact_auc import ExactAuc, placements2, pooled_auc
-from radfed.metrics.histograms import merge_sparse_bins
+from radfed.metrics.histograms import merge_mixed_bins, merge_sparse_bins
 
 __all__ = [
     "BinaryStats",
@@ -91,6 +91,9 @@ class BinaryStats:
     sens_clusters: ProportionClusters = field(default_factory=ProportionClusters)
     spec_clusters: ProportionClusters = field(default_factory=ProportionClusters)
     auc_clusters: AucClusters = field(default_factory=AucClusters)
+    #: patients with images of both classes, with two or more positives, with two or more
+    #: negatives (kept at the site: ``with_min_cell`` withholds sums these would expose)
+    profile: tuple[int, int, int] = field(default=(0, 0, 0), compare=False, repr=False)
 
     @classmethod
     def empty(cls, bins: int, *, suppressed: bool = False) -> BinaryStats:
@@ -147,6 +150,7 @@ class BinaryStats:
             stats,
             sens_clusters=proportion_clusters(predicted[labels], group[labels]),
             spec_clusters=proportion_clusters(~predicted[~labels], group[~labels]),
+            profile=_profile(group, labels),
         )
         if p == 0 or n == 0:
             return stats
@@ -185,9 +189,14 @@ class BinaryStats:
         ``auc_tie_bound`` of the exact AUC.
 
         The exact Mann-Whitney parts leave only with at least ``k`` positives and ``k``
-        negatives; the per-patient sums of sensitivity (specificity) only where no patient
-        holds more than ``1 / k`` of the positives (negatives), those of the AUC only with
-        the exact parts and where no patient holds more than ``1 / k`` of either class.
+        negatives, and then the histograms are merged further until every bin holding both
+        classes holds at least ``k`` of each (else the count would order the cases inside
+        a small bin; ``merge_mixed_bins``). The per-patient sums
+        of sensitivity (specificity) leave only where no patient holds more than ``1 / k``
+        of the positives (negatives) and the patients with several positive (negative)
+        images are none or at least ``k``; those of the AUC only with the exact parts, on
+        both conditions, and where the patients with images of both classes are none or at
+        least ``k`` (docs/privacy.md says which attack each rule stops).
         """
         if k <= 1:
             return self
@@ -195,10 +204,21 @@ class BinaryStats:
             return BinaryStats.empty(len(self.pos_hist), suppressed=True)
         pos, neg = merge_sparse_bins((self.pos_hist, self.neg_hist), k, split_at=self.threshold_bin)
         positives, negatives = self.tp + self.fn, self.tn + self.fp
-        exact = self.exact.on_histograms(pos, neg)
-        if not (self.exact and positives >= k and negatives >= k):
-            exact = ExactAuc()
+        exact = ExactAuc()
+        if self.exact and positives >= k and negatives >= k:
+            # bins shared by both classes hold k of each: no order inside a small bin
+            mixed_ok = merge_mixed_bins(pos, neg, k, split_at=self.threshold_bin)
+            if mixed_ok is not None:
+                pos, neg = mixed_ok
+                exact = self.exact.on_histograms(pos, neg)
+        mixed, multi_pos, multi_neg = self.profile
         sens, spec, auc = self.sens_clusters, self.spec_clusters, self.auc_clusters
+        if _few(multi_pos, k):  # the sums would single out a patient of several positives
+            sens, auc = ProportionClusters(), AucClusters()
+        if _few(multi_neg, k):
+            spec, auc = ProportionClusters(), AucClusters()
+        if _few(mixed, k):  # the AUC's cross sums would isolate a patient of both classes
+            auc = AucClusters()
         return BinaryStats(
             self.tp,
             self.fp,
@@ -210,6 +230,20 @@ class BinaryStats:
             sens_clusters=sens if sens.releasable(k) else ProportionClusters(),
             spec_clusters=spec if spec.releasable(k) else ProportionClusters(),
             auc_clusters=auc if exact and auc.releasable(k) else AucClusters(),
+        )
+
+    def without_exact_auc(self) -> BinaryStats:
+        """The statistics without the exact pair count and the AUC's per-patient sums (a
+        site whose policy does not send them)."""
+        return dataclasses.replace(self, exact=ExactAuc(), auc_clusters=AucClusters())
+
+    def without_clusters(self) -> BinaryStats:
+        """The statistics without any per-patient sums."""
+        return dataclasses.replace(
+            self,
+            sens_clusters=ProportionClusters(),
+            spec_clusters=ProportionClusters(),
+            auc_clusters=AucClusters(),
         )
 
     def __add__(self, other: BinaryStats) -> BinaryStats:
@@ -232,6 +266,22 @@ class BinaryStats:
             spec_clusters=self.spec_clusters + other.spec_clusters,
             auc_clusters=self.auc_clusters + other.auc_clusters,
         )
+
+
+def _few(count: int, k: int) -> bool:
+    """Between 1 and ``k - 1``: a count of patients that could single one out."""
+    return 0 < count < k
+
+
+def _profile(group: np.ndarray, labels: np.ndarray) -> tuple[int, int, int]:
+    """Patients with images of both classes, with two or more positive images, and with
+    two or more negative ones."""
+    if group.size == 0:
+        return (0, 0, 0)
+    _, local = np.unique(group, return_inverse=True)
+    pos = np.bincount(local[labels], minlength=local.max() + 1)
+    neg = np.bincount(local[~labels], minlength=local.max() + 1)
+    return (int(np.sum((pos > 0) & (neg > 0))), int(np.sum(pos > 1)), int(np.sum(neg > 1)))
 
 
 class BinaryStatsAccumulator:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["merge_sparse_bins"]
+__all__ = ["merge_mixed_bins", "merge_sparse_bins"]
 
 
 def merge_sparse_bins(
@@ -65,3 +65,45 @@ def _runs(
         else:  # fewer than k entries in all: one bin
             runs.append((start, run))
     return runs
+
+
+def merge_mixed_bins(
+    pos: Sequence[int], neg: Sequence[int], k: int, *, split_at: int | None = None
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """Merge adjacent non-empty bins of a positive and a negative histogram until every bin
+    holding both classes holds at least ``k`` of each (each side of ``split_at`` apart), so
+    that an exact pair count orders no fewer than ``k`` cases of a class inside a bin.
+
+    A merged run is stored in its first bin. Returns None when a side cannot meet the
+    rule (it holds both classes but fewer than ``k`` of one in all).
+    """
+    width = len(pos)
+    if len(neg) != width:
+        raise ValueError(f"histograms to merge differ in length: {width} vs {len(neg)}")
+    out_pos, out_neg = [0] * width, [0] * width
+    parts = [(0, width)] if split_at is None else [(0, split_at), (split_at, width)]
+    for begin, end in parts:
+        runs: list[list[int]] = []  # [first bin, positives, negatives]
+        for index in range(begin, end):
+            if not (pos[index] or neg[index]):
+                continue
+            if runs and not _clean_run(runs[-1], k):
+                runs[-1][1] += int(pos[index])
+                runs[-1][2] += int(neg[index])
+            else:
+                runs.append([index, int(pos[index]), int(neg[index])])
+        while len(runs) > 1 and not _clean_run(runs[-1], k):  # a short last run joins back
+            _, p, n = runs.pop()
+            runs[-1][1] += p
+            runs[-1][2] += n
+        if runs and not _clean_run(runs[-1], k):
+            return None
+        for first, p, n in runs:
+            out_pos[first], out_neg[first] = p, n
+    return tuple(out_pos), tuple(out_neg)
+
+
+def _clean_run(run: list[int], k: int) -> bool:
+    """A run holding one class only, or at least ``k`` of each."""
+    _, p, n = run
+    return p == 0 or n == 0 or (p >= k and n >= k)

@@ -8,6 +8,7 @@ The site administrator owns a TOML file (``site-policy.toml``); every key is opt
     tasks = ["classification"]     # tasks this site trains (default: every radfed.config.TaskName)
     subgroups = ["sex", "age_band", "manufacturer", "sex*age_band"]  # (the default)
     max-message-bytes = 104857600  # the largest reply this site sends (default 512 MiB)
+    exact-auc = false              # send exact AUC pair counts (trusts the server's models)
 
     [policy.attribute-values]      # free-text attributes a site reports, with their values
     manufacturer = ["GE", "Siemens"]  # default: the canonical vendor names
@@ -251,6 +252,10 @@ class SitePolicy:
         max_message_bytes: the largest reply the site sends (serialized bytes).
         dp: differential privacy on weight updates; None when not required.
         dp_statistics: differential privacy on released statistics; None when off.
+        exact_auc: send each large enough cell's exact Mann-Whitney pair count and DeLong
+            sums (exact AUCs in the bias report). Off by default: a server that crafts
+            the model can read labels out of exact counts (docs/privacy.md); a simulated
+            site without a policy file has it on (the researcher owns both sides).
         bundle: the app bundles whose runs the site answers.
         limits: what a run may cost the site (compute, memory, disk).
     """
@@ -264,6 +269,7 @@ class SitePolicy:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     dp: DifferentialPrivacy | None = None
     dp_statistics: StatisticsDP | None = None
+    exact_auc: bool = False
     bundle: BundleRule = field(default_factory=BundleRule)
     limits: ResourceLimits = field(default_factory=ResourceLimits)
 

@@ -37,7 +37,7 @@ DP_SCORE_BINS = 20
 #: The keys of each table of the file: ``policy`` and its sub-tables.
 POLICY_KEYS: dict[str, tuple[str, ...]] = {
     "policy": (
-        *("min-cell-size", "tasks", "subgroups", "max-message-bytes"),
+        *("min-cell-size", "tasks", "subgroups", "max-message-bytes", "exact-auc"),
         *("dp", "bundle", "limits", "attribute-values", "templates", "queries"),
         "dp-statistics",
     ),
@@ -109,6 +109,14 @@ class _Reader:
             self.fail(f"{where}.{key}", "an integer >= 1", value)
         return value
 
+    def boolean(
+        self, table: Mapping[str, Any], key: str, default: bool, where: str = "policy"
+    ) -> bool:
+        value = table.get(key, default)
+        if not isinstance(value, bool):
+            self.fail(f"{where}.{key}", "true or false", value)
+        return value
+
     def number(
         self, table: Mapping[str, Any], key: str, *, positive: bool, where: str = "policy.dp"
     ) -> float:
@@ -157,6 +165,7 @@ class _Reader:
             max_message_bytes=self.integer(table, "max-message-bytes", DEFAULT_MAX_MESSAGE_BYTES),
             dp=self.dp(table["dp"]) if "dp" in table else None,
             dp_statistics=noisy,
+            exact_auc=self.boolean(table, "exact-auc", False),
             bundle=self.bundle(table["bundle"]) if "bundle" in table else BundleRule(),
             limits=self.limits(table["limits"]) if "limits" in table else ResourceLimits(),
         )

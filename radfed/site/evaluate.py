@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def evaluate_cells(
         vocabularies=policy.vocabularies(),
     )
     hidden = suppressed_cells(partition, own_k) | suppressed_cells(partition, k)
+    images = Counter(data.patients)
     cells = []
     for number, cell in enumerate(partition):
         if cell.attribute not in wanted:
@@ -84,10 +86,27 @@ def evaluate_cells(
                 CellStats(cell.attribute, cell.group, task.empty_stats(config, suppressed=True), 0)
             )
             continue
-        stats = outputs.stats(cell.index).with_min_cell(own_k)  # the same in every run
+        raw = outputs.stats(cell.index)
+        if isinstance(raw, BinaryStats) and not policy.exact_auc:
+            raw = raw.without_exact_auc()
+        stats = raw.with_min_cell(own_k)  # the same in every run
+        if isinstance(stats, BinaryStats):
+            stats = _patient_sums_allowed(stats, cell, data.patients, images)
         positives = sum(positive[i] for i in cell.index)
         cells.append(CellStats(cell.attribute, cell.group, stats, positives))
     return outputs, cells
+
+
+def _patient_sums_allowed(
+    stats: BinaryStats, cell: Cell, patients: tuple[str, ...], images: Counter[str]
+) -> BinaryStats:
+    """The per-patient sums only where every patient of the cell has all its images of the
+    split in it: per-patient sums do not add up over cells a patient straddles (studies in
+    two age bands), and differences of linked cells would give that patient's counts."""
+    inside = Counter(patients[i] for i in cell.index) if patients else Counter()
+    if any(images[patient] != count for patient, count in inside.items()):
+        stats = stats.without_clusters()
+    return stats
 
 
 def released_cells_per_case(config: RunConfig, policy: SitePolicy) -> int:

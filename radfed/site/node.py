@@ -156,6 +156,7 @@ def site_policy(node_config: Mapping[str, Any], site_dir: Path) -> SitePolicy:
         attribute_values=(),
         templates=None,
         queries=None,
+        exact_auc=True,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
@@ -109,6 +111,24 @@ def test_exact_parts_leave_only_with_k_positives_and_k_negatives() -> None:
     scores, labels = _cases(5, 40)
     stats = BinaryStats.from_scores(scores, labels, bins=100, exact=True)
     fewest = min(int(labels.sum()), int((1 - labels).sum()))
-    assert stats.with_min_cell(fewest).exact
     assert not stats.with_min_cell(fewest + 1).exact
     assert not BinaryStats.from_scores(scores, labels, bins=100).exact  # only when asked
+    # without a threshold to keep apart, k of each class can always share one bin
+    whole = BinaryStats.from_scores(scores, labels, bins=100, exact=True)
+    whole = dataclasses.replace(whole, threshold_bin=None)
+    assert whole.with_min_cell(fewest).exact
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_released_exact_count_orders_no_fewer_than_k_cases_inside_a_bin(seed: int) -> None:
+    # Prepare: 400 cases with many ties between the classes
+    scores, labels = _cases(seed, 400)
+    stats = BinaryStats.from_scores(scores, labels, bins=100, exact=True)
+    # Execute
+    released = stats.with_min_cell(10)
+    # Assert: released on these data, and every bin that holds both classes holds k of each
+    assert released.exact
+    shared = [(p, n) for p, n in zip(released.pos_hist, released.neg_hist, strict=True) if p and n]
+    assert shared and all(p >= 10 and n >= 10 for p, n in shared)
+    exact = released.exact.mw2 / (2 * released.exact.pairs)
+    assert exact == pytest.approx(roc_auc_score(labels, scores))

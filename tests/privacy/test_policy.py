@@ -85,6 +85,7 @@ def test_dp_table_not_required_means_no_dp(tmp_path: Path) -> None:
         ("[policy]\nmin-cell-size = 2.5\n", "policy.min-cell-size"),
         ('[policy]\nmin-cell-size = "20"\n', "policy.min-cell-size"),
         ("[policy]\nmax-message-bytes = 0\n", "policy.max-message-bytes"),
+        ("[policy]\nexact-auc = 1\n", "policy.exact-auc"),
         ('[policy]\ntasks = ["classification", "radiomics"]\n', "policy.tasks"),
         ('[policy]\ntasks = "classification"\n', "policy.tasks"),
         ("[policy]\ntasks = [1]\n", "policy.tasks"),
@@ -415,3 +416,13 @@ def test_a_run_may_only_choose_among_the_templates(change: dict[str, object], na
 def test_a_run_asking_for_an_identifying_attribute_is_refused(name: str) -> None:
     with pytest.raises(ConfigError, match="look like identifiers"):
         RunConfig.from_run_config({"subgroups": f"sex,{name}"})
+
+
+def test_exact_auc_counts_leave_only_when_the_site_policy_says_so(tmp_path: Path) -> None:
+    # A deployed site sends no exact pair counts unless its own file turns them on
+    path = tmp_path / "site-policy.toml"
+    path.write_text("[policy]\nmin-cell-size = 10\n")
+    assert load_policy(path).exact_auc is False
+    assert SitePolicy.default().exact_auc is False
+    path.write_text("[policy]\nexact-auc = true\n")
+    assert load_policy(path).exact_auc is True
