@@ -19,6 +19,7 @@ import os
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ __all__ = [
     "POLICY_FILE_NAME",
     "POOLED_SITE",
     "SITES_FILE_ENV",
+    "STORE_ENV",
+    "RunEvent",
     "RunFiles",
     "ServerState",
     "SiteFolder",
@@ -39,10 +42,36 @@ __all__ = [
     "list_sites",
 ]
 
+
+class RunEvent(StrEnum):
+    """The kinds of line in a run's ``events.jsonl`` (``RunFolder.event`` writes them).
+
+    Every line holds ``at``, ``kind``, ``level``, ``round``, ``site`` and ``message``, and
+    the facts named here; the run store builds its rounds and sites tables from them.
+    """
+
+    RUN_STARTED = "run-started"  # rounds, sites (the run's named sites, may be empty)
+    RUN_RESUMED = "run-resumed"  # after_round
+    WAITING = "waiting"  # missing (site names), connected
+    LATE = "late"  # missing: the round started without them
+    PHASE_STARTED = "phase-started"  # phase, asked
+    PHASE_ENDED = "phase-ended"  # phase, asked, replied (site names), dropped {site: why}
+    SITE_ERROR = "site-error"  # code, refusal (the site's policy refused)
+    DROPPED = "dropped"  # what (update, statistics): a reply that broke the contract
+    SECURITY = "security"  # node: a reply from a key not registered from the PKI
+    REPORT = "report"  # the bias report of the round was written
+    ROUND_ENDED = "round-ended"  # seconds
+    RUN_FINISHED = "run-finished"
+    RUN_FAILED = "run-failed"  # the reason
+
+
 #: The ``site`` of metrics, cells and curves computed from the merged statistics of all sites.
 POOLED_SITE = "ALL"
 #: Environment variable naming the app folder, when it is not found on its own.
 APP_ENV = "RADFED_APP"
+#: Environment variable naming the run store (a SQLAlchemy URL, or ``none``): the ServerApp
+#: writes to it as a run goes (``radfed.store``).
+STORE_ENV = "RADFED_STORE"
 #: Environment variable naming the server's site registry (``ServerState.sites``); the
 #: ServerApp inherits it from the SuperLink that ``radfed server start`` runs.
 SITES_FILE_ENV = "RADFED_SITES_FILE"
@@ -163,6 +192,11 @@ class RunFiles:
     @property
     def metrics(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def events(self) -> Path:
+        """events.jsonl: what happened during the run, one JSON object a line, in order."""
+        return self.path / "events.jsonl"
 
     @property
     def bias_report(self) -> Path:

@@ -17,6 +17,9 @@ def _isolated_flower_home(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr-home")))
+    # every run a test starts writes to a store of its own, never the user's
+    store = tmp_path_factory.mktemp("store") / "runs.sqlite"
+    monkeypatch.setenv("RADFED_STORE", f"sqlite:///{store}")
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
 

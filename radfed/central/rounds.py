@@ -14,7 +14,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,13 @@ from radfed.config import RunConfig
 from radfed.errors import ConfigError, RadfedError
 from radfed.federation.codes import InvalidReply, describe_code
 from radfed.federation.identity import read_site_identity
-from radfed.folders import SITES_FILE_ENV
+from radfed.folders import SITES_FILE_ENV, RunEvent
 from radfed.log import logger
+from radfed.progress import Progress
 
 __all__ = [
     "SitesMissing",
+    "exchange",
     "load_site_registry",
     "restore_strategy_state",
     "run_rounds",
@@ -47,6 +50,8 @@ _STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
 
 #: Seconds between "waiting for sites" lines, and the reply timeout of an identity query.
 _NOTE_EVERY, _QUERY_TIMEOUT = 10.0, 120.0
+#: Seconds between two pulls of replies (Flower's own loop waits 3 s in a deployment).
+_PULL_EVERY = 0.5
 
 
 def load_site_registry() -> dict[int, str] | None:
@@ -87,6 +92,7 @@ def wait_for_sites(
     names: MutableMapping[int, str],
     server_round: int,
     *,
+    run: RunFolder | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> list[int]:
@@ -96,6 +102,9 @@ def wait_for_sites(
     message answered by the site's ClientApp) and ``names`` maps node ids to names; the log
     then names the sites still missing. Without it, ``min-sites`` nodes of any name suffice.
 
+    With ``run``, a change in who is missing and a start without some sites are events
+    of the run folder.
+
     Returns:
         The connected node ids the round starts with.
 
@@ -104,6 +113,7 @@ def wait_for_sites(
     """
     deadline = clock() + config.site_wait
     noted = -math.inf
+    told: tuple[str, ...] | None = None
     while True:
         nodes = sorted(grid.get_node_ids())
         missing: list[str] = []
@@ -125,6 +135,14 @@ def wait_for_sites(
                     len(nodes),
                     config.min_sites,
                 )
+                if run is not None:
+                    run.event(
+                        RunEvent.LATE,
+                        f"round {server_round} started without it after {config.site_wait:.0f} s",
+                        round_=server_round,
+                        level="warning",
+                        missing=missing,
+                    )
                 return nodes
             msg = (
                 f"round {server_round}: {len(nodes)} site(s) connected after "
@@ -138,6 +156,15 @@ def wait_for_sites(
                 "round %d: waiting for sites: %s (%d connected)", server_round, waiting, len(nodes)
             )
             noted = clock()
+        if run is not None and told != (waiting,):
+            told = (waiting,)
+            run.event(
+                RunEvent.WAITING,
+                f"round {server_round}: waiting for {waiting} ({len(nodes)} connected)",
+                round_=server_round,
+                missing=missing,
+                connected=len(nodes),
+            )
         sleep(1.0)
 
 
@@ -163,6 +190,50 @@ def _identify(grid: Grid, nodes: list[int], names: MutableMapping[int, str]) -> 
             names[node] = read_site_identity(reply.content).name
         except InvalidReply as err:
             logger.warning("node %d sent a bad identity: %s", node, err)
+
+
+def exchange(
+    grid: Grid,
+    messages: Iterable[Message],
+    *,
+    timeout: float,
+    step: tuple[int, int, str],
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[list[Message], list[int]]:
+    """Send ``messages`` and collect the replies until all are in or ``timeout`` passed,
+    logging a progress line (``radfed.progress``) whenever replies arrive.
+
+    Flower's ``send_and_receive`` does the same without telling anyone how far it got.
+
+    Args:
+        step: (round, rounds, phase) for the progress lines.
+
+    Returns:
+        The replies, and the node ids that did not reply in time.
+    """
+    sent = list(messages)
+    pending = {i for i in grid.push_messages(sent) if i}
+    targets = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}  # ids set by push
+    started, asked = clock(), len(pending)
+    replies: list[Message] = []
+
+    def note() -> None:
+        elapsed = int(clock() - started)
+        logger.info(Progress(step[0], step[1], step[2], len(replies), asked, elapsed).line())
+
+    note()
+    while pending:
+        got = list(grid.pull_messages(pending))
+        for reply in got:
+            pending.discard(reply.metadata.reply_to_message_id)
+        replies.extend(got)
+        if got:
+            note()
+        if not pending or clock() - started >= timeout:
+            break
+        sleep(_PULL_EVERY)
+    return replies, sorted(targets[i] for i in pending if i in targets)
 
 
 def strategy_state(strategy: FedAvg) -> dict[str, Any]:
@@ -206,33 +277,86 @@ def run_rounds(
     """
     names = {} if names is None else names
     strategy.summary()
+    rounds = config.num_server_rounds
+
+    def phase(server_round: int, name: str, messages: Iterable[Message]) -> _Phase:
+        sent = list(messages)
+        run.event(
+            RunEvent.PHASE_STARTED,
+            f"round {server_round}: {name} asked of {len(sent)} sites",
+            round_=server_round,
+            phase=name,
+            asked=len(sent),
+        )
+        replies, silent = exchange(
+            grid, sent, timeout=config.round_timeout, step=(server_round, rounds, name)
+        )
+        known = {**names, **getattr(strategy, "site_names", {})}
+        quiet = [known.get(node, f"node {node}") for node in silent]
+        for site in quiet:
+            logger.warning("round %d: %s did not reply to %s in time", server_round, site, name)
+        return _Phase(server_round, name, len(sent), quiet, replies)
+
     if first_round == 1:  # the sites' data composition, before any training
-        wait_for_sites(grid, config, names, 0)
-        replies = grid.send_and_receive(
-            messages=strategy.configure_evaluate(0, arrays, ConfigRecord({}), grid),
-            timeout=config.round_timeout,
-        )
-        strategy.survey(replies)  # type: ignore[attr-defined]  # a RadfedChecks
-    for server_round in range(first_round, config.num_server_rounds + 1):
+        wait_for_sites(grid, config, names, 0, run=run)
+        done = phase(0, "survey", strategy.configure_evaluate(0, arrays, ConfigRecord({}), grid))
+        strategy.survey(done.replies)  # type: ignore[attr-defined]  # a RadfedChecks
+        done.close(run, strategy)
+    for server_round in range(first_round, rounds + 1):
         started = time.monotonic()
-        wait_for_sites(grid, config, names, server_round)
-        replies = grid.send_and_receive(
-            messages=strategy.configure_train(server_round, arrays, ConfigRecord({}), grid),
-            timeout=config.round_timeout,
+        wait_for_sites(grid, config, names, server_round, run=run)
+        done = phase(
+            server_round,
+            "train",
+            strategy.configure_train(server_round, arrays, ConfigRecord({}), grid),
         )
-        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        aggregated, _ = strategy.aggregate_train(server_round, done.replies)
+        done.close(run, strategy)
         if aggregated is not None:
             arrays = aggregated
-        replies = grid.send_and_receive(
-            messages=strategy.configure_evaluate(server_round, arrays, ConfigRecord({}), grid),
-            timeout=config.round_timeout,
-        )
-        strategy.aggregate_evaluate(server_round, replies)
-        run.save_state(server_round, strategy_state(strategy))
-        logger.info(
-            "round %d/%d completed in %.0f s",
+        done = phase(
             server_round,
-            config.num_server_rounds,
-            time.monotonic() - started,
+            "evaluate",
+            strategy.configure_evaluate(server_round, arrays, ConfigRecord({}), grid),
+        )
+        strategy.aggregate_evaluate(server_round, done.replies)
+        done.close(run, strategy)
+        run.save_state(server_round, strategy_state(strategy))
+        seconds = time.monotonic() - started
+        logger.info("round %d/%d completed in %.0f s", server_round, rounds, seconds)
+        run.event(
+            RunEvent.ROUND_ENDED,
+            f"round {server_round}/{rounds} completed in {seconds:.0f} s",
+            round_=server_round,
+            seconds=round(seconds, 1),
         )
     return arrays
+
+
+@dataclass(frozen=True)
+class _Phase:
+    """One exchange of a round: how many sites were asked, who stayed silent, the replies."""
+
+    round: int
+    name: str
+    asked: int
+    silent: list[str]
+    replies: list[Message]
+
+    def close(self, run: RunFolder, strategy: FedAvg) -> None:
+        """After the strategy used the replies: one event with who replied, who was
+        dropped and why, and who stayed silent."""
+        take = getattr(strategy, "take_ledger", None)
+        replied, dropped = take() if take is not None else ([], {})
+        dropped = {**dropped, **dict.fromkeys(self.silent, "no reply in time")}
+        run.event(
+            RunEvent.PHASE_ENDED,
+            f"round {self.round}: {self.name}: {len(replied)} of {self.asked} sites replied"
+            + (f", {len(dropped)} dropped" if dropped else ""),
+            round_=self.round,
+            phase=self.name,
+            asked=self.asked,
+            replied=replied,
+            dropped=dropped,
+            silent=self.silent,
+        )

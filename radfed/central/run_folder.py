@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from radfed.config import RunConfig
 from radfed.errors import ConfigError
 from radfed.federation.checkpoint import save_checkpoint
 from radfed.federation.schema import STATS_SCHEMA_VERSION
-from radfed.folders import RunFiles
+from radfed.folders import RunEvent, RunFiles
 
 __all__ = ["RESUMABLE_CHANGES", "RunFolder"]
 
@@ -27,9 +29,23 @@ RESUMABLE_CHANGES = frozenset({"resume", "site-wait", "round-timeout", "sites", 
 
 @dataclass(frozen=True)
 class RunFolder:
-    """Writer and reader of one run folder."""
+    """Writer and reader of one run folder.
+
+    ``on_event`` is called after every event is written (the run store's sync, which
+    catches its own errors): the folder is written first, so the store can always catch up.
+    """
 
     path: Path
+    on_event: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+
+    def feeding(self, on_event: Callable[[], None] | None) -> RunFolder:
+        """This folder, calling ``on_event`` after every event written."""
+        return replace(self, on_event=on_event)
+
+    @property
+    def run_id(self) -> str:
+        """The run's id (config.json ``run-id``), new for each run started in the folder."""
+        return str(self.read_config().get("run-id", ""))
 
     @property
     def files(self) -> RunFiles:
@@ -62,6 +78,7 @@ class RunFolder:
             shutil.rmtree(folder.checkpoints)
         folder.checkpoints.mkdir()
         document = {
+            "run-id": uuid.uuid4().hex,
             "run-config": config.to_run_config(),
             "radfed-version": __version__,
             "stats-schema-version": STATS_SCHEMA_VERSION,
@@ -69,6 +86,7 @@ class RunFolder:
         }
         folder.files.config.write_text(json.dumps(document, indent=2) + "\n")
         folder.metrics_path.write_text("")
+        folder.files.events.write_text("")
         return folder
 
     @classmethod
@@ -147,6 +165,34 @@ class RunFolder:
             line["noise_sd"] = round(noise_sd, 6)
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(line) + "\n")
+
+    def event(
+        self,
+        kind: RunEvent,
+        message: str,
+        *,
+        round_: int | None = None,
+        site: str | None = None,
+        level: str = "info",
+        **facts: Any,
+    ) -> None:
+        """Append one line to events.jsonl (what happened, for the store and the dashboard).
+
+        ``message`` is the server's own words (it never quotes what a site sent).
+        """
+        line = {
+            "at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "kind": str(kind),
+            "level": level,
+            "round": round_,
+            "site": site,
+            "message": message,
+            **facts,
+        }
+        with self.files.events.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        if self.on_event is not None:
+            self.on_event()
 
     def write_bias_report(self, report: Mapping[str, Any]) -> Path:
         """Replace bias_report.json atomically (readers never see half a file)."""

@@ -16,12 +16,14 @@ from radfed.central.rounds import load_site_registry, restore_strategy_state, ru
 from radfed.central.run_folder import RunFolder
 from radfed.central.strategy import make_strategy
 from radfed.config import RunConfig
-from radfed.errors import ConfigError
+from radfed.errors import ConfigError, RadfedError
 from radfed.federation.checkpoint import load_checkpoint
 from radfed.federation.weights import shared_state
 from radfed.flower_private import log_like_flower
+from radfed.folders import RunEvent
 from radfed.log import logger
-from radfed.tasks import get_task
+from radfed.store import StoreFeed
+from radfed.tasks import Task, get_task
 
 __all__ = ["render_report", "run_server"]
 
@@ -88,7 +90,48 @@ def run_server(grid: Grid, context: Context) -> Path:
             load_initial_weights(model, Path(config.init_checkpoint).expanduser())
         reference = {k: v.detach().clone() for k, v in shared_state(model, config.fedbn).items()}
         run.save_checkpoint(0, reference, config)
+    feed = StoreFeed.from_environment(run.path)
+    run = run.feeding(feed)
     logger.info("run folder: %s", run.path)
+    if done:
+        run.event(RunEvent.RUN_RESUMED, f"resumed after round {done}", after_round=done)
+    else:
+        run.event(
+            RunEvent.RUN_STARTED,
+            f"{config.task} run of {config.num_server_rounds} rounds ({config.strategy})",
+            rounds=config.num_server_rounds,
+            sites=list(config.sites) or sorted(set((registry or {}).values())),
+        )
+    try:
+        _train(grid, config, task, run, reference, registry, done)
+    except BaseException as err:
+        run.event(RunEvent.RUN_FAILED, _failure(err), level="error")
+        raise
+    finally:
+        if feed is not None:
+            feed.sync(force=True)
+    return run.path
+
+
+def _failure(err: BaseException) -> str:
+    """What stopped a run, in the server's own words (a RadfedError's message is radfed's)."""
+    if isinstance(err, RadfedError):
+        return str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return "stopped by the operator"
+    return f"the server stopped with {type(err).__name__}; its log has the details"
+
+
+def _train(
+    grid: Grid,
+    config: RunConfig,
+    task: Task,
+    run: RunFolder,
+    reference: dict[str, torch.Tensor],
+    registry: dict[int, str] | None,
+    done: int,
+) -> None:
+    """The rounds after ``done``, then the curves and the HTML report."""
     strategy = make_strategy(config, reference, run, max_update_norm=config.max_update_norm or None)
     saved = run.load_state() if config.resume else None
     if saved:
@@ -112,4 +155,4 @@ def run_server(grid: Grid, context: Context) -> Path:
         figure or "(no evaluated round)",
         report or "(no evaluated round)",
     )
-    return run.path
+    run.event(RunEvent.RUN_FINISHED, f"run finished: {config.num_server_rounds} rounds")

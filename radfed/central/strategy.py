@@ -35,7 +35,7 @@ from radfed.federation.schema import (
     unpack_cells,
 )
 from radfed.federation.updates import cast_like, clip_update, update_norm, validate_arrays
-from radfed.folders import POOLED_SITE
+from radfed.folders import POOLED_SITE, RunEvent
 from radfed.log import logger
 from radfed.tasks import get_task, merge_stats
 
@@ -122,6 +122,16 @@ class RadfedChecks:
         self.train_sizes: dict[str, int] = {}
         #: node id -> site name of the keys registered with the SuperLink (a deployment)
         self.registered: dict[int, str] | None = None
+        #: this phase's sites whose replies were used, and those dropped with the reason
+        self._replied: list[str] = []
+        self._dropped: dict[str, str] = {}
+
+    def take_ledger(self) -> tuple[list[str], dict[str, str]]:
+        """The sites whose replies this phase used, and the dropped ones with the reason;
+        the ledger starts again empty."""
+        replied = [s for s in self._replied if s not in self._dropped]
+        dropped, self._replied, self._dropped = self._dropped, [], {}
+        return replied, dropped
 
     def summary(self) -> None:
         super().summary()  # type: ignore[misc]
@@ -352,6 +362,12 @@ class RadfedChecks:
             logger.error("round %d: bias report not written (%s)", server_round, type(err).__name__)
             return
         self.run.write_bias_report(report)
+        self.run.event(
+            RunEvent.REPORT,
+            f"bias report of round {server_round} written",
+            round_=server_round,
+            **report.get("summary", {}).get("counts", {}),
+        )
 
     # ------------------------------------------------------------------ checks
     def _check_update(self, content: RecordDict) -> float:
@@ -420,12 +436,22 @@ class RadfedChecks:
                 )
                 continue
             if msg.has_error():
+                name = self.site_names.get(node, f"node {node}")
                 logger.warning(
                     "round %d: %s failed with error code %d (%s); dropped",
                     server_round,
-                    self.site_names.get(node, f"node {node}"),
+                    name,
                     msg.error.code,
                     describe_code(msg.error.code),
+                )
+                self._dropped[name] = f"error code {msg.error.code}"
+                self.run.event(
+                    RunEvent.SITE_ERROR,
+                    f"error code {msg.error.code}: {describe_code(msg.error.code)}",
+                    round_=server_round,
+                    site=name,
+                    level="warning",
+                    code=int(msg.error.code),
                 )
                 continue
             try:
@@ -441,6 +467,13 @@ class RadfedChecks:
                     what,
                     node,
                 )
+                self.run.event(
+                    RunEvent.SECURITY,
+                    f"dropped {what} from node {node}: its key was not registered from the PKI",
+                    round_=server_round,
+                    level="warning",
+                    node=node,
+                )
                 continue
             if self.registered is not None and self.registered[node] != site:
                 self._drop(
@@ -448,6 +481,7 @@ class RadfedChecks:
                     self.registered[node],
                     what,
                     InvalidReply(f"it calls itself {site!r}, not the site its key belongs to"),
+                    kind=RunEvent.SECURITY,
                 )
                 continue
             if self.config.sites and site not in self.config.sites:
@@ -465,10 +499,28 @@ class RadfedChecks:
                 continue
             seen.add(site)
             self.site_names[node] = site
+            self._replied.append(site)
             yield msg, site
 
-    def _drop(self, server_round: int, site: str, what: str, err: Exception) -> None:
+    def _drop(
+        self,
+        server_round: int,
+        site: str,
+        what: str,
+        err: Exception,
+        *,
+        kind: RunEvent = RunEvent.DROPPED,
+    ) -> None:
         logger.warning("round %d: dropped %s from %s: %s", server_round, what, site, err)
+        self._dropped[site] = f"{what} dropped: {err}"
+        self.run.event(
+            kind,
+            f"dropped {what}: {err}",
+            round_=server_round,
+            site=site,
+            level="warning",
+            what=what,
+        )
 
 
 def _only(records: Mapping[str, _R], key: str, kind: str) -> _R:
