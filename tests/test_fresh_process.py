@@ -57,6 +57,19 @@ BAD_INPUT: dict[str, tuple[list[str], str]] = {
     "pki add-site": (["a", "--pki", MISSING], "no-such-thing"),
     "pki renew-server": (["--pki", MISSING], "no-such-thing"),
     "server start": (["--pki", MISSING, "--state", "{tmp}/state"], "no-such-thing"),
+    "runs list": (["--store", "not-a-url"], "is not a database URL"),
+    "runs show": (["nope", "--store", "sqlite:///{tmp}/runs.sqlite"], "no run 'nope'"),
+    "runs export-mlflow": ([MISSING, "--tracking-uri", "sqlite:///{tmp}/m.db"], "not a run folder"),
+    "store import": ([MISSING, "--store", "sqlite:///{tmp}/runs.sqlite"], "not a run folder"),
+    # a store server that is down: named without its password
+    "store upgrade": (
+        ["--store", "postgresql+psycopg://radfed:secret@127.0.0.1:9/x"],
+        "radfed:***@127.0.0.1:9/x cannot be opened",
+    ),
+    "dashboard": (
+        ["--host", "0.0.0.0", "--store", "sqlite:///{tmp}/runs.sqlite"],
+        "token",
+    ),
 }
 
 

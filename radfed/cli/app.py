@@ -17,7 +17,7 @@ import typer
 
 import radfed
 from radfed import __version__
-from radfed.cli import central, researcher, site
+from radfed.cli import central, researcher, runs, site
 from radfed.cli.output import debug_requested, make_app, print_error
 from radfed.errors import RadfedError
 
@@ -55,6 +55,9 @@ app.add_typer(central.pki_app, name="pki")
 app.add_typer(central.server_app, name="server")
 app.command()(central.launch)
 app.command()(central.report)
+app.add_typer(runs.runs_app, name="runs")
+app.add_typer(runs.store_app, name="store")
+app.command()(runs.dashboard)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from radfed.cli.live import round_display, streamed_line
 from radfed.cli.output import attempt, fail, make_app, print_error, print_summary, setup_logging
 from radfed.config import TaskName
 from radfed.folders import RunFiles, find_app_dir
@@ -126,6 +127,15 @@ def server_start(
         int,
         typer.Option(help="The SuperLink's port on loopback, for `radfed launch` (default: +1)."),
     ] = 0,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            help="Run store the runs are written to as they go (a SQLAlchemy URL, e.g. "
+            "postgresql+psycopg://radfed@db/radfed; 'none': off). Default: $RADFED_STORE, "
+            "else ~/.local/share/radfed/runs.sqlite.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the server: the SuperLink on loopback with TLS and site authentication, nginx in
     front of it for the sites (mutual TLS, the Fleet API only), and register the site keys."""
@@ -140,6 +150,7 @@ def server_start(
             host=host,
             port=port or None,
             superlink_port=superlink_port or None,
+            store=store,
         )
     )
     raise typer.Exit(code=code)
@@ -179,7 +190,17 @@ def launch(
         "site-wait": float(site_wait),
     }
     app = attempt(find_app_dir)
-    code = attempt(launch_run, app, server, pki, out, settings, min_sites=min_sites)
+    with round_display() as feed:
+        code = attempt(
+            launch_run,
+            app,
+            server,
+            pki,
+            out,
+            settings,
+            min_sites=min_sites,
+            on_line=streamed_line(feed),
+        )
     if code == 0 and RunFiles(out).metrics.is_file():
         again = f"radfed launch --server {server} --pki {pki} --out {out} --resume"
         print_summary(out, get_task(task).summary, resume_hint=again)

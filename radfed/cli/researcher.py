@@ -13,7 +13,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from radfed.cli.live import round_display
 from radfed.cli.output import attempt, fail, print_summary, progress, setup_logging
+from radfed.cli.runs import use_store
 from radfed.config import StrategyName, TaskName
 from radfed.errors import RadfedError
 from radfed.folders import RunFiles
@@ -107,6 +109,14 @@ def simulate(
     ] = "",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run folder.")] = False,
     verbose: Annotated[bool, typer.Option(help="Show Flower's own log.")] = False,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            help="Run store the run is written to as it goes (a SQLAlchemy URL; 'none': off). "
+            "Default: $RADFED_STORE, else ~/.local/share/radfed/runs.sqlite.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Simulate one Flower node per site folder on this machine and train federatedly."""
     from radfed.deployment.simulation import simulate as run_simulation
@@ -124,5 +134,7 @@ def simulate(
         "strategy": strategy.value,
         **({"holdout-site": holdout_site} if holdout_site else {}),
     }
-    folder = attempt(run_simulation, data, out, overrides, verbose=verbose)
+    use_store(store)
+    with round_display():
+        folder = attempt(run_simulation, data, out, overrides, verbose=verbose)
     print_summary(folder, get_task(task).summary)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from radfed.deployment.certs import format_address, parse_address
@@ -80,8 +80,12 @@ def launch(
     settings: Mapping[str, bool | int | float | str],
     *,
     min_sites: int = 0,
+    on_line: Callable[[str], None] | None = None,
 ) -> int:
     """Submit the app as a run to the server and stream its log until it ends.
+
+    With ``on_line``, each line of the streamed log is handed to it (the CLI's live
+    display) instead of going straight to this process's output.
 
     The run's ``sites`` are the sites registered in the PKI folder (when it is the central
     one), and a round needs all of them unless ``min_sites`` says fewer.
@@ -110,4 +114,17 @@ def launch(
     with tempfile.TemporaryDirectory(prefix="radfed-launch-") as home:
         write_connection(Path(home), server, ca)
         command = launch_command(app, Path(home), run_config)
-        return subprocess.run(command.argv, env=command.environ(), check=False).returncode
+        if on_line is None:
+            return subprocess.run(command.argv, env=command.environ(), check=False).returncode
+        with subprocess.Popen(
+            command.argv,
+            env=command.environ(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        ) as process:
+            assert process.stdout is not None
+            for line in process.stdout:
+                on_line(line)
+        return process.returncode

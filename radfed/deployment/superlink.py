@@ -29,7 +29,7 @@ from radfed.deployment.process import (
 )
 from radfed.deployment.site_kit import check_site_name, fingerprint
 from radfed.errors import ConfigError
-from radfed.folders import SITES_FILE_ENV, ServerState
+from radfed.folders import SITES_FILE_ENV, STORE_ENV, ServerState
 from radfed.log import logger
 
 __all__ = [
@@ -223,6 +223,7 @@ def start_server(
     host: str = "0.0.0.0",
     port: int | None = None,
     superlink_port: int | None = None,
+    store: str | None = None,
 ) -> int:
     """Run the server in the foreground: the hardened SuperLink on loopback, nginx on
     ``host:port`` in front of it (radfed.deployment.edge: mutual TLS, the Fleet API only),
@@ -230,7 +231,9 @@ def start_server(
 
     Site keys are registered once, from the PKI only; ``STATE/sites.json`` maps each site to
     the node id its key was given, and the ServerApp reads it (``RADFED_SITES_FILE``) to name
-    nodes by the key they authenticate with.
+    nodes by the key they authenticate with. ``store`` names the run store the ServerApp
+    writes to (``RADFED_STORE``; by default the one the environment names, else radfed's
+    SQLite file).
 
     Returns:
         The exit code of the process that ended first.
@@ -266,6 +269,8 @@ def start_server(
         key=pki.server_key,
     ).command(server)
     command.env[SITES_FILE_ENV] = str(server.sites.resolve())
+    if store:
+        command.env[STORE_ENV] = store
     home = Path(command.env["FLWR_HOME"])
     write_connection(home, format_address("127.0.0.1", inner), pki.server_dir / "ca.crt")
 
