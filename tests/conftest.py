@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from radfed.data.synth import synth_classification
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Runs started by module- and session-scoped fixtures write to a store of the test
+    session's, never the user's (each test gets its own below)."""
+    folder = Path(tempfile.mkdtemp(prefix="radfed-test-store-"))
+    os.environ["RADFED_STORE"] = f"sqlite:///{folder / 'runs.sqlite'}"
 
 
 @pytest.fixture(autouse=True)

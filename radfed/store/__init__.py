@@ -2,7 +2,14 @@
 
 from radfed.store.engine import STORE_ENV, default_store_url, open_store, shown_url, store_url
 from radfed.store.feed import StoreFeed
-from radfed.store.queries import find_run, list_runs, report_html, run_detail, run_events
+from radfed.store.queries import (
+    find_run,
+    list_runs,
+    report_html,
+    run_curves,
+    run_detail,
+    run_events,
+)
 from radfed.store.sync import sync_run
 
 __all__ = [
@@ -13,6 +20,7 @@ __all__ = [
     "list_runs",
     "open_store",
     "report_html",
+    "run_curves",
     "run_detail",
     "run_events",
     "shown_url",

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from radfed.errors import ConfigError
 from radfed.folders import RunFiles
 from radfed.log import logger
+from radfed.store.sync import run_id_of
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -116,8 +117,8 @@ def export_run(
     checkpoints are never exported (the weights stay on the server).
 
     The MLflow run is tagged ``radfed.run_id``: config.json's ``run-id`` where present,
-    else a hash of the folder's resolved path and config.json. Exporting the same folder
-    again to the same experiment is refused unless ``replace`` is set.
+    else (a folder from before radfed kept one) the id the run store gives it. Exporting the
+    same folder again to the same experiment is refused unless ``replace`` is set.
 
     Unless ``MLFLOW_DISABLE_TELEMETRY`` is already set, it is set to ``true`` for this
     process before MLflow is first imported: MLflow otherwise contacts its telemetry
@@ -377,18 +378,11 @@ def _tags(
 
 
 def _export_id(files: RunFiles, document: Mapping[str, Any]) -> str:
-    """config.json's ``run-id`` if it is a plain name, else a hash that stays the same."""
-    given = document.get("run-id")
-    if given is not None and _SAFE_RUN_ID.fullmatch(str(given)):
-        return str(given)
-    digest = hashlib.sha256()
-    if given is not None:
-        digest.update(f"run-id:{given}".encode())
-    else:
-        digest.update(str(files.path.resolve()).encode())
-        digest.update(b"\0")
-        digest.update(files.config.read_bytes())
-    return digest.hexdigest()
+    """The store's id of the run (``run_id_of``) if it is a plain name, else a hash of it."""
+    run_id = run_id_of(files, document)
+    if _SAFE_RUN_ID.fullmatch(run_id):
+        return run_id
+    return hashlib.sha256(f"run-id:{run_id}".encode()).hexdigest()
 
 
 def _flatten(mapping: Mapping[str, Any], prefix: str) -> Iterator[tuple[str, Any]]:

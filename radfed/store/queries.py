@@ -6,6 +6,7 @@ terminal, ``--json`` and the dashboard's API show the same facts.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -17,7 +18,7 @@ from radfed.errors import ConfigError
 from radfed.folders import POOLED_SITE
 from radfed.store.schema import events, gaps, metrics, reports, rounds, runs, sites
 
-__all__ = ["find_run", "list_runs", "report_html", "run_detail", "run_events"]
+__all__ = ["find_run", "list_runs", "report_html", "run_curves", "run_detail", "run_events"]
 
 #: Splits in the order a headline prefers them (held-out evidence first).
 _SPLITS = ("test", "val", "train")
@@ -166,6 +167,33 @@ def run_detail(engine: Engine, run_id: str) -> dict[str, Any]:
             "has_html": run["html_report"] is not None,
         },
     }
+
+
+def run_curves(engine: Engine, run_id: str, *, split: str, metric: str) -> dict[str, Any]:
+    """One metric's values on one split per site (``ALL`` included) over rounds.
+
+    ``run_detail`` carries the curves of the run's headline metric only; any other metric is
+    asked for here, one (split, metric) at a time, so that a poll never carries every metric
+    of every site and round.
+
+    Returns:
+        ``{"split", "metric", "curves": {site: [[round, value or None], ...]}}``, rounds in
+        order; a suppressed or undefined value is None.
+    """
+    with engine.connect() as conn:
+        found = conn.execute(
+            select(metrics.c.site, metrics.c.round, metrics.c["values"])
+            .where((metrics.c.run_id == run_id) & (metrics.c.split == split))
+            .order_by(metrics.c.round)
+        ).all()
+    curves: dict[str, list[list[float | int | None]]] = {}
+    for site, round_, values in found:
+        value = (values or {}).get(metric)
+        number = float(value) if isinstance(value, int | float) else None
+        if number is not None and not math.isfinite(number):
+            number = None
+        curves.setdefault(str(site), []).append([int(round_), number])
+    return {"split": split, "metric": metric, "curves": curves}
 
 
 def run_events(

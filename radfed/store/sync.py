@@ -38,8 +38,8 @@ def run_id_of(files: RunFiles, document: Mapping[str, Any]) -> str:
     """The run's id: config.json's ``run-id``; for a folder written before radfed kept one,
     a digest of its resolved path and its config.json, stable across imports."""
     given = document.get("run-id")
-    if isinstance(given, str) and given:
-        return given
+    if isinstance(given, str | int) and not isinstance(given, bool) and str(given):
+        return str(given)
     digest = hashlib.sha256(str(files.path.resolve()).encode() + files.config.read_bytes())
     return digest.hexdigest()[:32]
 
@@ -137,7 +137,7 @@ def _new_lines(path: Path, offset: int) -> tuple[list[tuple[int, dict[str, Any]]
         text = raw.strip()
         if text:
             with contextlib.suppress(ValueError):  # a line cut by a crash: skip only it
-                out.append((position, json.loads(text)))
+                out.append((position, _loads(text)))
         position += len(raw)
     return out, max(end, start), rewritten
 
@@ -324,7 +324,7 @@ def _sync_report(conn: Connection, run_id: str, path: Path) -> None:
         return
     written = datetime.fromtimestamp(path.stat().st_mtime, UTC)
     try:
-        document = json.loads(path.read_text())
+        document = _loads(path.read_text())
         round_ = int(document["round"])
     except (OSError, ValueError, KeyError, TypeError):
         return  # being replaced right now (never half-written: os.replace); next sync
@@ -407,6 +407,12 @@ def _read_html(path: Path, stored_mtime: float | None) -> tuple[float, str] | No
     if stored_mtime is not None and abs(mtime - stored_mtime) < 1e-6:
         return None
     return mtime, path.read_text(errors="replace")
+
+
+def _loads(text: str | bytes) -> Any:
+    """JSON as the store keeps it: NaN and infinities (an undefined metric) become null,
+    which PostgreSQL's JSONB and strict JSON readers accept."""
+    return json.loads(text, parse_constant=lambda _: None)
 
 
 def _upsert(

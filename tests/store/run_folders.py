@@ -49,7 +49,7 @@ def event(
 
 
 def metrics(path: Path, round_: int, *, auc: float = 0.7) -> None:
-    """One round's lines: every site and the pool, val split."""
+    """One round's lines: every site and the pool, val split; ECE undefined (NaN)."""
     with (path / "metrics.jsonl").open("a") as handle:
         for i, site in enumerate((*SITES, "ALL")):
             line = {
@@ -58,7 +58,7 @@ def metrics(path: Path, round_: int, *, auc: float = 0.7) -> None:
                 "split": "val",
                 "n": 40 + i,
                 "suppressed": False,
-                "metrics": {"auc": auc + i / 100, "sensitivity": None},
+                "metrics": {"auc": auc + i / 100, "sensitivity": None, "ece": float("nan")},
             }
             handle.write(json.dumps(line) + "\n")
 

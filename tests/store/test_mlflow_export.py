@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from radfed.errors import ConfigError
+from radfed.store import open_store, sync_run
 from radfed.store.mlflow_export import RUN_FOLDER_TAG, RUN_ID_TAG, export_run, metric_key
 
 # A run-config as config.json holds it: kebab-case keys; text, integers, floats, booleans.
@@ -314,10 +315,12 @@ def test_folder_without_run_id_is_known_by_path_and_config(
     first = _export(store, folder, experiment)
     second = _export(store, changed, experiment)
 
-    # Assert: a hash that stays the same for the folder, and differs for another
+    # Assert: a hash that stays the same for the folder, differs for another, and is the id
+    # the run store gives the same folder
     client = _client(store)
     tag = client.get_run(first).data.tags[RUN_ID_TAG]
-    assert re.fullmatch(r"[0-9a-f]{64}", tag)
+    assert re.fullmatch(r"[0-9a-f]{32}", tag)
+    assert tag == sync_run(open_store(f"sqlite:///{tmp_path / 'runs.sqlite'}"), folder)
     assert client.get_run(second).data.tags[RUN_ID_TAG] != tag
     with pytest.raises(ConfigError, match=f"already exported.*{first}"):
         _export(store, folder, experiment)

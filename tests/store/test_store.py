@@ -79,7 +79,10 @@ def test_sync_reads_only_what_is_new_and_rereads_a_truncated_file(
         rounds_in = {
             r[0] for r in conn.execute(select(metrics.c.round).where(metrics.c.run_id == run_id))
         }
+        stored = [r[0] for r in conn.execute(select(metrics.c["values"]))]
     assert rounds_in == {1}
+    # NaN (an undefined metric) is kept as null: PostgreSQL's JSONB refuses NaN
+    assert stored and all(v["ece"] is None and v["auc"] > 0 for v in stored)
 
 
 def test_every_report_version_is_kept_with_its_cells_and_gaps(
