@@ -432,11 +432,11 @@ class RadfedChecks:
                 logger.info(
                     "round %d: %s is the held-out site; it evaluates but does not train",
                     server_round,
-                    self.site_names.get(node, f"node {node}"),
+                    self.name_of(node),
                 )
                 continue
             if msg.has_error():
-                name = self.site_names.get(node, f"node {node}")
+                name = self.name_of(node)
                 logger.warning(
                     "round %d: %s failed with error code %d (%s); dropped",
                     server_round,
@@ -457,7 +457,7 @@ class RadfedChecks:
             try:
                 site = read_site_identity(msg.content).name
             except InvalidReply as err:
-                self._drop(server_round, self.site_names.get(node, f"node {node}"), what, err)
+                self._drop(server_round, self.name_of(node), what, err)
                 continue
             if self.registered is not None and node not in self.registered:
                 logger.warning(
@@ -501,6 +501,14 @@ class RadfedChecks:
             self.site_names[node] = site
             self._replied.append(site)
             yield msg, site
+
+    def name_of(self, node: int) -> str:
+        """The site a node is: the name it gave, else the name its registered key belongs to."""
+        if node in self.site_names:
+            return self.site_names[node]
+        if self.registered is not None and node in self.registered:
+            return self.registered[node]
+        return f"node {node}"
 
     def _drop(
         self,

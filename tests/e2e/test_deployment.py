@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -128,6 +129,18 @@ class Federation:
         home.mkdir(parents=True, exist_ok=True)
         return {"FLWR_HOME": str(home)}
 
+    @property
+    def store(self) -> str:
+        """The run store the server's runs write to (`radfed server start --store`)."""
+        return f"sqlite:///{self.root / 'runs.sqlite'}"
+
+    def run_in_store(self, name: str) -> dict[str, Any]:
+        """`radfed runs show NAME --json`, as the central team reads it."""
+        shown = _radfed("runs", "show", name, "--json", "--store", self.store)
+        assert shown.returncode == 0, shown.stderr
+        detail: dict[str, Any] = json.loads(shown.stdout)
+        return detail
+
     def start_server(self) -> Background:
         server = Background(
             self.root / "server.log",
@@ -139,6 +152,8 @@ class Federation:
             str(self.root / "state"),
             "--host",
             "127.0.0.1",
+            "--store",
+            self.store,
             env=self.env("server"),
         )
         self.processes["server"] = server
@@ -268,6 +283,16 @@ def test_run_survives_a_nan_site_a_killed_site_and_a_killed_server(
         text=True,
     )
     assert shown.returncode == 0 and "audit log intact" in shown.stdout
+    # the run store saw it all as it went: c dropped, then late; the run resumed and ended
+    stored = federation.run_in_store("run")
+    assert stored["status"] == "finished" and stored["rounds_done"] == 2
+    sites = {s["name"]: s for s in stored["sites"]}
+    assert sites["c"]["state"] == "late" and sites["c"]["failures"] >= 1
+    assert sites["a"]["state"] == "finished" and sites["a"]["replies"] >= 5
+    train1 = next(r for r in stored["rounds"] if (r["round"], r["phase"]) == (1, "train"))
+    assert "c" in train1["dropped"] and train1["replied"] == 2
+    events = _radfed("runs", "show", "run", "--store", federation.store).stdout
+    assert "c: late" in events
 
 
 #: The ClientApp of a hostile app bundle: it leaves a mark, and answers every message with
@@ -360,6 +385,10 @@ def test_a_site_refuses_a_bundle_its_policy_does_not_accept(federation: Federati
     assert refusals and {e["error-code"] for e in refusals} == {3006}
     site_log = federation.processes["site-a"].output()
     assert "6.6.6" in site_log and "[policy.bundle]" in site_log  # said at the site, not sent
+    # the store shows each site refused, by code, with the reason in the server's words
+    sites = {s["name"]: s for s in federation.run_in_store("refused-run")["sites"]}
+    assert sites["a"]["state"] == "refused" and sites["a"]["refusals"].get("3006", 0) >= 1
+    assert "3006" in (sites["a"]["reason"] or "")
 
 
 def test_a_run_beyond_a_sites_limits_is_refused_before_any_decoding(
