@@ -10,18 +10,23 @@ import time
 from pathlib import Path
 
 
-def run_simulate(flwr_home: Path, *args: str) -> str:
-    """Run `radfed simulate` as its own process group; stop the group by PID whatever happens."""
-    env = {
+def run_simulate(flwr_home: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run `radfed simulate` as its own process group; stop the group by PID whatever happens.
+
+    ``env``: variables set for the command on top of this process's environment (e.g. the
+    run store, ``RADFED_STORE``).
+    """
+    full_env = {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
         "FLWR_TELEMETRY_ENABLED": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        **(env or {}),
     }
     command = [sys.executable, "-m", "radfed", "simulate", *args]
     process = subprocess.Popen(
         command,
-        env=env,
+        env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

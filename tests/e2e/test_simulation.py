@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import pty
+import select
+import signal
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +21,7 @@ from radfed.config import RunConfig
 from radfed.data.loading import load_site
 from radfed.data.synth import synth_classification
 from radfed.federation.checkpoint import load_checkpoint
+from radfed.store import find_run, open_store, run_detail, run_events
 from radfed.tasks.classification import build_model, predict
 from tests.e2e.processes import run_simulate
 
@@ -50,9 +57,42 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         "--run-config",
         # min-cell-size=1: no bins merged, so the AUC can be compared at full resolution
         "image-size=32 local-epochs=2 batch-size=8 min-cell-size=1",
+        "--store",
+        f"sqlite:///{root / 'runs.sqlite'}",
     )
     assert f"round {ROUNDS}/{ROUNDS} val auc" in output  # progress is shown per round
+    # not a terminal: the live display's progress stays plain log lines
+    assert f"round {ROUNDS}/{ROUNDS} train: 3 of 3 sites replied after" in output
     return data, out
+
+
+def test_the_store_holds_the_run_as_it_went(finished_run: tuple[Path, Path]) -> None:
+    # Prepare
+    _, out = finished_run
+    engine = open_store(f"sqlite:///{out.parent / 'runs.sqlite'}")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+
+    # Execute
+    detail = run_detail(engine, find_run(engine, "run"))
+    kinds = [e["kind"] for e in run_events(engine, detail["id"])]
+
+    # Assert
+    assert detail["status"] == "finished" and detail["rounds_done"] == ROUNDS
+    assert {s["name"]: (s["state"], s["replies"]) for s in detail["sites"]} == {
+        site: ("finished", 1 + 2 * ROUNDS)
+        for site in SITES  # the survey, then 2 a round
+    }
+    phases = [(r["round"], r["phase"], r["asked"], r["replied"]) for r in detail["rounds"]]
+    assert phases == [(0, "survey", 3, 3)] + [
+        (r, p, 3, 3) for r in range(1, ROUNDS + 1) for p in ("train", "evaluate")
+    ]
+    assert sum(len(rows) for rows in detail["curves"].values() for rows in rows.values()) == len(
+        lines
+    )
+    assert detail["report"]["versions"] == list(range(ROUNDS + 1))  # every version, 0 too
+    assert detail["report"]["has_html"]
+    assert kinds[0] == "run-started" and kinds[-1] == "run-finished"
+    engine.dispose()
 
 
 def test_every_site_has_metrics_every_round(finished_run: tuple[Path, Path]) -> None:
@@ -183,3 +223,61 @@ def test_fedadam_with_fedbn_runs_end_to_end(tmp_path: Path) -> None:
         (2, "site-b"),
         (2, "ALL"),
     }
+
+
+def test_on_a_terminal_a_live_bar_shows_the_round(synth_root: Path, tmp_path: Path) -> None:
+    """``radfed simulate`` in a pseudo-terminal, as a user at a shell runs it."""
+    # Prepare
+    radfed = str(Path(sys.executable).parent / "radfed")
+    argv = [
+        radfed,
+        "simulate",
+        "--data",
+        str(synth_root),
+        "--out",
+        str(tmp_path / "run"),
+        "--rounds",
+        "1",
+        "--run-config",
+        "image-size=32 local-epochs=1",
+    ]
+    env = {
+        **os.environ,
+        "TERM": "xterm-256color",
+        "COLUMNS": "120",
+        "LINES": "40",
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+
+    # Execute
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command, with the pseudo-terminal as its terminal
+        os.execve(radfed, argv, env)
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the child closed the terminal: it ended
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        done, status = os.waitpid(pid, os.WNOHANG)  # reaps the child if it has ended
+        if done == 0:
+            os.kill(pid, signal.SIGKILL)  # still running after the deadline: stop it by PID
+            _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    screen = b"".join(chunks).decode(errors="replace")
+
+    # Assert
+    assert os.waitstatus_to_exitcode(status) == 0, screen[-3000:]
+    assert "round 1/1 train" in screen and "3 of 3 sites replied" in screen
+    assert "sites replied after" not in screen  # the bar shows them; no plain progress lines
+    assert "bias report:" in screen
