@@ -85,16 +85,7 @@ def run_params(run_config: Mapping[str, Any]) -> dict[str, str]:
         name = _fit_key(".".join(_key_part(part) for part in key.split(".")))
         if name != key:
             logger.warning("run setting %r is exported to MLflow as %r", key, name)
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        if len(text) > _MAX_PARAM_VALUE:
-            logger.warning(
-                "run setting %r is %d characters long; MLflow keeps its first %d",
-                key,
-                len(text),
-                _MAX_PARAM_VALUE,
-            )
-            text = text[:_MAX_PARAM_VALUE]
-        params[name] = text
+        params[name] = _text(value, _MAX_PARAM_VALUE, f"run setting {key!r}")
     return params
 
 
@@ -364,17 +355,20 @@ def _tags(
         if key in known:
             continue
         name = _fit_key("radfed." + _key_part(key.replace("-", "_")))
-        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-        if len(text) > _MAX_TAG_VALUE:
-            logger.warning(
-                "config.json's %r is %d characters long; the MLflow tag keeps its first %d",
-                key,
-                len(text),
-                _MAX_TAG_VALUE,
-            )
-            text = text[:_MAX_TAG_VALUE]
-        tags[name] = text
+        tags[name] = _text(value, _MAX_TAG_VALUE, f"config.json's {key!r}")
     return tags
+
+
+def _text(value: Any, limit: int, what: str) -> str:
+    """``value`` as MLflow keeps a param or tag: text (JSON unless a string), at most
+    ``limit`` characters; a longer one is cut, and the log says so."""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if len(text) > limit:
+        logger.warning(
+            "%s is %d characters long; MLflow keeps its first %d", what, len(text), limit
+        )
+        text = text[:limit]
+    return text
 
 
 def _export_id(files: RunFiles, document: Mapping[str, Any]) -> str:

@@ -86,39 +86,26 @@ def test_export_to_mlflow(tmp_path: Path) -> None:
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     # Execute
-    first = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "radfed"),
-            "runs",
-            "export-mlflow",
-            str(run),
-            "--tracking-uri",
-            tracking,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"},
-    )
-    again = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "radfed"),
-            "runs",
-            "export-mlflow",
-            str(run),
-            "--tracking-uri",
-            tracking,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"},
-    )
+    first = _export(run, tracking, tmp_path)
+    again = _export(run, tracking, tmp_path)
 
     # Assert
     assert first.returncode == 0, first.stderr
     assert "exported" in first.stdout and "MLflow run" in first.stdout
     assert again.returncode == 2 and "already exported" in again.stderr.splitlines()[-1]
     assert "Traceback" not in again.stderr
+
+
+def _export(run: Path, tracking: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`radfed runs export-mlflow RUN --tracking-uri TRACKING` in a fresh process."""
+    return subprocess.run(
+        [
+            str(Path(sys.executable).parent / "radfed"),
+            *("runs", "export-mlflow", str(run), "--tracking-uri", tracking),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "1"},
+    )
