@@ -15,9 +15,10 @@ import ipaddress
 import string
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import urlencode
 
 from fastapi import Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse
 
 from radfed.dashboard.pages import message_page
 from radfed.errors import ConfigError
@@ -30,6 +31,7 @@ __all__ = [
     "AccessGuard",
     "check_token",
     "is_loopback",
+    "secure_headers",
 ]
 
 #: Environment variable the command line reads the token from (``radfed dashboard --token``).
@@ -127,8 +129,13 @@ class AccessGuard:
 
     async def __call__(self, request: Request, call_next: Handler) -> Response:
         refused = self._refusal(request)
-        response = refused if refused is not None else await call_next(request)
         if refused is None and self._query_token_accepted(request):
+            # the same page without the token, so that it leaves no trace in the address
+            # bar, the history or a bookmark; the cookie carries the session from here on
+            kept = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+            response: Response = RedirectResponse(
+                request.url.replace(query=urlencode(kept)), status_code=303
+            )
             response.set_cookie(
                 COOKIE_NAME,
                 self._session,
@@ -137,7 +144,9 @@ class AccessGuard:
                 secure=request.url.scheme == "https",
                 path="/",
             )
-        _secure_headers(request, response)
+        else:
+            response = refused if refused is not None else await call_next(request)
+        secure_headers(request, response)
         return response
 
     def _refusal(self, request: Request) -> Response | None:
@@ -182,7 +191,12 @@ class AccessGuard:
     def _query_token_accepted(self, request: Request) -> bool:
         """A page loaded with the right ``?token=``: it gets the session cookie."""
         given = request.query_params.get("token")
-        return self.token is not None and given is not None and _is_page(request)
+        return (
+            self.token is not None
+            and given is not None
+            and _is_page(request)
+            and _same(given, self.token)
+        )
 
 
 def _refuse(request: Request, status: int, title: str, message: str) -> Response:
@@ -191,7 +205,7 @@ def _refuse(request: Request, status: int, title: str, message: str) -> Response
     return message_page(title, message, status_code=status)
 
 
-def _secure_headers(request: Request, response: Response) -> None:
+def secure_headers(request: Request, response: Response) -> None:
     """The headers every response carries; a route's own CSP (the report's) is kept."""
     headers = response.headers
     headers.setdefault("Content-Security-Policy", DASHBOARD_CSP)

@@ -29,7 +29,13 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 
-from radfed.dashboard.access import TOKEN_ENV, AccessGuard, check_token, is_loopback
+from radfed.dashboard.access import (
+    TOKEN_ENV,
+    AccessGuard,
+    check_token,
+    is_loopback,
+    secure_headers,
+)
 from radfed.dashboard.pages import message_page, render
 from radfed.errors import ConfigError
 from radfed.log import logger
@@ -55,6 +61,8 @@ REPORT_CSP = (
 #: The most events one API call returns.
 MAX_EVENTS = 1000
 
+#: The largest event sequence number a request may name (a signed 64-bit integer).
+_MAX_SEQUENCE = 2**63 - 1
 _GET = ["GET", "HEAD"]
 _STATIC = Path(__file__).with_name("static")
 
@@ -138,7 +146,9 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
     @app.api_route("/api/runs/{ref}/events", methods=_GET)
     def api_events(
         ref: str,
-        after: int = Query(-1, ge=-1, description="sequence number of the last event held"),
+        after: int = Query(
+            -1, ge=-1, le=_MAX_SEQUENCE, description="sequence number of the last event held"
+        ),
         limit: int = Query(200, ge=1, le=MAX_EVENTS),
     ) -> Response:
         return _Json(run_events(engine, resolve(ref), after=after, limit=limit))
@@ -172,6 +182,15 @@ def _add_error_pages(app: FastAPI) -> None:
         if err.status_code == 404:
             return reply(request, 404, "Not found", "There is nothing at this address.")
         return reply(request, err.status_code, "Request refused", str(err.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> Response:
+        # Starlette answers this outside the middleware: the security headers are added here
+        logger.error("dashboard: %s while answering a request", type(err).__name__)
+        message = "The dashboard could not answer this request."
+        response = reply(request, 500, "Internal error", message)
+        secure_headers(request, response)
+        return response
 
     @app.exception_handler(SQLAlchemyError)
     async def store_error(request: Request, err: SQLAlchemyError) -> Response:

@@ -59,7 +59,9 @@ def find_run(engine: Engine, ref: str) -> str:
         exact = conn.execute(select(runs.c.id).where(runs.c.id == ref)).first()
         if exact:
             return str(exact[0])
-        by_prefix = conn.execute(select(runs.c.id).where(runs.c.id.startswith(ref))).all()
+        by_prefix = conn.execute(
+            select(runs.c.id).where(runs.c.id.startswith(ref, autoescape=True))
+        ).all()
         if len(by_prefix) == 1:
             return str(by_prefix[0][0])
         by_name = conn.execute(

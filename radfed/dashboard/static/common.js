@@ -109,6 +109,12 @@ RF.getJson = async function (url) {
 };
 
 /** Take ?token= out of the address bar once the page has its session cookie. */
+// obj[key] for the object's own keys only: a site named "constructor" or "__proto__" must
+// not reach Object.prototype (the API's objects are keyed by names sites choose).
+RF.own = function (obj, key) {
+  return obj != null && Object.hasOwn(obj, key) ? obj[key] : undefined;
+};
+
 RF.forgetToken = function () {
   const url = new URL(window.location.href);
   if (url.searchParams.has("token")) {

@@ -63,8 +63,8 @@
     for (const split of SPLIT_ORDER) {
       const rows = (d.latest || {})[split] || [];
       const pooled = rows.find((r) => r.site === POOLED);
-      if (pooled && !pooled.suppressed && pooled.metrics[d.headline] !== undefined) {
-        return "pooled " + d.headline + " " + RF.num(pooled.metrics[d.headline]) + " (" + split + ", round " + d.latest_round + ")";
+      if (pooled && !pooled.suppressed && RF.own(pooled.metrics, d.headline) !== undefined) {
+        return "pooled " + d.headline + " " + RF.num(RF.own(pooled.metrics, d.headline)) + " (" + split + ", round " + d.latest_round + ")";
       }
     }
     return "";
@@ -136,7 +136,7 @@
     const td = RF.el("td", {});
     const a = gap.attribution || {};
     if (a.confounded_with_site) td.append(RF.badge("confounded with site", "confounded"), " ");
-    if (gap.verdict === "flagged" && a.heterogeneous && (a.drivers || []).length) {
+    if (gap.verdict === "flagged" && a.heterogeneous && Array.isArray(a.drivers) && a.drivers.length) {
       td.append(RF.el("span", { text: "driven by " + a.drivers.join(", ") + " " }));
     }
     if (gap.cases_needed && typeof gap.cases_needed === "object") {
@@ -148,8 +148,8 @@
 
   function sortedGaps(gaps) {
     return gaps.slice().sort((a, b) => {
-      const va = VERDICT_ORDER[a.verdict] ?? 2;
-      const vb = VERDICT_ORDER[b.verdict] ?? 2;
+      const va = RF.own(VERDICT_ORDER, a.verdict) ?? 2;
+      const vb = RF.own(VERDICT_ORDER, b.verdict) ?? 2;
       if (va !== vb) return va - vb;
       const da = Math.abs((a.difference || {}).value || 0);
       const db = Math.abs((b.difference || {}).value || 0);
@@ -257,7 +257,7 @@
 
   async function curvesFor(d) {
     if (!state.split) return {};
-    if (state.metric === d.headline) return (d.curves || {})[state.split] || {};
+    if (state.metric === d.headline) return RF.own(d.curves || {}, state.split) || {};
     const key = [state.split, state.metric, d.latest_round, d.updated_at].join("\n");
     if (!state.curves || state.curves.key !== key) {
       const url = RF.apiRun(d.id) + "/curves?split=" + encodeURIComponent(state.split) + "&metric=" + encodeURIComponent(state.metric);
@@ -276,7 +276,7 @@
     const series = names.map((name) => ({
       name: name,
       colour: colourOf(name),
-      points: bySite[name] || [],
+      points: RF.own(bySite, name) || [],
       hidden: state.hidden.has(name),
     }));
     const chart = RF.byId("chart");
@@ -362,7 +362,7 @@
         );
       } else {
         tr.append(RF.el("td", { className: "num", text: RF.count(row.n) }));
-        for (const m of metrics) tr.append(RF.el("td", { className: "num", text: RF.num(row.metrics[m]) }));
+        for (const m of metrics) tr.append(RF.el("td", { className: "num", text: RF.num(RF.own(row.metrics, m)) }));
       }
       body.append(tr);
     }
@@ -373,7 +373,7 @@
 
   function renderSites(d) {
     const sites = (d.sites || []).slice().sort(
-      (a, b) => (STATE_ORDER[a.state] ?? 9) - (STATE_ORDER[b.state] ?? 9) || a.name.localeCompare(b.name),
+      (a, b) => (RF.own(STATE_ORDER, a.state) ?? 9) - (RF.own(STATE_ORDER, b.state) ?? 9) || a.name.localeCompare(b.name),
     );
     const counts = {};
     for (const s of sites) counts[s.state] = (counts[s.state] || 0) + 1;
