@@ -34,7 +34,7 @@ from radfed.federation.schema import (
     CellStats,
     unpack_cells,
 )
-from radfed.federation.updates import cast_like, clip_update, update_norm, validate_arrays
+from radfed.federation.updates import cast_like, clip_update, validate_arrays
 from radfed.folders import POOLED_SITE, RunEvent
 from radfed.log import logger
 from radfed.tasks import get_task, merge_stats
@@ -155,8 +155,7 @@ class RadfedChecks:
         losses: dict[str, float] = {}
         for msg, site in self._checked(server_round, replies, "update"):
             try:
-                loss = self._check_update(msg.content)
-                norm = update_norm(msg.content[ARRAYS_KEY], self.reference)  # type: ignore[arg-type]
+                loss, norm = self._check_update(msg.content)
             except InvalidReply as err:
                 self._drop(server_round, site, "update", err)
                 continue
@@ -370,8 +369,9 @@ class RadfedChecks:
         )
 
     # ------------------------------------------------------------------ checks
-    def _check_update(self, content: RecordDict) -> float:
-        """Check a training reply; return its training loss.
+    def _check_update(self, content: RecordDict) -> tuple[float, float]:
+        """Check a training reply; return its training loss and its update's L2 distance
+        from the global model.
 
         Raises:
             InvalidReply: records other than one ArrayRecord and one MetricRecord of the
@@ -390,8 +390,8 @@ class RadfedChecks:
         loss = reported["train-loss"]
         if not isinstance(loss, float) or not math.isfinite(loss):
             raise InvalidReply("train-loss must be a finite float")
-        validate_arrays(arrays, self.reference)  # the norm bound clips (_bounded)
-        return loss
+        norm = validate_arrays(arrays, self.reference)  # the norm bound clips (_bounded)
+        return loss, norm
 
     def _check_statistics(self, content: RecordDict) -> dict[str, list[CellStats]]:
         """Check an evaluation reply; return per split its cells (``all`` first).

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord
 
 from radfed.federation.codes import InvalidReply
 
-__all__ = ["cast_like", "clip_update", "update_norm", "validate_arrays"]
+__all__ = ["cast_like", "clip_update", "validate_arrays"]
 
 
 def validate_arrays(
@@ -20,17 +20,22 @@ def validate_arrays(
     reference: Mapping[str, torch.Tensor],
     *,
     max_update_norm: float | None = None,
-) -> None:
+) -> float:
     """Check an update against the global model: names, decoded shapes and dtypes, values.
 
-    Each array is decoded as aggregation will decode it, so the checks hold for the data
-    and not only for the declared ``shape``/``dtype`` metadata.
+    Each array is decoded once, as aggregation will decode it, so the checks hold for the
+    data and not only for the declared ``shape``/``dtype`` metadata; the update's distance
+    from the global model is measured in the same pass.
 
     Args:
         record: the update as received.
         reference: the current global weights.
         max_update_norm: largest allowed L2 distance between the update and ``reference``,
             over the floating-point tensors taken together; None for no bound.
+
+    Returns:
+        The L2 distance of the update from ``reference`` over the floating-point tensors
+        taken together (inf when it overflows).
 
     Raises:
         InvalidReply: naming the first offending array, or the norm and its bound.
@@ -57,17 +62,16 @@ def validate_arrays(
             continue
         if not np.isfinite(values).all():
             raise InvalidReply(f"weight {name!r} holds non-finite values")
-        if max_update_norm is not None:
-            with np.errstate(over="ignore", invalid="ignore"):
-                diff = values.astype(np.float64) - expected.astype(np.float64)
-                squared += float(np.sum(np.square(diff)))
-    if max_update_norm is not None:
-        norm = math.sqrt(squared)
-        if not norm <= max_update_norm:
-            raise InvalidReply(
-                f"update is {norm:.3g} from the global model (L2), above the bound "
-                f"{max_update_norm:.3g}"
-            )
+        with np.errstate(over="ignore", invalid="ignore"):
+            diff = np.subtract(values, expected, dtype=np.float64).ravel()
+            squared += float(np.dot(diff, diff))
+    norm = math.sqrt(squared) if math.isfinite(squared) else math.inf
+    if max_update_norm is not None and not norm <= max_update_norm:
+        raise InvalidReply(
+            f"update is {norm:.3g} from the global model (L2), above the bound "
+            f"{max_update_norm:.3g}"
+        )
+    return norm
 
 
 def _decode(record: ArrayRecord, name: str) -> np.ndarray:
@@ -101,19 +105,6 @@ def cast_like(
             value = torch.round(value)
         out[name] = value.to(ref.dtype)
     return out
-
-
-def update_norm(record: ArrayRecord, reference: Mapping[str, torch.Tensor]) -> float:
-    """The L2 distance of a checked update (``validate_arrays``) from ``reference``, over the
-    floating-point tensors taken together (inf when it overflows)."""
-    squared = 0.0
-    for name, ref in reference.items():
-        if not ref.is_floating_point():
-            continue
-        with np.errstate(over="ignore", invalid="ignore"):
-            diff = record[name].numpy().astype(np.float64) - ref.detach().cpu().numpy()
-            squared += float(np.sum(np.square(diff)))
-    return math.sqrt(squared) if math.isfinite(squared) else math.inf
 
 
 def clip_update(

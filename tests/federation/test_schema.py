@@ -106,6 +106,35 @@ def test_weight_checks_name_the_bad_array() -> None:
         validate_arrays(ArrayRecord({"w": torch.zeros(2, 3)}), reference)
 
 
+def test_weight_checks_measure_the_updates_distance_in_the_same_pass() -> None:
+    # Prepare: float32 and float16 tensors (an integer buffer does not count)
+    generator = torch.Generator().manual_seed(3)
+    reference = {
+        "w": torch.randn(40, 30, generator=generator),
+        "h": torch.randn(7, generator=generator).half(),
+        "bn.num_batches_tracked": torch.tensor(4),
+    }
+    update = {
+        "w": reference["w"] + torch.randn(40, 30, generator=generator),
+        "h": (reference["h"].float() + 0.5).half(),
+        "bn.num_batches_tracked": torch.tensor(90),
+    }
+    expected = float(
+        torch.linalg.vector_norm(
+            torch.cat([(update[k].double() - reference[k].double()).ravel() for k in ("w", "h")])
+        )
+    )
+
+    # Execute
+    norm = validate_arrays(ArrayRecord(update), reference)
+
+    # Assert: torch's norm of the float tensors' differences; the bound uses the same value
+    assert norm == pytest.approx(expected, rel=1e-12)
+    assert validate_arrays(ArrayRecord(update), reference, max_update_norm=norm * 1.001) == norm
+    with pytest.raises(InvalidReply, match="above the bound"):
+        validate_arrays(ArrayRecord(update), reference, max_update_norm=norm * 0.999)
+
+
 def test_weight_checks_use_the_decoded_data_not_the_declared_metadata() -> None:
     # Prepare: bytes of a (2,) float64 array declared as the (3,) float32 the model expects
     reference = {"w": torch.zeros(3)}
