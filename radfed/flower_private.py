@@ -15,6 +15,10 @@ only; nothing else in radfed imports from Flower beyond its public app API (``fl
 - ``flwr.supercore.cli.flower_superexec`` (the ``flower-superexec`` process) with
   ``flwr.supercore.superexec.run_superexec.AutoExecPlugin`` limited to ClientApp tasks:
   the task types it supports are the ones it asks its SuperNode for (``AcquireTask``);
+  and ``run_superexec.get_executor`` replaced by one that hands ClientApp tasks to a
+  ``TaskStarter`` (the site's warm process) before Flower's ``SubprocessExecutor``, building
+  the task's arguments as that executor does (``flwr.supercore.constant``'s
+  ``TASK_TYPE_TO_COMMAND`` and ``TASK_TYPE_TO_APPIO_API_ADDRESS_ARG``);
 - ``flwr.supernode.cli.flower_supernode`` (the ``flower-supernode`` process) with
   ``flwr.supernode.fleet_http_connection.FleetHttpClient`` given the site's client
   certificate (``ProtobufClient`` takes an ``ssl.SSLContext`` as ``verify``).
@@ -27,7 +31,7 @@ import os
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flwr.app import Context, RecordDict
 from flwr.clientapp import ClientApp
@@ -39,6 +43,7 @@ from radfed.errors import ConfigError
 from radfed.log import logger
 
 __all__ = [
+    "TaskStarter",
     "fused_run_config",
     "log_like_flower",
     "parse_run_config",
@@ -194,13 +199,83 @@ def site_exec_plugin() -> type[Any]:
     return SiteExecPlugin
 
 
-def run_site_superexec() -> None:
+class TaskStarter(Protocol):
+    """What starts a ClientApp task other than by a fresh process (``radfed.site.warm``)."""
+
+    def check(self) -> None:
+        """Keep ready between task polls (start anew what has ended)."""
+
+    def start(self, argv: Sequence[str]) -> bool:
+        """Start the task that ``argv`` (``flwr-clientapp`` and its arguments) describes;
+        False: it was not started, and the task is started as Flower does."""
+
+    def close(self) -> None:
+        """Release what it holds when the SuperExec ends."""
+
+
+def run_site_superexec(starter: TaskStarter | None = None) -> None:
     """Be Flower's ``flower-superexec`` process (arguments from ``sys.argv``) with
-    ``site_exec_plugin``: a site's SuperExec that starts ClientApp processes only."""
+    ``site_exec_plugin``: a site's SuperExec that starts ClientApp processes only, through
+    ``starter`` when one is given (else, or when it fails, a fresh process each)."""
     import flwr.supercore.superexec.run_superexec as superexec
     from flwr.supercore.cli.flower_superexec import flower_superexec
+    from flwr.supercore.constant import (
+        TASK_TYPE_TO_APPIO_API_ADDRESS_ARG,
+        TASK_TYPE_TO_COMMAND,
+        TaskType,
+    )
+    from flwr.supercore.superexec.executor import LaunchResult
+
+    flower_executor = getattr(superexec, "get_executor")  # noqa: B009  (the module global)
+
+    class SiteExecutor:
+        """Flower's executor, ClientApp tasks handed to ``starter`` first."""
+
+        def __init__(self, base: Any) -> None:
+            self.base = base
+
+        def get_eligible_capacity(self, *args: Any, **kwargs: Any) -> Any:
+            return self.base.get_eligible_capacity(*args, **kwargs)
+
+        def wait_for_capacity(self, *args: Any, **kwargs: Any) -> None:
+            self.base.wait_for_capacity(*args, **kwargs)
+
+        def launch(self, spec: Any) -> Any:
+            if starter is not None and spec.task_type == TaskType.CLIENT_APP:
+                argv = [
+                    TASK_TYPE_TO_COMMAND[spec.task_type],
+                    TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type],
+                    spec.runtime_api_address,
+                    "--token",
+                    spec.token,
+                ]
+                if spec.insecure:
+                    argv.append("--insecure")
+                elif spec.root_certificates_path is not None:
+                    argv.extend(["--root-certificates", spec.root_certificates_path])
+                if spec.parent_pid is not None:
+                    argv.extend(["--parent-pid", str(spec.parent_pid)])
+                if spec.runtime_dependency_install:
+                    argv.append("--allow-runtime-dependency-installation")
+                if starter.start(argv):
+                    return LaunchResult.accepted()
+            return self.base.launch(spec)
+
+        def reconcile(self) -> None:
+            if starter is not None:
+                starter.check()
+            self.base.reconcile()
+
+        def close(self) -> None:
+            if starter is not None:
+                starter.close()
+            self.base.close()
+
+    def site_executor(*args: Any, **kwargs: Any) -> SiteExecutor:
+        return SiteExecutor(flower_executor(*args, **kwargs))
 
     setattr(superexec, "AutoExecPlugin", site_exec_plugin())  # noqa: B010
+    setattr(superexec, "get_executor", site_executor)  # noqa: B010
     flower_superexec()
 
 

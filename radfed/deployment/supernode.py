@@ -7,14 +7,16 @@
   (listing tasks, issuing a task's token) need the secret the site keeps in
   ``SITE_DIR/.radfed/superexec.secret`` (0600), so another local user cannot take the
   site's tasks (Flower's subprocess mode leaves them open);
-- ``flower-superexec`` (with the same secret) starts one ``flwr-clientapp`` per task, and
-  finds first on its PATH radfed's own (``SITE_DIR/.radfed/bin/flwr-clientapp``, which runs
-  ``radfed.site.runtime``): the site answers with the radfed it installed, and no code of
-  the run's app bundle runs here.
+- ``flower-superexec`` (with the same secret; ``radfed.site.superexec``) runs each task
+  as ``radfed.site.runtime``, forked from a warm process that has imported torch and radfed
+  (``radfed.site.warm``), or else starts the ``flwr-clientapp`` first on its PATH, radfed's
+  own (``SITE_DIR/.radfed/bin/flwr-clientapp``): either way the site answers with the
+  radfed it installed, and no code of the run's app bundle runs here.
 
-A task's token reaches its process on the command line (Flower's executor puts it there):
+A task started cold gets its token on the command line (Flower's executor puts it there):
 a host whose ``/proc`` is not mounted with ``hidepid=invisible`` shows it to other local
-users while the task runs. ``deploy/README.md`` says how to close that.
+users while the task runs. ``deploy/README.md`` says how to close that. A forked task gets
+it over a socket pair.
 """
 
 from __future__ import annotations
@@ -107,12 +109,12 @@ def site_command(
 
 
 def superexec_command(*, data: Path, port: int = 9094) -> Command:
-    """The site's SuperExec (radfed.deployment.site_superexec): takes the SuperNode's
+    """The site's SuperExec (radfed.site.superexec): takes the SuperNode's
     ClientApp tasks only, from its Runtime API on loopback ``port``, and starts radfed's
     ``flwr-clientapp`` for each."""
     state = SiteFolder(data).state
     argv = [
-        *_python_module("radfed.deployment.site_superexec"),
+        *_python_module("radfed.site.superexec"),
         "--runtime-api-address",
         f"{RUNTIME_HOST}:{port}",
         "--insecure",  # loopback only, and every operation signed with the shared secret

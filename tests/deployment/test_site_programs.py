@@ -132,11 +132,11 @@ def test_a_radfed_planted_in_the_working_folder_is_not_imported(
 ) -> None:
     # Prepare: a local user's radfed package in the folder `radfed site join` is started from
     planted = tmp_path / "radfed"
-    (planted / "deployment").mkdir(parents=True)
+    (planted / "site").mkdir(parents=True)
     marker = tmp_path / "planted-ran"
     (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
-    (planted / "deployment" / "__init__.py").write_text("")
-    (planted / "deployment" / "site_superexec.py").write_text("")
+    (planted / "site" / "__init__.py").write_text("")
+    (planted / "site" / "superexec.py").write_text("")
     argv = superexec_command(data=tmp_path / "site", port=1).argv[:4]
     if not guarded:
         argv.remove("-P")

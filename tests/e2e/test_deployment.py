@@ -362,6 +362,9 @@ def test_no_code_of_an_app_bundle_runs_at_a_site(federation: Federation) -> None
     assert {e["kind"] for e in entries} >= {"train", "evaluate"}
     assert all("leak" not in json.dumps(e["records"]) for e in entries)
     assert {line["site"] for line in _metrics(out)} >= {"a", "b", "ALL"}
+    # ... forked from the site's warm process (radfed.site.warm), which imported them once
+    assert "warm task process ready" in federation.processes["site-a"].output()
+    assert "starting the task cold" not in federation.processes["site-a"].output()
 
 
 def test_a_site_refuses_a_bundle_its_policy_does_not_accept(federation: Federation) -> None:
