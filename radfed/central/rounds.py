@@ -50,8 +50,9 @@ _STATE_ATTRS = ("m_t", "v_t", "momentum_vector")
 
 #: Seconds between "waiting for sites" lines, and the reply timeout of an identity query.
 _NOTE_EVERY, _QUERY_TIMEOUT = 10.0, 120.0
-#: Seconds between two pulls of replies (Flower's own loop waits 3 s in a deployment).
-_PULL_EVERY = 0.5
+#: Seconds between two pulls of replies: the last reply of a phase waits at most this long
+#: (Flower's in-memory grid pulls every 0.1 s; its own deployed loop waits 3 s).
+_PULL_EVERY = 0.1
 
 
 def load_site_registry() -> dict[int, str] | None:

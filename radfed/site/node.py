@@ -8,6 +8,7 @@ simulated node takes the n-th site folder of the run's data root. The site's own
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,9 @@ def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> tuple[str
     )
 
 
-_SITE_MEMO: dict[tuple[object, ...], SiteData] = {}
+_SITE_MEMO: OrderedDict[tuple[object, ...], SiteData] = OrderedDict()
+#: The most a process keeps of loaded sites' tensors (the newest site is always kept).
+_MEMO_BYTES = 512 * 1024**2
 
 
 def own_policy(site_dir: Path) -> SitePolicy:
@@ -100,10 +103,29 @@ def load_site_once(path: Path, config: RunConfig, limits: ResourceLimits) -> Sit
     stamp = manifest.stat().st_mtime_ns if manifest.exists() else 0
     settings = {k: v for k, v in config.to_run_config().items() if k not in _NOT_DATA_SETTINGS}
     key = (str(path.resolve()), stamp, tuple(sorted(settings.items())))
-    if key not in _SITE_MEMO:
-        _SITE_MEMO.clear()  # one site per process in a deployment; bounded memory in simulation
-        _SITE_MEMO[key] = load_site_within(path, config, limits)
-    return _SITE_MEMO[key]
+    if key in _SITE_MEMO:
+        _SITE_MEMO.move_to_end(key)
+        return _SITE_MEMO[key]
+    loaded = load_site_within(path, config, limits)
+    # A simulated node's process serves several sites in turn: keep the most recent ones
+    # whose tensors fit within _MEMO_BYTES (always the newest); a deployed site has one.
+    stale = [k for k in _SITE_MEMO if k[0] == key[0]]  # this site under older settings
+    for old in stale:
+        del _SITE_MEMO[old]
+    _SITE_MEMO[key] = loaded
+    while len(_SITE_MEMO) > 1 and sum(map(_site_bytes, _SITE_MEMO.values())) > _MEMO_BYTES:
+        _SITE_MEMO.popitem(last=False)
+    return loaded
+
+
+def _site_bytes(data: SiteData) -> int:
+    """The bytes of a loaded site's image and mask tensors."""
+    total = 0
+    for split in data.splits.values():
+        total += split.images.nelement() * split.images.element_size()
+        if split.masks is not None:
+            total += split.masks.nelement() * split.masks.element_size()
+    return total
 
 
 #: Run settings that do not change how a site's data is loaded.
