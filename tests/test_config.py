@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 import pytest
 
 from radfed.config import RunConfig
@@ -77,3 +80,18 @@ def test_the_threshold_must_fall_on_a_score_bin_edge() -> None:
     with pytest.raises(ConfigError, match="on an edge of the 1000 score bins"):
         RunConfig.from_run_config({"threshold": 0.5005})
     assert RunConfig.from_run_config({"threshold": 0.3, "score-bins": 20}).threshold == 0.3
+
+
+def test_the_apps_run_config_has_every_setting_with_its_default() -> None:
+    # Prepare: the app's [tool.flwr.app.config], which `flwr run`/`radfed simulate` check
+    # every --run-config key against
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    app = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+
+    # Execute
+    settings = RunConfig().to_run_config()
+
+    # Assert: a setting missing there cannot be set at all (robust-f, trim-beta were)
+    assert sorted(set(settings) - set(app)) == []
+    assert sorted(set(app) - set(settings)) == []
+    assert {k: (v, app[k]) for k, v in settings.items() if app[k] != v} == {}

@@ -18,7 +18,7 @@ from radfed.central.strategy import make_strategy
 from radfed.config import RunConfig
 from radfed.errors import ConfigError, RadfedError
 from radfed.federation.checkpoint import load_checkpoint
-from radfed.federation.weights import shared_state
+from radfed.federation.weights import check_fedbn, shared_state
 from radfed.flower_private import log_like_flower
 from radfed.folders import RunEvent
 from radfed.log import logger
@@ -78,6 +78,8 @@ def run_server(grid: Grid, context: Context) -> Path:
     registry = load_site_registry()  # first: a deployment without one stops here
     out = Path(config.out_dir).resolve()
     model = task.build_model(config)
+    if config.fedbn:
+        check_fedbn(model, config.model or f"{config.task} default")
     done = 0
     if config.resume:
         run, done = RunFolder.resume(out, config)

@@ -8,9 +8,9 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
-from radfed.errors import RadfedError
+from radfed.errors import ConfigError, RadfedError
 
-__all__ = ["load_global", "local_keys", "shared_state"]
+__all__ = ["check_fedbn", "load_global", "local_keys", "shared_state"]
 
 _NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -22,6 +22,22 @@ def local_keys(model: nn.Module) -> set[str]:
         if isinstance(module, _NORM_LAYERS):
             keys |= {f"{prefix}.{name}" if prefix else name for name in module.state_dict()}
     return keys
+
+
+def check_fedbn(model: nn.Module, name: str) -> None:
+    """Refuse FedBN for a model that has no normalisation state to keep local.
+
+    Raises:
+        ConfigError: no normalisation layer of ``model`` (``name``) has weights or running
+            statistics (instance normalisation without them, say): FedBN would be FedAvg.
+    """
+    if not local_keys(model):
+        msg = (
+            f"fedbn=true keeps normalisation layers local, but model {name!r} has none with "
+            "weights or running statistics, so FedBN would be plain FedAvg; drop fedbn or "
+            "choose a model with batch normalisation"
+        )
+        raise ConfigError(msg)
 
 
 def shared_state(model: nn.Module, fedbn: bool) -> OrderedDict[str, torch.Tensor]:

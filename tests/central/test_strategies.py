@@ -12,10 +12,12 @@ from flwr.serverapp.strategy import FedAvgM
 
 from radfed.central.run_folder import RunFolder
 from radfed.central.strategy import STRATEGIES, make_strategy
-from radfed.config import RunConfig
+from radfed.config import RunConfig, TaskName
+from radfed.errors import ConfigError
 from radfed.federation.identity import SiteIdentity
-from radfed.federation.weights import local_keys, shared_state
+from radfed.federation.weights import check_fedbn, local_keys, shared_state
 from radfed.site.handlers import handle_evaluate, handle_train
+from radfed.tasks import get_task
 from radfed.tasks.classification import build_model
 from tests.helpers import make_context, make_message
 
@@ -132,3 +134,14 @@ def test_every_strategy_aggregates_checked_updates_and_keeps_integer_buffers(
     assert float(state["w"][0]) > 0  # moved towards the sites' weights
     if name in ("fedavg", "fedprox"):
         assert torch.allclose(state["w"], torch.full((3,), 2.0))
+
+
+def test_fedbn_is_refused_for_a_model_without_normalisation_state() -> None:
+    # Prepare: the default U-Net normalises per instance, with no weights or statistics
+    unet = get_task("segmentation").build_model(RunConfig(task=TaskName.SEGMENTATION))
+    cnn = get_task("classification").build_model(RunConfig())
+
+    # Execute / Assert: FedBN there would be FedAvg under another name
+    with pytest.raises(ConfigError, match=r"fedbn=true .* 'unet' has none"):
+        check_fedbn(unet, "unet")
+    check_fedbn(cnn, "cnn")  # batch normalisation: accepted
