@@ -14,6 +14,7 @@ from radfed.errors import ConfigError
 __all__ = [
     "IDENTIFYING_PARTS",
     "SPLITS",
+    "AttackKind",
     "RunConfig",
     "StrategyName",
     "TaskName",
@@ -58,6 +59,13 @@ class TaskName(StrEnum):
     CLASSIFICATION = "classification"
     DETECTION = "detection"
     SEGMENTATION = "segmentation"
+
+
+class AttackKind(StrEnum):
+    """What a poisoned simulated site sends instead of its update (``attack = "SITE:KIND"``)."""
+
+    SIGN_FLIP = "sign-flip"  # the global model minus 4 times the site's honest change
+    SCALE = "scale"  # the global model plus 10 times the site's honest change
 
 
 class StrategyName(StrEnum):
@@ -149,6 +157,9 @@ class RunConfig:
             comparisons form a multiple-testing family of their own (docs/bias_report.md).
         holdout_site: in simulation, a site that does not train and is evaluated as a
             held-out site (geographic validation); empty for none.
+        attack: in simulation, ``SITE:KIND`` (``AttackKind``): that site sends a poisoned
+            update, to measure what a robust strategy withstands; a deployed site never
+            does (only simulated nodes read it); empty for none.
         sites: in a deployment, the site names expected in the run; the server names the
             missing ones while it waits (empty: wait for ``min-sites`` sites of any name).
         site_wait: seconds a round waits for every expected site before it starts with the
@@ -206,6 +217,7 @@ class RunConfig:
     bias_margin: float = 0.05
     primary_subgroups: tuple[str, ...] = ()
     holdout_site: str = ""
+    attack: str = ""
     sites: tuple[str, ...] = ()
     site_wait: float = 300.0
     resume: bool = False
@@ -268,6 +280,13 @@ class RunConfig:
             "age-bands",
             ",".join(map(str, self.age_bands)),
             "ascending positive years, e.g. '18,40,60,80'",
+        )
+        site, _, kind = self.attack.partition(":")
+        _check(
+            not self.attack or (bool(site) and kind in set(AttackKind)),
+            "attack",
+            self.attack,
+            f"SITE:KIND with KIND one of {', '.join(AttackKind)} (empty: none)",
         )
         _check(self.min_cell_size >= 1, "min-cell-size", self.min_cell_size, ">= 1")
         _check(self.max_update_norm >= 0, "max-update-norm", self.max_update_norm, ">= 0 (0: auto)")

@@ -38,6 +38,7 @@ from radfed.privacy.accountant import PrivacyLedger, rho_per_round
 from radfed.privacy.budget import QueryLedger
 from radfed.privacy.noise import discrete_gaussian
 from radfed.privacy.statistics_dp import bounded_cases
+from radfed.site.attack import attacked, poison
 from radfed.site.bundle import BundleIdentity
 from radfed.site.egress import Handler, HeldOut, guarded
 from radfed.site.evaluate import empty_noisy_cells, evaluate_cells, released_cells_per_case
@@ -193,6 +194,11 @@ def _train(msg: Message, context: Context) -> Message:
         "round %d: trained on %d cases, loss %.4f", round_, result.num_examples, result.loss
     )
     state = shared_state(model, config.fedbn)
+    attack = attacked(config, job.name, context.node_config)
+    if attack is not None:  # a simulated site the run names: the benchmarks' poisoned site
+        logger.warning("round %d: this simulated site sends a %s update", round_, attack)
+        global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()  # type: ignore[union-attr]
+        state = poison(state, global_state, attack)
     if job.policy.dp is not None:  # the site's differential privacy: clip and noise the update
         received = {k: v.numpy() for k, v in msg.content[ARRAYS_KEY].items()}  # type: ignore[union-attr]
         noised = job.policy.privatize(

@@ -236,3 +236,47 @@ def test_the_held_out_site_evaluates_but_never_trains(site_copy: Path) -> None:
     # Assert: no weights leave the held-out site; its statistics do
     assert trained.has_error() and trained.error.code == ErrorCode.HELD_OUT
     assert not evaluated.has_error() and "metrics" in evaluated.content.metric_records
+
+
+@pytest.mark.parametrize("kind, factor", [("sign-flip", -4.0), ("scale", 10.0)])
+def test_a_simulated_site_named_by_the_attack_sends_a_poisoned_update(
+    site_copy: Path, kind: str, factor: float
+) -> None:
+    # Prepare: the same training as a simulated node (partition 0 of the data root) and as
+    # a deployed node, both named by the run's attack
+    plain = dataclasses.replace(CONFIG, data_root=str(site_copy.parent))
+    config = dataclasses.replace(plain, attack=f"site-a:{kind}")
+    simulated = {"partition-id": 0, "num-partitions": 1}
+    request = _request("train")
+    initial = request.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+
+    # Execute
+    honest = handle_train(request, make_context(plain.to_run_config(), simulated))
+    poisoned = handle_train(_request("train"), make_context(config.to_run_config(), simulated))
+    deployed = handle_train(
+        _request("train"), make_context(config.to_run_config(), _deployed(site_copy))
+    )
+
+    # Assert: the simulated site sent the global model plus factor x its honest change; a
+    # deployed site ignores what the server's run config asks and sends its honest update
+    sent = {
+        name: reply.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+        for name, reply in (("honest", honest), ("poisoned", poisoned), ("deployed", deployed))
+    }
+    for key, value in initial.items():
+        if value.is_floating_point():
+            change = sent["honest"][key] - value
+            torch.testing.assert_close(sent["poisoned"][key], value + factor * change)
+        torch.testing.assert_close(sent["deployed"][key], sent["honest"][key])
+    assert any(
+        not torch.equal(sent["poisoned"][k], sent["honest"][k])
+        for k in initial
+        if initial[k].is_floating_point()
+    )
+
+
+def test_an_attack_is_a_site_and_a_known_kind() -> None:
+    with pytest.raises(ConfigError, match="'attack' must be SITE:KIND"):
+        RunConfig(attack="site-a:sign-flop")
+    with pytest.raises(ConfigError, match="'attack' must be SITE:KIND"):
+        RunConfig(attack=":scale")
