@@ -34,10 +34,12 @@ from radfed.log import ProgressFn
 __all__ = [
     "BIAS_PRESETS",
     "DEFAULT_CASES_PER_SITE",
+    "MAX_SITES",
     "SMALL_SITE_CASES",
     "SYNTH_MARKER",
     "SiteProfile",
     "SiteSummary",
+    "site_name",
     "site_profiles",
     "synth_classification",
     "synth_sites",
@@ -65,6 +67,31 @@ _VENDORS = (
     ("FUJIFILM Corporation", "Fictional Children's Centre"),
     ("Canon Medical Systems", "Fictional Regional Hospital"),
 )
+
+
+#: The most sites synth writes: after site-a .. site-z come site-z00027 .. site-z99999.
+MAX_SITES = 99_999
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def site_name(index: int) -> str:
+    """The name of the ``index``-th generated site (from 0): ``site-a`` .. ``site-z``, then
+    ``site-z00027``, ``site-z00028`` .. (the site's number, from 1, in five digits).
+
+    Names sort in creation order (``site-z`` < ``site-z00027`` < ``site-z00028``), so the
+    ``partition-id``-th simulated node gets the ``partition-id``-th site, and a site's name
+    does not depend on how many sites were made. They are valid site names
+    (``SITE_NAME_RULE``: lower-case letters, digits and hyphens).
+
+    Raises:
+        ValueError: ``index`` is negative or not below ``MAX_SITES``.
+    """
+    if not 0 <= index < MAX_SITES:
+        msg = f"site index must be between 0 and {MAX_SITES - 1}, got {index}"
+        raise ValueError(msg)
+    if index < len(_LETTERS):
+        return f"site-{_LETTERS[index]}"
+    return f"site-z{index + 1:05d}"
 
 
 #: Image noise (std, in [0, 1] units) and lesion contrast, the same at every site.
@@ -106,8 +133,8 @@ class SiteSummary:
 
 def site_profiles(sites: int, cases_per_site: int, seed: int) -> list[SiteProfile]:
     """Deterministic, distinct profiles for ``sites`` sites."""
-    if not 1 <= sites <= 26:
-        msg = f"--sites must be between 1 and 26, got {sites}"
+    if not 1 <= sites <= MAX_SITES:
+        msg = f"--sites must be between 1 and {MAX_SITES}, got {sites}"
         raise ConfigError(msg)
     if cases_per_site < 8:
         msg = (
@@ -120,7 +147,7 @@ def site_profiles(sites: int, cases_per_site: int, seed: int) -> list[SiteProfil
         vendor, institution = _VENDORS[i % len(_VENDORS)]
         out.append(
             SiteProfile(
-                name=f"site-{chr(ord('a') + i)}",
+                name=site_name(i),
                 manufacturer=vendor,
                 institution=institution,
                 cases=max(8, round(cases_per_site * (0.8, 1.0, 1.25)[i % 3])),
@@ -169,7 +196,7 @@ def synth_sites(
     Args:
         out: the data root to create.
         task: ``classification``, ``detection`` or ``segmentation``.
-        sites: number of sites.
+        sites: number of sites, 1 to ``MAX_SITES`` (named by ``site_name``).
         cases_per_site: average number of cases per site (sites differ around it); None:
             ``SMALL_SITE_CASES`` with the ``small-sites`` preset, else
             ``DEFAULT_CASES_PER_SITE``.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,17 @@ import pydicom
 import pytest
 
 from radfed.data.reader import read_image
-from radfed.data.synth import SMALL_SITE_CASES, site_profiles, synth_classification, synth_sites
+from radfed.data.synth import (
+    MAX_SITES,
+    SMALL_SITE_CASES,
+    site_name,
+    site_profiles,
+    synth_classification,
+    synth_sites,
+)
+from radfed.deployment.site_kit import SITE_NAME_RULE
 from radfed.errors import ConfigError
+from radfed.folders import list_sites
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -165,3 +175,38 @@ def test_small_sites_preset_plants_the_contrast_effect_at_small_sites_sizes(
     assert planted["group"] == {"sex": "F", "min_age": 60} and "inconclusive" in planted["expected"]
     assert SMALL_SITE_CASES == 240
     assert all(0.5 * SMALL_SITE_CASES <= s.cases <= 1.5 * SMALL_SITE_CASES for s in summaries)
+
+
+def test_more_than_26_sites_get_valid_names_in_creation_order() -> None:
+    # Prepare: beyond the alphabet, and the first 26 names as docs and tests use them
+    letters = [f"site-{c}" for c in "abcdefghijklmnopqrstuvwxyz"]
+    # Execute
+    names = [p.name for p in site_profiles(30, 8, 0)]
+    # Assert: the first 26 unchanged, then distinct, valid names that sort in creation order
+    assert names[:26] == letters
+    assert names[26:] == ["site-z00027", "site-z00028", "site-z00029", "site-z00030"]
+    assert len(set(names)) == 30 and sorted(names) == names
+    assert all(re.fullmatch(SITE_NAME_RULE, n) for n in names)
+    assert [p.name for p in site_profiles(3, 8, 0)] == names[:3]  # stable whatever the count
+    last = [site_name(i) for i in (MAX_SITES - 2, MAX_SITES - 1)]
+    assert sorted(last) == last and all(re.fullmatch(SITE_NAME_RULE, n) for n in last)
+
+
+def test_thirty_sites_are_written_and_simulated_in_creation_order(tmp_path: Path) -> None:
+    # Execute
+    summaries = synth_sites(tmp_path, sites=30, cases_per_site=8, image_size=32)
+    # Assert: the partition-id-th node (folders sorted by name) gets the id-th site,
+    # and patient ids stay distinct across sites
+    assert [p.name for p in list_sites(tmp_path)] == [s.name for s in summaries]
+    patients = [
+        (site.name, row["patient_id"]) for site in list_sites(tmp_path) for row in _manifest(site)
+    ]
+    owner = {pid: name for name, pid in patients}
+    assert all(owner[pid] == name for name, pid in patients)
+
+
+def test_too_many_sites_is_refused_with_the_limit_in_the_message() -> None:
+    with pytest.raises(ConfigError, match=rf"--sites must be between 1 and {MAX_SITES}, got"):
+        site_profiles(MAX_SITES + 1, 8, 0)
+    with pytest.raises(ValueError, match="site index"):
+        site_name(MAX_SITES)
