@@ -34,11 +34,13 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -n 2 -m "not e2e"
 
+# The benchmarks (bench/README.md), each writing JSON and Markdown under bench/results/;
+# about 1.5 hours on 2 cores. A subset: make bench BENCH="aggregation_bench overhead_bench".
+BENCH ?= data_bench train_bench dp_coverage bias_power aggregation_bench overhead_bench \
+	quality_bench scale_bench deployed_bench
 bench: install
-	$(BIN)/python bench/data_bench.py
-	$(BIN)/python bench/train_bench.py
-	$(BIN)/python bench/dp_coverage.py
-	$(BIN)/python bench/bias_power.py
+	@set -e; for name in $(BENCH); do \
+		echo "== bench/$$name.py"; $(BIN)/python bench/$$name.py; done
 
 lint: install
 	$(BIN)/ruff format --check radfed server client tests bench

@@ -79,9 +79,15 @@ _FEDERATED: dict[str, tuple[str, str]] = {
     "multikrum": ("multikrum", ""),
     "bulyan": ("bulyan", ""),
 }
-_BASELINES = ("pooled", "local")
-_DEFAULT_METHODS = ("pooled", "local", "fedavg", "fedprox", "fedbn", "fedadam", "fedmedian")
 _ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+#: ``X+poison``: strategy X with the last site sending a poisoned update (``attack``).
+_POISONED = {f"{name}+poison": (name, "") for name in ("fedavg", *_ROBUST)}
+_FEDERATED.update(_POISONED)
+_BASELINES = ("pooled", "local")
+_DEFAULT_METHODS = (
+    *("pooled", "local", "fedavg", "fedprox", "fedbn", "fedadam", "fedmedian"),
+    *("fedavg+poison", "fedmedian+poison"),
+)
 _POLICY = """\
 # written by bench/quality_bench.py: exact statistics of small test splits
 [policy]
@@ -95,22 +101,11 @@ test-last-round-only = false
 test-evaluations-total = 1000000
 """
 _POISONING = {
-    "status": "not run",
-    "reason": (
-        "radfed has no way to make a simulated site send a poisoned update: nothing in "
-        "radfed/ (simulate, the ClientApp, the site handlers, the run config) corrupts an "
-        "update, and the only poisoning test (tests/central/test_poisoning.py) calls the "
-        "strategy's aggregate_train with fabricated replies, without a simulation. A "
-        "benchmark-only ClientApp would not be radfed's product path."
-    ),
-    "hook_needed": (
-        "a simulation-only setting, e.g. `radfed simulate --poison-site site-c "
-        "--poison sign-flip|scale:-10|noise:1.0|labels-flipped`, passed to that node only "
-        "through its node config (never read by a deployed site), applied in "
-        "radfed/site/handlers.py _train after training: the reply's weights replaced by "
-        "w_global + lambda (w_local - w_global), or Gaussian noise, or trained on flipped "
-        "labels; recorded in config.json. The benchmark would then add a poisoned row for "
-        "fedavg and every robust strategy (fedmedian, fedtrimmedavg, krum with 5 sites)."
+    "how": (
+        "methods X+poison: strategy X while the last site (in name order) sends a poisoned "
+        'update through radfed\'s simulation-only run setting attack="SITE:KIND" '
+        "(sign-flip: the global model minus 4 times its honest change; scale: plus 10 "
+        "times); its own test cases still count in its column and in ALL"
     ),
 }
 
@@ -219,8 +214,12 @@ def _baselines(
 # --- federated (radfed simulate in a subprocess) ---------------------------------------
 
 
-def _run_config(method: str, args: argparse.Namespace) -> tuple[str, str]:
+def _run_config(method: str, args: argparse.Namespace, data: Path) -> tuple[str, str]:
     strategy, extra = _FEDERATED[method]
+    if method in _POISONED:  # the last site (in name order) sends a poisoned update
+        last = sorted(p.name for p in data.iterdir() if (p / "manifest.csv").is_file())[-1]
+        extra = f'attack="{last}:{args.poison}"'
+
     values = [
         f"local-epochs={args.local_epochs}",
         "augment=false",
@@ -242,7 +241,7 @@ def _run_config(method: str, args: argparse.Namespace) -> tuple[str, str]:
 def _federated(
     method: str, task: str, data: Path, work: Path, args: argparse.Namespace, seed: int
 ) -> dict[str, Any]:
-    strategy, run_config = _run_config(method, args)
+    strategy, run_config = _run_config(method, args, data)
     run = work / f"run-{task}-{seed}-{method}"
     command = [
         *(sys.executable, "-m", "radfed", "simulate", "--data", str(data), "--out", str(run)),
@@ -345,6 +344,12 @@ def _parse() -> argparse.Namespace:
         default=1,
         help="Krum, MultiKrum, Bulyan; only 1 works (radfed's app config lacks the key)",
     )
+    parser.add_argument(
+        "--poison",
+        choices=["sign-flip", "scale"],
+        default="sign-flip",
+        help="what the poisoned site sends in the X+poison methods (default: %(default)s)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--work-dir", type=Path, help="keep sites and runs here")
@@ -393,7 +398,7 @@ def main() -> None:
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
         },
-        "poisoning": _POISONING,
+        "poisoning": {**_POISONING, "kind": args.poison},
         "tasks": {},
     }
     try:

@@ -134,9 +134,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines += [
         "## Poisoned site (robust strategies)",
         "",
-        f"**{poison['status']}.** {poison['reason']}",
-        "",
-        f"Hook needed: {poison['hook_needed']}",
+        f"Rows `X+poison` ({poison['kind']}): {poison['how']}.",
         "",
         f"Wall time {result.get('wall_seconds', 0) / 60:.1f} min on {result['machine']['cpus']} "
         f"CPUs (load average at start {result['machine']['load_average_start'][0]:.1f}).",
