@@ -74,8 +74,19 @@ FLOWER_POLLING = (
         "flwr/supernode/start_client_internal.py:470",
     ),
 )
-#: radfed's own pull of replies on the server (the same in simulation and deployment).
-SERVER_PULL = (0.5, "radfed/central/rounds.py:53 (_PULL_EVERY)")
+
+
+def _server_pull() -> tuple[float, str]:
+    """radfed's own pull of replies on the server (the same in simulation and deployment),
+    read from the source as it is now: (seconds, where)."""
+    source = _ROOT / "radfed" / "central" / "rounds.py"
+    for number, line in enumerate(source.read_text().splitlines(), start=1):
+        if line.startswith("_PULL_EVERY = "):
+            return float(line.split("=")[1].split("#")[0]), f"radfed/central/rounds.py:{number}"
+    return float("nan"), "radfed/central/rounds.py (_PULL_EVERY not found)"
+
+
+SERVER_PULL = _server_pull()
 
 #: The trace hooks, installed in every Python process of a site (and of the simulation).
 _SITECUSTOMIZE = r'''
