@@ -53,7 +53,8 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def site_copy(synth_root: Path, tmp_path: Path) -> Path:
-    """A private, writable copy of site-a."""
+    """A private, writable copy of site-a, without the state other tests may have left in
+    the shared synth_root (audit log, cache, splits)."""
     target = tmp_path / "site-a"
-    shutil.copytree(synth_root / "site-a", target)
+    shutil.copytree(synth_root / "site-a", target, ignore=shutil.ignore_patterns(".radfed"))
     return target

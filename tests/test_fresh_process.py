@@ -239,6 +239,8 @@ def _modules() -> list[str]:
         parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
         if parts[-1] == "__main__":  # running it is the command (above)
             continue
+        if parts[-2:] == ("migrations", "env"):  # Alembic's script: only Alembic runs it
+            continue
         names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
     return names
 
