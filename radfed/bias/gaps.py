@@ -471,8 +471,14 @@ def _attribute(
     direction = -1.0 if c.first.value < c.second.value else 1.0
     rows: list[dict[str, Any]] = []
     drivers: list[str] = []
-    for site in sites:
-        first, second = _sides(c, [site], cells, merge)
+    own_sides = _site_sides(c, sites, cells)
+    without = zip(
+        _leave_one_out([firsts for firsts, _ in own_sides], merge),
+        _leave_one_out([seconds for _, seconds in own_sides], merge),
+        strict=True,
+    )
+    for site, (firsts, seconds), others_sides in zip(sites, own_sides, without, strict=True):
+        first, second = _merged(firsts, merge), _merged(seconds, merge)
         row: dict[str, Any] = {
             "site": site,
             "first": _side_json(first, c.metric),
@@ -482,7 +488,7 @@ def _attribute(
         own = _fit(c, first, second, _SITE_CONFIDENCE)
         if own is not None and _has_interval(own):
             row["difference"] = _clean(own)
-        others = _fit(c, *_sides(c, [s for s in sites if s != site], cells, merge), c.level)
+        others = _fit(c, *others_sides, c.level)
         row["without_site"] = None if others is None else _clean(others)
         value = (own.value or 0.0) if own is not None else 0.0
         shows = (
@@ -513,7 +519,7 @@ def _attribute(
 
 def _weights(rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, float]]:
     """(difference, inverse variance) per site, the variance from its 95% interval."""
-    z = float(st.norm.ppf(0.5 + _SITE_CONFIDENCE / 2))
+    z = z_value(_SITE_CONFIDENCE)
     points = []
     for row in rows:
         d = row["difference"]
@@ -528,7 +534,7 @@ def _stratified(rows: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
     gap within sites, standardised for each site's share of the two groups (so that a
     site effect does not pass for a group effect); the variance from each site's 95%
     interval; with its 95% interval."""
-    z = float(st.norm.ppf(0.5 + _SITE_CONFIDENCE / 2))
+    z = z_value(_SITE_CONFIDENCE)
     parts = []
     for row in rows:
         n1, n2, d = row["first"]["n"], row["second"]["n"], row["difference"]
@@ -541,25 +547,47 @@ def _stratified(rows: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
     return {"value": round(mean, 6), "low": round(mean - half, 6), "high": round(mean + half, 6)}
 
 
-def _sides(
-    c: _Comparison, sites: Sequence[str], cells: Sequence[GroupCell], merge: Merge
-) -> tuple[SplitStats | None, SplitStats | None]:
-    """The comparison's two sides pooled over ``sites`` (as the report pools: released
-    cells only); the rest of a one-vs-rest comparison is the sites' other groups."""
-    own = [
-        cell
-        for cell in cells
-        if cell.site in sites
-        and cell.attribute == c.attribute
-        and not cell.suppressed
-        and cell.stats.n > 0
-    ]
-    first = [cell.stats for cell in own if cell.group == c.first.group]
-    if c.kind == ONE_VS_REST:
-        second = [cell.stats for cell in own if cell.group != c.first.group]
-    else:
-        second = [cell.stats for cell in own if cell.group == c.second.group]
-    return (merge(first) if first else None), (merge(second) if second else None)
+def _site_sides(
+    c: _Comparison, sites: Sequence[str], cells: Sequence[GroupCell]
+) -> list[tuple[list[SplitStats], list[SplitStats]]]:
+    """Per site of ``sites``, the statistics of the comparison's two sides (as the report
+    pools: released cells only); the rest of a one-vs-rest comparison is the site's other
+    groups. One pass over the cells."""
+    index = {site: i for i, site in enumerate(sites)}
+    sides: list[tuple[list[SplitStats], list[SplitStats]]] = [([], []) for _ in sites]
+    for cell in cells:
+        i = index.get(cell.site)
+        if i is None or cell.attribute != c.attribute or cell.suppressed or cell.stats.n <= 0:
+            continue
+        if cell.group == c.first.group:
+            sides[i][0].append(cell.stats)
+        elif c.kind == ONE_VS_REST or cell.group == c.second.group:
+            sides[i][1].append(cell.stats)
+    return sides
+
+
+def _merged(parts: Sequence[SplitStats | None], merge: Merge) -> SplitStats | None:
+    """``parts`` pooled, None when there are none."""
+    present = [part for part in parts if part is not None]
+    return merge(present) if present else None
+
+
+def _leave_one_out(parts: Sequence[Sequence[SplitStats]], merge: Merge) -> list[SplitStats | None]:
+    """Per index, every other index's ``parts`` pooled (None where they hold none).
+
+    A running pool from the front and one from the back meet at each index: a linear number
+    of merges, where pooling all others afresh for each index is quadratic in the sites.
+    Pooling sums counts, so the order the parts are added in does not change the pool;
+    nothing is subtracted from a total, so each pool is a sum of released cells only.
+    """
+    before: list[SplitStats | None] = [None]
+    for part in parts:
+        before.append(_merged([before[-1], *part], merge))
+    after: list[SplitStats | None] = [None]
+    for part in reversed(parts):
+        after.append(_merged([*part, after[-1]], merge))
+    after.reverse()  # after[i]: the parts from index i on
+    return [_merged([before[i], after[i + 1]], merge) for i in range(len(parts))]
 
 
 def _side_json(stats: SplitStats | None, metric: str) -> dict[str, Any] | None:

@@ -321,6 +321,30 @@ def test_a_gap_no_site_holds_both_groups_of_is_confounded_with_site() -> None:
     assert without_b["without_site"] is None and without_b["first"]["value"] == pytest.approx(0.5)
 
 
+def test_the_gap_without_a_site_is_the_pooled_gap_of_the_other_sites() -> None:
+    # Prepare: five sites of different sizes and gaps, one holding only women
+    shapes = {
+        "site-a": {"F": (60, 0.6, 50, 0.8), "M": (40, 0.9, 70, 0.7)},
+        "site-b": {"F": (30, 0.7, 90, 0.85), "M": (80, 0.8, 20, 0.8)},
+        "site-c": {"F": (120, 0.5, 40, 0.9), "M": (10, 0.9, 10, 0.6)},
+        "site-d": {"F": (25, 0.8, 25, 0.75)},
+        "site-e": {"F": (70, 0.65, 60, 0.7), "M": (90, 0.85, 45, 0.9)},
+    }
+    per_site = {name: _site(groups) for name, groups in shapes.items()}
+    # Execute: the report of all five, and one report per site of the four others
+    gap = _gap(_report(per_site), "ALL", "sensitivity")
+    rows = {row["site"]: row for row in gap["attribution"]["sites"]}
+    # Assert: each site's "without" difference is the pooled difference of the rest (the
+    # intervals differ: each report's false-discovery screen sets its own level)
+    assert set(rows) == set(shapes)
+    for left_out in shapes:
+        others = {name: cells for name, cells in per_site.items() if name != left_out}
+        expected = _gap(_report(others), "ALL", "sensitivity")["difference"]
+        without = rows[left_out]["without_site"]
+        assert without["value"] == pytest.approx(expected["value"], abs=1e-9)
+        assert without["low"] < without["value"] < without["high"]  # (at the gap's level)
+
+
 def test_a_site_effect_does_not_pass_for_a_group_gap_in_the_pool() -> None:
     # Prepare: Simpson's paradox. Within each site women and men do equally well; site-b
     # does worse and sees mostly women
