@@ -338,16 +338,21 @@ class AuditLog:
         kind: str,
         error_code: int | None = None,
         request: Request | None = None,
+        payload: bytes | None = None,
     ) -> AuditEntry:
         """Append one entry for a reply about to leave (``content`` None for an error reply),
-        with the request it answers.
+        with the request it answers. ``payload``: ``serialize_content(content)`` when the
+        caller has it already (the bytes that leave; serialized here otherwise).
 
         Raises:
             ValueError: ``kind`` is not train, evaluate, query or error.
             DataError: the log's last line is not an entry (check it with ``verify``).
         """
         kind = AuditKind(kind)
-        payload = serialize_content(content) if content is not None else None
+        if content is None:
+            payload = None
+        elif payload is None:
+            payload = serialize_content(content)
         records = _describe(content) if content is not None else {}
         self.path.parent.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -136,9 +136,11 @@ def _leave(
         policy = site_policy(context.node_config, path)
     except RadfedError:
         return reply  # an error reply for a node without a site folder: nothing to audit in
+    payload = None
     if not reply.has_error():
+        payload = serialize_content(reply.content)  # once: its size and its audit digest
         try:
-            policy.check_size(len(serialize_content(reply.content)))
+            policy.check_size(len(payload))
         except PolicyRefusal as err:
             logger.error("%s reply withheld: %s", kind, err)
             reply = _error(ErrorCode.POLICY, msg)
@@ -162,6 +164,7 @@ def _leave(
                 server_round=round_,
                 kind=kind,
                 request=request,
+                payload=payload,
             )
     except Exception as err:  # an unrecorded reply must not leave the site
         logger.error(

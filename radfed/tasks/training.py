@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -44,10 +45,11 @@ def round_steps(config: RunConfig, cases: int) -> int:
     return config.local_epochs * math.ceil(cases / config.batch_size)
 
 
+@functools.lru_cache(maxsize=16)
 def model_size(build: Callable[[RunConfig], nn.Module], config: RunConfig) -> int:
     """The parameters and buffers of the model ``build`` (a task's ``build_model``) makes
     for ``config``, counted on PyTorch's meta device: no memory is taken, however large the
-    run asks it to be."""
+    run asks it to be. Kept per (build, config): a site asks for every message."""
     with torch.device("meta"):
         model = build(config)
     return sum(t.numel() for t in (*model.parameters(), *model.buffers()))

@@ -121,12 +121,14 @@ def test_every_reply_is_audited_with_what_was_asked_and_what_left(site_copy: Pat
         handle_evaluate(requests[2], context),
     ]
 
-    # Assert: one entry per reply, its size that of the serialized content
+    # Assert: one entry per reply, its size and digest those of the serialized content
     entries = _audit(site_copy)
     assert [e["kind"] for e in entries] == ["query", "train", "evaluate"]
     assert [e["round"] for e in entries] == [1, 2, 2]
     for entry, reply in zip(entries, replies, strict=True):
-        assert entry["bytes"] == len(serialize_content(reply.content))
+        sent = serialize_content(reply.content)
+        assert entry["bytes"] == len(sent)
+        assert entry["sha256"] == hashlib.sha256(sent).hexdigest()
     # what was asked: the kind, the run configuration's and the received weights' digests
     asked = [e["request"] for e in entries]
     assert isinstance(asked[1], dict) and isinstance(asked[2], dict)
