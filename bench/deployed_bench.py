@@ -173,6 +173,7 @@ def _patch_handlers(module):
 
 
 def _patch_clientapp(module):
+    module.run_clientapp = _timed(module.run_clientapp, "clientapp-start", "clientapp-end")
     module.pull_task_input = _timed(module.pull_task_input, "pull-start", "pull-end")
     module.push_message = _timed(module.push_message, "push-start", "push-end")
 
@@ -183,9 +184,26 @@ def _patch_supernode(module):
     @functools.wraps(pull)
     def pulled(*args, **kwargs):
         began = time.time()
+        calls = {"objects": 0, "object_s": 0.0, "receive_s": 0.0}
+
+        def counted(function, count, seconds):
+            @functools.wraps(function)
+            def wrapper(*a, **k):
+                start = time.perf_counter()
+                try:
+                    return function(*a, **k)
+                finally:
+                    if count:
+                        calls[count] += 1
+                    calls[seconds] += time.perf_counter() - start
+
+            return wrapper
+
+        kwargs["pull_object"] = counted(kwargs["pull_object"], "objects", "object_s")
+        kwargs["receive"] = counted(kwargs["receive"], "", "receive_s")
         run_id = pull(*args, **kwargs)
         if run_id is not None:  # this pull brought a message
-            _emit("node-pulled", started=began)
+            _emit("node-pulled", started=began, **calls)
         return run_id
 
     module._pull_and_store_message = pulled
@@ -193,8 +211,13 @@ def _patch_supernode(module):
     module._push_messages = _timed(module._push_messages, "node-push-start", "node-push-end")
 
 
+def _patch_runtime(module):
+    module.main = _timed(module.main, "task-entry", "task-exit")
+
+
 _PATCHES = {
     "radfed.site.handlers": _patch_handlers,
+    "radfed.site.runtime": _patch_runtime,
     "flwr.supernode.runtime.run_clientapp": _patch_clientapp,
     "flwr.supernode.start_client_internal": _patch_supernode,
 }

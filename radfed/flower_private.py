@@ -21,7 +21,10 @@ only; nothing else in radfed imports from Flower beyond its public app API (``fl
   ``TASK_TYPE_TO_COMMAND`` and ``TASK_TYPE_TO_APPIO_API_ADDRESS_ARG``);
 - ``flwr.supernode.cli.flower_supernode`` (the ``flower-supernode`` process) with
   ``flwr.supernode.fleet_http_connection.FleetHttpClient`` given the site's client
-  certificate (``ProtobufClient`` takes an ``ssl.SSLContext`` as ``verify``).
+  certificate (``ProtobufClient`` takes an ``ssl.SSLContext`` as ``verify``);
+- ``flwr.supercore.inflatable.inflatable_utils.pull_objects`` (Flower's retrying pull of a
+  message's objects), called with a shorter first wait where the site's task and SuperNode
+  and the server's ServerApp call it: ``quick_object_pulls``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
     "fused_run_config",
     "log_like_flower",
     "parse_run_config",
+    "quick_object_pulls",
     "run_simulation",
     "run_site_clientapp",
     "run_site_superexec",
@@ -154,6 +158,38 @@ def run_simulation(
     )
 
 
+#: How a process retries pulling an object that is not there yet: after 0.05 s, doubling up
+#: to 0.5 s. Flower waits 1 s first, doubling up to 10 s (``PULL_INITIAL_BACKOFF``,
+#: ``PULL_BACKOFF_CAP``): a site's task starts as soon as its message is announced, before
+#: the SuperNode has all of its weights, and sat out 1 + 2 s for the last ones.
+OBJECT_PULL_BACKOFF = (0.05, 0.5)
+
+
+def quick_object_pulls(*modules: str) -> None:
+    """In each of ``modules`` (those that call Flower's ``pull_objects``), retry an object
+    that is not there yet after ``OBJECT_PULL_BACKOFF``; the overall time limit stays
+    Flower's (``PULL_MAX_TIME``), so a message is given up no sooner than before."""
+    import importlib
+
+    import flwr.supercore.inflatable.inflatable_utils as inflatable
+    from flwr.supercore.constant import PULL_MAX_TIME
+
+    flower: Any = getattr(inflatable, "pull_objects")  # noqa: B009  (the module global)
+    flower = getattr(flower, "__wrapped__", flower)  # patched once, whatever is asked twice
+    first, cap = OBJECT_PULL_BACKOFF
+
+    def pull_objects(object_ids: Any, pull_object_fn: Any, **options: Any) -> Any:
+        options.setdefault("initial_backoff", first)
+        options.setdefault("backoff_cap", cap)
+        options.setdefault("max_time", PULL_MAX_TIME)
+        options.setdefault("max_tries_per_object", None)  # max_time bounds it instead
+        return flower(object_ids, pull_object_fn, **options)
+
+    setattr(pull_objects, "__wrapped__", flower)  # noqa: B010
+    for name in modules:
+        setattr(importlib.import_module(name), "pull_objects", pull_objects)  # noqa: B010
+
+
 def run_site_clientapp(load: Callable[[bytes], ClientApp]) -> None:
     """Be Flower's ``flwr-clientapp`` process (arguments from ``sys.argv``) for one task,
     answering with the ClientApp that ``load`` returns for the run's app bundle.
@@ -177,6 +213,7 @@ def run_site_clientapp(load: Callable[[bytes], ClientApp]) -> None:
 
     setattr(process, "install_from_fab", keep_bundle)  # noqa: B010  (module globals it calls)
     setattr(process, "get_load_client_app_fn", site_app_loader)  # noqa: B010
+    quick_object_pulls("flwr.supercore.inflatable.inflatable_utils")  # from the SuperNode
     flwr_clientapp()
 
 
@@ -310,4 +347,5 @@ def run_supernode(tls: ssl.SSLContext) -> None:
             )
 
     setattr(connection, "FleetHttpClient", SiteFleetClient)  # noqa: B010  (module global)
+    quick_object_pulls("flwr.supernode.start_client_internal")  # from the server's SuperLink
     flower_supernode()

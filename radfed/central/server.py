@@ -19,7 +19,7 @@ from radfed.config import RunConfig
 from radfed.errors import ConfigError, RadfedError
 from radfed.federation.checkpoint import load_checkpoint
 from radfed.federation.weights import check_fedbn, shared_state
-from radfed.flower_private import log_like_flower
+from radfed.flower_private import log_like_flower, quick_object_pulls
 from radfed.folders import RunEvent
 from radfed.log import logger
 from radfed.store import StoreFeed
@@ -72,6 +72,7 @@ def run_server(grid: Grid, context: Context) -> Path:
         The run folder.
     """
     log_like_flower()
+    quick_object_pulls("flwr.superlink.grid.http_grid")  # the replies, from the SuperLink
     config = RunConfig.from_run_config(context.run_config)
     task = get_task(config.task)
     task.check(config)

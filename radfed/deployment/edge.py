@@ -85,6 +85,12 @@ http {{
     access_log off;
     server_tokens off;
     client_max_body_size {MAX_BODY};
+    # Connections to the SuperLink are kept open: a message is one request per object, and a
+    # fresh TLS handshake with the SuperLink for each cost most of a deployed message's time.
+    upstream superlink {{
+        server 127.0.0.1:{self.superlink_port};
+        keepalive 8;
+    }}
     server {{
         listen {format_address(self.host, self.port)} ssl;
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -96,11 +102,12 @@ http {{
         ssl_verify_depth 1;
         location {FLEET_PREFIX} {{
             # With a URI, nginx forwards the normalised path (never a raw one holding ../)
-            proxy_pass https://127.0.0.1:{self.superlink_port}{FLEET_PREFIX};
+            proxy_pass https://superlink{FLEET_PREFIX};
             proxy_ssl_trusted_certificate {ca};
             proxy_ssl_verify on;
             proxy_ssl_name localhost;  # a DNS name of the certificate (nginx checks no IP)
             proxy_http_version 1.1;
+            proxy_set_header Connection "";  # keep the upstream connection open
             proxy_request_buffering off;
             proxy_read_timeout 600s;
             proxy_send_timeout 600s;

@@ -31,15 +31,20 @@ def _free_port() -> int:
 
 
 class _Upstream(http.server.ThreadingHTTPServer):
-    """An HTTPS server on loopback that answers 200 and records every path it is asked."""
+    """An HTTPS server on loopback that answers 200 and records every path it is asked and
+    the connection it came on."""
 
     def __init__(self, pki: Pki) -> None:
         self.paths: list[str] = []
+        self.connections: list[tuple[str, int]] = []  # the peer of each request
         upstream = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keeps a connection open, as the SuperLink does
+
             def _answer(self) -> None:
                 upstream.paths.append(self.path)
+                upstream.connections.append(self.client_address)
                 length = int(self.headers.get("Content-Length", 0) or 0)
                 self.rfile.read(length)
                 self.send_response(200)
@@ -102,6 +107,21 @@ def test_the_fleet_api_reaches_the_superlink_for_a_site(edge: tuple[Pki, int, _U
 
     assert reply.status_code == 200 and reply.content == b"superlnk"
     assert upstream.paths[-1] == "/v1/fleet/pull-messages"
+
+
+def test_the_edge_keeps_its_connection_to_the_superlink_open(
+    edge: tuple[Pki, int, _Upstream],
+) -> None:
+    # A message is pulled as one request per object: a TLS handshake with the SuperLink for
+    # each cost seconds a message
+    pki, port, upstream = edge
+    before = len(upstream.connections)
+    with _site_client(pki) as client:
+        for _ in range(6):
+            reply = client.post(f"https://127.0.0.1:{port}/v1/fleet/pull-object", content=b"x")
+            assert reply.status_code == 200
+    used = set(upstream.connections[before:])
+    assert len(upstream.connections) - before == 6 and len(used) == 1
 
 
 @pytest.mark.parametrize(

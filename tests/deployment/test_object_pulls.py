@@ -1,0 +1,75 @@
+"""A site's task, its SuperNode and the ServerApp retry an object that is not there yet after
+radfed's short wait (Flower waits 1 s first, then 2, 4...), with Flower's own time limit."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pytest
+from flwr.supercore.constant import PULL_MAX_TIME
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+from radfed.flower_private import OBJECT_PULL_BACKOFF, quick_object_pulls
+
+CALLERS = (
+    "flwr.supercore.inflatable.inflatable_utils",  # the task's pull from its SuperNode
+    "flwr.supernode.start_client_internal",  # the SuperNode's pull from the SuperLink
+    "flwr.superlink.grid.http_grid",  # the ServerApp's pull of the replies
+)
+
+
+@pytest.fixture
+def flower_pull(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Flower's pull_objects replaced by a recorder in every caller (restored after)."""
+    calls: list[dict[str, Any]] = []
+
+    def recorder(object_ids: Any, pull_object_fn: Any, **options: Any) -> dict[str, bytes]:
+        calls.append(options)
+        return {object_id: pull_object_fn(object_id) for object_id in object_ids}
+
+    for name in CALLERS:
+        monkeypatch.setattr(importlib.import_module(name), "pull_objects", recorder)
+    return calls
+
+
+def test_every_caller_pulls_with_the_short_backoff_and_flowers_time_limit(
+    flower_pull: list[dict[str, Any]],
+) -> None:
+    quick_object_pulls(*CALLERS)
+    quick_object_pulls(*CALLERS)  # asked twice: wrapped once
+    for name in CALLERS:
+        pulled = importlib.import_module(name).pull_objects(["a"], lambda oid: oid.encode())
+        assert pulled == {"a": b"a"}
+    first, cap = OBJECT_PULL_BACKOFF
+    assert len(flower_pull) == len(CALLERS)
+    for options in flower_pull:
+        assert options["initial_backoff"] == first < 1 and options["backoff_cap"] == cap < 10
+        assert options["max_time"] == PULL_MAX_TIME and options["max_tries_per_object"] is None
+
+
+def test_a_caller_s_own_options_are_kept(flower_pull: list[dict[str, Any]]) -> None:
+    quick_object_pulls(CALLERS[0])
+    inflatable_utils.pull_objects(["a"], lambda oid: b"", initial_backoff=2.0, max_time=5.0)
+    assert flower_pull[0]["initial_backoff"] == 2.0 and flower_pull[0]["max_time"] == 5.0
+
+
+def test_an_object_that_comes_late_is_pulled_after_short_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: Flower's real pull_objects; the object is missing for its first three tries
+    monkeypatch.setattr(inflatable_utils, "pull_objects", inflatable_utils.pull_objects)
+    quick_object_pulls("flwr.supercore.inflatable.inflatable_utils")
+    tries: list[str] = []
+
+    def pull(object_id: str) -> bytes:
+        tries.append(object_id)
+        if len(tries) <= 3:
+            raise ObjectUnavailableError(object_id)
+        return b"weights"
+
+    # Execute
+    pulled = inflatable_utils.pull_objects(["w"], pull, max_tries_per_object=4)
+    # Assert: the fourth try brought it (Flower's own loop, radfed's waits)
+    assert pulled == {"w": b"weights"} and tries == ["w"] * 4
