@@ -5,12 +5,14 @@ Run from the repository root::
     .venv/bin/python bench/aggregation_bench.py [--sizes-mb 10 100 1000] [--sites 3 10 30 100]
 
 For each model size x number of sites it builds the training replies the server receives
-(real Flower ``Message`` objects whose content is what ``radfed.site.handlers`` sends:
-``ArrayRecord(state_dict)``, the ``num-examples``/``train-loss`` MetricRecord and the site
-identity) and times, on a real ``RadfedFedAvg`` (``radfed.central.strategy``):
+(real Flower ``Message`` objects whose content is what ``radfed.site.handlers`` sends: the
+weights packed into one array (``radfed.federation.packing.pack``), the
+``num-examples``/``train-loss`` MetricRecord and the site identity) and times, on a real
+``RadfedFedAvg`` (``radfed.central.strategy``):
 
 (a) *check*: the loop of ``RadfedChecks.aggregate_train`` before aggregation, for every
-    reply: ``_checked`` (site identity), ``_check_update`` (record layout, metrics,
+    reply: ``_checked`` (site identity), ``_check_update`` (record layout, metrics, the
+    weights unpacked against the global model,
     ``radfed.federation.updates.validate_arrays``: names, decoded shapes and dtypes,
     finite values, and in the same pass the update's L2 distance from the global model);
 (b) *aggregate*: the rest of it: ``_bounded`` (norm bound, calibrated in the warm-up at
@@ -72,6 +74,7 @@ from radfed.central.run_folder import RunFolder
 from radfed.central.strategy import RadfedChecks, RadfedFedAvg
 from radfed.config import RunConfig
 from radfed.federation.identity import SiteIdentity
+from radfed.federation.packing import pack, unpack
 from radfed.federation.schema import ARRAYS_KEY, METRICS_KEY, SITE_KEY
 from radfed.federation.updates import cast_like
 from radfed.log import logger
@@ -242,7 +245,7 @@ def make_replies(
             state[name] = torch.from_numpy(values)
         content = RecordDict(
             {
-                ARRAYS_KEY: ArrayRecord(state),
+                ARRAYS_KEY: pack(state),  # as a site sends them
                 METRICS_KEY: MetricRecord({"num-examples": 100 + 7 * i, "train-loss": 0.5}),
                 SITE_KEY: SiteIdentity.local(f"site-{i:03d}").to_record(),
             }
@@ -312,11 +315,14 @@ def timed_round(
 ) -> tuple[float, float, OrderedDict[str, torch.Tensor], list[float]]:
     """Seconds of ``check`` and of ``aggregate`` for one round, the new global model and
     the update norms."""
+    sent = [msg.content[ARRAYS_KEY] for msg in replies]  # packed: the check unpacks them
     start = time.perf_counter()
     checked = check(strategy, replies)
     middle = time.perf_counter()
     state = aggregate(strategy, checked)
     end = time.perf_counter()
+    for msg, packed in zip(replies, sent, strict=True):  # as received, for the next round
+        msg.content[ARRAYS_KEY] = packed
     return middle - start, end - middle, state, [n for _, _, n in checked]
 
 
@@ -408,7 +414,7 @@ def run_one(
     strategy = RadfedFedAvg(
         config=config, reference=reference, run=RunFolder.start(run_dir, config)
     )
-    largest = max(v.nbytes for v in reference_np.values())
+    largest = sum(v.nbytes for v in reference_np.values())  # a reply is one packed array
     buffer = np.zeros(largest + 1024, dtype=np.uint8)  # + the .npy header
 
     _trim()
@@ -515,7 +521,10 @@ def _verify(
     weights = np.array(
         [float(m.content[METRICS_KEY]["num-examples"]) for m in replies]  # type: ignore[arg-type]
     )
-    values = [m.content[ARRAYS_KEY][name].numpy() for m in replies]  # type: ignore[index]
+    values = [
+        unpack(m.content[ARRAYS_KEY], state)[name].numpy()  # type: ignore[arg-type]
+        for m in replies
+    ]
     expected = sum(w * v.astype(np.float64) for w, v in zip(weights, values, strict=True))
     expected = expected / weights.sum()
     if not np.allclose(state[name].numpy(), expected, rtol=1e-4, atol=1e-6):
@@ -686,7 +695,8 @@ def _what_this_shows(result: dict[str, Any]) -> str:
         f"of weights, {min(ratios):.0f} to {max(ratios):.0f} times the time of a plain memory "
         f"copy of the same bytes ({min(copy):.1f} to {max(copy):.1f} GB/s here); the checks "
         f"take a median {100 * check_share:.0f}% of it. In one round each received byte is "
-        f"decoded from its .npy bytes {decoded:.1f} times (``Array.numpy()``: once in "
+        f"decoded from its .npy bytes {decoded:.1f} times (``Array.numpy()``: the packed "
+        "reply once in ``unpack``, which encodes each tensor again, then once in "
         "``validate_arrays`` (with the distance), once in FedAvg, plus the aggregate "
         "once in ``cast_like``), so the "
         f"checks make several passes over each reply where a copy makes one. {memory}. "

@@ -264,6 +264,7 @@ def _replay(args: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]:
     from radfed.central.server import render_report
     from radfed.central.strategy import make_strategy
     from radfed.config import RunConfig
+    from radfed.federation.packing import pack
     from radfed.federation.weights import shared_state
     from radfed.flower_private import fused_run_config
     from radfed.folders import RunEvent, list_sites
@@ -322,9 +323,10 @@ def _replay(args: argparse.Namespace, work: Path, data: Path) -> dict[str, Any]:
 
     def ask(kind: str, arrays: ArrayRecord, server_round: int) -> list[Message]:
         handler = handle_train if kind == "train" else handle_evaluate
+        packed = pack(arrays)  # once a phase, as the strategy's configure_* does
         replies = []
         for i, context in enumerate(contexts):
-            replies.append(handler(message(i + 1, kind, arrays, server_round), context))
+            replies.append(handler(message(i + 1, kind, packed, server_round), context))
         return replies
 
     clocks: dict[str, list[float]] = {}

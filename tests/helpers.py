@@ -1,16 +1,22 @@
-"""Helpers for tests: messages and contexts for calling Flower handlers directly, and the
-mark of tests that need an operating-system service."""
+"""Helpers for tests: messages and contexts for calling Flower handlers directly, the
+weights a message carries, and the mark of tests that need an operating-system service.
+
+Weights travel packed (``radfed.federation.packing``): a test sends ``pack(state)`` and
+reads what came back with ``weights_of``, as the server and the sites do."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 
 import pytest
-from flwr.app import Context, Message, Metadata, RecordDict
+import torch
+from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 
 from radfed.deployment.edge import nginx
 from radfed.errors import ConfigError
+from radfed.federation.packing import unpack
 
 
 def _nginx_missing() -> bool:
@@ -60,3 +66,10 @@ def make_context(
     return Context(
         run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config
     )
+
+
+def weights_of(msg: Message, layout: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights ``msg`` carries, unpacked by ``layout`` (the receiver's state dict)."""
+    packed = msg.content["arrays"]
+    assert isinstance(packed, ArrayRecord)
+    return dict(unpack(packed, layout).to_torch_state_dict())

@@ -7,7 +7,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
 
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     Bulyan,
     FedAdam,
@@ -26,6 +27,7 @@ from radfed.central.run_folder import RunFolder
 from radfed.config import RunConfig, StrategyName
 from radfed.federation.codes import ErrorCode, InvalidReply, describe_code
 from radfed.federation.identity import read_site_identity
+from radfed.federation.packing import pack, unpack
 from radfed.federation.schema import (
     ARRAYS_KEY,
     CELLS_KEY,
@@ -69,6 +71,10 @@ class RadfedChecks:
     from each site name is used. Evaluation replies carry sufficient statistics: the
     per-site and pooled metrics are computed from them and written to metrics.jsonl
     (pooled from summed statistics, never averaged).
+
+    Weights travel packed (``radfed.federation.packing``): the messages of a phase share one
+    packed record of the global model, and a reply's weights are unpacked against the
+    current global model before any check, so the base strategy aggregates named arrays.
 
     Args:
         config: the run configuration.
@@ -146,6 +152,19 @@ class RadfedChecks:
             else f"{self.max_update_norm:g}",
             self.max_examples,
         )
+
+    # ------------------------------------------------------------------ messages
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        return _packed(messages, arrays)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+        return _packed(messages, arrays)
 
     # ------------------------------------------------------------------ training
     def aggregate_train(
@@ -371,13 +390,15 @@ class RadfedChecks:
     # ------------------------------------------------------------------ checks
     def _check_update(self, content: RecordDict) -> tuple[float, float]:
         """Check a training reply; return its training loss and its update's L2 distance
-        from the global model.
+        from the global model. Its packed weights are replaced by the named ones, unpacked
+        against the global model, for aggregation.
 
         Raises:
             InvalidReply: records other than one ArrayRecord and one MetricRecord of the
-                training keys, bad weights (see ``validate_arrays``), or bad values.
+                training keys, weights that are not packed for the global model (see
+                ``unpack``), bad weights (see ``validate_arrays``), or bad values.
         """
-        arrays = _only(content.array_records, ARRAYS_KEY, "ArrayRecord")
+        packed = _only(content.array_records, ARRAYS_KEY, "ArrayRecord")
         reported = _only(content.metric_records, METRICS_KEY, "MetricRecord")
         if set(reported.keys()) != TRAIN_METRIC_KEYS:
             missing = sorted(TRAIN_METRIC_KEYS - set(reported.keys()))
@@ -390,7 +411,9 @@ class RadfedChecks:
         loss = reported["train-loss"]
         if not isinstance(loss, float) or not math.isfinite(loss):
             raise InvalidReply("train-loss must be a finite float")
+        arrays = unpack(packed, self.reference)
         norm = validate_arrays(arrays, self.reference)  # the norm bound clips (_bounded)
+        content[ARRAYS_KEY] = arrays
         return loss, norm
 
     def _check_statistics(self, content: RecordDict) -> dict[str, list[CellStats]]:
@@ -543,6 +566,17 @@ def _only(records: Mapping[str, _R], key: str, kind: str) -> _R:
             f"reply must carry exactly one {kind} named {key!r}, got {len(names)} {names[:3]}"
         )
     return records[key]
+
+
+def _packed(messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
+    """The messages with ``arrays`` packed, once for all of them (Flower's strategies give
+    every message of a phase the same content)."""
+    sent = list(messages)
+    if sent:
+        packed = pack(arrays)
+        for msg in sent:
+            msg.content[ARRAYS_KEY] = packed
+    return sent
 
 
 def _fmt(value: float | None) -> str:

@@ -1,6 +1,6 @@
 """The statistics schema: what an evaluation reply carries, and its checks at the server.
 
-Statistics schema 3, in the reply's one MetricRecord:
+Statistics (schema 4), in the reply's one MetricRecord:
 
 - ``num-examples`` (int): cases evaluated (train replies: cases trained on);
 - ``schema-version`` (int): ``STATS_SCHEMA_VERSION``;
@@ -33,9 +33,15 @@ Statistics schema 3, in the reply's one MetricRecord:
   reply's ConfigRecord ``cells`` lists per split the cells' names (``sex=F``,
   ``age_band=60-79``, ``sex*age_band=F|60-79``; see ``radfed.metrics.cells``).
 
-A training reply carries the ArrayRecord ``arrays`` (``radfed.federation.weights``) and a
-MetricRecord of exactly ``TRAIN_METRIC_KEYS``. Every reply's ConfigRecord ``site`` holds
-``name``, ``radfed-version`` and ``schema-version`` (``radfed.federation.identity``).
+A training reply carries the ArrayRecord ``arrays`` (the weights that leave:
+``radfed.federation.weights``) and a MetricRecord of exactly ``TRAIN_METRIC_KEYS``. Weights
+travel packed, in the server's messages and in training replies alike
+(``radfed.federation.packing``): ``arrays`` holds one 1-D ``uint8`` Array ``packed``, every
+tensor's raw bytes in the model's state-dict order, without names, shapes or dtypes. Flower
+sends a message as one object (and request) per array per hop, so a state dict of 77
+tensors would cost some 150 requests per hop; and the receiver slices the bytes by its own
+model, so the sender cannot choose what it allocates. Every reply's ConfigRecord ``site``
+holds ``name``, ``radfed-version`` and ``schema-version`` (``radfed.federation.identity``).
 Nothing else leaves a site: no per-case value, no path, id, header value or exception text.
 """
 
@@ -67,8 +73,9 @@ __all__ = [
     "unpack_stats",
 ]
 
-#: Version of the statistics schema that sites send; the server refuses others by name.
-STATS_SCHEMA_VERSION = 3
+#: Version of the wire contract that sites send (statistics and, from 4, weights packed into
+#: one array: ``radfed.federation.packing``); the server refuses others by name.
+STATS_SCHEMA_VERSION = 4
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"

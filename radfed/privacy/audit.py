@@ -15,14 +15,16 @@ sorted keys::
 
 ``bytes`` and ``sha256`` are the length and SHA-256 of the content as Flower serializes it
 (``radfed.flower_private.serialize_content``, deterministic protobuf encoding); ``records``
-names what left (array names, shapes and dtypes; metric and config keys) and ``released``
-holds the values of its metric and config records: the aggregate statistics the site
-agreed to release (weights are named and hashed, not copied). ``request`` says what was
-asked: the message kind, the SHA-256 of the run configuration, of the run's app bundle
-(null in a simulation) and of the received weights (``weights_digest``), the message's own
-settings, and for an evaluation the splits asked for. Settings are bounded: the ones the
-site reads first, at most 32, long values as a digest; when some are left out,
-``message-config-more`` counts them and ``message-config-sha256`` digests them all.
+names what left (array names, shapes and dtypes: the weights travel packed, as one ``uint8``
+array ``packed`` of the model's size, ``radfed.federation.packing``; metric and config
+keys) and ``released`` holds the values of its metric and config records: the aggregate
+statistics the site agreed to release (weights are named and hashed, not copied).
+``request`` says what was asked: the message kind, the SHA-256 of the run configuration, of
+the run's app bundle (null in a simulation) and of the received weights (``weights_digest``
+of the packed record as it arrived), the message's own settings, and for an evaluation the
+splits asked for. Settings are bounded: the ones the site reads first, at most 32, long
+values as a digest; when some are left out, ``message-config-more`` counts them and
+``message-config-sha256`` digests them all.
 
 ``seq`` counts lines from 1, ``prev`` is the SHA-256 of the previous line (64 zeros on the
 first) and ``hash`` the SHA-256 of the line's own canonical JSON without ``hash``, so

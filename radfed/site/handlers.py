@@ -20,7 +20,9 @@ from radfed.config import RunConfig
 from radfed.data.loading import SiteData
 from radfed.data.splits import record_test_use
 from radfed.errors import ConfigError, DataError
+from radfed.federation.codes import InvalidReply
 from radfed.federation.identity import SiteIdentity
+from radfed.federation.packing import pack, unpack
 from radfed.federation.schema import (
     ARRAYS_KEY,
     CELLS_KEY,
@@ -59,7 +61,8 @@ __all__ = ["handle_evaluate", "handle_query", "handle_train", "site_handlers"]
 
 @dataclass(frozen=True)
 class _Task:
-    """What a message asks of this site, checked against its policy, with what it needs."""
+    """What a message asks of this site, checked against its policy, with what it needs:
+    ``received`` is the global model as received, unpacked by this site's own model."""
 
     config: RunConfig
     task: Task
@@ -68,12 +71,15 @@ class _Task:
     policy: SitePolicy
     site: SiteData
     model: nn.Module
+    received: ArrayRecord
 
 
 def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task:
     """The run settings and task, this site's name, folder, policy and data, and the
     received global model; every limit of the site's policy is checked before the work it
-    bounds (the settings and the received weights before the site's data is loaded)."""
+    bounds (the settings and the received weights before the site's data is loaded). The
+    weights arrive packed: their size is checked as received, then they are sliced by the
+    site's own freshly built model, never by anything the message says."""
     config = RunConfig.from_run_config(context.run_config)
     task = get_task(config.task)
     task.check(config)
@@ -85,11 +91,13 @@ def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task
         policy.check_task(config.task)
     policy.limits.check_run(config)
     policy.limits.check_round(server_round(msg))
-    arrays = msg.content.array_records.get(ARRAYS_KEY)
-    if arrays is None:
+    packed = msg.content.array_records.get(ARRAYS_KEY)
+    if packed is None:
         raise ConfigError("the message carries no weights (ArrayRecord 'arrays')")
-    policy.limits.check_inbound(sum(len(array.data) for array in arrays.values()))
+    policy.limits.check_inbound(sum(len(array.data) for array in packed.values()))
     policy.limits.check_model(model_size(task.build_model, config))
+    model = task.build_model(config)
+    arrays = _unpacked(packed, model, config.fedbn)
     if not all(np.isfinite(array.numpy()).all() for array in arrays.values()):
         # before anything is spent: a crafted model with NaN for some cases would make
         # whether the work fails an exact answer about the data
@@ -114,7 +122,6 @@ def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task
             )
     try:
         site = load_site_once(path, config, policy.limits)
-        model = task.build_model(config)
         if config.fedbn:  # this site's own normalisation layers from its earlier rounds
             LocalState(SiteFolder(path).state, msg.metadata.run_id).restore(model)
         load_global(model, arrays, config.fedbn)
@@ -122,7 +129,23 @@ def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task
         if spent:
             raise _SpentRelease(config, policy, name, err) from None
         raise
-    return _Task(config, task, name, path, policy, site, model)
+    return _Task(config, task, name, path, policy, site, model, arrays)
+
+
+def _unpacked(packed: ArrayRecord, model: nn.Module, fedbn: bool) -> ArrayRecord:
+    """The received packed weights, sliced by this site's own model (``unpack``): the
+    sender cannot choose the names, shapes or dtypes.
+
+    Raises:
+        ConfigError: the weights are not packed for this site's model.
+    """
+    try:
+        return unpack(packed, shared_state(model, fedbn))
+    except InvalidReply as err:
+        raise ConfigError(
+            f"the received weights do not fit this site's model ({err}); the server and "
+            "the site must build the same model from the run's settings"
+        ) from None
 
 
 class _SpentRelease(Exception):
@@ -197,13 +220,11 @@ def _train(msg: Message, context: Context) -> Message:
     attack = attacked(config, job.name, context.node_config)
     if attack is not None:  # a simulated site the run names: the benchmarks' poisoned site
         logger.warning("round %d: this simulated site sends a %s update", round_, attack)
-        global_state = msg.content[ARRAYS_KEY].to_torch_state_dict()  # type: ignore[union-attr]
-        state = poison(state, global_state, attack)
+        state = poison(state, job.received.to_torch_state_dict(), attack)
     if job.policy.dp is not None:  # the site's differential privacy: clip and noise the update
-        received = {k: v.numpy() for k, v in msg.content[ARRAYS_KEY].items()}  # type: ignore[union-attr]
         noised = job.policy.privatize(
             {k: v.detach().cpu().numpy() for k, v in state.items()},
-            received,
+            {k: v.numpy() for k, v in job.received.items()},
             # fresh entropy: noise from a seed the server could know could be subtracted
             np.random.default_rng(),
         )
@@ -224,7 +245,7 @@ def _train(msg: Message, context: Context) -> Message:
         examples, loss = max(1, counted + noise), 0.0
     content = RecordDict(
         {
-            ARRAYS_KEY: ArrayRecord(state),
+            ARRAYS_KEY: pack(state),
             METRICS_KEY: MetricRecord({"num-examples": examples, "train-loss": loss}),
             SITE_KEY: SiteIdentity.local(job.name).to_record(),
         }

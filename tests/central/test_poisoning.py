@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Message, MetricRecord, RecordDict
 
 from radfed.central.run_folder import RunFolder
 from radfed.central.strategy import make_strategy
 from radfed.config import RunConfig
 from radfed.federation.identity import SiteIdentity
+from radfed.federation.packing import pack
 from radfed.federation.schema import pack_stats
 from radfed.metrics.binary import BinaryStats
 from radfed.tasks.classification import TASK
@@ -30,7 +31,7 @@ STATED = 0.25
 def _reply(site: str, node: int, w: np.ndarray, n: int) -> Message:
     content = RecordDict(
         {
-            "arrays": ArrayRecord({"w": torch.from_numpy(w.astype(np.float32))}),
+            "arrays": pack({"w": torch.from_numpy(w.astype(np.float32))}),
             "metrics": MetricRecord({"num-examples": n, "train-loss": 0.5}),
             "site": SiteIdentity.local(site).to_record(),
         }

@@ -19,6 +19,7 @@ from radfed.central.run_folder import RunFolder
 from radfed.central.strategy import RadfedFedAvg
 from radfed.config import RunConfig
 from radfed.federation.identity import SiteIdentity
+from radfed.federation.packing import PACKED, pack
 from radfed.federation.schema import STATS_SCHEMA_VERSION, pack_stats
 from radfed.metrics.binary import BinaryStats
 from radfed.tasks.classification import TASK
@@ -47,7 +48,7 @@ def _train_reply(
     content = RecordDict(
         {
             "arrays": arrays
-            or ArrayRecord({"w": torch.full((3,), w), "bn.num_batches_tracked": torch.tensor(10)}),
+            or pack({"w": torch.full((3,), w), "bn.num_batches_tracked": torch.tensor(10)}),
             "metrics": MetricRecord(metrics or {"num-examples": n, "train-loss": loss}),
             "site": SiteIdentity.local(site).to_record(),
         }
@@ -57,17 +58,32 @@ def _train_reply(
     return make_message(content, message_type="train", src_node_id=node)
 
 
+def _flat() -> np.ndarray:
+    """The packed bytes of a good update (20: ``w`` 3 x 4, the int64 buffer 8)."""
+    return pack({"w": torch.ones(3), "bn.num_batches_tracked": torch.tensor(10)})[PACKED].numpy()
+
+
+def _packed(array: Array, **more: Array) -> ArrayRecord:
+    return ArrayRecord({PACKED: array, **more})
+
+
 def _lying_arrays() -> ArrayRecord:
-    """Bytes of a (2,) float64 array declared as the (3,) float32 the model expects."""
-    w = Array(np.ones(2, dtype=np.float64))
-    w.shape, w.dtype = (3,), "float32"
-    return ArrayRecord({"w": w, "bn.num_batches_tracked": Array(np.array(3))})
+    """Bytes of a (20,) float64 array declared as the (20,) uint8 array expected."""
+    packed = Array(np.ones(20, dtype=np.float64))
+    packed.dtype = "uint8"
+    return _packed(packed)
 
 
 def _undecodable_arrays() -> ArrayRecord:
-    w = Array(np.ones(3, dtype=np.float32))
-    w.stype = "torch.raw"
-    return ArrayRecord({"w": w, "bn.num_batches_tracked": Array(np.array(3))})
+    packed = Array(_flat())
+    packed.stype = "torch.raw"
+    return _packed(packed)
+
+
+def _truncated_arrays() -> ArrayRecord:
+    """The serialized bytes of the packed array, cut short (a transfer that broke off)."""
+    packed = Array(_flat())
+    return _packed(Array(packed.dtype, packed.shape, packed.stype, packed.data[:-3]))
 
 
 def test_bad_update_is_dropped_and_the_round_goes_on(
@@ -154,9 +170,7 @@ def test_pooled_metrics_come_from_merged_statistics(tmp_path: Path) -> None:
             r"exactly one MetricRecord named 'metrics', got 2 \['m2', 'metrics'\]",
         ),
         (
-            lambda: _train_reply(
-                "site-b", 2, 9.0, 10, extra={"a2": ArrayRecord({"w": torch.ones(3)})}
-            ),
+            lambda: _train_reply("site-b", 2, 9.0, 10, extra={"a2": pack({"w": torch.ones(3)})}),
             r"exactly one ArrayRecord named 'arrays', got 2 \['a2', 'arrays'\]",
         ),
         (
@@ -167,11 +181,55 @@ def test_pooled_metrics_come_from_merged_statistics(tmp_path: Path) -> None:
         ),
         (
             lambda: _train_reply("site-b", 2, 9.0, 10, arrays=_lying_arrays()),
-            r"weight 'w' has shape \(2,\), expected \(3,\)",
+            "the packed weights must be a 1-D uint8 array",
         ),
         (
             lambda: _train_reply("site-b", 2, 9.0, 10, arrays=_undecodable_arrays()),
-            "weight 'w' cannot be decoded as a NumPy array",
+            "the packed weights cannot be decoded as a NumPy array",
+        ),
+        (
+            lambda: _train_reply("site-b", 2, 9.0, 10, arrays=_truncated_arrays()),
+            "the packed weights cannot be decoded as a NumPy array",
+        ),
+        (
+            lambda: _train_reply("site-b", 2, 9.0, 10, arrays=_packed(Array(_flat()[:-1]))),
+            r"the packed weights hold 19 bytes, the model needs 20 \(2 tensors\)",
+        ),
+        (
+            lambda: _train_reply(
+                "site-b", 2, 9.0, 10, arrays=_packed(Array(np.append(_flat(), np.uint8(0))))
+            ),
+            r"the packed weights hold 21 bytes, the model needs 20 \(2 tensors\)",
+        ),
+        (
+            lambda: _train_reply(
+                "site-b", 2, 9.0, 10, arrays=_packed(Array(_flat().view(np.int8)))
+            ),
+            "the packed weights must be a 1-D uint8 array",
+        ),
+        (
+            lambda: _train_reply(
+                "site-b", 2, 9.0, 10, arrays=_packed(Array(_flat().reshape(4, 5)))
+            ),
+            "the packed weights must be a 1-D uint8 array",
+        ),
+        (
+            lambda: _train_reply(
+                "site-b", 2, 9.0, 10, arrays=_packed(Array(_flat()), layout=Array(np.zeros(2)))
+            ),
+            r"weights must travel as one packed array 'packed', got 2 arrays",
+        ),
+        (
+            lambda: _train_reply(
+                "site-b",
+                2,
+                9.0,
+                10,
+                arrays=ArrayRecord(
+                    {"w": torch.full((3,), 9.0), "bn.num_batches_tracked": torch.tensor(10)}
+                ),
+            ),
+            r"weights must travel as one packed array 'packed', got 2 arrays",
         ),
         (
             lambda: _train_reply("site-b", 2, 1e6, 10**12),
@@ -183,8 +241,15 @@ def test_pooled_metrics_come_from_merged_statistics(tmp_path: Path) -> None:
         "two-metric-records",
         "two-array-records",
         "no-array-record",
-        "decoded-bytes-differ",
+        "decoded-dtype-differs",
         "unknown-stype",
+        "truncated-serialization",
+        "one-byte-short",
+        "one-byte-long",
+        "wrong-dtype",
+        "two-dimensional",
+        "two-arrays",
+        "named-not-packed",
         "huge-num-examples",
     ],
 )

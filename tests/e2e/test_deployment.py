@@ -439,10 +439,11 @@ def test_the_decoded_case_cache_stays_under_the_sites_cap(federation: Federation
 DOUBLE_EVALUATION = """
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import ServerApp
 
 from radfed.config import RunConfig
+from radfed.federation.packing import pack
 from radfed.tasks import get_task
 
 app = ServerApp()
@@ -451,7 +452,7 @@ app = ServerApp()
 @app.main()
 def main(grid, context):
     config = RunConfig.from_run_config(context.run_config)
-    arrays = ArrayRecord(get_task(config.task).build_model(config).state_dict())
+    arrays = pack(get_task(config.task).build_model(config).state_dict())
     deadline = time.monotonic() + 120
     while len(list(grid.get_node_ids())) < 2 and time.monotonic() < deadline:
         time.sleep(1)

@@ -11,12 +11,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.cli.build import build_fab_from_disk
 
 from radfed import __version__
 from radfed.config import RunConfig
 from radfed.federation.codes import ErrorCode
+from radfed.federation.packing import pack
 from radfed.folders import find_app_dir
 from radfed.privacy import BundleRule, load_policy, read_entries
 from radfed.site.bundle import BundleRefused, check_bundle, read_bundle
@@ -104,7 +105,7 @@ def test_a_bundle_whose_pyproject_is_huge_is_not_read() -> None:
 def _request(kind: str) -> object:
     content = RecordDict(
         {
-            "arrays": ArrayRecord(build_model(CONFIG).state_dict()),
+            "arrays": pack(build_model(CONFIG).state_dict()),
             "config": ConfigRecord({"server-round": 1}),
         }
     )

@@ -14,12 +14,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from radfed.config import RunConfig
 from radfed.data.loading import load_site_for
 from radfed.data.synth import synth_classification
 from radfed.federation.codes import ErrorCode
+from radfed.federation.packing import pack
 from radfed.federation.schema import unpack_cells
 from radfed.metrics.cells import SMALL_GROUPS
 from radfed.privacy import read_entries
@@ -64,7 +65,7 @@ def _site(generated: Path, tmp_path: Path, val: Sequence[tuple[str, int]]) -> Pa
 def _evaluate(site: Path, config: RunConfig, server_round: int = 1, run_id: int = 1) -> Message:
     content = RecordDict(
         {
-            "arrays": ArrayRecord(build_model(config).state_dict()),
+            "arrays": pack(build_model(config).state_dict()),
             "config": ConfigRecord({"server-round": server_round}),
         }
     )
@@ -204,9 +205,7 @@ def test_a_threshold_sweep_within_a_round_is_refused_and_the_audit_shows_it(
         state = model.state_dict()
         last_bias = [k for k in state if k.endswith("bias")][-1]
         state[last_bias] = state[last_bias] + 0.01 * shift
-        content = RecordDict(
-            {"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}
-        )
+        content = RecordDict({"arrays": pack(state), "config": ConfigRecord({"server-round": 1})})
         message = make_message(content, message_type="evaluate", src_node_id=0, dst_node_id=1)
         node = {"site-name": "site-a", "data-path": str(site)}
         replies.append(handle_evaluate(message, make_context(CONFIG.to_run_config(), node)))

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from scipy.special import expit
 
 from radfed.config import RunConfig
@@ -26,6 +26,7 @@ from radfed.data.loading import SplitData, load_site_for
 from radfed.data.synth import synth_classification
 from radfed.errors import DataError
 from radfed.federation.codes import ErrorCode
+from radfed.federation.packing import pack
 from radfed.federation.schema import CellStats, unpack_cells
 from radfed.metrics.binary import BinaryStats
 from radfed.metrics.cells import SMALL_GROUPS, Cell, listed_groups, subgroup_cells
@@ -72,7 +73,7 @@ def _send(
     kind: str = "evaluate",
 ) -> Message:
     content = RecordDict(
-        {"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": server_round})}
+        {"arrays": pack(state), "config": ConfigRecord({"server-round": server_round})}
     )
     message = make_message(content, message_type=kind, src_node_id=0, dst_node_id=1, run_id=run_id)
     node = {"site-name": "site-a", "data-path": str(site)}

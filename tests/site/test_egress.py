@@ -10,17 +10,18 @@ from typing import Any
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from typer.testing import CliRunner
 
 from radfed.cli import app
 from radfed.config import RunConfig
 from radfed.federation.codes import ErrorCode
+from radfed.federation.packing import pack
 from radfed.privacy import read_entries, verify, weights_digest
 from radfed.privacy.audit import serialize_content
 from radfed.site.handlers import handle_evaluate, handle_query, handle_train
 from radfed.tasks.classification import build_model
-from tests.helpers import make_context, make_message
+from tests.helpers import make_context, make_message, weights_of
 
 CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=1000, seed=3)
 
@@ -28,7 +29,7 @@ CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=1000,
 def _request(kind: str, server_round: int | str = 1) -> Message:
     content = RecordDict(
         {
-            "arrays": ArrayRecord(build_model(CONFIG).state_dict()),
+            "arrays": pack(build_model(CONFIG).state_dict()),
             "config": ConfigRecord({"server-round": server_round}),
         }
     )
@@ -64,7 +65,8 @@ def test_dp_policy_clips_the_update_whatever_the_run_asks(site_copy: Path) -> No
     # Prepare: the site demands an update norm of at most 0.05 and no noise
     policy = "[policy.dp]\nclipping-norm = 0.05\nnoise-multiplier = 0.0\n"
     request = _request("train")
-    sent_to_site = request.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    layout = build_model(CONFIG).state_dict()
+    sent_to_site = weights_of(request, layout)
     # Execute
     clipped = handle_train(request, make_context(CONFIG.to_run_config(), _node(site_copy, policy)))
     free = handle_train(  # round 2: the site trains once a round
@@ -74,7 +76,7 @@ def test_dp_policy_clips_the_update_whatever_the_run_asks(site_copy: Path) -> No
 
     # Assert: without DP the update is far larger than the bound, with DP it is within it
     def norm(reply: Message) -> float:
-        got = reply.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+        got = weights_of(reply, layout)
         deltas = [
             (got[k].double() - sent_to_site[k].double()).flatten()
             for k in got
@@ -141,7 +143,8 @@ def test_every_reply_is_audited_with_what_was_asked_and_what_left(site_copy: Pat
     assert asked[1]["weights-sha256"] == asked[2]["weights-sha256"] == received
     assert asked[2]["eval-splits"] == list(CONFIG.eval_splits)
     assert asked[1]["message-config"] == {"server-round": 2}
-    # what left: the released statistics themselves, the weights by name and digest only
+    # what left: the released statistics themselves, the weights (packed: one byte array of
+    # the model's size) by shape and digest only
     released = entries[2]["released"]
     assert isinstance(released, dict)
     assert released["metrics"] == dict(replies[2].content["metrics"].items())  # type: ignore[union-attr]
@@ -151,8 +154,12 @@ def test_every_reply_is_audited_with_what_was_asked_and_what_left(site_copy: Pat
             "train-loss"
         ]
     )
-    layer = next(iter(build_model(CONFIG).state_dict()))
-    assert layer in json.dumps(entries[1]["records"]) and "arrays" not in entries[1]["released"]  # type: ignore[operator]
+    size = sum(t.numel() * t.element_size() for t in build_model(CONFIG).state_dict().values())
+    assert entries[1]["records"]["arrays"] == {  # type: ignore[index]
+        "type": "array",
+        "arrays": [{"name": "packed", "shape": [size], "dtype": "uint8"}],
+    }
+    assert "arrays" not in entries[1]["released"]  # type: ignore[operator]
     assert str(site_copy) not in (site_copy / ".radfed" / "audit.jsonl").read_text()
 
 

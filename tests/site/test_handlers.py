@@ -6,22 +6,24 @@ import csv
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from radfed.config import RunConfig
 from radfed.errors import ConfigError
 from radfed.federation.codes import ErrorCode
+from radfed.federation.packing import PACKED, pack
 from radfed.federation.schema import unpack_cells
 from radfed.metrics.cells import SMALL_GROUPS
 from radfed.site.handlers import handle_evaluate, handle_train
 from radfed.site.node import resolve_site
 from radfed.tasks.classification import TASK, build_model
-from tests.helpers import make_context, make_message
+from tests.helpers import make_context, make_message, weights_of
 
 CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=1000, seed=3)
 
@@ -30,7 +32,7 @@ def _request(kind: str, server_round: int = 1) -> Message:
     model = build_model(CONFIG)
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.state_dict()),
+            "arrays": pack(model.state_dict()),
             "config": ConfigRecord({"server-round": server_round}),
         }
     )
@@ -48,8 +50,9 @@ def test_train_reply_carries_updated_weights_and_counts_only(site_copy: Path) ->
     )
     # Assert
     assert not reply.has_error()
-    sent = reply.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    assert list(reply.content["arrays"].keys()) == [PACKED]  # type: ignore[union-attr]
     initial = build_model(CONFIG).state_dict()
+    sent = weights_of(reply, initial)
     assert list(sent) == list(initial)
     assert any(
         not torch.equal(sent[k], initial[k]) for k in initial if initial[k].is_floating_point()
@@ -133,13 +136,53 @@ def test_site_failure_replies_with_a_code_not_the_exception_text(
     assert str(tmp_path) not in caplog.text
 
 
-def test_unexpected_failure_is_withheld(site_copy: Path, caplog: pytest.LogCaptureFixture) -> None:
-    request = _request("train")
-    request.content["arrays"] = ArrayRecord({"wrong": torch.zeros(1)})
-    reply = handle_train(request, make_context(CONFIG.to_run_config(), _deployed(site_copy)))
+def test_unexpected_failure_is_withheld(
+    site_copy: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: loading the weights fails with a text that names a secret (a fault injected:
+    # the site's own model decides every shape, so no message makes the load fail)
+    def fail(*_: object) -> None:
+        raise RuntimeError(f"secret {site_copy}")
+
+    monkeypatch.setattr("radfed.site.handlers.load_global", fail)
+    # Execute
+    reply = handle_train(
+        _request("train"), make_context(CONFIG.to_run_config(), _deployed(site_copy))
+    )
+    # Assert
     assert reply.has_error() and reply.error.code == ErrorCode.UNEXPECTED
-    assert "message withheld" in caplog.text
+    assert "RuntimeError" in caplog.text and "message withheld" in caplog.text
+    assert "secret" not in (reply.error.reason or "") and "secret" not in caplog.text
+
+
+def _one_byte_short() -> ArrayRecord:
+    flat = pack(build_model(CONFIG).state_dict())[PACKED].numpy()
+    return ArrayRecord({PACKED: Array(flat[:-1])})
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        pytest.param(_one_byte_short, id="one-byte-short"),
+        pytest.param(lambda: ArrayRecord(build_model(CONFIG).state_dict()), id="named"),
+        pytest.param(lambda: ArrayRecord({"wrong": torch.zeros(1)}), id="other-names"),
+    ],
+)
+def test_weights_not_packed_for_the_sites_model_are_refused(
+    site_copy: Path, caplog: pytest.LogCaptureFixture, arrays: Callable[[], ArrayRecord]
+) -> None:
+    # Prepare
+    request = _request("train")
+    request.content["arrays"] = arrays()
+    caplog.set_level(logging.INFO, logger="radfed")
+    # Execute
+    reply = handle_train(request, make_context(CONFIG.to_run_config(), _deployed(site_copy)))
+    # Assert: refused as a setting that does not fit the site, before any data was read;
+    # the site's log says why, naming sizes, never a value
+    assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
+    assert "the received weights do not fit this site's model" in caplog.text
     assert "wrong" not in (reply.error.reason or "")
+    assert not list(site_copy.glob(".radfed/cache/*"))
 
 
 def test_simulated_nodes_map_to_sorted_site_folders(synth_root: Path) -> None:
@@ -248,7 +291,8 @@ def test_a_simulated_site_named_by_the_attack_sends_a_poisoned_update(
     config = dataclasses.replace(plain, attack=f"site-a:{kind}")
     simulated = {"partition-id": 0, "num-partitions": 1}
     request = _request("train")
-    initial = request.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    layout = build_model(CONFIG).state_dict()
+    initial = weights_of(request, layout)
 
     # Execute
     honest = handle_train(request, make_context(plain.to_run_config(), simulated))
@@ -260,7 +304,7 @@ def test_a_simulated_site_named_by_the_attack_sends_a_poisoned_update(
     # Assert: the simulated site sent the global model plus factor x its honest change; a
     # deployed site ignores what the server's run config asks and sends its honest update
     sent = {
-        name: reply.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+        name: weights_of(reply, layout)
         for name, reply in (("honest", honest), ("poisoned", poisoned), ("deployed", deployed))
     }
     for key, value in initial.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from radfed.config import RunConfig
 from radfed.data.cache import CaseCache
@@ -19,6 +19,7 @@ from radfed.data.image import ImageReadError
 from radfed.data.reader import read_image
 from radfed.data.synth import synth_classification
 from radfed.federation.codes import ErrorCode
+from radfed.federation.packing import pack
 from radfed.privacy import ResourceLimits, read_entries
 from radfed.site.handlers import handle_evaluate, handle_train
 from radfed.site.node import site_policy
@@ -32,7 +33,7 @@ CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=1000,
 def _request(kind: str, config: RunConfig = CONFIG, server_round: int = 1) -> Message:
     content = RecordDict(
         {
-            "arrays": ArrayRecord(build_model(config).state_dict()),
+            "arrays": pack(build_model(config).state_dict()),
             "config": ConfigRecord({"server-round": server_round}),
         }
     )

@@ -1,0 +1,139 @@
+"""Weights on the wire: one packed byte array, read back only by the receiver's own model."""
+
+from __future__ import annotations
+
+import tracemalloc
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord
+
+from radfed.config import RunConfig, TaskName
+from radfed.federation.codes import InvalidReply
+from radfed.federation.packing import PACKED, pack, unpack
+from radfed.tasks import get_task
+
+LAYOUT = {
+    "w": torch.arange(6, dtype=torch.float32).reshape(2, 3),
+    "h": torch.ones(3, dtype=torch.float16),  # 6 bytes: the int64 after it is unaligned
+    "n": torch.tensor(7),  # a 0-d int64 buffer (num_batches_tracked)
+}
+SIZE = 24 + 6 + 8
+
+
+def _flat() -> np.ndarray:
+    return pack(LAYOUT)[PACKED].numpy()
+
+
+@pytest.mark.parametrize("name", ["classification", "segmentation", "detection"])
+def test_each_tasks_model_travels_as_one_array_and_comes_back_identical(name: str) -> None:
+    # Prepare: the task's real model, and the receiver's own fresh copy of it as the layout
+    config = RunConfig(task=TaskName(name))
+    state = get_task(name).build_model(config).state_dict()
+    layout = get_task(name).build_model(config).state_dict()
+    size = sum(t.numel() * t.element_size() for t in state.values())
+
+    # Execute
+    packed = pack(state)
+    got = unpack(packed, layout).to_torch_state_dict()
+
+    # Assert: one 1-D uint8 array of the model's bytes; the same tensors, in the same order
+    assert list(packed.keys()) == [PACKED] and len(packed) == 1
+    assert packed[PACKED].dtype == "uint8" and packed[PACKED].shape == (size,)
+    assert list(got) == list(state)
+    for key, value in state.items():
+        assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+        assert torch.equal(got[key], value), key
+    if name == "classification":  # batch normalisation's int64 counters travel too
+        assert any(v.dtype == torch.int64 for v in state.values())
+    # the server packs its named global ArrayRecord: the same bytes
+    assert pack(ArrayRecord(state))[PACKED].data == packed[PACKED].data
+
+
+def test_dtypes_and_unaligned_offsets_survive() -> None:
+    got = unpack(pack(LAYOUT), LAYOUT).to_torch_state_dict()
+    assert list(got) == ["w", "h", "n"]
+    for key, value in LAYOUT.items():
+        assert got[key].dtype == value.dtype and torch.equal(got[key], value)
+
+
+@pytest.mark.parametrize(
+    ("record", "reason"),
+    [
+        (
+            lambda: ArrayRecord({PACKED: Array(_flat()[:-1])}),
+            rf"hold {SIZE - 1} bytes, the model needs {SIZE} \(3 tensors\)",
+        ),
+        (
+            lambda: ArrayRecord({PACKED: Array(np.append(_flat(), np.uint8(1)))}),
+            rf"hold {SIZE + 1} bytes, the model needs {SIZE} \(3 tensors\)",
+        ),
+        (lambda: ArrayRecord({PACKED: Array(_flat().view(np.int8))}), "must be a 1-D uint8"),
+        (
+            lambda: ArrayRecord({PACKED: Array(_flat().reshape(2, SIZE // 2))}),
+            "must be a 1-D uint8",
+        ),
+        (
+            lambda: ArrayRecord({PACKED: Array(_flat()), "layout": Array(np.zeros(3))}),
+            "one packed array 'packed', got 2 arrays",
+        ),
+        (lambda: ArrayRecord(LAYOUT), "one packed array 'packed', got 3 arrays"),
+        (lambda: ArrayRecord(), "one packed array 'packed', got 0 arrays"),
+        (lambda: ArrayRecord({"w": Array(_flat())}), "one packed array 'packed', got 1 arrays"),
+    ],
+    ids=["one-byte-short", "one-byte-long", "int8", "2-d", "two-arrays", "named", "empty", "key"],
+)
+def test_weights_that_are_not_packed_for_the_layout_are_refused(
+    record: Callable[[], ArrayRecord], reason: str
+) -> None:
+    with pytest.raises(InvalidReply, match=reason):
+        unpack(record(), LAYOUT)
+
+
+def test_undecodable_bytes_are_refused_without_quoting_them() -> None:
+    packed = Array(_flat())
+    broken = Array(packed.dtype, packed.shape, packed.stype, b"secret" + packed.data[6:])
+    with pytest.raises(InvalidReply, match="cannot be decoded") as caught:
+        unpack(ArrayRecord({PACKED: broken}), LAYOUT)
+    assert "secret" not in str(caught.value)
+
+
+def test_the_receivers_model_decides_the_layout_not_the_sender() -> None:
+    # Prepare: a sender that packs its own names and shapes, and declares a huge array in
+    # the metadata, with as many bytes as the receiver's model holds
+    evil = pack({"evil": torch.zeros(SIZE // 2, dtype=torch.int16)})
+    evil[PACKED].shape, evil[PACKED].dtype = (10**12,), "float64"
+
+    # Execute
+    got = unpack(evil, LAYOUT)
+
+    # Assert: the receiver's names, shapes and dtypes, filled with the sent bytes
+    assert list(got.keys()) == ["w", "h", "n"]
+    assert [(a.shape, a.dtype) for a in got.values()] == [
+        ((2, 3), "float32"),
+        ((3,), "float16"),
+        ((), "int64"),
+    ]
+    assert all(not a.numpy().any() for a in got.values())
+
+
+def test_unpacking_holds_at_most_one_copy_beside_the_result() -> None:
+    # Prepare: about 40 MB of weights
+    layout = {"a": torch.randn(6_000_000), "b": torch.randn(2000, 2000), "n": torch.tensor(3)}
+    size = sum(t.numel() * t.element_size() for t in layout.values())
+    packed = pack(layout)
+
+    # Execute
+    tracemalloc.start()
+    try:
+        got = unpack(packed, layout)
+        result, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    # Assert: beside the result, the decoded bytes and NumPy's 16 MiB write chunk at most
+    assert result >= size
+    assert peak - result <= size + 16 * 2**20 + size // 8
+    assert torch.equal(got.to_torch_state_dict()["b"], layout["b"])
