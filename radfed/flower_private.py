@@ -47,6 +47,7 @@ from radfed.log import logger
 
 __all__ = [
     "TaskStarter",
+    "flower_give_up_s",
     "fused_run_config",
     "log_like_flower",
     "parse_run_config",
@@ -165,29 +166,53 @@ def run_simulation(
 OBJECT_PULL_BACKOFF = (0.05, 0.5)
 
 
-def quick_object_pulls(*modules: str) -> None:
+def quick_object_pulls(*modules: str, max_time: float | None = None) -> None:
     """In each of ``modules`` (those that call Flower's ``pull_objects``), retry an object
-    that is not there yet after ``OBJECT_PULL_BACKOFF``; the overall time limit stays
-    Flower's (``PULL_MAX_TIME``), so a message is given up no sooner than before."""
+    that is not there yet after ``OBJECT_PULL_BACKOFF``.
+
+    A pull gives up after ``max_time`` seconds, by default no later than Flower's own
+    retries give up on one object that never comes (``flower_give_up_s``): a peer that
+    announces a message and withholds its objects holds the puller no longer than before.
+    The tries come at most two a second per missing object.
+    """
     import importlib
 
     import flwr.supercore.inflatable.inflatable_utils as inflatable
-    from flwr.supercore.constant import PULL_MAX_TIME
 
     flower: Any = getattr(inflatable, "pull_objects")  # noqa: B009  (the module global)
     flower = getattr(flower, "__wrapped__", flower)  # patched once, whatever is asked twice
     first, cap = OBJECT_PULL_BACKOFF
+    bound = flower_give_up_s() if max_time is None else min(max_time, flower_give_up_s())
+    limit = max(0.0, bound - cap)  # Flower looks at the time after a try, then waits once more
 
     def pull_objects(object_ids: Any, pull_object_fn: Any, **options: Any) -> Any:
         options.setdefault("initial_backoff", first)
         options.setdefault("backoff_cap", cap)
-        options.setdefault("max_time", PULL_MAX_TIME)
+        options.setdefault("max_time", limit)
         options.setdefault("max_tries_per_object", None)  # max_time bounds it instead
         return flower(object_ids, pull_object_fn, **options)
 
     setattr(pull_objects, "__wrapped__", flower)  # noqa: B010
     for name in modules:
         setattr(importlib.import_module(name), "pull_objects", pull_objects)  # noqa: B010
+
+
+def flower_give_up_s() -> float:
+    """How long Flower's own retries wait for one object that never comes: its try limit
+    (``PULL_MAX_TRIES_PER_OBJECT``) at its backoff (``PULL_INITIAL_BACKOFF`` doubling up to
+    ``PULL_BACKOFF_CAP``), within its overall ``PULL_MAX_TIME``; jitter left out."""
+    from flwr.supercore.constant import (
+        PULL_BACKOFF_CAP,
+        PULL_INITIAL_BACKOFF,
+        PULL_MAX_TIME,
+        PULL_MAX_TRIES_PER_OBJECT,
+    )
+
+    waited, delay = 0.0, float(PULL_INITIAL_BACKOFF)
+    for _ in range(PULL_MAX_TRIES_PER_OBJECT - 1):  # no wait after the last try
+        waited += delay
+        delay = min(delay * 2, float(PULL_BACKOFF_CAP))
+    return min(waited, float(PULL_MAX_TIME))
 
 
 def run_site_clientapp(load: Callable[[bytes], ClientApp]) -> None:

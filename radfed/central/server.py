@@ -25,7 +25,7 @@ from radfed.log import logger
 from radfed.store import StoreFeed
 from radfed.tasks import Task, get_task
 
-__all__ = ["render_report", "run_server"]
+__all__ = ["REPLY_PULLS", "render_report", "run_server"]
 
 
 def render_report(run: RunFolder) -> Path | None:
@@ -65,6 +65,10 @@ def load_initial_weights(model: nn.Module, path: Path) -> None:
     logger.info("starting from the weights in %s", path.name)
 
 
+#: The ServerApp's module that pulls the sites' replies (Flower's ``Grid`` of a deployment).
+REPLY_PULLS = "flwr.superlink.grid.http_grid"
+
+
 def run_server(grid: Grid, context: Context) -> Path:
     """Run a whole federated training as configured in ``context.run_config``.
 
@@ -72,8 +76,10 @@ def run_server(grid: Grid, context: Context) -> Path:
         The run folder.
     """
     log_like_flower()
-    quick_object_pulls("flwr.superlink.grid.http_grid")  # the replies, from the SuperLink
     config = RunConfig.from_run_config(context.run_config)
+    # the replies, from the SuperLink: a site that announces one and withholds its weights
+    # holds the round no longer than its timeout
+    quick_object_pulls(REPLY_PULLS, max_time=config.round_timeout)
     task = get_task(config.task)
     task.check(config)
     registry = load_site_registry()  # first: a deployment without one stops here
