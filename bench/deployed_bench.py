@@ -385,6 +385,7 @@ class _Bench:
     rounds: int
     seed: int
     image_size: int
+    site_threads: int = 1
     hooks: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -492,6 +493,8 @@ class _Bench:
                 extra = self.traced(trace, site)
                 if not warm:
                     extra["RADFED_WARM_TASKS"] = "0"
+                if self.site_threads:  # torch's CPU threads at this site (read at import)
+                    extra["OMP_NUM_THREADS"] = extra["MKL_NUM_THREADS"] = str(self.site_threads)
                 process = _Process(
                     root / f"site-{site}.log",
                     [
@@ -815,6 +818,7 @@ def _markdown(result: dict[str, Any]) -> str:
         "",
         f"{s['sites']} sites x {s['cases_per_site']} cases (classification, image-size "
         f"{s['image_size']}, 1 local epoch), {s['rounds']} rounds, seed {s['seed']}; "
+        f"deployed sites with {s.get('site_threads') or 'default'} torch thread(s) each; "
         f"{result['cpus']} CPUs, shared with other work. Round and phase times from "
         "events.jsonl; later = median over rounds 2..N.",
         "",
@@ -892,6 +896,13 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--out", type=Path, default=_ROOT / "bench" / "results")
     parser.add_argument("--skip-cold", action="store_true", help="no RADFED_WARM_TASKS=0 run")
+    parser.add_argument(
+        "--site-threads",
+        type=int,
+        default=1,
+        help="torch CPU threads of each deployed site (OMP_NUM_THREADS): 1, as each simulated "
+        "site gets one Ray CPU and the sites share this machine; 0: torch's default",
+    )
     parser.add_argument("--work-dir", type=Path, help="keep logs, runs and traces here")
     args = parser.parse_args()
     for key in ("sites", "cases_per_site", "rounds", "image_size"):
@@ -908,7 +919,15 @@ def main() -> None:
         Path(tempfile.mkdtemp(prefix="deployed_bench-")) if args.work_dir is None else args.work_dir
     )
     work.mkdir(parents=True, exist_ok=True)
-    bench = _Bench(work, args.sites, args.cases_per_site, args.rounds, args.seed, args.image_size)
+    bench = _Bench(
+        work,
+        args.sites,
+        args.cases_per_site,
+        args.rounds,
+        args.seed,
+        args.image_size,
+        site_threads=args.site_threads,
+    )
     stop = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     began = time.perf_counter()
@@ -940,6 +959,7 @@ def main() -> None:
             "rounds": args.rounds,
             "image_size": args.image_size,
             "seed": args.seed,
+            "site_threads": args.site_threads,
             "run_config": bench.run_config,
         },
         "platform": platform.platform(),

@@ -41,6 +41,7 @@ PRELOAD = (
     "monai.transforms",
     "flwr.supernode.cli.flwr_clientapp",
     "flwr.supernode.runtime.run_clientapp",
+    "httpcore",  # Flower's runtime client imports it (and trio, h11) on first use: 98 modules
     "radfed.site.runtime",
     "radfed.site.handlers",
     "radfed.tasks",

@@ -198,3 +198,40 @@ def test_the_site_runtime_preloads_torch_without_touching_cuda(
     # Assert: the task found torch and radfed's runtime imported, and no CUDA context
     assert seen["preloaded"] == ["radfed.site.runtime", "torch"]
     assert seen["cuda"] is False
+
+
+_IMPORTS_AFTER_FORK = """
+import importlib, json, os, sys
+from radfed.site.warm import PRELOAD
+for name in PRELOAD:
+    importlib.import_module(name)
+import flwr.supernode.runtime.run_clientapp as process
+before = set(sys.modules)
+def pulled(client):  # where Flower's task asks its SuperNode for its message: stop here
+    print(json.dumps(sorted(set(sys.modules) - before)), flush=True)
+    os._exit(0)
+process.pull_task_input = pulled
+from radfed.site.runtime import main
+if os.fork() == 0:
+    sys.argv = ["flwr-clientapp", "--runtime-api-address", "127.0.0.1:1", "--token", "t" * 16,
+                "--insecure"]
+    main()
+    os._exit(1)
+os.wait()
+"""
+
+
+def test_a_forked_task_imports_nothing_before_it_asks_for_its_message(tmp_path: Path) -> None:
+    # Each module a task imports after the fork is imported again by every task: the warm
+    # process's PRELOAD must hold everything the task imports up to its first request
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AFTER_FORK],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=True,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("[")]
+    assert lines == ["[]"], lines
