@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,45 @@ def test_simulate_refuses_a_model_the_task_does_not_have(synth_root: Path, tmp_p
     assert result.exit_code == 2
     assert "'model' for classification must be one of cnn, resnet18" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_simulate_refuses_an_unreachable_ray_cluster_without_a_traceback(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    # Prepare: a loopback port nothing listens on
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    # Execute
+    result = runner.invoke(
+        app,
+        [
+            "simulate",
+            "--data",
+            str(synth_root),
+            "--out",
+            str(tmp_path / "r"),
+            "--ray-address",
+            f"127.0.0.1:{port}",
+        ],
+    )
+
+    # Assert
+    assert result.exit_code == 2
+    assert f"--ray-address 127.0.0.1:{port}: no Ray cluster can be reached there" in result.output
+    assert f"ray start --head --port={port}" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_simulate_refuses_a_ray_address_that_is_not_host_and_port(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        ["simulate", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--ray-address", "x"],
+    )
+    assert result.exit_code == 2
+    assert "--ray-address must be HOST:PORT" in result.output
 
 
 def _run_folder(folder: Path, sites: list[str], rounds: int = 2) -> Path:

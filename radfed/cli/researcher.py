@@ -117,8 +117,26 @@ def simulate(
             show_default=False,
         ),
     ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            metavar="HOST:PORT",
+            help="Run the sites on an existing Ray cluster, the address 'ray start --head' "
+            "printed, instead of on this machine alone; run this command on a node of that "
+            "cluster. Every node needs the same Python, Ray and radfed install at the same "
+            "paths, and the data root at the same path on a shared file system (sites keep "
+            "their state in it); the run folder is written on this machine. Ray "
+            "authenticates nothing by default: use a cluster on loopback or a private network "
+            "only, with Ray's token authentication (RAY_AUTH_MODE=token and RAY_AUTH_TOKEN "
+            "for its nodes and this command). Without this option Ray starts here, whatever "
+            "RAY_ADDRESS says.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Simulate one Flower node per site folder on this machine and train federatedly."""
+    """Simulate one Flower node per site folder on this machine (or on a Ray cluster) and
+    train federatedly."""
     from radfed.deployment.simulation import simulate as run_simulation
     from radfed.flower_private import parse_run_config
     from radfed.tasks import get_task
@@ -136,5 +154,7 @@ def simulate(
     }
     use_store(store)
     with round_display():
-        folder = attempt(run_simulation, data, out, overrides, verbose=verbose)
+        folder = attempt(
+            run_simulation, data, out, overrides, ray_address=ray_address, verbose=verbose
+        )
     print_summary(folder, get_task(task).summary)

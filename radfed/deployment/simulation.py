@@ -4,7 +4,8 @@
 has ``[tool.flwr.app]``), as ``flwr run .`` does against a local simulation, but in the
 foreground, with one virtual node per site folder and nothing left running afterwards.
 It does what Flower's ``flwr-simulation`` process does after it has fetched the app:
-fuse the app's run config with the overrides and start the simulation engine (Ray).
+fuse the app's run config with the overrides and start the simulation engine (Ray), on
+this machine or, with ``ray_address``, on an existing Ray cluster (``ray_cluster``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ import torch
 
 from radfed.config import RunConfig, TaskName
 from radfed.data.manifest import read_manifest
+from radfed.deployment.ray_cluster import (
+    SiteResources,
+    cluster_nodes,
+    parse_ray_address,
+    site_resources,
+)
 from radfed.errors import ConfigError
 from radfed.flower_private import fused_run_config, run_simulation
 from radfed.folders import RunFiles, app_components, find_app_dir, list_sites
@@ -32,6 +39,7 @@ def simulate(
     overrides: Mapping[str, bool | int | float | str] | None = None,
     *,
     app_dir: Path | None = None,
+    ray_address: str | None = None,
     verbose: bool = False,
 ) -> Path:
     """Run a federated training over the site folders of ``data_root``.
@@ -44,11 +52,18 @@ def simulate(
         out_dir: the run folder to write.
         overrides: run-config values (kebab-case keys) over the app's defaults.
         app_dir: the app folder; found with ``find_app_dir`` when None.
+        ray_address: ``HOST:PORT`` of an existing Ray cluster to run the sites on, this
+            machine being one of its nodes; None: start Ray on this machine (never the
+            cluster that ``RAY_ADDRESS`` names). Every node needs the same Python, Ray and
+            radfed install, and the data root at the same path (a shared file system:
+            sites keep their state in it); the run folder is written here.
         verbose: show Flower's own log.
 
     Returns:
         The run folder.
     """
+    if ray_address is not None:
+        parse_ray_address(ray_address)
     app = (app_dir or find_app_dir()).resolve()
     data_root, out_dir = data_root.resolve(), out_dir.resolve()
     sites = list_sites(data_root)
@@ -82,6 +97,24 @@ def simulate(
         app,
     )
 
+    init_args: dict[str, str | int | bool]
+    if ray_address is None:
+        # "local": a Ray of its own, even where RAY_ADDRESS or a running `ray start` is seen
+        init_args = {"address": "local", "num_cpus": os.cpu_count() or 1}
+        share = SiteResources(cpus=1, gpus=_gpus_per_site(len(sites)))
+    else:
+        # Ray refuses num_cpus/num_gpus when it joins a cluster: the nodes say what they have.
+        nodes = cluster_nodes(ray_address)
+        init_args = {"address": ray_address}
+        share = site_resources(nodes, len(sites))
+        logger.info(
+            "on the Ray cluster at %s: %d nodes, %d CPUs and %g GPUs per site",
+            ray_address,
+            len(nodes),
+            share.cpus,
+            share.gpus,
+        )
+
     run_simulation(
         app,
         nodes=len(sites),
@@ -89,9 +122,9 @@ def simulate(
         run_config=run_config,
         override=override,
         backend_config={
-            "client_resources": {"num_cpus": 1, "num_gpus": _gpus_per_site(len(sites))},
+            "client_resources": {"num_cpus": share.cpus, "num_gpus": share.gpus},
             "init_args": {
-                "num_cpus": os.cpu_count() or 1,
+                **init_args,
                 "include_dashboard": False,
                 "logging_level": "ERROR",
                 "log_to_driver": verbose,
@@ -105,5 +138,5 @@ def simulate(
 
 
 def _gpus_per_site(sites: int) -> float:
-    """Share one GPU among the simulated sites when there is one."""
+    """Share this machine's GPU among the simulated sites when there is one."""
     return 1.0 / sites if torch.cuda.is_available() else 0.0
