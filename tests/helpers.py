@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +74,14 @@ def weights_of(msg: Message, layout: Mapping[str, torch.Tensor]) -> dict[str, to
     packed = msg.content["arrays"]
     assert isinstance(packed, ArrayRecord)
     return dict(unpack(packed, layout).to_torch_state_dict())
+
+
+def site_node(site: Path, policy: str | None = None) -> dict[str, bool | float | int | str]:
+    """The node config of site "site-a" on folder ``site``, with ``policy`` (TOML) written
+    beside it as its site policy when given."""
+    node: dict[str, bool | float | int | str] = {"site-name": "site-a", "data-path": str(site)}
+    if policy is not None:
+        path = site.parent / "site-policy.toml"
+        path.write_text(policy)
+        node["policy-path"] = str(path)
+    return node

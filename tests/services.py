@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL server from the operating system's package, for tests of the run store.
+"""Throwaway servers for tests: radfed's nginx edge (``running_edge``) and a PostgreSQL server
+from the operating system's package, for tests of the run store.
 
 ``PostgresServer.start()`` runs ``initdb`` into a fresh temporary directory and ``postgres`` on a
 free port of 127.0.0.1 (never another address), with trust authentication for the role
@@ -345,3 +346,34 @@ def running_postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def running_edge(state: Path, pki: Any, superlink_port: int) -> Iterator[int]:
+    """nginx with radfed's edge configuration (``radfed.deployment.edge.Edge``) on a free port
+    of 127.0.0.1, forwarding to ``superlink_port``, with the server's TLS pair of ``pki``;
+    yields the port once it listens and stops nginx by its PID."""
+    from radfed.deployment.edge import Edge
+    from radfed.folders import ServerState
+
+    port = _free_port()
+    command = Edge(
+        host=_HOST,
+        port=port,
+        superlink_port=superlink_port,
+        ca=pki.server_dir / "ca.crt",
+        cert=pki.server_cert,
+        key=pki.server_key,
+    ).command(ServerState(state))
+    process = subprocess.Popen(command.argv, env=command.environ(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex((_HOST, port)) == 0:
+                    break
+            time.sleep(0.2)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

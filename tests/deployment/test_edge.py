@@ -6,20 +6,17 @@ from __future__ import annotations
 import http.server
 import socket
 import ssl
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from radfed.deployment.edge import Edge
 from radfed.deployment.pki import Pki, init_pki, load_site_kit
 from radfed.deployment.site_node import site_tls
-from radfed.folders import ServerState
 from tests.helpers import needs_nginx
+from tests.services import running_edge
 
 pytestmark = needs_nginx
 
@@ -70,27 +67,10 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Pki, int, _
     upstream = _Upstream(pki)
     thread = threading.Thread(target=upstream.serve_forever, daemon=True)
     thread.start()
-    port = _free_port()
-    command = Edge(
-        host="127.0.0.1",
-        port=port,
-        superlink_port=upstream.server_address[1],
-        ca=pki.server_dir / "ca.crt",
-        cert=pki.server_cert,
-        key=pki.server_key,
-    ).command(ServerState(root / "state"))
-    process = subprocess.Popen(command.argv, env=command.environ(), start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.2)
-        yield pki, port, upstream
+        with running_edge(root / "state", pki, upstream.server_address[1]) as port:
+            yield pki, port, upstream
     finally:
-        process.terminate()
-        process.wait(timeout=30)
         upstream.shutdown()
 
 

@@ -16,7 +16,6 @@ import io
 import pickle
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -43,6 +42,7 @@ from radfed.federation.weights import local_keys, shared_state
 from radfed.flower_private import quick_object_pulls
 from radfed.tasks import get_task
 from tests.helpers import make_message, needs_nginx
+from tests.services import running_edge
 
 LAYOUT = {
     "w": torch.arange(6, dtype=torch.float32).reshape(2, 3),
@@ -555,34 +555,15 @@ class _SuperLinkPlace:
 
 @pytest.fixture(scope="module")
 def two_site_edge(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, int, Any]]:
-    from radfed.deployment.edge import Edge
     from radfed.deployment.pki import init_pki
-    from radfed.folders import ServerState
 
     root = tmp_path_factory.mktemp("edge-attacks")
     pki = init_pki(root / "pki", "127.0.0.1:9443", ["a", "b"], central_keys=True)
-    with _SuperLinkPlace(pki.server_cert, pki.server_key) as upstream:
-        port = _free_port()
-        command = Edge(
-            host="127.0.0.1",
-            port=port,
-            superlink_port=upstream.port,
-            ca=pki.server_dir / "ca.crt",
-            cert=pki.server_cert,
-            key=pki.server_key,
-        ).command(ServerState(root / "state"))
-        process = subprocess.Popen(command.argv, env=command.environ(), start_new_session=True)
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                with socket.socket() as probe:
-                    if probe.connect_ex(("127.0.0.1", port)) == 0:
-                        break
-                time.sleep(0.2)
-            yield pki, port, upstream
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+    with (
+        _SuperLinkPlace(pki.server_cert, pki.server_key) as upstream,
+        running_edge(root / "state", pki, upstream.port) as port,
+    ):
+        yield pki, port, upstream
 
 
 def _site_context(pki: Any, site: str) -> ssl.SSLContext:

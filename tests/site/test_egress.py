@@ -21,7 +21,7 @@ from radfed.privacy import read_entries, verify, weights_digest
 from radfed.privacy.audit import serialize_content
 from radfed.site.handlers import handle_evaluate, handle_query, handle_train
 from radfed.tasks.classification import build_model
-from tests.helpers import make_context, make_message, weights_of
+from tests.helpers import make_context, make_message, site_node, weights_of
 
 CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=1000, seed=3)
 
@@ -36,15 +36,6 @@ def _request(kind: str, server_round: int | str = 1) -> Message:
     return make_message(content, message_type=kind, src_node_id=0, dst_node_id=1)
 
 
-def _node(site: Path, policy: str | None = None) -> dict[str, bool | float | int | str]:
-    node: dict[str, bool | float | int | str] = {"site-name": "site-a", "data-path": str(site)}
-    if policy is not None:
-        path = site.parent / "site-policy.toml"
-        path.write_text(policy)
-        node["policy-path"] = str(path)
-    return node
-
-
 def _audit(site: Path) -> list[dict[str, object]]:
     path = site / ".radfed" / "audit.jsonl"
     verify(path)
@@ -52,7 +43,7 @@ def _audit(site: Path) -> list[dict[str, object]]:
 
 
 def test_a_task_the_policy_does_not_allow_is_refused_with_a_code(site_copy: Path) -> None:
-    node = _node(site_copy, '[policy]\ntasks = ["segmentation"]\n')
+    node = site_node(site_copy, '[policy]\ntasks = ["segmentation"]\n')
     reply = handle_train(_request("train"), make_context(CONFIG.to_run_config(), node))
     assert reply.has_error() and reply.error.code == ErrorCode.POLICY
     reason = reply.error.reason or ""
@@ -68,10 +59,12 @@ def test_dp_policy_clips_the_update_whatever_the_run_asks(site_copy: Path) -> No
     layout = build_model(CONFIG).state_dict()
     sent_to_site = weights_of(request, layout)
     # Execute
-    clipped = handle_train(request, make_context(CONFIG.to_run_config(), _node(site_copy, policy)))
+    clipped = handle_train(
+        request, make_context(CONFIG.to_run_config(), site_node(site_copy, policy))
+    )
     free = handle_train(  # round 2: the site trains once a round
         _request("train", server_round=2),
-        make_context(CONFIG.to_run_config(), _node(site_copy, "")),
+        make_context(CONFIG.to_run_config(), site_node(site_copy, "")),
     )
 
     # Assert: without DP the update is far larger than the bound, with DP it is within it
@@ -90,7 +83,7 @@ def test_dp_policy_clips_the_update_whatever_the_run_asks(site_copy: Path) -> No
 
 def test_policy_min_cell_size_beats_the_run(site_copy: Path) -> None:
     config = RunConfig(**{**CONFIG.__dict__, "min_cell_size": 2, "extra": {}})
-    node = _node(site_copy, "[policy]\nmin-cell-size = 1000\n")
+    node = site_node(site_copy, "[policy]\nmin-cell-size = 1000\n")
     reply = handle_evaluate(_request("evaluate"), make_context(config.to_run_config(), node))
     metrics = reply.content["metrics"]
     # every split is smaller than 1000 cases: all of it leaves only as suppressed
@@ -98,7 +91,7 @@ def test_policy_min_cell_size_beats_the_run(site_copy: Path) -> None:
 
 
 def test_policy_subgroups_allow_list_filters_what_leaves(site_copy: Path) -> None:
-    node = _node(site_copy, '[policy]\nsubgroups = ["sex"]\n')
+    node = site_node(site_copy, '[policy]\nsubgroups = ["sex"]\n')
     reply = handle_evaluate(_request("evaluate"), make_context(CONFIG.to_run_config(), node))
     names = " ".join(str(v) for v in reply.content.config_records["cells"].values())
     assert "sex=" in names
@@ -106,14 +99,14 @@ def test_policy_subgroups_allow_list_filters_what_leaves(site_copy: Path) -> Non
 
 
 def test_a_reply_over_the_size_limit_is_withheld(site_copy: Path) -> None:
-    node = _node(site_copy, "[policy]\nmax-message-bytes = 1000\n")
+    node = site_node(site_copy, "[policy]\nmax-message-bytes = 1000\n")
     reply = handle_train(_request("train"), make_context(CONFIG.to_run_config(), node))
     assert reply.has_error() and reply.error.code == ErrorCode.POLICY
 
 
 def test_every_reply_is_audited_with_what_was_asked_and_what_left(site_copy: Path) -> None:
     # Prepare
-    context = make_context(CONFIG.to_run_config(), _node(site_copy))
+    context = make_context(CONFIG.to_run_config(), site_node(site_copy))
     requests = [_request("query"), _request("train", 2), _request("evaluate", 2)]
 
     # Execute
@@ -164,7 +157,7 @@ def test_every_reply_is_audited_with_what_was_asked_and_what_left(site_copy: Pat
 
 
 def test_a_reply_the_audit_log_cannot_record_does_not_leave(site_copy: Path) -> None:
-    context = make_context(CONFIG.to_run_config(), _node(site_copy))
+    context = make_context(CONFIG.to_run_config(), site_node(site_copy))
     assert not handle_query(_request("query"), context).has_error()
     log = site_copy / ".radfed" / "audit.jsonl"
     log.write_text(log.read_text()[:-20] + "\n")  # a torn last line: the chain cannot go on
@@ -178,7 +171,7 @@ def test_an_error_about_a_bad_run_setting_is_audited_too(site_copy: Path) -> Non
     settings = {**CONFIG.to_run_config(), "task": "no-such-task"}
 
     # Execute
-    reply = handle_train(_request("train"), make_context(settings, _node(site_copy)))
+    reply = handle_train(_request("train"), make_context(settings, site_node(site_copy)))
 
     # Assert: an error code leaves, and the audit log records it
     assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
@@ -187,7 +180,7 @@ def test_an_error_about_a_bad_run_setting_is_audited_too(site_copy: Path) -> Non
 
 
 def test_a_message_with_a_bad_round_is_refused_and_audited(site_copy: Path) -> None:
-    context = make_context(CONFIG.to_run_config(), _node(site_copy))
+    context = make_context(CONFIG.to_run_config(), site_node(site_copy))
 
     bad: list[int | float | str] = [-3, "one", float("nan"), float("inf"), 2.5, 10**12]
     replies = [handle_train(_request("train", server_round=r), context) for r in bad]
@@ -204,7 +197,7 @@ def test_a_proximal_term_that_is_not_a_bounded_number_is_refused(
     message = _request("train")
     message.content.config_records["config"]["proximal-mu"] = mu
 
-    reply = handle_train(message, make_context(CONFIG.to_run_config(), _node(site_copy)))
+    reply = handle_train(message, make_context(CONFIG.to_run_config(), site_node(site_copy)))
 
     assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
     (entry,) = _audit(site_copy)
@@ -223,7 +216,7 @@ def test_the_audit_log_keeps_a_bounded_record_of_whatever_the_message_carries(
     message.content.config_records["config"] = ConfigRecord(settings)
 
     # Execute
-    reply = handle_query(message, make_context(CONFIG.to_run_config(), _node(site_copy)))
+    reply = handle_query(message, make_context(CONFIG.to_run_config(), site_node(site_copy)))
 
     # Assert: recorded, in a line of a few KB; long or odd values as their digest
     assert not reply.has_error()
@@ -245,7 +238,7 @@ def test_long_and_odd_settings_are_kept_as_their_digest(site_copy: Path) -> None
     config["blob"] = b"\0" * 1000
     config["values"] = [1.0, 2.0]
 
-    handle_query(message, make_context(CONFIG.to_run_config(), _node(site_copy)))
+    handle_query(message, make_context(CONFIG.to_run_config(), site_node(site_copy)))
 
     (entry,) = _audit(site_copy)
     kept = entry["request"]["message-config"]  # type: ignore[index]
@@ -260,7 +253,7 @@ def test_dp_training_spends_the_sites_budget_and_sends_no_exact_loss(site_copy: 
     # two, 0.85 after three, at delta 1e-5)
     budget = "epsilon = 0.75\ndelta = 1e-5\n"
     policy = f"[policy.dp]\nclipping-norm = 1.0\nnoise-multiplier = 10.0\n{budget}"
-    context = make_context(CONFIG.to_run_config(), _node(site_copy, policy))
+    context = make_context(CONFIG.to_run_config(), site_node(site_copy, policy))
 
     # Execute: three rounds
     replies = [handle_train(_request("train", server_round=r), context) for r in (1, 2, 3)]
@@ -288,7 +281,7 @@ def test_dp_refuses_the_crafted_runs_that_single_out_training_cases(
     # a batch of 2 and one step made each round's update the gradient of two chosen cases
     policy = "[policy.dp]\nclipping-norm = 1.0\nnoise-multiplier = 1.0\n"
     run = {**CONFIG.to_run_config(), **settings}
-    reply = handle_train(_request("train"), make_context(run, _node(site_copy, policy)))  # type: ignore[arg-type]
+    reply = handle_train(_request("train"), make_context(run, site_node(site_copy, policy)))  # type: ignore[arg-type]
     assert reply.has_error() and reply.error.code == ErrorCode.POLICY
     assert not (site_copy / ".radfed" / "privacy.jsonl").exists()  # nothing spent
 
@@ -296,9 +289,10 @@ def test_dp_refuses_the_crafted_runs_that_single_out_training_cases(
 def test_the_loss_of_fewer_than_k_training_cases_is_not_sent(site_copy: Path) -> None:
     # a batch of 2 and one step: the loss would give the labels of two cases every round
     run = {**CONFIG.to_run_config(), "batch-size": 2, "local-steps": 1}
-    small = handle_train(_request("train"), make_context(run, _node(site_copy)))
+    small = handle_train(_request("train"), make_context(run, site_node(site_copy)))
     usual = handle_train(
-        _request("train", server_round=2), make_context(CONFIG.to_run_config(), _node(site_copy))
+        _request("train", server_round=2),
+        make_context(CONFIG.to_run_config(), site_node(site_copy)),
     )
     assert small.content["metrics"]["train-loss"] == 0.0  # type: ignore[index]
     assert usual.content["metrics"]["train-loss"] > 0.0  # type: ignore[index,operator]

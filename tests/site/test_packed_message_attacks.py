@@ -24,7 +24,7 @@ from radfed.federation.weights import local_keys, shared_state
 from radfed.privacy import read_entries, weights_digest
 from radfed.site.handlers import handle_evaluate, handle_train
 from radfed.tasks.classification import build_model
-from tests.helpers import make_context, make_message
+from tests.helpers import make_context, make_message, site_node
 
 CONFIG = RunConfig(image_size=32, local_epochs=1, batch_size=8, score_bins=1000, seed=3)
 
@@ -108,15 +108,6 @@ def _request(kind: str, arrays: ArrayRecord, server_round: int = 1) -> Message:
     return make_message(content, message_type=kind, src_node_id=0, dst_node_id=1)
 
 
-def _node(site: Path, policy: str | None = None) -> dict[str, bool | float | int | str]:
-    node: dict[str, bool | float | int | str] = {"site-name": "site-a", "data-path": str(site)}
-    if policy is not None:
-        path = site.parent / "site-policy.toml"
-        path.write_text(policy)
-        node["policy-path"] = str(path)
-    return node
-
-
 def _never(what: str) -> Callable[..., Any]:
     def called(*_: object, **__: object) -> Any:
         raise AssertionError(f"{what} was reached")
@@ -146,7 +137,7 @@ def test_crafted_weights_are_refused_with_a_code_before_the_sites_data_or_budget
     request = _request("train" if handler is handle_train else "evaluate", arrays)
 
     # Execute
-    node = _node(site_copy, SPENDING_POLICY)
+    node = site_node(site_copy, SPENDING_POLICY)
     reply = handler(request, make_context(CONFIG.to_run_config(), node))
 
     # Assert: a code and nothing else leaves; no pickle ran; nothing of the data was read or
@@ -174,7 +165,7 @@ def test_a_refusal_is_the_same_whatever_the_site_holds(site_copy: Path, tmp_path
     context = make_context
     # Execute
     codes = [
-        handle_train(_request("train", arrays), context(CONFIG.to_run_config(), _node(site)))
+        handle_train(_request("train", arrays), context(CONFIG.to_run_config(), site_node(site)))
         for site in (site_copy, empty)
     ]
     # Assert: whether and how the work fails tells nothing about the data
@@ -190,7 +181,7 @@ def test_weights_past_the_inbound_limit_are_refused_before_they_are_decoded(
     honest = pack(build_model(CONFIG).state_dict())[PACKED].data
     arrays = _raw(honest + bytes(2 * size))
     monkeypatch.setattr("radfed.site.handlers.unpack", _never("decoding"))
-    node = _node(site_copy, f"[policy.limits]\ninbound-bytes = {2 * size}\n")
+    node = site_node(site_copy, f"[policy.limits]\ninbound-bytes = {2 * size}\n")
 
     # Execute
     reply = handle_train(_request("train", arrays), make_context(CONFIG.to_run_config(), node))
@@ -206,7 +197,7 @@ def test_the_model_size_limit_comes_before_the_model_is_built_or_weights_decoded
     # that fit the inbound limit (a 1-TiB header over a few bytes)
     monkeypatch.setattr("radfed.site.handlers.unpack", _never("decoding"))
     arrays = _raw(_npy((2**40,), payload=b"\x00" * 64))
-    node = _node(site_copy, "[policy.limits]\nmodel-parameters = 1000\n")
+    node = site_node(site_copy, "[policy.limits]\nmodel-parameters = 1000\n")
 
     # Execute
     reply = handle_train(_request("train", arrays), make_context(CONFIG.to_run_config(), node))
@@ -221,7 +212,7 @@ def test_fedbn_normalisation_layers_neither_arrive_nor_leave(site_copy: Path) ->
     model = build_model(config)
     assert local_keys(model)  # the default classifier has batch normalisation
     shared = shared_state(model, True)
-    context = make_context(config.to_run_config(), _node(site_copy))
+    context = make_context(config.to_run_config(), site_node(site_copy))
 
     # Execute: the shared weights, and the full state (norm layers too) a server could send
     reply = handle_train(_request("train", pack(shared)), context)
