@@ -315,14 +315,13 @@ def timed_round(
 ) -> tuple[float, float, OrderedDict[str, torch.Tensor], list[float]]:
     """Seconds of ``check`` and of ``aggregate`` for one round, the new global model and
     the update norms."""
-    sent = [msg.content[ARRAYS_KEY] for msg in replies]  # packed: the check unpacks them
     start = time.perf_counter()
-    checked = check(strategy, replies)
+    checked = check(strategy, replies)  # replaces each reply's packed weights by named ones
     middle = time.perf_counter()
     state = aggregate(strategy, checked)
     end = time.perf_counter()
-    for msg, packed in zip(replies, sent, strict=True):  # as received, for the next round
-        msg.content[ARRAYS_KEY] = packed
+    for msg in replies:  # packed again, as received, for the next round (the same bytes)
+        msg.content[ARRAYS_KEY] = pack(msg.content[ARRAYS_KEY])  # type: ignore[arg-type]
     return middle - start, end - middle, state, [n for _, _, n in checked]
 
 
