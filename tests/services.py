@@ -354,6 +354,7 @@ def running_edge(state: Path, pki: Any, superlink_port: int) -> Iterator[int]:
     of 127.0.0.1, forwarding to ``superlink_port``, with the server's TLS pair of ``pki``;
     yields the port once it listens and stops nginx by its PID."""
     from radfed.deployment.edge import Edge
+    from radfed.deployment.process import wait_for_port
     from radfed.folders import ServerState
 
     port = _free_port()
@@ -367,12 +368,7 @@ def running_edge(state: Path, pki: Any, superlink_port: int) -> Iterator[int]:
     ).command(ServerState(state))
     process = subprocess.Popen(command.argv, env=command.environ(), start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex((_HOST, port)) == 0:
-                    break
-            time.sleep(0.2)
+        wait_for_port(_HOST, port, timeout=30)
         yield port
     finally:
         process.terminate()
