@@ -18,7 +18,8 @@ only; nothing else in radfed imports from Flower beyond its public app API (``fl
   and ``run_superexec.get_executor`` replaced by one that hands ClientApp tasks to a
   ``TaskStarter`` (the site's warm process) before Flower's ``SubprocessExecutor``, building
   the task's arguments as that executor does (``flwr.supercore.constant``'s
-  ``TASK_TYPE_TO_COMMAND`` and ``TASK_TYPE_TO_APPIO_API_ADDRESS_ARG``);
+  ``TASK_TYPE_TO_COMMAND`` and ``TASK_TYPE_TO_APPIO_API_ADDRESS_ARG``); its poll for tasks
+  every ``SUPEREXEC_POLL_S`` through Flower's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``;
 - ``flwr.supernode.cli.flower_supernode`` (the ``flower-supernode`` process) with
   ``flwr.supernode.fleet_http_connection.FleetHttpClient`` given the site's client
   certificate (``ProtobufClient`` takes an ``ssl.SSLContext`` as ``verify``);
@@ -46,6 +47,7 @@ from radfed.errors import ConfigError
 from radfed.log import logger
 
 __all__ = [
+    "SUPEREXEC_POLL_S",
     "TaskStarter",
     "flower_give_up_s",
     "fused_run_config",
@@ -275,10 +277,18 @@ class TaskStarter(Protocol):
         """Release what it holds when the SuperExec ends."""
 
 
+#: Seconds between a site's SuperExec's asks for a task (Flower's default: 1 s, half a
+#: second of every message on average). The ask goes to the site's own SuperNode on
+#: loopback; an administrator's ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` wins.
+SUPEREXEC_POLL_S = 0.1
+_SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+
+
 def run_site_superexec(starter: TaskStarter | None = None) -> None:
     """Be Flower's ``flower-superexec`` process (arguments from ``sys.argv``) with
     ``site_exec_plugin``: a site's SuperExec that starts ClientApp processes only, through
-    ``starter`` when one is given (else, or when it fails, a fresh process each)."""
+    ``starter`` when one is given (else, or when it fails, a fresh process each), asking
+    its SuperNode for a task every ``SUPEREXEC_POLL_S``."""
     import flwr.supercore.superexec.run_superexec as superexec
     from flwr.supercore.cli.flower_superexec import flower_superexec
     from flwr.supercore.constant import (
@@ -338,6 +348,7 @@ def run_site_superexec(starter: TaskStarter | None = None) -> None:
 
     setattr(superexec, "AutoExecPlugin", site_exec_plugin())  # noqa: B010
     setattr(superexec, "get_executor", site_executor)  # noqa: B010
+    os.environ.setdefault(_SUPEREXEC_POLL_ENV, str(SUPEREXEC_POLL_S))
     flower_superexec()
 
 

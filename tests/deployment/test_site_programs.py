@@ -9,6 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +24,10 @@ from radfed.deployment.supernode import (
     install_site_programs,
     superexec_command,
 )
+from radfed.flower_private import SUPEREXEC_POLL_S
 from radfed.folders import SiteFolder
+
+_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 
 
 def test_every_program_flower_may_start_is_the_sites_own() -> None:
@@ -88,17 +92,26 @@ def runtime_api() -> Iterator[tuple[int, type[_RuntimeApi]]]:
         server.server_close()
 
 
-def _first_request(argv: list[str], env: dict[str, str], handler: type[_RuntimeApi]) -> list[str]:
+def _asks(
+    argv: list[str], env: dict[str, str], handler: type[_RuntimeApi], listen: float = 0.0
+) -> list[AcquireTaskRequest]:
+    """The SuperExec's asks for a task: the first, and those in ``listen`` seconds after."""
     process = subprocess.Popen(
         argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
         assert handler.got.wait(timeout=60), "the SuperExec never asked for a task"
+        time.sleep(listen)
+        asked = list(handler.asked)
     finally:
         process.kill()
         _, err = process.communicate(timeout=30)
-    assert handler.asked, err
-    return sorted(handler.asked[0].supported_task_types)
+    assert asked, err
+    return asked
+
+
+def _first_request(argv: list[str], env: dict[str, str], handler: type[_RuntimeApi]) -> list[str]:
+    return sorted(_asks(argv, env, handler)[0].supported_task_types)
 
 
 @pytest.mark.parametrize("program", ["site", "flower"])
@@ -146,3 +159,40 @@ def test_a_radfed_planted_in_the_working_folder_is_not_imported(
 
     # Assert: the site's command imports the installed radfed; plain `python -m` would not
     assert marker.exists() is not guarded
+
+
+@pytest.mark.parametrize(
+    ("program", "interval", "most"),
+    [("site", None, None), ("site", "1.0", 4), ("flower", None, 4)],
+    ids=["site", "site-administrator-setting", "flower"],
+)
+def test_the_sites_superexec_asks_for_a_task_ten_times_a_second(
+    runtime_api: tuple[int, type[_RuntimeApi]],
+    tmp_path: Path,
+    program: str,
+    interval: str | None,
+    most: int | None,
+) -> None:
+    # Prepare: the site's SuperExec (and, as the control, Flower's: one ask a second, so a
+    # message waited half a second on average before its task started); an administrator
+    # may set Flower's own variable
+    port, handler = runtime_api
+    data = tmp_path / "site"
+    install_site_programs(SiteFolder(data).state)
+    command = superexec_command(data=data, port=port)
+    argv = command.argv
+    if program == "flower":
+        argv = [str(Path(sys.executable).parent / "flower-superexec"), *argv[4:]]
+    env = {**os.environ, **command.environ()}
+    env.pop(_POLL_ENV, None)
+    if interval is not None:
+        env[_POLL_ENV] = interval
+
+    # Execute: count the asks in 2 s after the first
+    asked = len(_asks(argv, env, handler, listen=2.0))
+
+    # Assert: every SUPEREXEC_POLL_S (0.1 s: some 20 asks; a busy machine may lose some)
+    if most is None:
+        assert asked >= 2.0 / SUPEREXEC_POLL_S / 2
+    else:
+        assert 2 <= asked <= most
