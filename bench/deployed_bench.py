@@ -64,8 +64,9 @@ FLOWER_POLLING = (
         "flwr/supernode/start_client_internal.py:263",
     ),
     (
-        "SuperExec: task poll interval (FLWR_SUPEREXEC_TASK_POLL_INTERVAL)",
-        1.0,
+        "SuperExec: task poll interval (FLWR_SUPEREXEC_TASK_POLL_INTERVAL; Flower's default"
+        " 1 s, a site's radfed.flower_private.SUPEREXEC_POLL_S)",
+        0.1,
         "flwr/supercore/superexec/run_superexec.py:51 (sleep at :280)",
     ),
     (
@@ -781,29 +782,78 @@ def _round(value: float) -> float:
     return round(value, 3)
 
 
+#: The parts of a task that are Flower's polling (a simulation has none of them).
+_POLLING_PARTS = (
+    "wait: SuperNode poll",
+    "wait: SuperExec poll + launch",
+    "wait: SuperNode reply poll + send",
+)
+#: The part that ends a task's chain: from its reply's departure to the phase's end.
+_LAST_WAIT = "wait: server pull + other sites"
+
+
+def _critical_polling(tasks: list[dict[str, Any]]) -> dict[int, float]:
+    """Per round: Flower's polling on the round's critical path.
+
+    A phase ends when its last reply is in, so its time is the chain of the site whose reply
+    came last (the least wait for the server's pull): that site's polling is the phase's,
+    each part counted up to its interval in ``FLOWER_POLLING`` (the SuperExec's part also
+    holds the task's launch, the reply's part its sending: those count as overhead).
+    The medians of the parts over all sites mix chains: a site whose message came early
+    waits for the other site's polling in its "server pull + other sites" part, which is
+    polling too.
+    """
+    last: dict[tuple[int, str], dict[str, Any]] = {}
+    for task in tasks:
+        parts = task["parts"]
+        if task["phase"] not in ("train", "evaluate") or _LAST_WAIT not in parts:
+            continue
+        key = (int(task["round"]), str(task["phase"]))
+        if key not in last or parts[_LAST_WAIT] < last[key]["parts"][_LAST_WAIT]:
+            last[key] = task
+    polling: dict[int, float] = {}
+    for (round_, _), task in last.items():
+        waits = sum(
+            min(task["parts"].get(name, 0.0), seconds)  # the rest is launch, sending
+            for name, (_, seconds, _) in zip(_POLLING_PARTS, FLOWER_POLLING, strict=True)
+        )
+        polling[round_] = polling.get(round_, 0.0) + waits
+    return polling
+
+
 def _target(runs: dict[str, dict[str, Any]], splits: dict[str, Any]) -> dict[str, Any]:
-    """Deployed (warm) round within 2 s of a simulated one, plus Flower's polling."""
+    """Deployed (warm) round within 2 s of a simulated one, plus Flower's polling.
+
+    Per later round: the deployed round's seconds less the polling on its critical path
+    (``_critical_polling``), less the simulated later round (median); the median of those.
+    The older figure (round medians less the medians of the polling parts over all sites)
+    is kept beside it: it counts a site's wait for another site's polling as overhead.
+    """
     if "warm" not in runs:
         return {}
-    diff = runs["warm"]["median_later"]["seconds"] - runs["simulate"]["median_later"]["seconds"]
+    simulated = runs["simulate"]["median_later"]["seconds"]
+    diff = runs["warm"]["median_later"]["seconds"] - simulated
     polling = 0.0
     for phase in ("train", "evaluate"):
         parts = splits["warm"].get(phase, {})
-        polling += sum(
-            parts.get(name, 0.0)
-            for name in (
-                "wait: SuperNode poll",
-                "wait: SuperExec poll + launch",
-                "wait: SuperNode reply poll + send",
-            )
-        )
+        polling += sum(parts.get(name, 0.0) for name in _POLLING_PARTS)
+    critical = _critical_polling(runs["warm"]["tasks"])
+    rounds = {row["round"]: row["seconds"] for row in runs["warm"]["rounds"]}
+    later = [r for r in sorted(critical) if r >= 2 and r in rounds] or sorted(
+        r for r in critical if r in rounds
+    )
+    beyond = [rounds[r] - critical[r] - simulated for r in later]
+    median_beyond = _median(beyond)
     bound = 2 * sum(seconds for _, seconds, _ in FLOWER_POLLING)
     return {
         "deployed_minus_simulated_s": _round(diff),
-        "measured_polling_s": _round(polling),
-        "polling_bound_s": bound,
-        "beyond_polling_s": _round(diff - polling),
-        "met": diff - polling <= 2.0,
+        "critical_polling_s": {str(r): _round(critical[r]) for r in later},
+        "beyond_polling_per_round_s": [_round(b) for b in beyond],
+        "beyond_polling_s": None if median_beyond is None else _round(median_beyond),
+        "polling_bound_s": round(bound, 3),
+        "met": median_beyond is not None and median_beyond <= 2.0,
+        "median_parts_polling_s": _round(polling),
+        "median_parts_beyond_s": _round(diff - polling),
     }
 
 
@@ -874,13 +924,22 @@ def _markdown(result: dict[str, Any]) -> str:
     target = result["target"]
     if target:
         diff = _fmt(target["deployed_minus_simulated_s"], " s")
-        polling = _fmt(target["measured_polling_s"], " s")
+        critical = ", ".join(f"{v:.2f} s" for v in target["critical_polling_s"].values())
+        each = ", ".join(f"{v:.2f} s" for v in target["beyond_polling_per_round_s"])
         beyond = _fmt(target["beyond_polling_s"], " s")
         verdict = "met (<= 2 s)" if target["met"] else "not met (> 2 s)"
         lines += [
             "",
-            f"Target (warm): deployed - simulated {diff} a round, measured polling {polling} "
-            f"(bound {target['polling_bound_s']} s); beyond polling {beyond}: {verdict}.",
+            f"Target (warm): deployed - simulated {diff} a round (medians). Flower's polling "
+            f"on each later round's critical path (in each phase, the chain of the site whose "
+            f"reply came last) {critical} (bound {target['polling_bound_s']} s); deployed "
+            f"round less that polling less the simulated round: {each}; median {beyond}: "
+            f"{verdict}.",
+            "",
+            f"(Medians of the polling parts over all sites instead: "
+            f"{_fmt(target['median_parts_polling_s'], ' s')}, leaving "
+            f"{_fmt(target['median_parts_beyond_s'], ' s')}; that counts a site's wait for "
+            "the other site's polling, in its 'server pull + other sites', as overhead.)",
         ]
     return "\n".join(lines) + "\n"
 
