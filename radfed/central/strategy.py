@@ -27,10 +27,11 @@ from radfed.central.run_folder import RunFolder
 from radfed.config import RunConfig, StrategyName
 from radfed.federation.codes import ErrorCode, InvalidReply, describe_code
 from radfed.federation.identity import read_site_identity
-from radfed.federation.packing import pack, unpack
+from radfed.federation.packing import LAYOUT_KEY, layout, pack, unpack
 from radfed.federation.schema import (
     ARRAYS_KEY,
     CELLS_KEY,
+    CONFIG_KEY,
     METRICS_KEY,
     TRAIN_METRIC_KEYS,
     CellStats,
@@ -570,12 +571,14 @@ def _only(records: Mapping[str, _R], key: str, kind: str) -> _R:
 
 def _packed(messages: Iterable[Message], arrays: ArrayRecord) -> list[Message]:
     """The messages with ``arrays`` packed, once for all of them (Flower's strategies give
-    every message of a phase the same content)."""
+    every message of a phase the same content), and the layout they were packed by named
+    in each message's config."""
     sent = list(messages)
     if sent:
-        packed = pack(arrays)
+        packed, packed_by = pack(arrays), layout(arrays)
         for msg in sent:
             msg.content[ARRAYS_KEY] = packed
+            msg.content.config_records[CONFIG_KEY][LAYOUT_KEY] = packed_by
     return sent
 
 

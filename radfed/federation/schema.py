@@ -62,6 +62,7 @@ from radfed.tasks import SplitStats, StatsValue, Task
 __all__ = [
     "ARRAYS_KEY",
     "CELLS_KEY",
+    "CONFIG_KEY",
     "METRICS_KEY",
     "SITE_KEY",
     "STATS_SCHEMA_VERSION",
@@ -78,6 +79,8 @@ __all__ = [
 STATS_SCHEMA_VERSION = 4
 
 ARRAYS_KEY = "arrays"
+#: The ConfigRecord of a message to a site (Flower's strategies' ``configrecord_key``).
+CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
 CELLS_KEY = "cells"

@@ -12,7 +12,7 @@ from flwr.app import Context, Error, Message
 from radfed.config import RunConfig
 from radfed.errors import ConfigError, DataError, RadfedError
 from radfed.federation.codes import ErrorCode
-from radfed.federation.schema import ARRAYS_KEY
+from radfed.federation.schema import ARRAYS_KEY, CONFIG_KEY
 from radfed.flower_private import log_like_flower, serialize_content
 from radfed.log import logger
 from radfed.privacy import AuditLog, LimitExceeded, PolicyRefusal, Request
@@ -98,7 +98,7 @@ def _folder_settings(context: Context) -> RunConfig:
 def _request(msg: Message, context: Context, bundle: BundleIdentity | None) -> Request:
     """What ``msg`` asked for, as the audit log records it."""
     arrays = msg.content.array_records.get(ARRAYS_KEY)
-    config = msg.content.config_records.get("config")
+    config = msg.content.config_records.get(CONFIG_KEY)
     return Request.describe(
         msg.metadata.message_type,
         context.run_config,
@@ -115,7 +115,7 @@ INVALID_ROUND = -1
 def _round_or_invalid(msg: Message) -> int:
     """The message's round (0 without a config), or ``INVALID_ROUND``: a refusal of a
     message with a bad round is audited all the same."""
-    if msg.content.config_records.get("config") is None:
+    if msg.content.config_records.get(CONFIG_KEY) is None:
         return 0
     try:
         return server_round(msg)

@@ -22,7 +22,7 @@ from radfed.data.splits import record_test_use
 from radfed.errors import ConfigError, DataError
 from radfed.federation.codes import InvalidReply
 from radfed.federation.identity import SiteIdentity
-from radfed.federation.packing import pack, unpack
+from radfed.federation.packing import LAYOUT_KEY, pack, unpack
 from radfed.federation.schema import (
     ARRAYS_KEY,
     CELLS_KEY,
@@ -48,6 +48,7 @@ from radfed.site.fedbn import LocalState
 from radfed.site.node import (
     load_site_once,
     message_setting,
+    message_text,
     resolve_site,
     server_round,
     site_min_cell,
@@ -97,7 +98,7 @@ def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task
     policy.limits.check_inbound(sum(len(array.data) for array in packed.values()))
     policy.limits.check_model(model_size(task.build_model, config))
     model = task.build_model(config)
-    arrays = _unpacked(packed, model, config.fedbn)
+    arrays = _unpacked(packed, model, config.fedbn, message_text(msg, LAYOUT_KEY))
     if not all(np.isfinite(array.numpy()).all() for array in arrays.values()):
         # before anything is spent: a crafted model with NaN for some cases would make
         # whether the work fails an exact answer about the data
@@ -132,19 +133,23 @@ def _prepare(msg: Message, context: Context, *, training: bool = False) -> _Task
     return _Task(config, task, name, path, policy, site, model, arrays)
 
 
-def _unpacked(packed: ArrayRecord, model: nn.Module, fedbn: bool) -> ArrayRecord:
+def _unpacked(
+    packed: ArrayRecord, model: nn.Module, fedbn: bool, packed_by: str | None
+) -> ArrayRecord:
     """The received packed weights, sliced by this site's own model (``unpack``): the
-    sender cannot choose the names, shapes or dtypes.
+    sender cannot choose the names, shapes or dtypes. ``packed_by``: the layout the server
+    says it packed by, checked against this site's.
 
     Raises:
         ConfigError: the weights are not packed for this site's model.
     """
     try:
-        return unpack(packed, shared_state(model, fedbn))
+        return unpack(packed, shared_state(model, fedbn), packed_by)
     except InvalidReply as err:
         raise ConfigError(
             f"the received weights do not fit this site's model ({err}); the server and "
-            "the site must build the same model from the run's settings"
+            "the site must build the same model from the run's settings (the same radfed, "
+            "torch and MONAI versions)"
         ) from None
 
 

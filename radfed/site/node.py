@@ -18,14 +18,17 @@ from flwr.app import Message
 from radfed.config import RunConfig
 from radfed.data.loading import SiteData, load_site_for
 from radfed.errors import ConfigError
+from radfed.federation.schema import CONFIG_KEY
 from radfed.folders import SiteFolder, list_sites
 from radfed.privacy import ResourceLimits, SitePolicy, load_policy
 
 __all__ = [
     "MAX_MESSAGE_SETTING",
+    "MAX_MESSAGE_TEXT",
     "load_site_once",
     "load_site_within",
     "message_setting",
+    "message_text",
     "own_policy",
     "resolve_site",
     "server_round",
@@ -35,6 +38,8 @@ __all__ = [
 
 #: The largest number a message's config may carry (a round number, a proximal term).
 MAX_MESSAGE_SETTING = 1e6
+#: The longest text a message's config may carry (a layout digest is 32).
+MAX_MESSAGE_TEXT = 64
 
 
 def resolve_site(node_config: Mapping[str, Any], config: RunConfig) -> tuple[str, Path]:
@@ -190,7 +195,7 @@ def message_setting(msg: Message, key: str) -> float:
         ConfigError: it is not a finite number in [0, MAX_MESSAGE_SETTING] (a NaN or huge
             proximal term would turn training into whatever the sender wants).
     """
-    config = msg.content.config_records.get("config")
+    config = msg.content.config_records.get(CONFIG_KEY)
     value = config.get(key, 0.0) if config is not None else 0.0
     if (
         isinstance(value, bool)
@@ -201,6 +206,24 @@ def message_setting(msg: Message, key: str) -> float:
             f"message config {key!r} must be a number in [0, {MAX_MESSAGE_SETTING:g}]"
         )
     return float(value)
+
+
+def message_text(msg: Message, key: str) -> str | None:
+    """A short text the strategy put in the message's config (``weights-layout``), or None
+    when absent.
+
+    Raises:
+        ConfigError: it is not a text of at most ``MAX_MESSAGE_TEXT`` characters.
+    """
+    config = msg.content.config_records.get(CONFIG_KEY)
+    value = config.get(key) if config is not None else None
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_MESSAGE_TEXT:
+        raise ConfigError(
+            f"message config {key!r} must be a text of at most {MAX_MESSAGE_TEXT} characters"
+        )
+    return value
 
 
 def server_round(msg: Message) -> int:

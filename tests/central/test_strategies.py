@@ -16,7 +16,7 @@ from radfed.central.strategy import STRATEGIES, make_strategy
 from radfed.config import RunConfig, TaskName
 from radfed.errors import ConfigError
 from radfed.federation.identity import SiteIdentity
-from radfed.federation.packing import PACKED, pack, unpack
+from radfed.federation.packing import LAYOUT_KEY, PACKED, layout, pack, unpack
 from radfed.federation.weights import check_fedbn, local_keys, shared_state
 from radfed.site.handlers import handle_evaluate, handle_train
 from radfed.tasks import get_task
@@ -189,6 +189,8 @@ def test_a_phases_messages_share_one_packed_array_of_the_global_model(
         assert all(m.content["arrays"] is packed for m in messages)
         got = unpack(packed, reference).to_torch_state_dict()
         assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in reference.items())
+        # each message names the layout it was packed by: the receiving model's
+        assert {m.content["config"][LAYOUT_KEY] for m in messages} == {layout(reference)}  # type: ignore[index]
     assert train[0].content["config"]["server-round"] == 1  # type: ignore[index]
     current = getattr(strategy, "current_arrays", None)
     if isinstance(strategy, FedAdam | FedAvgM):

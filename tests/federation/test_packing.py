@@ -12,7 +12,7 @@ from flwr.app import Array, ArrayRecord
 
 from radfed.config import RunConfig, TaskName
 from radfed.federation.codes import InvalidReply
-from radfed.federation.packing import PACKED, pack, unpack
+from radfed.federation.packing import PACKED, layout, pack, unpack
 from radfed.tasks import get_task
 
 LAYOUT = {
@@ -137,3 +137,23 @@ def test_unpacking_holds_at_most_one_copy_beside_the_result() -> None:
     assert result >= size
     assert peak - result <= size + 16 * 2**20 + size // 8
     assert torch.equal(got.to_torch_state_dict()["b"], layout["b"])
+
+
+def test_the_layout_names_names_dtypes_and_shapes_in_order_not_values() -> None:
+    # Prepare: the layout as a state dict and as the server's named ArrayRecord, its
+    # values changed, and layouts of the same byte size that differ
+    same = {k: torch.zeros_like(v) for k, v in LAYOUT.items()}
+    reordered = dict(reversed(list(LAYOUT.items())))
+    reshaped = {**LAYOUT, "w": LAYOUT["w"].reshape(3, 2)}
+    retyped = {**LAYOUT, "h": torch.ones(3, dtype=torch.int16)}
+    renamed = {("v" if k == "w" else k): v for k, v in LAYOUT.items()}
+
+    # Execute / Assert
+    assert layout(LAYOUT) == layout(ArrayRecord(LAYOUT)) == layout(same)
+    others = {layout(x) for x in (reordered, reshaped, retyped, renamed)}
+    assert len(others) == 4 and layout(LAYOUT) not in others
+    for other in (reordered, reshaped, retyped, renamed):
+        assert pack(other)[PACKED].shape == (SIZE,)  # the byte count cannot tell them apart
+        with pytest.raises(InvalidReply, match="another layout"):
+            unpack(pack(other), LAYOUT, layout(other))
+    assert unpack(pack(LAYOUT), LAYOUT, layout(LAYOUT)).keys() == LAYOUT.keys()

@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from radfed.config import RunConfig
 from radfed.federation.codes import ErrorCode
-from radfed.federation.packing import PACKED, pack, unpack
+from radfed.federation.packing import LAYOUT_KEY, PACKED, layout, pack, unpack
 from radfed.federation.weights import local_keys, shared_state
 from radfed.privacy import read_entries, weights_digest
 from radfed.site.handlers import handle_evaluate, handle_train
@@ -229,3 +229,44 @@ def test_fedbn_normalisation_layers_neither_arrive_nor_leave(site_copy: Path) ->
     assert list(got) == list(shared) and not set(got) & local_keys(model)
     assert all(torch.isfinite(v).all() for v in got.values() if v.is_floating_point())
     assert full.has_error() and full.error.code == ErrorCode.CONFIG
+
+
+def _with_layout(arrays: ArrayRecord, packed_by: object) -> Message:
+    request = _request("train", arrays)
+    request.content.config_records["config"][LAYOUT_KEY] = packed_by  # type: ignore[assignment]
+    return request
+
+
+def test_weights_packed_for_another_layout_of_the_same_size_are_refused_by_name(
+    site_copy: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a server whose model has this site's byte size but another layout (its
+    # tensors in another order: another torch or MONAI version building it), packed and
+    # named as radfed's server does; and, as the control, this site's own layout
+    state = build_model(CONFIG).state_dict()
+    other = dict(reversed(list(state.items())))
+    assert sum(t.numel() * t.element_size() for t in other.values()) == _model_bytes()
+    context = make_context(CONFIG.to_run_config(), site_node(site_copy))
+    caplog.set_level(logging.INFO, logger="radfed")
+
+    # Execute
+    control = handle_train(_with_layout(pack(state), layout(state)), context)
+    monkeypatch.setattr("radfed.site.handlers.load_site_once", _never("the site's data"))
+    refused = handle_train(_with_layout(pack(other), layout(other)), context)
+
+    # Assert: the same bytes count, yet refused before the site's data, saying why
+    assert not control.has_error()
+    assert refused.has_error() and refused.error.code == ErrorCode.CONFIG
+    assert "another layout of the model" in caplog.text
+    assert "same radfed, torch and MONAI versions" in caplog.text
+
+
+@pytest.mark.parametrize("packed_by", [7, "x" * 65], ids=["a-number", "too-long"])
+def test_a_layout_that_is_not_a_short_text_is_refused(
+    site_copy: Path, monkeypatch: pytest.MonkeyPatch, packed_by: object
+) -> None:
+    monkeypatch.setattr("radfed.site.handlers.load_site_once", _never("the site's data"))
+    context = make_context(CONFIG.to_run_config(), site_node(site_copy))
+    state = build_model(CONFIG).state_dict()
+    reply = handle_train(_with_layout(pack(state), packed_by), context)
+    assert reply.has_error() and reply.error.code == ErrorCode.CONFIG
