@@ -21,8 +21,9 @@ server chooses the weights' values anyway.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from io import BytesIO
 
 import numpy as np
@@ -55,18 +56,15 @@ def layout(state: Mapping[str, torch.Tensor] | ArrayRecord) -> str:
 def pack(state: Mapping[str, torch.Tensor] | ArrayRecord) -> ArrayRecord:
     """A state dict (or a named ArrayRecord) as one Array of its bytes, in its order.
 
-    Holds one copy of the bytes beside the result (and, from an ArrayRecord, one tensor
-    decoded at a time).
+    The bytes are copied once, into the result (an Array of an ArrayRecord is read in
+    place when it holds NumPy's C-order bytes, as Flower writes them).
 
     Returns:
         An ArrayRecord of one 1-D ``uint8`` Array named ``PACKED``.
     """
-    buffer = BytesIO()
-    for value in state.values():
-        array = value.numpy() if isinstance(value, Array) else value.detach().cpu().numpy()
-        buffer.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
-    flat = np.frombuffer(buffer.getbuffer(), dtype=np.uint8)
-    return ArrayRecord({PACKED: Array(flat)})
+    parts = [_elements(value) for value in state.values()]
+    total = sum(part.nbytes for part in parts)
+    return ArrayRecord({PACKED: _npy(np.dtype(np.uint8), (total,), parts)})
 
 
 def unpack(
@@ -75,7 +73,7 @@ def unpack(
     """Packed weights as a named ArrayRecord, sliced by ``like`` (the receiver's own state
     dict: its names, shapes, dtypes and order; its values are not read).
 
-    Holds one decoded copy of the bytes beside the result.
+    The received bytes are read in place and copied once, into the result.
 
     Args:
         record: the received ArrayRecord.
@@ -83,9 +81,9 @@ def unpack(
         packed_by: the sender's ``layout`` digest, when it sent one.
 
     Raises:
-        InvalidReply: not exactly one Array named ``PACKED``, not a 1-D ``uint8`` array,
-            not as many bytes as ``like`` holds (both numbers are named, no value), or
-            ``packed_by`` is not ``like``'s layout.
+        InvalidReply: not exactly one Array named ``PACKED``, not a 1-D ``uint8`` NumPy
+            array whose header matches its bytes, not as many bytes as ``like`` holds (both
+            numbers are named, no value), or ``packed_by`` is not ``like``'s layout.
     """
     if packed_by is not None and packed_by != layout(like):
         raise InvalidReply(
@@ -96,26 +94,97 @@ def unpack(
         raise InvalidReply(
             f"weights must travel as one packed array {PACKED!r}, got {len(record)} arrays"
         )
-    try:
-        flat = record[PACKED].numpy()
-    except Exception:  # its text may quote the received bytes
-        raise InvalidReply("the packed weights cannot be decoded as a NumPy array") from None
-    if not isinstance(flat, np.ndarray) or flat.dtype != np.uint8 or flat.ndim != 1:
-        raise InvalidReply("the packed weights must be a 1-D uint8 array")
+    flat = _packed_bytes(record[PACKED])
     dtypes = [_numpy_dtype(tensor) for tensor in like.values()]
     sizes = [t.numel() * d.itemsize for t, d in zip(like.values(), dtypes, strict=True)]
-    if flat.size != sum(sizes):
+    if len(flat) != sum(sizes):
         raise InvalidReply(
-            f"the packed weights hold {flat.size} bytes, the model needs {sum(sizes)} "
+            f"the packed weights hold {len(flat)} bytes, the model needs {sum(sizes)} "
             f"({len(sizes)} tensors)"
         )
     out: OrderedDict[str, Array] = OrderedDict()
     start = 0
     for (name, tensor), dtype, size in zip(like.items(), dtypes, sizes, strict=True):
-        part = flat[start : start + size].view(dtype).reshape(tuple(tensor.shape))
-        out[name] = Array(part)
+        out[name] = _npy(dtype, tuple(tensor.shape), [flat[start : start + size]])
         start += size
     return ArrayRecord(out)
+
+
+#: Flower's ``SType.NUMPY``: an Array whose data is ``np.save``'s bytes.
+_NUMPY = "numpy.ndarray"
+
+
+def _npy(dtype: np.dtype, shape: tuple[int, ...], parts: Sequence[memoryview]) -> Array:
+    """The Array Flower builds from an ndarray (``Array(ndarray)``: ``np.save``'s bytes,
+    header version 1.0), from the raw bytes of its elements in C order, copied once."""
+    header = BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header,
+        {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape},
+    )
+    data = b"".join([header.getvalue(), *parts])
+    return Array(dtype=str(dtype), shape=shape, stype=_NUMPY, data=data)
+
+
+def _elements(value: torch.Tensor | Array) -> memoryview:
+    """The raw bytes of a tensor's (or an Array's) elements in C order, native byte order:
+    in place where they already are so."""
+    if isinstance(value, Array):
+        try:
+            shape, fortran, dtype, body = _npy_parts(value)
+        except ValueError:
+            shape, fortran, dtype, body = (), True, np.dtype(object), memoryview(b"")
+        if (
+            not (fortran or dtype.hasobject or not dtype.isnative)
+            and len(body) == math.prod(shape) * dtype.itemsize
+        ):
+            return body
+        array = value.numpy()  # not np.save's C-order native bytes: decoded
+    else:
+        array = value.detach().cpu().numpy()
+    native = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
+    return native.reshape(-1).view(np.uint8).data
+
+
+def _npy_parts(array: Array) -> tuple[tuple[int, ...], bool, np.dtype, memoryview]:
+    """The header (shape, Fortran order, dtype) of an Array holding ``np.save``'s bytes, and
+    the bytes after it, read in place (NumPy's header parser: no pickle, a bounded header).
+
+    Raises:
+        ValueError: another stype, not an .npy header of version 1.0 or 2.0.
+    """
+    if array.stype != _NUMPY or not isinstance(array.data, bytes):
+        raise ValueError("not NumPy bytes")
+    stream = BytesIO(array.data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError("an .npy version radfed does not read")
+    return tuple(shape), bool(fortran), dtype, memoryview(array.data)[stream.tell() :]
+
+
+def _packed_bytes(array: Array) -> memoryview:
+    """The bytes of a received packed Array, read in place.
+
+    Raises:
+        InvalidReply: not a 1-D ``uint8`` NumPy array, or its header does not declare as
+            many bytes as follow it (the cause of a decoding failure is not told: its text
+            may quote the received bytes).
+    """
+    try:
+        shape, fortran, dtype, body = _npy_parts(array)
+    except Exception:
+        raise InvalidReply("the packed weights cannot be decoded as a NumPy array") from None
+    if dtype != np.uint8 or len(shape) != 1 or fortran:
+        raise InvalidReply("the packed weights must be a 1-D uint8 array")
+    if len(body) != shape[0]:
+        raise InvalidReply(
+            f"the packed weights' header declares {shape[0]} bytes, {len(body)} follow it"
+        )
+    return body
 
 
 def _numpy_dtype(tensor: torch.Tensor) -> np.dtype:

@@ -189,7 +189,7 @@ def test_pooled_metrics_come_from_merged_statistics(tmp_path: Path) -> None:
         ),
         (
             lambda: _train_reply("site-b", 2, 9.0, 10, arrays=_truncated_arrays()),
-            "the packed weights cannot be decoded as a NumPy array",
+            "the packed weights' header declares 20 bytes, 17 follow it",
         ),
         (
             lambda: _train_reply("site-b", 2, 9.0, 10, arrays=_packed(Array(_flat()[:-1]))),

@@ -50,6 +50,11 @@ def test_each_tasks_model_travels_as_one_array_and_comes_back_identical(name: st
         assert any(v.dtype == torch.int64 for v in state.values())
     # the server packs its named global ArrayRecord: the same bytes
     assert pack(ArrayRecord(state))[PACKED].data == packed[PACKED].data
+    # the Arrays are byte for byte those Flower builds from the arrays (np.save's)
+    raw = np.concatenate([v.numpy().reshape(-1).view(np.uint8) for v in state.values()])
+    assert packed[PACKED].data == Array(raw).data
+    for key, array in unpack(packed, layout).items():
+        assert array == Array(state[key].numpy()), key
 
 
 def test_dtypes_and_unaligned_offsets_survive() -> None:

@@ -87,17 +87,21 @@ CRAFTED: dict[str, tuple[Callable[[Path], ArrayRecord], str]] = {
     # an .npy header declaring far more elements than the bytes that travel
     "declares-8-GiB": (
         lambda _: _raw(_npy((2**33,), payload=bytes(SIZE))),
-        "cannot be decoded",
+        "declares 8589934592 bytes, 38 follow",
     ),
-    "declares-1-TiB": (lambda _: _raw(_npy((2**40,), payload=bytes(SIZE))), "cannot be decoded"),
-    "declares-2**62": (lambda _: _raw(_npy((2**62,), payload=bytes(SIZE))), "cannot be decoded"),
-    "declares-fewer": (lambda _: _raw(_npy((SIZE - 8,), payload=bytes(SIZE))), "hold 30 bytes"),
-    "object-dtype": (lambda _: _raw(_npy((SIZE,), "|O", bytes(SIZE * 8))), "cannot be decoded"),
+    "declares-1-TiB": (
+        lambda _: _raw(_npy((2**40,), payload=bytes(SIZE))),
+        "declares 1099511627776 bytes, 38 follow",
+    ),
+    "declares-2**62": (lambda _: _raw(_npy((2**62,), payload=bytes(SIZE))), "38 follow it"),
+    # fewer: the bytes after the declared ones would travel unchecked
+    "declares-fewer": (lambda _: _raw(_npy((SIZE - 8,), payload=bytes(SIZE))), "30 bytes, 38"),
+    "object-dtype": (lambda _: _raw(_npy((SIZE,), "|O", bytes(SIZE * 8))), "must be a 1-D uint8"),
     "pickle-stream": (
         lambda tmp: _raw(pickle.dumps(_Pickled(str(tmp / "pwned")))),
         "cannot be decoded",
     ),
-    "npz-archive": (lambda _: _raw(_npz()), "must be a 1-D uint8"),
+    "npz-archive": (lambda _: _raw(_npz()), "cannot be decoded"),
     "bool": (lambda _: _raw(_npy((SIZE,), "|b1", bytes(SIZE))), "must be a 1-D uint8"),
     "int8": (lambda _: _raw(_npy((SIZE,), "|i1", bytes(SIZE))), "must be a 1-D uint8"),
     "bytes-S1": (lambda _: _raw(_npy((SIZE,), "|S1", bytes(SIZE))), "must be a 1-D uint8"),
@@ -121,7 +125,7 @@ CRAFTED: dict[str, tuple[Callable[[Path], ArrayRecord], str]] = {
         "cannot be decoded",
     ),
     "empty-data": (lambda _: _raw(b""), "cannot be decoded"),
-    "header-only": (lambda _: _raw(_npy((SIZE,))), "cannot be decoded"),
+    "header-only": (lambda _: _raw(_npy((SIZE,))), "declares 38 bytes, 0 follow"),
 }
 
 
@@ -180,20 +184,14 @@ def test_a_header_declaring_a_huge_array_does_not_make_the_receiver_hold_it() ->
     assert _status("VmHWM") - before < 64 * 2**20
 
 
-def test_trailing_bytes_after_the_declared_array_are_not_used_or_kept() -> None:
+def test_trailing_bytes_after_the_declared_array_are_refused() -> None:
     # Prepare: a correct header and payload, then 4 MiB the header does not cover
     good = pack(LAYOUT)[PACKED].data
     record = _raw(good + b"\xff" * 4 * 2**20)
 
-    # Execute
-    got = unpack(record, LAYOUT)
-
-    # Assert: the receiver's own layout filled from the declared bytes only; none of the
-    # trailing bytes survives into the result it keeps
-    assert list(got.keys()) == list(LAYOUT)
-    assert sum(len(a.data) for a in got.values()) < 1000
-    for key, value in got.to_torch_state_dict().items():
-        assert torch.equal(value, LAYOUT[key])
+    # Execute / Assert: the header must declare every byte that travels
+    with pytest.raises(InvalidReply, match=f"declares {SIZE} bytes, {SIZE + 4 * 2**20} follow"):
+        unpack(record, LAYOUT)
 
 
 def test_metadata_that_lies_about_shape_and_dtype_is_ignored_for_the_decoded_bytes() -> None:
@@ -301,21 +299,27 @@ def test_a_crafted_reply_is_dropped_and_the_round_aggregates_the_honest_sites(
     assert not (tmp_path / "pwned").exists()
 
 
-def test_an_accepted_reply_holds_named_arrays_only_not_the_packed_bytes(tmp_path: Path) -> None:
-    # Prepare: an honest update followed by 8 MiB its header does not cover
+def test_an_accepted_reply_holds_named_arrays_only_and_a_padded_one_is_dropped(
+    tmp_path: Path,
+) -> None:
+    # Prepare: an honest update; the same followed by 8 MiB its header does not cover
     strategy = _strategy(tmp_path)
-    padded = _raw(_good(2.0)[PACKED].data + bytes(8 * 2**20), shape=(REPLY_SIZE,))
-    reply = _train_reply("site-a", 1, padded)
+    honest = _train_reply("site-a", 1, _good(2.0))
+    padded = _raw(_good(3.0)[PACKED].data + bytes(8 * 2**20), shape=(REPLY_SIZE,))
+    padding = _train_reply("site-b", 2, padded)
 
     # Execute
-    strategy.aggregate_train(1, [reply])
+    arrays, _ = strategy.aggregate_train(1, [honest, padding])
 
-    # Assert: the reply the strategy keeps holds the global model's names, unpacked, and none
-    # of the 8 MiB the site appended (the server holds no more per reply than before)
-    kept = reply.content["arrays"]
+    # Assert: the reply the strategy keeps holds the global model's names, unpacked, with
+    # the honest bytes only; the padded reply does not count (its 8 MiB kept nowhere)
+    kept = honest.content["arrays"]
     assert isinstance(kept, ArrayRecord) and list(kept.keys()) == list(REFERENCE)
     assert sum(len(a.data) for a in kept.values()) < 1000
     assert torch.equal(kept.to_torch_state_dict()["w"], torch.full((3,), 2.0))
+    assert arrays is not None
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((3,), 2.0))
+    assert padding.content["arrays"] is padded
 
 
 # --------------------------------------------------------------------------- FedBN both sides
