@@ -14,6 +14,7 @@ from torch.utils.data import TensorDataset
 from radfed.config import RunConfig, TaskName
 from radfed.data.loading import SplitData
 from radfed.errors import ConfigError, DataError
+from radfed.log import logger
 from radfed.metrics.binary import BinaryStats, binary_metrics
 from radfed.metrics.multiclass import MulticlassStats, multiclass_metrics
 from radfed.tasks.binary_values import binary_from_values, binary_values
@@ -180,8 +181,24 @@ def _logits(model: nn.Module, images: torch.Tensor, classes: int) -> torch.Tenso
     return out.reshape(-1).float() if classes == 2 else out.float()
 
 
-def _probabilities(logits: torch.Tensor, classes: int) -> torch.Tensor:
-    return torch.sigmoid(logits) if classes == 2 else torch.softmax(logits, dim=1)
+def _probabilities(logits: torch.Tensor, classes: int) -> tuple[torch.Tensor, int]:
+    """Class probabilities, and the number of cases whose output is not a number (a diverged
+    or crafted model: a NaN logit, or an infinite one under softmax): those get the uniform
+    probability, 1/C.
+
+    Evaluation then succeeds whatever the images are: were it to fail on such a case, a
+    model made to give NaN for some images only would learn from the mere failure whether
+    the site holds one, outside the disclosure control of the statistics. The uniform
+    probability is what a model that says nothing about the case would give.
+    """
+    if classes == 2:
+        probabilities = torch.sigmoid(logits)
+        unknown = torch.isnan(probabilities)
+    else:
+        probabilities = torch.softmax(logits, dim=1)
+        unknown = torch.isnan(probabilities).any(dim=1, keepdim=True)
+    uniform = torch.full_like(probabilities, 1.0 / classes)
+    return torch.where(unknown, uniform, probabilities), int(unknown.sum())
 
 
 def _check_labels(data: SplitData, classes: int) -> None:
@@ -262,12 +279,22 @@ def predict(
     device = pick_device()
     model.to(device).eval()
     out = []
+    unknown = 0
     for start in range(0, len(data), batch_size):
         images = data.images[start : start + batch_size].to(device)
         with autocast(device):
             logits = _logits(model, images, classes)
-        out.append(_probabilities(logits, classes).cpu())
+        probabilities, without = _probabilities(logits, classes)
+        out.append(probabilities.cpu())
+        unknown += without
     model.to("cpu")
+    if unknown:  # the site's own log: a count, never which case
+        logger.warning(
+            "the model's output is not a number for %d of %d cases (a diverged or crafted "
+            "model); they count as the uniform probability",
+            unknown,
+            len(data),
+        )
     if out:
         return torch.cat(out).numpy()
     return np.zeros((0,) if classes == 2 else (0, classes), dtype=np.float32)

@@ -112,6 +112,31 @@ class RetinaNetModel(nn.Module):
         super().__init__()
         self.network = detector.network
         object.__setattr__(self, "_detector", detector)  # unregistered: not in state_dict
+        self.network.register_forward_hook(self._numbers_only)
+
+    def _numbers_only(self, _: nn.Module, __: Any, outputs: Any) -> Any:
+        """When detecting, the network's outputs with every value that is not a number (a
+        diverged or crafted model) made "nothing here": a classification logit of
+        ``-_NOT_A_NUMBER_LOGIT`` (no detection at that anchor), a box regression of 0;
+        regressions are bounded by ``_MAX_REGRESSION`` so that decoding them stays finite.
+
+        MONAI's detector fails on such values, and a failure would tell a model made to
+        give them for some images only whether the site holds one, outside the disclosure
+        control of the statistics. Training sees the network's outputs unchanged.
+        """
+        if self._detector.training:
+            return None
+        if isinstance(outputs, dict):
+            cls_key, box_key = self.network.cls_key, self.network.box_reg_key
+            return {
+                **outputs,
+                cls_key: [_finite_logits(t) for t in outputs[cls_key]],
+                box_key: [_finite_regression(t) for t in outputs[box_key]],
+            }
+        half = len(outputs) // 2  # MONAI's list output: the class maps, then the box maps
+        return [_finite_logits(t) for t in outputs[:half]] + [
+            _finite_regression(t) for t in outputs[half:]
+        ]
 
     @property
     def detector(self) -> RetinaNetDetector:
@@ -128,6 +153,22 @@ class RetinaNetModel(nn.Module):
         # The detector's own flag picks losses or detections; the network keeps its mode.
         detector.training = targets is not None
         return detector(images, targets)
+
+
+#: The classification logit that stands for an output that is not a number: no detection.
+_NOT_A_NUMBER_LOGIT = 1e4
+#: The largest box regression a detection decodes (sane networks give a few units).
+_MAX_REGRESSION = 1e4
+
+
+def _finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    none = -_NOT_A_NUMBER_LOGIT
+    return torch.nan_to_num(logits, nan=none, posinf=none, neginf=none)
+
+
+def _finite_regression(regression: torch.Tensor) -> torch.Tensor:
+    finite = torch.nan_to_num(regression, nan=0.0, posinf=0.0, neginf=0.0)
+    return finite.clamp(-_MAX_REGRESSION, _MAX_REGRESSION)
 
 
 def build_model(config: RunConfig) -> RetinaNetModel:
