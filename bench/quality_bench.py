@@ -29,9 +29,9 @@ generated sites carry a ``site-policy.toml`` with ``min-cell-size = 1`` and
 site) the default disclosure control (k = 10) would merge the score histograms into a few
 bins or suppress a site, and the benchmark measures models, not disclosure control.
 
-Poisoning: radfed has no way to make a simulated site send a poisoned update without
-changing its code (``tests/central/test_poisoning.py`` drives the strategy directly with
-fabricated replies); that part is reported as needing a product hook, not run.
+Poisoning: the ``X+poison`` methods run strategy X while the last site (in name order)
+sends a poisoned update, through the simulation-only run setting ``attack="SITE:KIND"``
+(``--poison``: sign-flip or scale); see ``_POISONING``.
 
 Run: ``python bench/quality_bench.py [--tasks classification] [--seeds 0 1 2] [--rounds 3]``.
 Results: ``quality_bench.json``, ``quality_bench.md`` and ``quality_bench.png`` in ``--out``.
