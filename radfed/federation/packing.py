@@ -132,7 +132,7 @@ def _elements(value: torch.Tensor | Array) -> memoryview:
     if isinstance(value, Array):
         try:
             shape, fortran, dtype, body = _npy_parts(value)
-        except ValueError:
+        except Exception:  # NumPy's parser raises several kinds: decode it instead
             shape, fortran, dtype, body = (), True, np.dtype(object), memoryview(b"")
         if (
             not (fortran or dtype.hasobject or not dtype.isnative)
@@ -181,8 +181,10 @@ def _packed_bytes(array: Array) -> memoryview:
     if dtype != np.uint8 or len(shape) != 1 or fortran:
         raise InvalidReply("the packed weights must be a 1-D uint8 array")
     if len(body) != shape[0]:
+        # a Python literal has no digit limit: a count too long to print is not quoted
+        declared = shape[0] if -(2**63) <= shape[0] < 2**64 else "an impossible number of"
         raise InvalidReply(
-            f"the packed weights' header declares {shape[0]} bytes, {len(body)} follow it"
+            f"the packed weights' header declares {declared} bytes, {len(body)} follow it"
         )
     return body
 

@@ -219,7 +219,7 @@ def message_text(msg: Message, key: str) -> str | None:
     value = config.get(key) if config is not None else None
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > MAX_MESSAGE_TEXT:
+    if type(value) is not str or len(value) > MAX_MESSAGE_TEXT:  # no subclass's own !=
         raise ConfigError(
             f"message config {key!r} must be a text of at most {MAX_MESSAGE_TEXT} characters"
         )
