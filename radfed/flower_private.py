@@ -166,16 +166,25 @@ def run_simulation(
 #: ``PULL_BACKOFF_CAP``): a site's task starts as soon as its message is announced, before
 #: the SuperNode has all of its weights, and sat out 1 + 2 s for the last ones.
 OBJECT_PULL_BACKOFF = (0.05, 0.5)
+#: The same for a site's task, which pulls from its own SuperNode on loopback: a task
+#: starts as soon as its SuperExec sees it, often while its SuperNode still pulls the
+#: weights from the server, and waited up to 0.5 s past their arrival.
+LOCAL_OBJECT_PULL_BACKOFF = (0.02, 0.1)
 
 
-def quick_object_pulls(*modules: str, max_time: float | None = None) -> None:
+def quick_object_pulls(
+    *modules: str,
+    max_time: float | None = None,
+    backoff: tuple[float, float] = OBJECT_PULL_BACKOFF,
+) -> None:
     """In each of ``modules`` (those that call Flower's ``pull_objects``), retry an object
-    that is not there yet after ``OBJECT_PULL_BACKOFF``.
+    that is not there yet after ``backoff`` (first wait, doubling up to the second).
 
     A pull gives up after ``max_time`` seconds, by default no later than Flower's own
     retries give up on one object that never comes (``flower_give_up_s``): a peer that
     announces a message and withholds its objects holds the puller no longer than before.
-    The tries come at most two a second per missing object.
+    The tries come at most once per backoff cap per missing object (two a second with
+    ``OBJECT_PULL_BACKOFF``).
     """
     import importlib
 
@@ -183,7 +192,7 @@ def quick_object_pulls(*modules: str, max_time: float | None = None) -> None:
 
     flower: Any = getattr(inflatable, "pull_objects")  # noqa: B009  (the module global)
     flower = getattr(flower, "__wrapped__", flower)  # patched once, whatever is asked twice
-    first, cap = OBJECT_PULL_BACKOFF
+    first, cap = backoff
     bound = flower_give_up_s() if max_time is None else min(max_time, flower_give_up_s())
     limit = max(0.0, bound - cap)  # Flower looks at the time after a try, then waits once more
 
@@ -240,7 +249,9 @@ def run_site_clientapp(load: Callable[[bytes], ClientApp]) -> None:
 
     setattr(process, "install_from_fab", keep_bundle)  # noqa: B010  (module globals it calls)
     setattr(process, "get_load_client_app_fn", site_app_loader)  # noqa: B010
-    quick_object_pulls("flwr.supercore.inflatable.inflatable_utils")  # from the SuperNode
+    quick_object_pulls(  # from its own SuperNode, on loopback
+        "flwr.supercore.inflatable.inflatable_utils", backoff=LOCAL_OBJECT_PULL_BACKOFF
+    )
     flwr_clientapp()
 
 

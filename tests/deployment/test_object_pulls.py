@@ -7,11 +7,18 @@ import importlib
 from typing import Any
 
 import pytest
+from flwr.clientapp import ClientApp
 from flwr.supercore.constant import PULL_MAX_TIME
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
-from radfed.flower_private import OBJECT_PULL_BACKOFF, flower_give_up_s, quick_object_pulls
+from radfed.flower_private import (
+    LOCAL_OBJECT_PULL_BACKOFF,
+    OBJECT_PULL_BACKOFF,
+    flower_give_up_s,
+    quick_object_pulls,
+    run_site_clientapp,
+)
 
 CALLERS = (
     "flwr.supercore.inflatable.inflatable_utils",  # the task's pull from its SuperNode
@@ -74,3 +81,28 @@ def test_an_object_that_comes_late_is_pulled_after_short_waits(
     pulled = inflatable_utils.pull_objects(["w"], pull, max_tries_per_object=4)
     # Assert: the fourth try brought it (Flower's own loop, radfed's waits)
     assert pulled == {"w": b"weights"} and tries == ["w"] * 4
+
+
+def test_a_sites_task_pulls_from_its_own_supernode_with_the_local_backoff(
+    flower_pull: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the task process's entry with Flower's process body left out (the names it
+    # patches are restored after the test)
+    import flwr.supernode.runtime.run_clientapp as process
+
+    cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")  # the module, not
+    # the function of the same name its package exports
+    for name in ("install_from_fab", "get_load_client_app_fn"):
+        monkeypatch.setattr(process, name, getattr(process, name))
+    monkeypatch.setattr(cli, "flwr_clientapp", lambda: None)
+
+    # Execute
+    run_site_clientapp(lambda bundle: ClientApp())
+    inflatable_utils.pull_objects(["a"], lambda oid: b"")
+
+    # Assert: loopback retries, ten a second at most, still bounded by Flower's give-up
+    first, cap = LOCAL_OBJECT_PULL_BACKOFF
+    assert (first, cap) < OBJECT_PULL_BACKOFF and cap <= 0.1
+    (options,) = flower_pull
+    assert options["initial_backoff"] == first and options["backoff_cap"] == cap
+    assert options["max_time"] == flower_give_up_s() - cap
