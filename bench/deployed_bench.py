@@ -176,6 +176,9 @@ def _patch_handlers(module):
 def _patch_clientapp(module):
     module.run_clientapp = _timed(module.run_clientapp, "clientapp-start", "clientapp-end")
     module.pull_task_input = _timed(module.pull_task_input, "pull-start", "pull-end")
+    module.pull_and_inflate_object_from_tree = _timed(
+        module.pull_and_inflate_object_from_tree, "inflate-start", "inflate-end"
+    )
     module.push_message = _timed(module.push_message, "push-start", "push-end")
 
 
@@ -204,7 +207,7 @@ def _patch_supernode(module):
         kwargs["receive"] = counted(kwargs["receive"], "", "receive_s")
         run_id = pull(*args, **kwargs)
         if run_id is not None:  # this pull brought a message
-            _emit("node-pulled", started=began, **calls)
+            _emit("node-pulled", started=began, ended=time.time(), **calls)
         return run_id
 
     module._pull_and_store_message = pulled

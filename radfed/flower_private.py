@@ -185,22 +185,43 @@ def quick_object_pulls(
     announces a message and withholds its objects holds the puller no longer than before.
     The tries come at most once per backoff cap per missing object (two a second with
     ``OBJECT_PULL_BACKOFF``).
+
+    An option a caller leaves out, or passes on at Flower's default (its
+    ``pull_and_inflate_object_from_tree``, which a task pulls its message with, passes
+    every default on explicitly), is radfed's; one a caller chose is kept.
     """
     import importlib
 
     import flwr.supercore.inflatable.inflatable_utils as inflatable
+    from flwr.supercore.constant import (
+        PULL_BACKOFF_CAP,
+        PULL_INITIAL_BACKOFF,
+        PULL_MAX_TIME,
+        PULL_MAX_TRIES_PER_OBJECT,
+    )
 
     flower: Any = getattr(inflatable, "pull_objects")  # noqa: B009  (the module global)
     flower = getattr(flower, "__wrapped__", flower)  # patched once, whatever is asked twice
     first, cap = backoff
     bound = flower_give_up_s() if max_time is None else min(max_time, flower_give_up_s())
     limit = max(0.0, bound - cap)  # Flower looks at the time after a try, then waits once more
+    ours: dict[str, float | None] = {
+        "initial_backoff": first,
+        "backoff_cap": cap,
+        "max_time": limit,
+        "max_tries_per_object": None,  # max_time bounds it instead
+    }
+    flowers = {
+        "initial_backoff": PULL_INITIAL_BACKOFF,
+        "backoff_cap": PULL_BACKOFF_CAP,
+        "max_time": PULL_MAX_TIME,
+        "max_tries_per_object": PULL_MAX_TRIES_PER_OBJECT,
+    }
 
     def pull_objects(object_ids: Any, pull_object_fn: Any, **options: Any) -> Any:
-        options.setdefault("initial_backoff", first)
-        options.setdefault("backoff_cap", cap)
-        options.setdefault("max_time", limit)
-        options.setdefault("max_tries_per_object", None)  # max_time bounds it instead
+        for key, value in ours.items():
+            if key not in options or options[key] == flowers[key]:
+                options[key] = value
         return flower(object_ids, pull_object_fn, **options)
 
     setattr(pull_objects, "__wrapped__", flower)  # noqa: B010

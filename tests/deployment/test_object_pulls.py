@@ -7,9 +7,11 @@ import importlib
 from typing import Any
 
 import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.supercore.constant import PULL_MAX_TIME
 from flwr.supercore.inflatable import inflatable_utils
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
 from radfed.flower_private import (
@@ -19,6 +21,7 @@ from radfed.flower_private import (
     quick_object_pulls,
     run_site_clientapp,
 )
+from tests.helpers import make_message
 
 CALLERS = (
     "flwr.supercore.inflatable.inflatable_utils",  # the task's pull from its SuperNode
@@ -106,3 +109,27 @@ def test_a_sites_task_pulls_from_its_own_supernode_with_the_local_backoff(
     (options,) = flower_pull
     assert options["initial_backoff"] == first and options["backoff_cap"] == cap
     assert options["max_time"] == flower_give_up_s() - cap
+
+
+def test_a_task_pulling_its_message_through_flowers_inflate_gets_radfeds_backoff(
+    flower_pull: list[dict[str, Any]],
+) -> None:
+    # Prepare: a message's objects as a SuperNode holds them; Flower's
+    # pull_and_inflate_object_from_tree (how a task pulls its message) passes every pull
+    # option on at Flower's default, explicitly
+    message = make_message(RecordDict({"c": ConfigRecord({"k": 1})}), message_type="train")
+    tree = get_object_tree(message)
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
+    quick_object_pulls(CALLERS[0], backoff=LOCAL_OBJECT_PULL_BACKOFF)
+
+    # Execute
+    got = inflatable_utils.pull_and_inflate_object_from_tree(
+        tree, contents.__getitem__, lambda oid: None, return_type=Message
+    )
+
+    # Assert: radfed's options, not the defaults Flower passed on
+    assert got.content["c"]["k"] == 1  # type: ignore[index]
+    (options,) = flower_pull
+    assert options["initial_backoff"] == LOCAL_OBJECT_PULL_BACKOFF[0]
+    assert options["backoff_cap"] == LOCAL_OBJECT_PULL_BACKOFF[1]
+    assert options["max_tries_per_object"] is None
