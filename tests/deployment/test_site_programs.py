@@ -114,6 +114,17 @@ def _first_request(argv: list[str], env: dict[str, str], handler: type[_RuntimeA
     return sorted(_asks(argv, env, handler)[0].supported_task_types)
 
 
+def _superexec(program: str, data: Path, port: int) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of the site's SuperExec as `radfed site join` starts it
+    (``program`` "site"), or of Flower's own flower-superexec with the same arguments."""
+    install_site_programs(SiteFolder(data).state)
+    command = superexec_command(data=data, port=port)
+    argv = command.argv
+    if program == "flower":
+        argv = [str(Path(sys.executable).parent / "flower-superexec"), *argv[4:]]
+    return argv, {**os.environ, **command.environ()}
+
+
 @pytest.mark.parametrize("program", ["site", "flower"])
 def test_the_sites_superexec_asks_for_clientapp_tasks_only(
     runtime_api: tuple[int, type[_RuntimeApi]], tmp_path: Path, program: str
@@ -121,15 +132,10 @@ def test_the_sites_superexec_asks_for_clientapp_tasks_only(
     # Prepare: the site's SuperExec, as `radfed site join` starts it, against the Runtime
     # API; and, as the control, Flower's own flower-superexec with the same arguments
     port, handler = runtime_api
-    data = tmp_path / "site"
-    install_site_programs(SiteFolder(data).state)
-    command = superexec_command(data=data, port=port)
-    argv = command.argv
-    if program == "flower":
-        argv = [str(Path(sys.executable).parent / "flower-superexec"), *argv[4:]]
+    argv, env = _superexec(program, tmp_path / "site", port)
 
     # Execute
-    asked = _first_request(argv, {**os.environ, **command.environ()}, handler)
+    asked = _first_request(argv, env, handler)
 
     # Assert: the site's never takes a task of another type (an agent app runs the bundle's
     # code); Flower's would
@@ -177,13 +183,7 @@ def test_the_sites_superexec_asks_for_a_task_ten_times_a_second(
     # message waited half a second on average before its task started); an administrator
     # may set Flower's own variable
     port, handler = runtime_api
-    data = tmp_path / "site"
-    install_site_programs(SiteFolder(data).state)
-    command = superexec_command(data=data, port=port)
-    argv = command.argv
-    if program == "flower":
-        argv = [str(Path(sys.executable).parent / "flower-superexec"), *argv[4:]]
-    env = {**os.environ, **command.environ()}
+    argv, env = _superexec(program, tmp_path / "site", port)
     env.pop(_POLL_ENV, None)
     if interval is not None:
         env[_POLL_ENV] = interval
