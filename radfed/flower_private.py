@@ -188,7 +188,8 @@ def quick_object_pulls(
 
     An option a caller leaves out, or passes on at Flower's default (its
     ``pull_and_inflate_object_from_tree``, which a task pulls its message with, passes
-    every default on explicitly), is radfed's; one a caller chose is kept.
+    every default on explicitly), is radfed's; one a caller chose is kept, but never a
+    time limit beyond radfed's.
     """
     import importlib
 
@@ -222,6 +223,8 @@ def quick_object_pulls(
         for key, value in ours.items():
             if key not in options or options[key] == flowers[key]:
                 options[key] = value
+        chosen = options["max_time"]  # always bounded: the try limit may be radfed's None
+        options["max_time"] = limit if chosen is None else min(float(chosen), limit)
         return flower(object_ids, pull_object_fn, **options)
 
     setattr(pull_objects, "__wrapped__", flower)  # noqa: B010

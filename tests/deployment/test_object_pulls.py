@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.constant import PULL_MAX_TIME
+from flwr.supercore.constant import PULL_MAX_TIME, PULL_MAX_TRIES_PER_OBJECT
 from flwr.supercore.inflatable import inflatable_utils
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
 from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
@@ -133,3 +133,21 @@ def test_a_task_pulling_its_message_through_flowers_inflate_gets_radfeds_backoff
     assert options["initial_backoff"] == LOCAL_OBJECT_PULL_BACKOFF[0]
     assert options["backoff_cap"] == LOCAL_OBJECT_PULL_BACKOFF[1]
     assert options["max_tries_per_object"] is None
+
+
+def test_no_mix_of_a_callers_options_and_radfeds_leaves_a_pull_unbounded(
+    flower_pull: list[dict[str, Any]],
+) -> None:
+    # Prepare: a caller that asks for no time limit and leaves Flower's try limit, which
+    # radfed replaces by its own (no try limit, bounded by time)
+    quick_object_pulls(CALLERS[0])
+
+    # Execute
+    inflatable_utils.pull_objects(
+        ["a"], lambda oid: b"", max_time=None, max_tries_per_object=PULL_MAX_TRIES_PER_OBJECT
+    )
+    inflatable_utils.pull_objects(["a"], lambda oid: b"", max_time=10**9)
+
+    # Assert: each pull still gives up no later than Flower would
+    for options in flower_pull:
+        assert options["max_time"] == flower_give_up_s() - OBJECT_PULL_BACKOFF[1]

@@ -191,8 +191,9 @@ def test_the_sites_superexec_asks_for_a_task_ten_times_a_second(
     # Execute: count the asks in 2 s after the first
     asked = len(_asks(argv, env, handler, listen=2.0))
 
-    # Assert: every SUPEREXEC_POLL_S (0.1 s: some 20 asks; a busy machine may lose some)
+    # Assert: every SUPEREXEC_POLL_S (0.1 s: some 20 asks; a busy machine may lose many,
+    # and a 1 s poll makes at most 3)
     if most is None:
-        assert asked >= 2.0 / SUPEREXEC_POLL_S / 2
+        assert asked >= 2.0 / SUPEREXEC_POLL_S / 4
     else:
         assert 2 <= asked <= most
