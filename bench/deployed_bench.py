@@ -807,11 +807,12 @@ def _critical_polling(tasks: list[dict[str, Any]]) -> dict[int, float]:
     polling too.
     """
     last: dict[tuple[int, str], dict[str, Any]] = {}
+    incomplete = _incomplete_phases(tasks)
     for task in tasks:
         parts = task["parts"]
-        if task["phase"] not in ("train", "evaluate") or _LAST_WAIT not in parts:
-            continue
         key = (int(task["round"]), str(task["phase"]))
+        if task["phase"] not in ("train", "evaluate") or key in incomplete:
+            continue
         if key not in last or parts[_LAST_WAIT] < last[key]["parts"][_LAST_WAIT]:
             last[key] = task
     polling: dict[int, float] = {}
@@ -822,6 +823,17 @@ def _critical_polling(tasks: list[dict[str, Any]]) -> dict[int, float]:
         )
         polling[round_] = polling.get(round_, 0.0) + waits
     return polling
+
+
+def _incomplete_phases(tasks: list[dict[str, Any]]) -> set[tuple[int, str]]:
+    """The (round, phase) pairs with a task whose chain the trace did not complete: their
+    critical path is unknown (the site whose reply came last may be that one)."""
+    return {
+        (int(task["round"]), str(task["phase"]))
+        for task in tasks
+        if task["phase"] in ("train", "evaluate")
+        and not all(name in task["parts"] for name in (*_POLLING_PARTS, _LAST_WAIT))
+    }
 
 
 def _target(runs: dict[str, dict[str, Any]], splits: dict[str, Any]) -> dict[str, Any]:
@@ -842,6 +854,9 @@ def _target(runs: dict[str, dict[str, Any]], splits: dict[str, Any]) -> dict[str
         polling += sum(parts.get(name, 0.0) for name in _POLLING_PARTS)
     critical = _critical_polling(runs["warm"]["tasks"])
     rounds = {row["round"]: row["seconds"] for row in runs["warm"]["rounds"]}
+    incomplete = _incomplete_phases(runs["warm"]["tasks"])
+    left_out = sorted({r for r, _ in incomplete} | (set(rounds) - set(critical)))
+    critical = {r: v for r, v in critical.items() if r not in left_out}
     later = [r for r in sorted(critical) if r >= 2 and r in rounds] or sorted(
         r for r in critical if r in rounds
     )
@@ -851,6 +866,7 @@ def _target(runs: dict[str, dict[str, Any]], splits: dict[str, Any]) -> dict[str
     return {
         "deployed_minus_simulated_s": _round(diff),
         "critical_polling_s": {str(r): _round(critical[r]) for r in later},
+        "rounds_left_out": left_out,  # a phase's chain incomplete in the trace
         "beyond_polling_per_round_s": [_round(b) for b in beyond],
         "beyond_polling_s": None if median_beyond is None else _round(median_beyond),
         "polling_bound_s": round(bound, 3),
@@ -937,7 +953,13 @@ def _markdown(result: dict[str, Any]) -> str:
             f"on each later round's critical path (in each phase, the chain of the site whose "
             f"reply came last) {critical} (bound {target['polling_bound_s']} s); deployed "
             f"round less that polling less the simulated round: {each}; median {beyond}: "
-            f"{verdict}.",
+            f"{verdict}."
+            + (
+                " Rounds left out (a chain the trace did not complete): "
+                f"{target['rounds_left_out']}."
+                if target["rounds_left_out"]
+                else ""
+            ),
             "",
             f"(Medians of the polling parts over all sites instead: "
             f"{_fmt(target['median_parts_polling_s'], ' s')}, leaving "
