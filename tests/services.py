@@ -358,14 +358,9 @@ def running_edge(state: Path, pki: Any, superlink_port: int) -> Iterator[int]:
     from radfed.folders import ServerState
 
     port = _free_port()
-    command = Edge(
-        host=_HOST,
-        port=port,
-        superlink_port=superlink_port,
-        ca=pki.server_dir / "ca.crt",
-        cert=pki.server_cert,
-        key=pki.server_key,
-    ).command(ServerState(state))
+    command = Edge.of(pki, host=_HOST, port=port, superlink_port=superlink_port).command(
+        ServerState(state)
+    )
     process = subprocess.Popen(command.argv, env=command.environ(), start_new_session=True)
     try:
         wait_for_port(_HOST, port, timeout=30)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radfed.deployment.certs import format_address
+from radfed.deployment.pki import Pki
 from radfed.deployment.process import Command
 from radfed.errors import ConfigError
 from radfed.folders import ServerState
@@ -65,6 +66,18 @@ class Edge:
     ca: Path
     cert: Path
     key: Path
+
+    @classmethod
+    def of(cls, pki: Pki, *, host: str, port: int, superlink_port: int) -> Edge:
+        """The edge with the PKI's server TLS pair and CA."""
+        return cls(
+            host=host,
+            port=port,
+            superlink_port=superlink_port,
+            ca=pki.server_dir / "ca.crt",
+            cert=pki.server_cert,
+            key=pki.server_key,
+        )
 
     def config(self, state: ServerState) -> str:
         """nginx's configuration: mutual TLS on ``host:port``, the Fleet API forwarded to the

@@ -260,14 +260,7 @@ def start_server(
         host="127.0.0.1",
         port=inner,
     )
-    edge = Edge(
-        host=host,
-        port=port,
-        superlink_port=inner,
-        ca=pki.server_dir / "ca.crt",
-        cert=pki.server_cert,
-        key=pki.server_key,
-    ).command(server)
+    edge = Edge.of(pki, host=host, port=port, superlink_port=inner).command(server)
     command.env[SITES_FILE_ENV] = str(server.sites.resolve())
     if store:
         command.env[STORE_ENV] = store

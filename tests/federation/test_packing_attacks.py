@@ -674,13 +674,8 @@ def test_the_edge_gives_the_superlink_no_identity_of_its_own_to_share(
     from radfed.folders import ServerState
 
     pki, _, _ = two_site_edge
-    text = Edge(
-        host="127.0.0.1",
-        port=1,
-        superlink_port=2,
-        ca=pki.server_dir / "ca.crt",
-        cert=pki.server_cert,
-        key=pki.server_key,
-    ).config(ServerState(pki.server_dir.parent / "unused-state"))
+    text = Edge.of(pki, host="127.0.0.1", port=1, superlink_port=2).config(
+        ServerState(pki.server_dir.parent / "unused-state")
+    )
     assert "proxy_ssl_certificate " not in text and "proxy_ssl_certificate_key" not in text
     assert "$ssl_client" not in text  # no certificate-derived header the SuperLink could trust
