@@ -130,20 +130,25 @@ def _elements(value: torch.Tensor | Array) -> memoryview:
     """The raw bytes of a tensor's (or an Array's) elements in C order, native byte order:
     in place where they already are so."""
     if isinstance(value, Array):
-        try:
-            shape, fortran, dtype, body = _npy_parts(value)
-        except Exception:  # NumPy's parser raises several kinds: decode it instead
-            shape, fortran, dtype, body = (), True, np.dtype(object), memoryview(b"")
-        if (
-            not (fortran or dtype.hasobject or not dtype.isnative)
-            and len(body) == math.prod(shape) * dtype.itemsize
-        ):
-            return body
+        in_place = _plain_body(value)
+        if in_place is not None:
+            return in_place
         array = value.numpy()  # not np.save's C-order native bytes: decoded
     else:
         array = value.detach().cpu().numpy()
     native = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
     return native.reshape(-1).view(np.uint8).data
+
+
+def _plain_body(array: Array) -> memoryview | None:
+    """The element bytes of an Array holding ``np.save``'s bytes of a C-order array of a
+    native, plain dtype, read in place; None for anything else."""
+    try:
+        shape, fortran, dtype, body = _npy_parts(array)
+    except Exception:  # NumPy's parser raises several kinds
+        return None
+    plain = not (fortran or dtype.hasobject or not dtype.isnative)
+    return body if plain and len(body) == math.prod(shape) * dtype.itemsize else None
 
 
 def _npy_parts(array: Array) -> tuple[tuple[int, ...], bool, np.dtype, memoryview]:
