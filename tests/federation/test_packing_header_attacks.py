@@ -218,7 +218,9 @@ def test_a_crafted_header_is_refused_as_invalid_quickly_and_without_quoting_it(
     # Assert: the one refusal type, the reason named, within a second, and no piece of the
     # header (which the attacker wrote) quoted back
     assert reason in str(caught.value)
-    assert time.monotonic() - started < 1
+    assert (
+        time.monotonic() - started < 5
+    )  # a bound on a pathological parse (0.01 s here), not a timing
     assert "descr" not in str(caught.value) and "\\x" not in str(caught.value)
     assert len(str(caught.value)) < 200
 
@@ -243,7 +245,7 @@ def test_a_declared_count_too_long_to_print_is_refused_as_invalid(shape: str) ->
     # Execute / Assert: refused as any other bad count is, quickly and unquoted
     with pytest.raises(InvalidReply, match="38 follow it") as caught:
         unpack(record, LAYOUT)
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 5  # as above: bounded, not timed
     assert len(str(caught.value)) < 200
 
 
@@ -409,7 +411,7 @@ def test_a_header_spanning_every_received_byte_is_refused_in_bounded_time_and_me
     took = time.monotonic() - started
 
     # Assert: a copy or two of what came (its bytes, its text), never parsed
-    assert took < 1
+    assert took < 5  # bounded, not timed: a busy machine stalls
     assert peak < 3 * len(data)
 
 
