@@ -232,6 +232,12 @@ class BinaryStats:
             auc_clusters=auc if exact and auc.releasable(k) else AucClusters(),
         )
 
+    def withholding(self, part: str) -> BinaryStats:
+        """No part of a binary cell is withheld by a count of its own that sums over cells:
+        the exact pair count and the per-patient sums are released by rules on the whole
+        cell (``with_min_cell``), and their values do not add up over linked cells."""
+        raise ValueError(f"binary statistics have no part {part!r} to withhold")
+
     def without_exact_auc(self) -> BinaryStats:
         """The statistics without the exact pair count and the AUC's per-patient sums (a
         site whose policy does not send them)."""

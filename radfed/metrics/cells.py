@@ -14,8 +14,9 @@ one attribute, or margins against intersections) covers fewer than ``k`` cases
 from __future__ import annotations
 
 import functools
+import itertools
 from collections import defaultdict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from radfed.data.attributes import UNKNOWN
@@ -31,6 +32,7 @@ __all__ = [
     "parse_cell_name",
     "subgroup_cells",
     "suppressed_cells",
+    "withheld_parts",
 ]
 
 #: The attribute and group of the cell holding every case.
@@ -209,8 +211,60 @@ def suppressed_cells(cells: Sequence[Cell], k: int) -> set[int]:
 
 @functools.lru_cache(maxsize=32)
 def _suppressed(cells: tuple[tuple[str, tuple[int, ...]], ...], k: int) -> frozenset[int]:
-    def preference(i: int) -> tuple[bool, bool, int, int]:
-        attribute, index = cells[i]
-        return (attribute == ALL, "*" not in attribute, len(index), i)
-
+    preference = _preference([attribute for attribute, _ in cells], [len(i) for _, i in cells])
     return frozenset(protect([index for _, index in cells], k, preference=preference))
+
+
+def _preference(
+    attributes: Sequence[str], sizes: Sequence[int]
+) -> Callable[[int], tuple[bool, bool, int, int]]:
+    """Which cell of a disclosing combination goes first: intersections before margins,
+    smaller before larger, ``all`` last (the bias report compares margins)."""
+
+    def preference(i: int) -> tuple[bool, bool, int, int]:
+        return (attributes[i] == ALL, "*" not in attributes[i], sizes[i], i)
+
+    return preference
+
+
+def withheld_parts(
+    cells: Sequence[Cell],
+    released: Collection[int],
+    units: Mapping[str, Sequence[int]],
+    k: int,
+) -> dict[str, set[int]]:
+    """Per part of a task's statistics, the released cells that must withhold it.
+
+    A part (a segmentation's Dice over the cases with foreground, a detector's score
+    histograms over its detections) covers a sub-population of a cell's cases, and a cell
+    withholds it where it covers between 1 and ``k - 1`` units (``with_min_cell``). The
+    cells are linked tables of the same cases, so that is not enough: ``all`` minus a
+    released ``sex=F`` is the ``sex=M`` part a cell withheld. So the part is protected as
+    the cells are (``radfed.metrics.disclosure.protect``), over its units: no sum or
+    difference of the cells that release it covers 1 to ``k - 1`` of them. A cell without
+    units of a part adds nothing to any combination and keeps it.
+
+    Args:
+        cells: every cell of the split (the policy's template).
+        released: positions of the cells that leave (not suppressed).
+        units: per part, per case of the split the units it holds (0 for none).
+        k: the minimum cell size.
+
+    Returns:
+        Per part the positions (in ``cells``) of the cells that withhold it.
+    """
+    out: dict[str, set[int]] = {}
+    for part, per_case in units.items():
+        first = list(itertools.accumulate(per_case, initial=0))  # case i: first..first+n-1
+        holding = []  # (cell position, the ids of its units)
+        for position in sorted(released):
+            members = [u for i in cells[position].index for u in range(first[i], first[i + 1])]
+            if members:
+                holding.append((position, members))
+        memberships = [members for _, members in holding]
+        preference = _preference(
+            [cells[p].attribute for p, _ in holding], [len(cells[p].index) for p, _ in holding]
+        )
+        chosen = protect(memberships, k, preference=preference) if holding else set()
+        out[part] = {holding[i][0] for i in chosen}
+    return out

@@ -36,6 +36,7 @@ import numpy as np
 from radfed.metrics.histograms import merge_sparse_bins
 
 __all__ = [
+    "DETECTIONS",
     "FROC_RATES",
     "IOU_THRESHOLDS",
     "DetectionStats",
@@ -55,6 +56,8 @@ IOU_THRESHOLDS: tuple[float, ...] = tuple(
 )
 #: False positives per image at which FROC sensitivity is reported.
 FROC_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: The part of the statistics over a cell's detections (``DetectionStats.withholding``).
+DETECTIONS = "detections"
 #: COCO's 101 recall points.
 _RECALL_POINTS = np.linspace(0.0, 1.0, round(1.0 / 0.01) + 1, endpoint=True)
 
@@ -178,8 +181,10 @@ class DetectionStats:
         """
         if k <= 1:
             return self
-        if self.n < k or 0 < self.detections < k:
+        if self.n < k:
             return DetectionStats.empty(self.bins, suppressed=True)
+        if 0 < self.detections < k:
+            return self.withholding(DETECTIONS)
         (merged,) = merge_sparse_bins((self.det_hist,), k)
         starts = [b for b, count in enumerate(merged) if count]
         if not starts:  # no detection: nothing to coarsen
@@ -200,6 +205,17 @@ class DetectionStats:
             missed=self.missed,
             fp_hist=coarsen(self.fp_hist),
         )
+
+    def withholding(self, part: str) -> DetectionStats:
+        """The statistics without ``part``: ``detections`` (every histogram counts
+        detections or lesions through them), so a suppressed cell without counts.
+
+        Raises:
+            ValueError: another part.
+        """
+        if part != DETECTIONS:
+            raise ValueError(f"detection statistics have no part {part!r} to withhold")
+        return DetectionStats.empty(self.bins, suppressed=True)
 
     def __add__(self, other: DetectionStats) -> DetectionStats:
         if self.bins != other.bins:

@@ -96,6 +96,10 @@ class MulticlassStats:
             )
         return MulticlassStats(self.confusion, tuple(s.with_min_cell(k) for s in self.per_class))
 
+    def withholding(self, part: str) -> MulticlassStats:
+        """No part, as for ``BinaryStats.withholding``."""
+        raise ValueError(f"multi-class statistics have no part {part!r} to withhold")
+
     def __add__(self, other: MulticlassStats) -> MulticlassStats:
         if self.classes != other.classes:
             msg = f"cannot merge statistics of {self.classes} and {other.classes} classes"

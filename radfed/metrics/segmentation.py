@@ -23,6 +23,7 @@ further apart, so no value falls outside.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 import warnings
@@ -35,6 +36,8 @@ import torch
 from radfed.metrics.histograms import merge_sparse_bins
 
 __all__ = [
+    "DICE",
+    "HD95",
     "CaseKind",
     "CaseMetrics",
     "SegmentationStats",
@@ -43,6 +46,10 @@ __all__ = [
     "histogram_quantile",
     "segmentation_metrics",
 ]
+
+#: The parts of the statistics over a sub-population of a cell (``SegmentationStats.withholding``).
+DICE = "dice"
+HD95 = "hd95"
 
 
 class CaseKind(enum.IntEnum):
@@ -265,54 +272,49 @@ class SegmentationStats:
             return self
         if self.n < k:
             return SegmentationStats.empty(self.bins, self.hd95_max, suppressed=True)
+        stats = self
+        if 0 < sum(self.dice_hist) < k:
+            stats = stats.withholding(DICE)
+        if 0 < sum(self.hd95_hist) < k:
+            stats = stats.withholding(HD95)
+        (dice_hist,) = merge_sparse_bins((stats.dice_hist,), k)
+        (iou_hist,) = merge_sparse_bins((stats.iou_hist,), k)
+        (hd95_hist,) = merge_sparse_bins((stats.hd95_hist,), k)
+        return dataclasses.replace(
+            stats, dice_hist=dice_hist, iou_hist=iou_hist, hd95_hist=hd95_hist
+        )
+
+    def withholding(self, part: str) -> SegmentationStats:
+        """The statistics without ``part``: ``dice`` (the Dice and IoU histograms, sums
+        and ``dice_hits`` of the cases with foreground, counted in ``dice_withheld``) or
+        ``hd95`` (the HD95 histogram and sum of the ``segmented`` cases, counted in
+        ``hd95_withheld``). The voxel sums go with either: with the metric of a few cases
+        withheld they would give away those cases' volumes (one foreground case: its
+        lesion volume).
+
+        Raises:
+            ValueError: another part.
+        """
         zeros = (0,) * self.bins
-        dice_hist, iou_hist = self.dice_hist, self.iou_hist
-        dice_sum, iou_sum, dice_hits, dice_withheld = (
-            self.dice_sum,
-            self.iou_sum,
-            self.dice_hits,
-            self.dice_withheld,
-        )
-        if 0 < sum(dice_hist) < k:
-            dice_withheld += sum(dice_hist)
-            dice_hist, iou_hist, dice_sum, iou_sum, dice_hits = zeros, zeros, 0.0, 0.0, 0
-        hd95_hist, hd95_sum, hd95_withheld = self.hd95_hist, self.hd95_sum, self.hd95_withheld
-        if 0 < sum(hd95_hist) < k:
-            hd95_withheld += sum(hd95_hist)
-            hd95_hist, hd95_sum = zeros, 0.0
-        # voxel sums of a cell whose metric is withheld would give away the few cases
-        # volumes (one foreground case: its lesion volume), so they are withheld too
-        voxels = (
-            (0, 0, 0)
-            if dice_withheld or hd95_withheld
-            else (
-                self.tp_voxels,
-                self.fp_voxels,
-                self.fn_voxels,
+        without_voxels = dataclasses.replace(self, tp_voxels=0, fp_voxels=0, fn_voxels=0)
+        if part == DICE:
+            return dataclasses.replace(
+                without_voxels,
+                dice_hist=zeros,
+                iou_hist=zeros,
+                dice_sum=0.0,
+                iou_sum=0.0,
+                dice_hits=0,
+                dice_withheld=self.dice_withheld + sum(self.dice_hist),
             )
-        )
-        (dice_hist,) = merge_sparse_bins((dice_hist,), k)
-        (iou_hist,) = merge_sparse_bins((iou_hist,), k)
-        (hd95_hist,) = merge_sparse_bins((hd95_hist,), k)
-        return SegmentationStats(
-            true_negative=self.true_negative,
-            false_positive=self.false_positive,
-            missed=self.missed,
-            segmented=self.segmented,
-            dice_hist=dice_hist,
-            iou_hist=iou_hist,
-            hd95_hist=hd95_hist,
-            dice_sum=dice_sum,
-            iou_sum=iou_sum,
-            hd95_sum=hd95_sum,
-            dice_hits=dice_hits,
-            tp_voxels=voxels[0],
-            fp_voxels=voxels[1],
-            fn_voxels=voxels[2],
-            hd95_max=self.hd95_max,
-            dice_withheld=dice_withheld,
-            hd95_withheld=hd95_withheld,
-        )
+        if part == HD95:
+            return dataclasses.replace(
+                without_voxels,
+                hd95_hist=zeros,
+                hd95_sum=0.0,
+                hd95_withheld=self.hd95_withheld + sum(self.hd95_hist),
+            )
+        raise ValueError(f"segmentation statistics have no part {part!r} to withhold")
 
     def __add__(self, other: SegmentationStats) -> SegmentationStats:
         if self.bins != other.bins or self.hd95_max != other.hd95_max:

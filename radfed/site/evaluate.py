@@ -28,7 +28,7 @@ from radfed.federation.schema import CellStats, cell_names, pack_stats
 from radfed.folders import SiteFolder
 from radfed.log import logger
 from radfed.metrics.binary import BinaryStats
-from radfed.metrics.cells import ALL, Cell, subgroup_cells, suppressed_cells
+from radfed.metrics.cells import ALL, Cell, subgroup_cells, suppressed_cells, withheld_parts
 from radfed.privacy import SitePolicy
 from radfed.privacy.statistics_dp import StatisticsDP, bounded_cases, noisy_release
 from radfed.site.node import load_site_within, own_policy
@@ -76,6 +76,7 @@ def evaluate_cells(
         vocabularies=policy.vocabularies(),
     )
     hidden = suppressed_cells(partition, own_k) | suppressed_cells(partition, k)
+    withheld = _withheld(outputs, partition, hidden, (own_k, k))
     images = Counter(data.patients)
     cells = []
     for number, cell in enumerate(partition):
@@ -90,11 +91,30 @@ def evaluate_cells(
         if isinstance(raw, BinaryStats) and not policy.exact_auc:
             raw = raw.without_exact_auc()
         stats = raw.with_min_cell(own_k)  # the same in every run
+        for part in withheld.get(number, ()):
+            stats = stats.withholding(part)
         if isinstance(stats, BinaryStats):
             stats = _patient_sums_allowed(stats, cell, data.patients, images)
         positives = sum(positive[i] for i in cell.index)
         cells.append(CellStats(cell.attribute, cell.group, stats, positives))
     return outputs, cells
+
+
+def _withheld(
+    outputs: CaseOutputs, partition: list[Cell], hidden: set[int], ks: tuple[int, ...]
+) -> dict[int, list[str]]:
+    """Per released cell, the parts of its statistics it withholds so that no sum or
+    difference of the cells that release a part covers 1 to k - 1 of the part's units
+    (``radfed.metrics.cells.withheld_parts``), under each cell size in force."""
+    released = [n for n in range(len(partition)) if n not in hidden]
+    units = outputs.parts()
+    out: dict[int, list[str]] = {}
+    for k in sorted(set(ks)):
+        for part, cells in withheld_parts(partition, released, units, k).items():
+            for number in cells:
+                if part not in out.setdefault(number, []):
+                    out[number].append(part)
+    return out
 
 
 def _patient_sums_allowed(

@@ -20,7 +20,12 @@ from torch.utils.data import Dataset
 from radfed.config import RunConfig, TaskName
 from radfed.data.loading import SplitData
 from radfed.errors import ConfigError, DataError
-from radfed.metrics.detection import IOU_THRESHOLDS, DetectionStats, detection_metrics
+from radfed.metrics.detection import (
+    DETECTIONS,
+    IOU_THRESHOLDS,
+    DetectionStats,
+    detection_metrics,
+)
 from radfed.tasks.protocol import (
     SplitStats,
     StatsValue,
@@ -446,6 +451,11 @@ class DetectionOutputs:
             }
             for i, (truth, scores) in enumerate(zip(self.truth, self.scores, strict=True))
         ]
+
+    def parts(self) -> dict[str, list[int]]:
+        """``detections``: the score histograms count detections, an image adds each of
+        its own."""
+        return {DETECTIONS: [len(scores) for scores in self.scores]}
 
 
 class DetectionTask:

@@ -60,6 +60,15 @@ class SplitStats(Protocol):
         cases; histogram bins coarsened so that no non-empty bin holds fewer than ``k``)."""
         ...
 
+    def withholding(self, part: str) -> Self:
+        """The statistics without one of the parts ``CaseOutputs.parts`` names (what
+        ``with_min_cell`` does to a part of fewer than ``k`` units).
+
+        Raises:
+            ValueError: the statistics have no such part.
+        """
+        ...
+
 
 class CaseOutputs(Protocol):
     """A task's per-case outputs at a site. They never leave it."""
@@ -72,6 +81,13 @@ class CaseOutputs(Protocol):
 
     def rows(self) -> list[dict[str, float | int | str]]:
         """One row per case for the site's own audit table (``predictions.csv``)."""
+        ...
+
+    def parts(self) -> Mapping[str, Sequence[int]]:
+        """The parts of the statistics that cover a sub-population of a cell's cases, each
+        withheld from a cell where it covers fewer than the minimum cell size: per part,
+        per case the units it adds (a case with foreground adds one to a Dice histogram,
+        an image adds each of its detections to a detector's score histograms)."""
         ...
 
 

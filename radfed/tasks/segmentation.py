@@ -18,6 +18,8 @@ from radfed.config import RunConfig, TaskName
 from radfed.data.loading import SplitData
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.segmentation import (
+    DICE,
+    HD95,
     CaseKind,
     CaseMetrics,
     SegmentationStats,
@@ -352,6 +354,14 @@ class SegmentationOutputs:
                 }
             )
         return out
+
+    def parts(self) -> dict[str, list[int]]:
+        """``dice``: the Dice and IoU values of the cases with ground-truth foreground;
+        ``hd95``: the HD95 of the ``segmented`` ones."""
+        kind = np.asarray(self.cases.kind)
+        segmented = kind == CaseKind.SEGMENTED
+        foreground = segmented | (kind == CaseKind.MISSED)
+        return {DICE: foreground.astype(int).tolist(), HD95: segmented.astype(int).tolist()}
 
 
 class SegmentationTask:
