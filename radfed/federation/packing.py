@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from radfed.errors import ConfigError
 from radfed.federation.codes import InvalidReply
 
 __all__ = ["LAYOUT_KEY", "PACKED", "layout", "pack", "unpack"]
@@ -135,6 +136,7 @@ def _elements(value: torch.Tensor | Array) -> memoryview:
             return in_place
         array = value.numpy()  # not np.save's C-order native bytes: decoded
     else:
+        _numpy_dtype(value)  # a dtype NumPy lacks is refused by name
         array = value.detach().cpu().numpy()
     native = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("="))
     return native.reshape(-1).view(np.uint8).data
@@ -195,5 +197,17 @@ def _packed_bytes(array: Array) -> memoryview:
 
 
 def _numpy_dtype(tensor: torch.Tensor) -> np.dtype:
-    """The NumPy dtype of a tensor's elements (the tensor may be on any device)."""
-    return torch.empty((), dtype=tensor.dtype).numpy().dtype
+    """The NumPy dtype of a tensor's elements (the tensor may be on any device).
+
+    Raises:
+        ConfigError: a dtype NumPy lacks (bfloat16, float8): it cannot travel as an Array.
+    """
+    try:
+        return torch.empty((), dtype=tensor.dtype).numpy().dtype
+    except TypeError:
+        msg = (
+            f"a model weight of dtype {tensor.dtype} cannot be sent (NumPy, and so Flower's "
+            "Array, has no such type): keep the model's weights in float32 and let mixed "
+            "precision cast inside autocast"
+        )
+        raise ConfigError(msg) from None

@@ -11,6 +11,7 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 from radfed.config import RunConfig, TaskName
+from radfed.errors import ConfigError
 from radfed.federation.codes import InvalidReply
 from radfed.federation.packing import PACKED, layout, pack, unpack
 from radfed.tasks import get_task
@@ -162,3 +163,16 @@ def test_the_layout_names_names_dtypes_and_shapes_in_order_not_values() -> None:
         with pytest.raises(InvalidReply, match="another layout"):
             unpack(pack(other), LAYOUT, layout(other))
     assert unpack(pack(LAYOUT), LAYOUT, layout(LAYOUT)).keys() == LAYOUT.keys()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_a_weight_numpy_cannot_hold_is_refused_by_name(dtype: torch.dtype) -> None:
+    # Prepare: a model with one weight of a dtype NumPy (and Flower's Array) lacks
+    state = {**LAYOUT, "b": torch.zeros(2, dtype=dtype)}
+    packed = pack(LAYOUT)
+
+    # Execute / Assert: packing, the layout digest and unpacking into such a model each
+    # name the dtype and the fix, as a settings error rather than an unexpected one
+    for attempt in (lambda: pack(state), lambda: layout(state), lambda: unpack(packed, state)):
+        with pytest.raises(ConfigError, match=f"dtype {dtype}.*float32"):
+            attempt()
