@@ -113,6 +113,11 @@ class SiteState:
         return self.path / "queries.jsonl"
 
     @property
+    def releases(self) -> Path:
+        """The case sets of the cells the site released (``radfed.privacy.releases``)."""
+        return self.path / "releases.jsonl"
+
+    @property
     def audit_log(self) -> Path:
         """Everything that left the site, hash-chained."""
         return self.path / "audit.jsonl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from radfed.data.manifest import Case, RowProblem, read_manifest
 from radfed.data.reader import read_image
 from radfed.data.splits import (
     PatientInfo,
+    case_keys,
     check_given_splits,
     legacy_patient_key,
     load_or_make_splits,
@@ -48,6 +50,8 @@ class SplitData:
         lines: the manifest line of each case (for the site's own audit tables).
         patients: the patient key of each case (an HMAC with the site's secret; it never
             leaves the site): DP statistics bound the cases one patient adds.
+        cases: the key of each case (``radfed.data.splits.case_keys``; it never leaves the
+            site): the record of what the site released names cases by it.
     """
 
     images: torch.Tensor
@@ -57,6 +61,7 @@ class SplitData:
     masks: torch.Tensor | None = None
     lines: tuple[int, ...] = ()
     patients: tuple[str, ...] = ()
+    cases: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -73,6 +78,7 @@ class SplitData:
             masks=self.masks[chosen] if self.masks is not None else None,
             lines=tuple(self.lines[i] for i in positions) if self.lines else (),
             patients=tuple(self.patients[i] for i in positions) if self.patients else (),
+            cases=tuple(self.cases[i] for i in positions) if self.cases else (),
         )
 
 
@@ -215,6 +221,9 @@ def load_site(
 
     secret = site_secret(state)
     keys = [patient_key(c.patient_id, secret) for c in kept]
+    identities = case_keys(
+        [(c.patient_id, os.path.relpath(c.image, site_dir)) for c in kept], secret
+    )
     legacy = {legacy_patient_key(c.patient_id): k for c, k in zip(kept, keys, strict=True)}
     splits = _split_cases(
         kept,
@@ -242,6 +251,7 @@ def load_site(
             masks=stacked_masks[index].contiguous() if stacked_masks is not None else None,
             lines=tuple(kept[i].line for i in index.tolist()),
             patients=tuple(keys[i] for i in index.tolist()),
+            cases=tuple(identities[i] for i in index.tolist()),
         )
     counts = Counter(splits)
     logger.info(

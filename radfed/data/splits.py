@@ -22,6 +22,7 @@ from radfed.folders import MANIFEST_NAME, SiteState
 __all__ = [
     "PatientInfo",
     "assign_splits",
+    "case_keys",
     "check_given_splits",
     "load_or_make_splits",
     "patient_key",
@@ -158,6 +159,19 @@ def patient_key(patient_id: str, secret: bytes) -> str:
     """A stable key for a patient id, keyed with the site's secret: without the secret it
     cannot be recomputed from a guessed id (a plain hash of a medical record number can)."""
     return hmac.new(secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
+
+
+def case_keys(cases: Sequence[tuple[str, str]], secret: bytes) -> list[str]:
+    """A stable key for each case (patient id, image path relative to the site folder),
+    keyed with the site's secret like ``patient_key``; a case listed twice gets a second
+    key. Adding, removing or reordering other rows keeps a case's key."""
+    seen: Counter[tuple[str, str]] = Counter()
+    keys = []
+    for case in cases:
+        seen[case] += 1
+        text = "\0".join((*case, str(seen[case])))
+        keys.append(hmac.new(secret, b"case\0" + text.encode(), hashlib.sha256).hexdigest()[:16])
+    return keys
 
 
 def legacy_patient_key(patient_id: str) -> str:

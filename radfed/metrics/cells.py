@@ -195,7 +195,13 @@ def subgroup_cells(
     return cells
 
 
-def suppressed_cells(cells: Sequence[Cell], k: int) -> set[int]:
+def suppressed_cells(
+    cells: Sequence[Cell],
+    k: int,
+    *,
+    keys: Sequence[str] = (),
+    earlier: Collection[frozenset[str]] = (),
+) -> set[int]:
     """Positions of the cells that must leave suppressed, complementary suppression included.
 
     A cell with fewer than ``k`` cases is suppressed, and then, jointly over every cell of
@@ -205,8 +211,27 @@ def suppressed_cells(cells: Sequence[Cell], k: int) -> set[int]:
     smaller cells before larger ones, ``all`` last: the bias report compares margins. The
     result depends on the cells' attributes and cases only, so every round of a run
     releases the same cells (and the answer is kept for the rounds that follow).
+
+    Args:
+        cells: every cell of the split.
+        k: the minimum cell size.
+        keys: per case of the split its key (``SplitData.cases``); needed with ``earlier``.
+        earlier: the case sets (by key) of cells the site released before, in any run:
+            they are part of the release too (a cell that gained one case since is that
+            case), are never suppressed, and only those unlike every cell now count.
     """
-    return set(_suppressed(tuple((cell.attribute, cell.index) for cell in cells), k))
+    now = [frozenset(keys[i] for i in cell.index) for cell in cells] if earlier else []
+    others = sorted((set(earlier) - set(now)), key=sorted)
+    if not others:
+        return set(_suppressed(tuple((cell.attribute, cell.index) for cell in cells), k))
+    memberships = [sorted(members) for members in [*now, *others]]
+    preference = _preference(
+        [cell.attribute for cell in cells] + [ALL] * len(others),
+        [len(members) for members in memberships],
+    )
+    fixed = range(len(cells), len(memberships))
+    chosen = protect(memberships, k, preference=preference, released=fixed)
+    return {i for i in chosen if i < len(cells)}
 
 
 @functools.lru_cache(maxsize=32)

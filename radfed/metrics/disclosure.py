@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,7 +71,7 @@ class Disclosure:
     exact: bool = True
 
 
-def atoms(memberships: Sequence[Iterable[int]]) -> tuple[np.ndarray, np.ndarray]:
+def atoms(memberships: Sequence[Iterable[Hashable]]) -> tuple[np.ndarray, np.ndarray]:
     """The atoms of some cells: the classes of cases that belong to exactly the same cells.
 
     Args:
@@ -82,7 +82,7 @@ def atoms(memberships: Sequence[Iterable[int]]) -> tuple[np.ndarray, np.ndarray]
         ``sizes[a]`` counts the atom's cases. Atoms are ordered by their cells, so the
         result depends on the memberships only.
     """
-    signature: dict[int, list[int]] = {}
+    signature: dict[Hashable, list[int]] = {}
     for cell, members in enumerate(memberships):
         for case in members:
             signature.setdefault(case, []).append(cell)
@@ -206,10 +206,11 @@ def find_disclosure(
 
 
 def protect(
-    memberships: Sequence[Sequence[int]],
+    memberships: Sequence[Sequence[Hashable]],
     k: int,
     *,
     preference: Callable[[int], tuple[object, ...]] | None = None,
+    released: Collection[int] = (),
     time_limit: float = TIME_LIMIT,
     deadline: float = DEADLINE,
 ) -> set[int]:
@@ -221,26 +222,37 @@ def protect(
         preference: sort key of a cell position; of the cells a disclosing combination
             uses, the one with the smallest key is suppressed next (default: the smallest
             cell).
+        released: positions of cells that left before (a site's earlier releases of the
+            same cases): they count in every combination and are never suppressed. A
+            combination of them alone (released under a smaller ``k``) cannot be taken
+            back; one of its cells is left out of the search instead.
         time_limit: as for ``find_disclosure``.
         deadline: seconds for the whole search; beyond them every cell but the one
-            preferred last is suppressed (a crafted split cannot stall the site).
+            preferred last is suppressed (a crafted split cannot stall the site), and
+            every cell when some left before.
 
     Returns:
         Positions of the suppressed cells: every cell below ``k`` and the complementary
-        suppressions.
+        suppressions (never one of ``released``).
     """
-    suppressed = {i for i, members in enumerate(memberships) if len(members) < k}
+    fixed = set(released)
+    suppressed = {i for i, members in enumerate(memberships) if len(members) < k} - fixed
     if k <= 1:
         return suppressed
     key = preference or (lambda i: (len(memberships[i]), i))
     matrix, sizes = atoms(memberships)
+    ignored: set[int] = set()  # earlier releases that disclose among themselves
     stop = time.monotonic() + deadline
     while True:
         if time.monotonic() > stop:
-            last = max(range(len(memberships)), key=key)
-            return set(range(len(memberships))) - ({last} - suppressed)
-        released = [i for i in range(len(memberships)) if i not in suppressed]
-        found = find_disclosure(matrix, sizes, released, k, time_limit=time_limit)
+            new = set(range(len(memberships))) - fixed
+            return new if fixed or not new else new - ({max(new, key=key)} - suppressed)
+        out = [i for i in range(len(memberships)) if i not in suppressed | ignored]
+        found = find_disclosure(matrix, sizes, out, k, time_limit=time_limit)
         if found is None:
             return suppressed
-        suppressed.add(min(found.cells, key=key))
+        choices = [i for i in found.cells if i not in fixed]
+        if choices:
+            suppressed.add(min(choices, key=key))
+        else:
+            ignored.add(min(found.cells, key=key))

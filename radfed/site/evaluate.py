@@ -30,6 +30,7 @@ from radfed.log import logger
 from radfed.metrics.binary import BinaryStats
 from radfed.metrics.cells import ALL, Cell, subgroup_cells, suppressed_cells, withheld_parts
 from radfed.privacy import SitePolicy
+from radfed.privacy.releases import ReleaseRecord, SplitReleases
 from radfed.privacy.statistics_dp import StatisticsDP, bounded_cases, noisy_release
 from radfed.site.node import load_site_within, own_policy
 from radfed.tasks import CaseOutputs, Task, get_task
@@ -51,6 +52,7 @@ def evaluate_cells(
     config: RunConfig,
     k: int,
     policy: SitePolicy,
+    released: SplitReleases | None = None,
 ) -> tuple[CaseOutputs, list[CellStats]]:
     """Per-case outputs of a split and its subgroup cells (``all`` first) under cell size
     ``k``: the cells of the run's subgroups that ``policy`` allows.
@@ -58,6 +60,8 @@ def evaluate_cells(
     The site's disclosure control runs over every cell the policy allows (its template),
     under the policy's own cell size and under ``k``, whatever subset the run asks for:
     what different runs receive from the same split is then part of one safe release.
+    With ``released`` (the split's record, ``radfed.privacy.releases``), the cells released
+    before in any run are part of it too, and the cells that leave now are added to it.
     With DP statistics in the policy, the cells the run asks for leave with noise instead
     (``radfed.privacy.statistics_dp``); the caller has spent the release's privacy.
     """
@@ -75,10 +79,15 @@ def evaluate_cells(
         age_bands=bands,
         vocabularies=policy.vocabularies(),
     )
-    hidden = suppressed_cells(partition, own_k) | suppressed_cells(partition, k)
+    keys = data.cases
+    earlier = released.earlier if released is not None and keys else frozenset()
+    hidden = set().union(
+        *(suppressed_cells(partition, size, keys=keys, earlier=earlier) for size in {own_k, k})
+    )
     withheld = _withheld(outputs, partition, hidden, (own_k, k))
     images = Counter(data.patients)
     cells = []
+    left: list[frozenset[str]] = []  # the case sets of the cells that leave
     for number, cell in enumerate(partition):
         if cell.attribute not in wanted:
             continue
@@ -97,6 +106,10 @@ def evaluate_cells(
             stats = _patient_sums_allowed(stats, cell, data.patients, images)
         positives = sum(positive[i] for i in cell.index)
         cells.append(CellStats(cell.attribute, cell.group, stats, positives))
+        if not stats.suppressed and keys:
+            left.append(frozenset(keys[i] for i in cell.index))
+    if released is not None:
+        released.add(left)
     return outputs, cells
 
 
@@ -238,11 +251,12 @@ def evaluate_site(
     data = site.splits[split]
     k = policy.min_cell_size(max(config.min_cell_size, min_cell_size))
     with torch.no_grad():
-        outputs, cells = evaluate_cells(task, model, data, config, k, policy)
+        record = ReleaseRecord(SiteFolder(site_dir).state.releases)  # read, not added to
+        outputs, cells = evaluate_cells(task, model, data, config, k, policy, record.read(split))
     out.mkdir(parents=True, exist_ok=True)
     predictions = out / "predictions.csv"
     _write_rows(predictions, outputs.rows(), data)
-    record = pack_stats(
+    values = pack_stats(
         task,
         {split: cells[0].stats},
         cells={split: cells[1:]},
@@ -252,7 +266,7 @@ def evaluate_site(
         "task": config.task,
         "split": split,
         "min-cell-size": k,
-        "metrics": dict(record.items()),
+        "metrics": dict(values.items()),
         "cells": dict(cell_names({split: cells[1:]}).items()),
     }
     if policy.dp_statistics is not None:

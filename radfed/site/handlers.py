@@ -39,6 +39,7 @@ from radfed.privacy import SitePolicy
 from radfed.privacy.accountant import PrivacyLedger, rho_per_round
 from radfed.privacy.budget import QueryLedger
 from radfed.privacy.noise import discrete_gaussian
+from radfed.privacy.releases import ReleaseRecord
 from radfed.privacy.statistics_dp import bounded_cases
 from radfed.site.attack import attacked, poison
 from radfed.site.bundle import BundleIdentity
@@ -285,15 +286,22 @@ def _evaluate_job(msg: Message, context: Context, job: _Task) -> Message:
         logger.warning("the sealed test split is evaluated (use %d at this site)", uses)
     k = job.policy.min_cell_size(max(config.min_cell_size, site_min_cell(context.node_config)))
     cells: dict[str, list[CellStats]] = {}
-    for split in config.eval_splits:
-        try:
-            _, cells[split] = evaluate_cells(
-                job.task, job.model, job.site.splits[split], config, k, job.policy
-            )
-        except Exception as err:
-            if job.policy.dp_statistics is not None:  # spent: see _SpentRelease
-                raise _SpentRelease(config, job.policy, job.name, err) from None
-            raise
+    with ReleaseRecord(SiteFolder(job.path).state.releases).locked() as released:
+        for split in config.eval_splits:
+            try:
+                _, cells[split] = evaluate_cells(
+                    job.task,
+                    job.model,
+                    job.site.splits[split],
+                    config,
+                    k,
+                    job.policy,
+                    released[split],
+                )
+            except Exception as err:
+                if job.policy.dp_statistics is not None:  # spent: see _SpentRelease
+                    raise _SpentRelease(config, job.policy, job.name, err) from None
+                raise
     return _statistics_reply(msg, job.task, cells, job.name)
 
 

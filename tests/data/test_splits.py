@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from radfed.data.splits import PatientInfo, assign_splits, check_given_splits, load_or_make_splits
+from radfed.data.splits import (
+    PatientInfo,
+    assign_splits,
+    case_keys,
+    check_given_splits,
+    load_or_make_splits,
+)
 from radfed.errors import DataError
 
 
@@ -84,3 +90,18 @@ def test_unwritable_state_folder_gets_a_clear_message(tmp_path: Path) -> None:
     blocked.write_text("a file where the state folder should be")  # fails even for root
     with pytest.raises(DataError, match="not writable"):
         load_or_make_splits(blocked, _patients(5), val_fraction=0.2, test_fraction=0.2, seed=1)
+
+
+def test_a_cases_key_stays_when_other_rows_change_and_needs_the_secret() -> None:
+    # Prepare
+    cases = [("A1", "images/1.dcm"), ("A2", "images/2.dcm"), ("A1", "images/1.dcm")]
+
+    # Execute
+    keys = case_keys(cases, b"secret")
+    later = case_keys([("A0", "images/0.dcm"), *cases[:2]], b"secret")
+
+    # Assert: stable under added rows, distinct for a row listed twice, keyed by the secret
+    assert later[1:] == keys[:2]
+    assert len(set(keys)) == 3
+    assert case_keys(cases, b"other") != keys
+    assert all("A1" not in key and "dcm" not in key for key in keys)

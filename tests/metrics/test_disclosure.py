@@ -128,3 +128,32 @@ def test_past_the_deadline_only_the_whole_split_leaves() -> None:
     cells = subgroup_cells(_random_split(3), SUBGROUPS, 10, age_bands=BANDS)
     hidden = protect([c.index for c in cells], 10, deadline=0.0)
     assert hidden == set(range(1, len(cells)))
+
+
+def test_cells_released_before_count_and_stay_released() -> None:
+    # Prepare: last month 'all' (20 cases) and 'F' (10) left; today 'all' holds 21 and
+    # 'F' 11 (one woman joined) and 'M' 10
+    earlier_all, earlier_f = list(range(20)), list(range(10))
+    now = [list(range(21)), [*range(10), 20], list(range(10, 20))]
+
+    # Execute
+    suppressed = protect([*now, earlier_all, earlier_f], 10, released=[3, 4])
+
+    # Assert: today's 'all' and 'F' are each one woman more than a cell that left: both
+    # suppressed, never the earlier cells; what is left covers no 1..9 cases
+    assert {0, 1} <= suppressed and not suppressed & {3, 4}
+    left = [set(m) for i, m in enumerate([*now, earlier_all, earlier_f]) if i not in suppressed]
+    assert _signed_sums(left, 10) == []
+
+
+def test_earlier_cells_that_disclose_among_themselves_end_the_search() -> None:
+    # Prepare: under k = 5 before, 'all' (12) and 'F' (6) left, and 'M' (6); k is now 10
+    earlier = [list(range(12)), list(range(6)), list(range(6, 12))]
+    now = [list(range(12)), list(range(6)), list(range(6, 12))]
+
+    # Execute
+    suppressed = protect([*now, *earlier], 10, released=[3, 4, 5])
+
+    # Assert: nothing released before is taken back (it cannot be), the search ends, and
+    # today's small cells are suppressed
+    assert {1, 2} <= suppressed and not suppressed & {3, 4, 5}

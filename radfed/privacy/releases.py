@@ -1,0 +1,119 @@
+"""The site's record of which cases each released cell covered, over every run.
+
+Disclosure control makes one evaluation's cells safe together; but a site's cases change
+between runs (new patients join a split, a manifest row is fixed, a run's settings make a
+case unreadable), and a cell released before and again after a change differs by the cases
+that changed: ``sex=F`` of last month minus ``sex=F`` of today is one new woman. So the site
+keeps the case set of every cell it released, by case key (``SplitData.cases``: an HMAC
+with the site's secret, never a patient id or path), in ``SITE_DIR/.radfed/releases.jsonl``
+(0600, one JSON line per distinct case set, appended under a lock), and each evaluation's
+suppression counts the earlier sets as released cells it cannot take back
+(``radfed.metrics.cells.suppressed_cells``, ``earlier``).
+
+A set is recorded when its statistics are computed, before the reply is sent: a reply that
+never arrives still counts (more suppression later, never less). ``radfed evaluate`` reads
+the record without adding to it, so it shows what a run would receive.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from radfed.errors import DataError
+
+__all__ = ["ReleaseRecord", "SplitReleases"]
+
+
+class SplitReleases:
+    """What one split released before, and a way to add what it releases now.
+
+    Attributes:
+        earlier: the case sets of the cells released before, in any run.
+    """
+
+    def __init__(self, split: str, earlier: Iterable[frozenset[str]], fd: int | None) -> None:
+        self.split = split
+        self.earlier = frozenset(earlier)
+        self._fd = fd
+
+    def add(self, released: Iterable[frozenset[str]]) -> None:
+        """Record the case sets of cells released now (those not recorded yet); a
+        read-only view (``ReleaseRecord.read``) records nothing."""
+        if self._fd is None:
+            return
+        lines = []
+        for cases in released:
+            if cases and cases not in self.earlier:
+                lines.append(json.dumps({"split": self.split, "cases": sorted(cases)}) + "\n")
+                self.earlier |= {cases}
+        data = "".join(lines).encode()
+        if data and os.write(self._fd, data) != len(data):
+            raise OSError("short write to the record of released cells")
+        if data:
+            os.fsync(self._fd)
+
+
+class ReleaseRecord:
+    """``SITE_DIR/.radfed/releases.jsonl``: per split, every case set a cell released."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextmanager
+    def locked(self) -> Iterator[dict[str, SplitReleases]]:
+        """Hold the record's lock while an evaluation decides what leaves and records it:
+        per split name (any asked for), its earlier releases."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            per_split = self._read()
+            yield _Splits(per_split, fd)
+        finally:
+            os.close(fd)
+
+    def read(self, split: str) -> SplitReleases:
+        """One split's earlier releases, read-only (``add`` records nothing)."""
+        return SplitReleases(split, self._read().get(split, ()), None)
+
+    def _read(self) -> dict[str, set[frozenset[str]]]:
+        out: dict[str, set[frozenset[str]]] = {}
+        try:
+            for line in self.path.read_bytes().decode().splitlines():
+                if not line.strip():
+                    continue
+                entry = json.loads(line)
+                split, cases = entry["split"], entry["cases"]
+                if not (isinstance(split, str) and isinstance(cases, list)):
+                    raise ValueError
+                if not all(isinstance(c, str) for c in cases):
+                    raise ValueError
+                out.setdefault(split, set()).add(frozenset(cases))
+        except FileNotFoundError:
+            return out
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            msg = (
+                f"{self.path.name}: the site's record of released cells is not radfed's; "
+                "restore it from a backup (without it, a cell could be differenced against "
+                "one released before)"
+            )
+            raise DataError(msg) from None
+        return out
+
+
+class _Splits(dict[str, SplitReleases]):
+    """Per split its ``SplitReleases`` (created on first use), writing to one locked file."""
+
+    def __init__(self, per_split: dict[str, set[frozenset[str]]], fd: int) -> None:
+        super().__init__()
+        self._per_split = per_split
+        self._fd = fd
+
+    def __missing__(self, split: str) -> SplitReleases:
+        self[split] = SplitReleases(split, self._per_split.get(split, ()), self._fd)
+        return self[split]

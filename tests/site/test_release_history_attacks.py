@@ -1,0 +1,230 @@
+"""Differencing over time: a cell released before and again after the site's cases changed
+differs by the cases that changed (last month's ``sex=F`` minus today's is one new woman).
+
+Each test runs the site's real evaluate handler twice, as two runs of an honest-but-curious
+server, on a generated site whose manifest gains cases between them, with the default site
+policy (k = 10). What the two replies released together is checked by the independent
+disclosure search (``tests.disclosure_search``) over the cases' own keys.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from radfed.config import RunConfig
+from radfed.data.loading import load_site_for
+from radfed.data.synth import synth_classification
+from radfed.errors import DataError
+from radfed.federation.checkpoint import save_checkpoint
+from radfed.federation.packing import pack
+from radfed.federation.schema import unpack_cells
+from radfed.folders import SiteFolder
+from radfed.metrics.cells import SMALL_GROUPS
+from radfed.privacy.releases import ReleaseRecord
+from radfed.site.evaluate import evaluate_site
+from radfed.site.handlers import handle_evaluate
+from radfed.tasks.classification import TASK, build_model
+from tests.disclosure_search import exact_isolations, signed_sums
+from tests.helpers import make_context, make_message
+
+CONFIG = RunConfig(image_size=32, eval_splits=("val",), seed=3)
+K = 10
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("history") / "data"
+    synth_classification(root, sites=1, cases_per_site=160, seed=5, image_size=32)
+    return root / "site-a"
+
+
+def _site(generated: Path, tmp_path: Path) -> Path:
+    """A copy of the generated site, one image a patient: 40 women and 40 men aged 50
+    validate, 20 cases train; 20 more are left out of the manifest (cases that join later)."""
+    site = tmp_path / "site-a"
+    shutil.copytree(generated, site)
+    rows = _rows(site)
+    assert len(rows) >= 120
+    for number, row in enumerate(rows):
+        row.update(
+            patient_id=f"Q{number:04d}",  # one image a patient
+            sex="F" if number % 2 else "M",
+            age="50",
+            split="val" if number < 80 else "train",
+        )
+    _write(site, rows[:100])
+    _write(site, rows[100:120], name="later.csv")
+    return site
+
+
+def _rows(site: Path, name: str = "manifest.csv") -> list[dict[str, str]]:
+    with (site / name).open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _write(site: Path, rows: Sequence[dict[str, str]], name: str = "manifest.csv") -> None:
+    with (site / name).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _join(site: Path, count: int, sex: str) -> None:
+    """``count`` of the later cases join the validation split with the given sex."""
+    later = _rows(site, "later.csv")
+    joining, rest = later[:count], later[count:]
+    for row in joining:
+        row.update(sex=sex, split="val")
+    _write(site, _rows(site) + joining)
+    if rest:
+        _write(site, rest, name="later.csv")
+
+
+def _evaluate(site: Path, run_id: int) -> Message:
+    content = RecordDict(
+        {
+            "arrays": pack(build_model(CONFIG).state_dict()),
+            "config": ConfigRecord({"server-round": 1}),
+        }
+    )
+    message = make_message(
+        content, message_type="evaluate", src_node_id=0, dst_node_id=1, run_id=run_id
+    )
+    node = {"site-name": "site-a", "data-path": str(site)}
+    return handle_evaluate(message, make_context(CONFIG.to_run_config(), node))
+
+
+def _released(site: Path, reply: Message) -> list[set[str]]:
+    """The cases (by the site's own case keys) of every cell the reply released."""
+    assert not reply.has_error()
+    data = load_site_for(site, CONFIG).splits["val"]
+    cells = unpack_cells(
+        TASK,
+        reply.content["metrics"],  # type: ignore[arg-type]
+        reply.content.config_records["cells"],
+        CONFIG,
+    )["val"]
+    named: dict[str, set[str]] = {}
+    for cell in cells:
+        named.setdefault(cell.attribute, set()).add(cell.group)
+    out = []
+    for cell in cells:
+        if not cell.stats.suppressed:
+            inside = [i for i, case in enumerate(data.attributes) if _in(case, cell, named)]
+            assert len(inside) == cell.stats.n
+            out.append({data.cases[i] for i in inside})
+    return out
+
+
+def _in(case: Mapping[str, str], cell: object, named: Mapping[str, set[str]]) -> bool:
+    attribute, group = cell.attribute, cell.group  # type: ignore[attr-defined]
+    if attribute == "all":
+        return True
+    value = "|".join(case.get(p, "unknown") for p in attribute.split("*"))
+    if group == SMALL_GROUPS:
+        return value not in named[attribute] - {SMALL_GROUPS}
+    return value == group
+
+
+def test_a_woman_who_joins_between_runs_is_no_difference_of_two_releases(
+    generated: Path, tmp_path: Path
+) -> None:
+    # Prepare: run 1 sees 40 women and 40 men; then one woman joins
+    site = _site(generated, tmp_path)
+    first = _released(site, _evaluate(site, run_id=1))
+    _join(site, 1, "F")
+
+    # Execute: run 2
+    second = _released(site, _evaluate(site, run_id=2))
+
+    # Assert: both releases together cover no 1 to 9 cases by any sum or difference;
+    # the whole split and both sexes still left in the first run
+    together = first + second
+    assert signed_sums(together, K) == []
+    assert exact_isolations(together, K) == []
+    assert sorted(len(c) for c in first).count(40) >= 2 and 80 in map(len, first)
+
+
+def test_without_the_record_the_second_run_would_single_her_out(
+    generated: Path, tmp_path: Path
+) -> None:
+    # Prepare: as above, but the site's record of releases is lost between the runs
+    site = _site(generated, tmp_path)
+    first = _released(site, _evaluate(site, run_id=1))
+    SiteFolder(site).state.releases.unlink()
+    _join(site, 1, "F")
+
+    # Execute
+    second = _released(site, _evaluate(site, run_id=2))
+
+    # Assert: the attack the record stops (so the test above can fail): all of run 2
+    # minus all of run 1 is the one woman who joined
+    differences = {len(b - a) for a in first for b in second if a <= b}
+    assert 1 in differences
+
+
+def test_cells_leave_again_once_k_cases_have_joined(generated: Path, tmp_path: Path) -> None:
+    # Prepare: one woman joins (her cells are held back), then nine more
+    site = _site(generated, tmp_path)
+    first = _released(site, _evaluate(site, run_id=1))
+    _join(site, 1, "F")
+    second = _released(site, _evaluate(site, run_id=2))
+    _join(site, 9, "F")
+
+    # Execute
+    third = _released(site, _evaluate(site, run_id=3))
+
+    # Assert: the three releases together are safe, and the third releases the whole
+    # split of 90 and the 50 women again
+    assert signed_sums(first + second + third, K) == []
+    assert exact_isolations(first + second + third, K) == []
+    assert {90, 50} <= {len(c) for c in third}
+    assert 81 not in {len(c) for c in second}  # the whole split with her was held back
+
+
+def test_the_same_cases_again_leave_the_same_cells(generated: Path, tmp_path: Path) -> None:
+    # Prepare / Execute: two runs on unchanged cases
+    site = _site(generated, tmp_path)
+    first = _released(site, _evaluate(site, run_id=1))
+    second = _released(site, _evaluate(site, run_id=2))
+
+    # Assert: the record changes nothing when nothing changed, and holds each set once
+    assert sorted(map(sorted, first)) == sorted(map(sorted, second))
+    lines = SiteFolder(site).state.releases.read_text().splitlines()
+    assert len(lines) == len({frozenset(c) for c in first})
+
+
+def test_a_local_evaluation_reads_the_record_and_adds_nothing(
+    generated: Path, tmp_path: Path
+) -> None:
+    # Prepare: run 1 released; one woman joins; a checkpoint of the model
+    site = _site(generated, tmp_path)
+    _evaluate(site, run_id=1)
+    _join(site, 1, "F")
+    record = SiteFolder(site).state.releases
+    before = record.read_bytes()
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint(checkpoint, 1, build_model(CONFIG).state_dict(), CONFIG)
+
+    # Execute: what `radfed evaluate` shows the administrator
+    result = evaluate_site(checkpoint, site, tmp_path / "out")
+
+    # Assert: the record is unchanged, and the statistics shown hold back the whole
+    # split with the new woman, as a run would
+    assert record.read_bytes() == before
+    shown = json.loads(result.statistics.read_text())["metrics"]
+    assert shown["val.suppressed"] == 1
+
+
+def test_a_record_that_is_not_radfeds_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "releases.jsonl"
+    path.write_text('{"split": "val", "cases": [1, 2]}\n')
+    with pytest.raises(DataError, match=r"releases\.jsonl: the site's record of released"):
+        ReleaseRecord(path).read("val")
