@@ -1,6 +1,6 @@
 """The statistics schema: what an evaluation reply carries, and its checks at the server.
 
-Statistics (schema 4), in the reply's one MetricRecord:
+Statistics (schema 5), in the reply's one MetricRecord:
 
 - ``num-examples`` (int): cases evaluated (train replies: cases trained on);
 - ``schema-version`` (int): ``STATS_SCHEMA_VERSION``;
@@ -75,8 +75,9 @@ __all__ = [
 ]
 
 #: Version of the wire contract that sites send (statistics and, from 4, weights packed into
-#: one array: ``radfed.federation.packing``); the server refuses others by name.
-STATS_SCHEMA_VERSION = 4
+#: one array: ``radfed.federation.packing``; from 5, segmentation's ``voxels-withheld``); the
+#: server refuses others by name.
+STATS_SCHEMA_VERSION = 5
 
 ARRAYS_KEY = "arrays"
 #: The ConfigRecord of a message to a site (Flower's strategies' ``configrecord_key``).

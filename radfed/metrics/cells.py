@@ -14,9 +14,8 @@ one attribute, or margins against intersections) covers fewer than ``k`` cases
 from __future__ import annotations
 
 import functools
-import itertools
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from radfed.data.attributes import UNKNOWN
@@ -32,7 +31,7 @@ __all__ = [
     "parse_cell_name",
     "subgroup_cells",
     "suppressed_cells",
-    "withheld_parts",
+    "withheld_part",
 ]
 
 #: The attribute and group of the cell holding every case.
@@ -252,13 +251,10 @@ def _preference(
     return preference
 
 
-def withheld_parts(
-    cells: Sequence[Cell],
-    released: Collection[int],
-    units: Mapping[str, Sequence[int]],
-    k: int,
-) -> dict[str, set[int]]:
-    """Per part of a task's statistics, the released cells that must withhold it.
+def withheld_part(
+    cells: Sequence[Cell], released: Collection[int], units: Sequence[int], k: int
+) -> set[int]:
+    """The released cells that must withhold one part of a task's statistics.
 
     A part (a segmentation's Dice over the cases with foreground, a detector's score
     histograms over its detections) covers a sub-population of a cell's cases, and a cell
@@ -267,29 +263,29 @@ def withheld_parts(
     released ``sex=F`` is the ``sex=M`` part a cell withheld. So the part is protected as
     the cells are (``radfed.metrics.disclosure.protect``), over its units: no sum or
     difference of the cells that release it covers 1 to ``k - 1`` of them. A cell without
-    units of a part adds nothing to any combination and keeps it.
+    units of the part adds nothing to any combination and keeps it.
 
     Args:
         cells: every cell of the split (the policy's template).
-        released: positions of the cells that leave (not suppressed).
-        units: per part, per case of the split the units it holds (0 for none).
+        released: positions of the cells that release the part so far.
+        units: per case of the split the units it holds (0 for none): the units of one
+            case are in the same cells, so they count as the case's weight.
         k: the minimum cell size.
 
     Returns:
-        Per part the positions (in ``cells``) of the cells that withhold it.
+        Positions (in ``cells``) of the released cells that withhold the part.
     """
-    out: dict[str, set[int]] = {}
-    for part, per_case in units.items():
-        first = list(itertools.accumulate(per_case, initial=0))  # case i: first..first+n-1
-        holding = []  # (cell position, the ids of its units)
-        for position in sorted(released):
-            members = [u for i in cells[position].index for u in range(first[i], first[i + 1])]
-            if members:
-                holding.append((position, members))
-        memberships = [members for _, members in holding]
-        preference = _preference(
-            [cells[p].attribute for p, _ in holding], [len(cells[p].index) for p, _ in holding]
-        )
-        chosen = protect(memberships, k, preference=preference) if holding else set()
-        out[part] = {holding[i][0] for i in chosen}
-    return out
+    holding = []  # (cell position, its cases holding units)
+    for position in sorted(released):
+        members = [i for i in cells[position].index if units[i] > 0]
+        if members:
+            holding.append((position, members))
+    if not holding:
+        return set()
+    preference = _preference(
+        [cells[p].attribute for p, _ in holding], [len(cells[p].index) for p, _ in holding]
+    )
+    weights: dict[Hashable, int] = {i: int(units[i]) for _, members in holding for i in members}
+    memberships = [members for _, members in holding]
+    chosen = protect(memberships, k, preference=preference, weights=weights)
+    return {holding[i][0] for i in chosen}

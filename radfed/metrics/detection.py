@@ -29,13 +29,14 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from radfed.metrics.histograms import merge_sparse_bins
 
 __all__ = [
+    "DETECTED_IMAGES",
     "DETECTIONS",
     "FROC_RATES",
     "IOU_THRESHOLDS",
@@ -56,8 +57,10 @@ IOU_THRESHOLDS: tuple[float, ...] = tuple(
 )
 #: False positives per image at which FROC sensitivity is reported.
 FROC_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-#: The part of the statistics over a cell's detections (``DetectionStats.withholding``).
+#: The sub-populations of a cell whose detections decide its statistics
+#: (``DetectionStats.withholding``): the detections, and the images holding them.
 DETECTIONS = "detections"
+DETECTED_IMAGES = "detected-images"
 #: COCO's 101 recall points.
 _RECALL_POINTS = np.linspace(0.0, 1.0, round(1.0 / 0.01) + 1, endpoint=True)
 
@@ -77,6 +80,8 @@ class DetectionStats:
         fp_hist: FROC: detections hitting no lesion per score bin, ``(B,)``.
         suppressed: the cell held fewer images than the site's minimum cell size; every
             count is zero and the cell is left out of pooled values.
+        detected_images: images with at least one detection (at the site, for its release
+            rule; not sent).
     """
 
     n: int
@@ -86,6 +91,7 @@ class DetectionStats:
     missed: int
     fp_hist: tuple[int, ...]
     suppressed: bool = False
+    detected_images: int = field(default=0, compare=False)
 
     @classmethod
     def empty(cls, bins: int, *, suppressed: bool = False) -> DetectionStats:
@@ -144,6 +150,7 @@ class DetectionStats:
             hit_hist=_ints(hit),
             missed=missed,
             fp_hist=_ints(fp),
+            detected_images=sum(1 for scores in pred_scores if len(scores)),
         )
 
     @classmethod
@@ -183,7 +190,7 @@ class DetectionStats:
             return self
         if self.n < k:
             return DetectionStats.empty(self.bins, suppressed=True)
-        if 0 < self.detections < k:
+        if 0 < self.detections < k or 0 < self.detected_images < k:
             return self.withholding(DETECTIONS)
         (merged,) = merge_sparse_bins((self.det_hist,), k)
         starts = [b for b, count in enumerate(merged) if count]
@@ -207,13 +214,15 @@ class DetectionStats:
         )
 
     def withholding(self, part: str) -> DetectionStats:
-        """The statistics without ``part``: ``detections`` (every histogram counts
-        detections or lesions through them), so a suppressed cell without counts.
+        """The statistics without what too few ``detections`` (or ``detected-images``,
+        the images holding them: ten boxes on one image describe that image) decide:
+        every histogram counts detections or lesions through them, so a suppressed cell
+        without counts.
 
         Raises:
             ValueError: another part.
         """
-        if part != DETECTIONS:
+        if part not in (DETECTIONS, DETECTED_IMAGES):
             raise ValueError(f"detection statistics have no part {part!r} to withhold")
         return DetectionStats.empty(self.bins, suppressed=True)
 
@@ -228,6 +237,7 @@ class DetectionStats:
             hit_hist=_sum(self.hit_hist, other.hit_hist),
             missed=self.missed + other.missed,
             fp_hist=_sum(self.fp_hist, other.fp_hist),
+            detected_images=self.detected_images + other.detected_images,
         )
 
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,25 +71,28 @@ class Disclosure:
     exact: bool = True
 
 
-def atoms(memberships: Sequence[Iterable[Hashable]]) -> tuple[np.ndarray, np.ndarray]:
+def atoms(
+    memberships: Sequence[Iterable[Hashable]], weights: Mapping[Hashable, int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The atoms of some cells: the classes of cases that belong to exactly the same cells.
 
     Args:
         memberships: per cell, the cases (any hashable ids, here positions) it holds.
+        weights: per case the units it counts for (a case's detections; default 1 each).
 
     Returns:
         ``(matrix, sizes)``: ``matrix[c, a]`` is 1 when atom ``a`` lies in cell ``c``;
-        ``sizes[a]`` counts the atom's cases. Atoms are ordered by their cells, so the
-        result depends on the memberships only.
+        ``sizes[a]`` counts the atom's cases (units). Atoms are ordered by their cells, so
+        the result depends on the memberships only.
     """
     signature: dict[Hashable, list[int]] = {}
     for cell, members in enumerate(memberships):
         for case in members:
             signature.setdefault(case, []).append(cell)
     classes: dict[tuple[int, ...], int] = {}
-    for cells in signature.values():
+    for case, cells in signature.items():
         key = tuple(cells)
-        classes[key] = classes.get(key, 0) + 1
+        classes[key] = classes.get(key, 0) + (1 if weights is None else weights[case])
     ordered = sorted(classes)
     matrix = np.zeros((len(memberships), len(ordered)), dtype=np.float64)
     for column, key in enumerate(ordered):
@@ -211,6 +214,7 @@ def protect(
     *,
     preference: Callable[[int], tuple[object, ...]] | None = None,
     released: Collection[int] = (),
+    weights: Mapping[Hashable, int] | None = None,
     time_limit: float = TIME_LIMIT,
     deadline: float = DEADLINE,
 ) -> set[int]:
@@ -218,7 +222,7 @@ def protect(
 
     Args:
         memberships: per cell its cases.
-        k: the minimum cell size.
+        k: the minimum cell size (in units, with ``weights``).
         preference: sort key of a cell position; of the cells a disclosing combination
             uses, the one with the smallest key is suppressed next (default: the smallest
             cell).
@@ -226,6 +230,7 @@ def protect(
             same cases): they count in every combination and are never suppressed. A
             combination of them alone (released under a smaller ``k``) cannot be taken
             back; one of its cells is left out of the search instead.
+        weights: per case the units it counts for (``atoms``); default one each.
         time_limit: as for ``find_disclosure``.
         deadline: seconds for the whole search; beyond them every cell but the one
             preferred last is suppressed (a crafted split cannot stall the site), and
@@ -236,11 +241,12 @@ def protect(
         suppressions (never one of ``released``).
     """
     fixed = set(released)
-    suppressed = {i for i, members in enumerate(memberships) if len(members) < k} - fixed
+    size = [len(m) if weights is None else sum(weights[c] for c in m) for m in memberships]
+    suppressed = {i for i, units in enumerate(size) if units < k} - fixed
     if k <= 1:
         return suppressed
-    key = preference or (lambda i: (len(memberships[i]), i))
-    matrix, sizes = atoms(memberships)
+    key = preference or (lambda i: (size[i], i))
+    matrix, sizes = atoms(memberships, weights)
     ignored: set[int] = set()  # earlier releases that disclose among themselves
     stop = time.monotonic() + deadline
     while True:

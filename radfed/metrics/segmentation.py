@@ -36,8 +36,10 @@ import torch
 from radfed.metrics.histograms import merge_sparse_bins
 
 __all__ = [
-    "DICE",
-    "HD95",
+    "FALSE_POSITIVE",
+    "FOREGROUND",
+    "MISSED",
+    "SEGMENTED",
     "CaseKind",
     "CaseMetrics",
     "SegmentationStats",
@@ -47,9 +49,13 @@ __all__ = [
     "segmentation_metrics",
 ]
 
-#: The parts of the statistics over a sub-population of a cell (``SegmentationStats.withholding``).
-DICE = "dice"
-HD95 = "hd95"
+#: The sub-populations of a cell whose parts of the statistics it may withhold
+#: (``SegmentationStats.withholding``): the cases with ground-truth foreground, and the
+#: cases of three kinds.
+FOREGROUND = "foreground"
+SEGMENTED = "segmented"
+MISSED = "missed"
+FALSE_POSITIVE = "false-positive"
 
 
 class CaseKind(enum.IntEnum):
@@ -186,6 +192,8 @@ class SegmentationStats:
             histograms, sums and ``dice_hits`` (a site held fewer than the minimum cell
             size of them).
         hd95_withheld: ``segmented`` cases left out of the HD95 histogram and sum likewise.
+        voxels_withheld: cases whose voxel counts were left out (a cell's voxel sums leave
+            whole or not at all; ``withholding``).
         suppressed: the cell held fewer cases than the site's minimum cell size; every
             count is zero and the cell is left out of pooled values.
     """
@@ -207,6 +215,7 @@ class SegmentationStats:
     hd95_max: float
     dice_withheld: int = 0
     hd95_withheld: int = 0
+    voxels_withheld: int = 0
     suppressed: bool = False
 
     @classmethod
@@ -262,21 +271,19 @@ class SegmentationStats:
         """What may leave a site under a minimum cell size ``k``.
 
         Fewer than ``k`` cases: a suppressed cell without counts. Otherwise the case counts
-        and voxel sums stay; a metric over fewer than ``k`` cases (Dice and IoU over the
-        cases with foreground, HD95 over the ``segmented`` ones) is withheld: its
-        histogram and sum become zero and its cases are counted as withheld. Each kept
-        histogram has adjacent bins merged (low to high, stored in the run's first bin)
-        until every non-empty bin holds at least ``k`` cases.
+        stay, and each part over a sub-population of the cases (``withholding``) is
+        withheld where that sub-population holds 1 to ``k - 1`` cases. Each kept histogram
+        has adjacent bins merged (low to high, stored in the run's first bin) until every
+        non-empty bin holds at least ``k`` cases.
         """
         if k <= 1:
             return self
         if self.n < k:
             return SegmentationStats.empty(self.bins, self.hd95_max, suppressed=True)
         stats = self
-        if 0 < sum(self.dice_hist) < k:
-            stats = stats.withholding(DICE)
-        if 0 < sum(self.hd95_hist) < k:
-            stats = stats.withholding(HD95)
+        for part, cases in self.part_cases().items():
+            if 0 < cases < k:
+                stats = stats.withholding(part)
         (dice_hist,) = merge_sparse_bins((stats.dice_hist,), k)
         (iou_hist,) = merge_sparse_bins((stats.iou_hist,), k)
         (hd95_hist,) = merge_sparse_bins((stats.hd95_hist,), k)
@@ -284,22 +291,41 @@ class SegmentationStats:
             stats, dice_hist=dice_hist, iou_hist=iou_hist, hd95_hist=hd95_hist
         )
 
+    def part_cases(self) -> dict[str, int]:
+        """The cases of each sub-population ``withholding`` knows."""
+        return {
+            FOREGROUND: self.missed + self.segmented,
+            SEGMENTED: self.segmented,
+            MISSED: self.missed,
+            FALSE_POSITIVE: self.false_positive,
+        }
+
     def withholding(self, part: str) -> SegmentationStats:
-        """The statistics without ``part``: ``dice`` (the Dice and IoU histograms, sums
-        and ``dice_hits`` of the cases with foreground, counted in ``dice_withheld``) or
-        ``hd95`` (the HD95 histogram and sum of the ``segmented`` cases, counted in
-        ``hd95_withheld``). The voxel sums go with either: with the metric of a few cases
-        withheld they would give away those cases' volumes (one foreground case: its
-        lesion volume).
+        """The statistics without what a sub-population of fewer than ``k`` cases decides.
+
+        - ``foreground`` (the cases with ground-truth foreground): their Dice and IoU
+          histograms, sums and ``dice_hits`` (counted in ``dice_withheld``);
+        - ``segmented`` (both masks hold foreground): the same, since a missed case adds
+          a known 0 to the Dice sums (they are the segmented cases' sums), and their HD95
+          histogram and sum (counted in ``hd95_withheld``);
+        - ``missed``, ``false-positive``: nothing but the voxel sums, which every part
+          takes along: ``fn_voxels`` adds up the missed cases' lesion volumes and
+          ``fp_voxels`` the false-positive cases' predicted volumes, beside what the
+          segmented cases add (which their Dice can pin down: a Dice of 1 adds none).
+          The voxel sums leave whole or not at all (counted in ``voxels_withheld``).
 
         Raises:
             ValueError: another part.
         """
+        if part not in (FOREGROUND, SEGMENTED, MISSED, FALSE_POSITIVE):
+            raise ValueError(f"segmentation statistics have no part {part!r} to withhold")
         zeros = (0,) * self.bins
-        without_voxels = dataclasses.replace(self, tp_voxels=0, fp_voxels=0, fn_voxels=0)
-        if part == DICE:
-            return dataclasses.replace(
-                without_voxels,
+        out = dataclasses.replace(
+            self, tp_voxels=0, fp_voxels=0, fn_voxels=0, voxels_withheld=self.n
+        )
+        if part in (FOREGROUND, SEGMENTED):
+            out = dataclasses.replace(
+                out,
                 dice_hist=zeros,
                 iou_hist=zeros,
                 dice_sum=0.0,
@@ -307,14 +333,14 @@ class SegmentationStats:
                 dice_hits=0,
                 dice_withheld=self.dice_withheld + sum(self.dice_hist),
             )
-        if part == HD95:
-            return dataclasses.replace(
-                without_voxels,
+        if part == SEGMENTED:
+            out = dataclasses.replace(
+                out,
                 hd95_hist=zeros,
                 hd95_sum=0.0,
                 hd95_withheld=self.hd95_withheld + sum(self.hd95_hist),
             )
-        raise ValueError(f"segmentation statistics have no part {part!r} to withhold")
+        return out
 
     def __add__(self, other: SegmentationStats) -> SegmentationStats:
         if self.bins != other.bins or self.hd95_max != other.hd95_max:
@@ -345,6 +371,7 @@ class SegmentationStats:
             hd95_max=self.hd95_max,
             dice_withheld=self.dice_withheld + other.dice_withheld,
             hd95_withheld=self.hd95_withheld + other.hd95_withheld,
+            voxels_withheld=self.voxels_withheld + other.voxels_withheld,
         )
 
 
@@ -392,7 +419,8 @@ def segmentation_metrics(s: SegmentationStats) -> dict[str, float | None]:
     of them, withheld cells left out), ``hd95_*`` (pixels of the model grid) over the
     ``segmented`` ones (``hd95_cases``). Means are exact; medians and quartiles come from
     the histograms. ``dice_ge_half`` is the share of those cases with Dice >= 0.5,
-    ``global_dice`` the Dice of all voxels pooled, ``fp_case_rate`` the share of cases
+    ``global_dice`` the Dice of all voxels pooled (over the ``voxel_cases`` whose voxel
+    counts were sent), ``fp_case_rate`` the share of cases
     without ground-truth foreground that got a predicted one and ``miss_rate`` the share
     of cases with foreground that got none.
     """
@@ -401,6 +429,7 @@ def segmentation_metrics(s: SegmentationStats) -> dict[str, float | None]:
         "cases": s.n,
         "dice_cases": dice_cases,
         "hd95_cases": sum(s.hd95_hist),
+        "voxel_cases": s.n - s.voxels_withheld,
     }
     for name, hist, total, top in (
         ("dice", s.dice_hist, s.dice_sum, 1.0),

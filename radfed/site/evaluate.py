@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import json
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from radfed.federation.schema import CellStats, cell_names, pack_stats
 from radfed.folders import SiteFolder
 from radfed.log import logger
 from radfed.metrics.binary import BinaryStats
-from radfed.metrics.cells import ALL, Cell, subgroup_cells, suppressed_cells, withheld_parts
+from radfed.metrics.cells import ALL, Cell, subgroup_cells, suppressed_cells, withheld_part
 from radfed.privacy import SitePolicy
 from radfed.privacy.releases import ReleaseRecord, SplitReleases
 from radfed.privacy.statistics_dp import StatisticsDP, bounded_cases, noisy_release
@@ -81,10 +82,9 @@ def evaluate_cells(
     )
     keys = data.cases
     earlier = released.earlier if released is not None and keys else frozenset()
-    hidden = set().union(
-        *(suppressed_cells(partition, size, keys=keys, earlier=earlier) for size in {own_k, k})
-    )
-    withheld = _withheld(outputs, partition, hidden, (own_k, k))
+    at_policy = suppressed_cells(partition, own_k, keys=keys, earlier=earlier)
+    hidden = at_policy | suppressed_cells(partition, k, keys=keys, earlier=earlier)
+    withheld = _withheld(outputs.parts(), partition, (at_policy, own_k), (hidden, k))
     images = Counter(data.patients)
     cells = []
     left: list[frozenset[str]] = []  # the case sets of the cells that leave
@@ -114,19 +114,37 @@ def evaluate_cells(
 
 
 def _withheld(
-    outputs: CaseOutputs, partition: list[Cell], hidden: set[int], ks: tuple[int, ...]
+    units: Mapping[str, Sequence[int]],
+    partition: list[Cell],
+    policy: tuple[set[int], int],
+    run: tuple[set[int], int],
 ) -> dict[int, list[str]]:
     """Per released cell, the parts of its statistics it withholds so that no sum or
     difference of the cells that release a part covers 1 to k - 1 of the part's units
-    (``radfed.metrics.cells.withheld_parts``), under each cell size in force."""
-    released = [n for n in range(len(partition)) if n not in hidden]
-    units = outputs.parts()
+    (``radfed.metrics.cells.withheld_part``).
+
+    The parts are chosen over the cells released under the policy's cell size first, then
+    among what is left over the cells released under the run's: a run asking a larger
+    ``k`` releases a subset of what the policy's ``k`` releases, so what runs asking
+    different sizes receive together is part of one safe release.
+
+    Args:
+        units: per part, per case its units (``CaseOutputs.parts``).
+        partition: every cell of the split.
+        policy: the cells suppressed under the policy's cell size, and that size.
+        run: the cells suppressed under both sizes, and the run's size.
+    """
     out: dict[int, list[str]] = {}
-    for k in sorted(set(ks)):
-        for part, cells in withheld_parts(partition, released, units, k).items():
-            for number in cells:
-                if part not in out.setdefault(number, []):
-                    out[number].append(part)
+    everything = range(len(partition))
+    for part, per_case in units.items():
+        (policy_hidden, policy_k), (run_hidden, run_k) = policy, run
+        released = [n for n in everything if n not in policy_hidden]
+        withheld = withheld_part(partition, released, per_case, policy_k)
+        if run_k != policy_k or run_hidden != policy_hidden:
+            left = [n for n in everything if n not in run_hidden and n not in withheld]
+            withheld |= withheld_part(partition, left, per_case, run_k)
+        for number in withheld:
+            out.setdefault(number, []).append(part)
     return out
 
 

@@ -21,6 +21,7 @@ from radfed.config import RunConfig, TaskName
 from radfed.data.loading import SplitData
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.detection import (
+    DETECTED_IMAGES,
     DETECTIONS,
     IOU_THRESHOLDS,
     DetectionStats,
@@ -453,9 +454,12 @@ class DetectionOutputs:
         ]
 
     def parts(self) -> dict[str, list[int]]:
-        """``detections``: the score histograms count detections, an image adds each of
-        its own."""
-        return {DETECTIONS: [len(scores) for scores in self.scores]}
+        """``detections``: each image adds its detections; ``detected-images``: each image
+        with one adds 1 (``DetectionStats.withholding``)."""
+        return {
+            DETECTIONS: [len(scores) for scores in self.scores],
+            DETECTED_IMAGES: [int(len(scores) > 0) for scores in self.scores],
+        }
 
 
 class DetectionTask:

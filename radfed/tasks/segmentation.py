@@ -18,8 +18,10 @@ from radfed.config import RunConfig, TaskName
 from radfed.data.loading import SplitData
 from radfed.errors import ConfigError, DataError
 from radfed.metrics.segmentation import (
-    DICE,
-    HD95,
+    FALSE_POSITIVE,
+    FOREGROUND,
+    MISSED,
+    SEGMENTED,
     CaseKind,
     CaseMetrics,
     SegmentationStats,
@@ -70,6 +72,7 @@ COUNT_KEYS = (
     "dice-hits",
     "dice-withheld",
     "hd95-withheld",
+    "voxels-withheld",
     "tp-voxels",
     "fp-voxels",
     "fn-voxels",
@@ -356,12 +359,16 @@ class SegmentationOutputs:
         return out
 
     def parts(self) -> dict[str, list[int]]:
-        """``dice``: the Dice and IoU values of the cases with ground-truth foreground;
-        ``hd95``: the HD95 of the ``segmented`` ones."""
+        """Per sub-population of ``SegmentationStats.withholding`` whether each case is
+        in it."""
         kind = np.asarray(self.cases.kind)
-        segmented = kind == CaseKind.SEGMENTED
-        foreground = segmented | (kind == CaseKind.MISSED)
-        return {DICE: foreground.astype(int).tolist(), HD95: segmented.astype(int).tolist()}
+        segmented, missed = kind == CaseKind.SEGMENTED, kind == CaseKind.MISSED
+        return {
+            FOREGROUND: (segmented | missed).astype(int).tolist(),
+            SEGMENTED: segmented.astype(int).tolist(),
+            MISSED: missed.astype(int).tolist(),
+            FALSE_POSITIVE: (kind == CaseKind.FALSE_POSITIVE).astype(int).tolist(),
+        }
 
 
 class SegmentationTask:
@@ -463,8 +470,16 @@ def _check_consistent(s: SegmentationStats) -> None:
     """Raise ValueError naming the first key that disagrees with the others."""
     dice_cases, hd95_cases = sum(s.dice_hist), sum(s.hd95_hist)
     slack = 1e-9 * (1 + dice_cases)  # rounding of float sums
-    voxels_sent = not (s.dice_withheld or s.hd95_withheld)
+    voxels_sent = not s.voxels_withheld
     problems = (
+        (
+            s.voxels_withheld not in (0, s.n),
+            "voxels-withheld must be 0 or every case of the cell",
+        ),
+        (
+            voxels_sent and bool(s.dice_withheld or s.hd95_withheld),
+            "voxels-withheld must be the cell's cases when a metric is withheld",
+        ),
         (
             dice_cases + s.dice_withheld != s.missed + s.segmented,
             "dice-hist must hold missed + segmented - dice-withheld cases",
@@ -498,7 +513,7 @@ def _check_consistent(s: SegmentationStats) -> None:
         ),
         (
             not voxels_sent and (s.tp_voxels or s.fp_voxels or s.fn_voxels),
-            "voxel counts must be 0 when a metric is withheld",
+            "voxel counts must be 0 when they are withheld",
         ),
     )
     for bad, msg in problems:

@@ -207,15 +207,21 @@ def test_min_cell_withholds_a_metric_of_fewer_than_k_cases() -> None:
     stats = SegmentationStats.from_cases(cases, bins=10, hd95_max=hd95_range(16, 2))
     # Execute
     out = stats.with_min_cell(4)
-    metrics = segmentation_metrics(out)
-    # Assert: HD95 (3 cases) withheld, Dice (4 cases) kept in one bin, every case counted
+    kept = stats.with_min_cell(3)
+    # Assert: HD95 (3 cases) withheld, and the Dice of the 4 cases with foreground too: the
+    # missed case adds a known 0, so the sums would be the 3 segmented cases'; every case
+    # counted, the voxel sums withheld for the whole cell
     assert out.hd95_withheld == 3 and sum(out.hd95_hist) == 0 and out.hd95_sum == 0.0
-    assert out.dice_withheld == 0 and sum(out.dice_hist) == 4
+    assert out.dice_withheld == 4 and sum(out.dice_hist) == 0 and out.dice_sum == 0.0
+    assert out.voxels_withheld == 12 and out.tp_voxels == out.fn_voxels == 0
     assert out.n == 12 and out.segmented == 3
-    assert metrics["hd95_mean"] is None and metrics["hd95_median"] is None
-    assert metrics["dice_mean"] == pytest.approx(0.525)
-    assert stats.with_min_cell(5).dice_withheld == 4
-    assert segmentation_metrics(stats.with_min_cell(5))["dice_mean"] is None
+    metrics = segmentation_metrics(out)
+    assert metrics["hd95_mean"] is None and metrics["dice_mean"] is None
+    assert metrics["voxel_cases"] == 0 and metrics["global_dice"] is None
+    # with k = 3 both leave (Dice in one bin); the voxel sums not (one missed case)
+    assert kept.dice_withheld == 0 and sum(kept.dice_hist) == 4
+    assert segmentation_metrics(kept)["dice_mean"] == pytest.approx(0.525)
+    assert kept.hd95_withheld == 0 and kept.voxels_withheld == 12
 
 
 def test_merging_statistics_of_other_bins_fails_and_empty_metrics_are_none() -> None:

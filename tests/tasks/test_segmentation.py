@@ -274,6 +274,7 @@ def test_values_round_trip_with_fixed_keys_and_lengths() -> None:
         ("segmented", 10_000),  # disagrees with the histograms
         ("dice-sum", 1e6),  # above one per case
         ("hd95-sum", 1e6),  # above the image diagonal per case
+        ("voxels-withheld", 3),  # some of the cell's cases: the sums leave whole or not
     ],
 )
 def test_from_values_rejects_naming_the_key_but_not_the_value(key: str, bad: object) -> None:
@@ -301,3 +302,17 @@ def test_task_attributes(tmp_path: Path) -> None:
     assert TASK.name == "segmentation" and TASK.headline == "dice_mean"
     assert TASK.models == ("unet", "segresnet") and TASK.losses == ("dice-ce", "dice")
     assert TASK.headline in TASK.metrics(TASK.empty_stats(_CONFIG))
+
+
+def test_a_cell_that_withholds_a_metric_but_sends_its_voxels_is_refused() -> None:
+    # Prepare: a cell whose Dice part is withheld (fewer segmented cases than k) claims
+    # to send its voxel sums
+    stats = _stats()
+    withheld = stats.with_min_cell(stats.segmented + 1)
+    assert withheld.dice_withheld and withheld.voxels_withheld == withheld.n
+    values: dict[str, object] = dict(TASK.to_values(withheld))
+    values["voxels-withheld"] = 0
+
+    # Execute / Assert
+    with pytest.raises(ValueError, match="voxels-withheld must be the cell's cases"):
+        TASK.from_values(values, _CONFIG)
