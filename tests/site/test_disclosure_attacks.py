@@ -10,25 +10,24 @@ from __future__ import annotations
 
 import csv
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from radfed.config import RunConfig
-from radfed.data.loading import load_site_for
 from radfed.data.synth import synth_classification
 from radfed.federation.codes import ErrorCode
 from radfed.federation.packing import pack
-from radfed.federation.schema import unpack_cells
 from radfed.metrics.cells import SMALL_GROUPS
 from radfed.privacy import read_entries
 from radfed.site.handlers import handle_evaluate
 from radfed.site.review import review
-from radfed.tasks.classification import TASK, build_model
+from radfed.tasks.classification import build_model
 from tests.disclosure_search import exact_isolations, signed_sums
 from tests.helpers import make_context, make_message
+from tests.site.evaluation import evaluate, released_positions
 
 CONFIG = RunConfig(image_size=32, eval_splits=("val",), seed=3)
 K = 10
@@ -62,48 +61,9 @@ def _site(generated: Path, tmp_path: Path, val: Sequence[tuple[str, int]]) -> Pa
     return site
 
 
-def _evaluate(site: Path, config: RunConfig, server_round: int = 1, run_id: int = 1) -> Message:
-    content = RecordDict(
-        {
-            "arrays": pack(build_model(config).state_dict()),
-            "config": ConfigRecord({"server-round": server_round}),
-        }
-    )
-    message = make_message(
-        content, message_type="evaluate", src_node_id=0, dst_node_id=1, run_id=run_id
-    )
-    node = {"site-name": "site-a", "data-path": str(site)}
-    return handle_evaluate(message, make_context(config.to_run_config(), node))
-
-
 def _released_members(site: Path, config: RunConfig, reply: Message) -> list[set[int]]:
     """The cases of every cell the reply released, from the site's own attributes."""
-    attributes = load_site_for(site, config).splits["val"].attributes
-    cells = unpack_cells(
-        TASK,
-        reply.content["metrics"],  # type: ignore[arg-type]
-        reply.content.config_records["cells"],
-        config,
-    )["val"]
-    named: dict[str, set[str]] = {}
-    for cell in cells:
-        named.setdefault(cell.attribute, set()).add(cell.group)
-    out = []
-    for cell in cells:
-        if not cell.stats.suppressed:
-            out.append({i for i, case in enumerate(attributes) if _in(case, cell, named)})
-    return out
-
-
-def _in(case: Mapping[str, str], cell: object, named: Mapping[str, set[str]]) -> bool:
-    attribute, group = cell.attribute, cell.group  # type: ignore[attr-defined]
-    if attribute == "all":
-        return True
-    parts = attribute.split("*")
-    value = "|".join(case[p] for p in parts)
-    if group == SMALL_GROUPS:
-        return value not in named[attribute] - {SMALL_GROUPS}
-    return value == group
+    return [set(cell) for cell in released_positions(site, config, reply)]
 
 
 def test_a_margin_minus_its_intersections_isolates_no_woman(
@@ -113,7 +73,7 @@ def test_a_margin_minus_its_intersections_isolates_no_woman(
     site = _site(generated, tmp_path, WOMEN + MEN)
 
     # Execute
-    reply = _evaluate(site, CONFIG)
+    reply = evaluate(site, CONFIG)
 
     # Assert: sex=F (80) and sex*age_band=F|40-59 (79) would give the woman aged 60-79;
     # the site suppressed jointly over margins and intersections, so no signed sum or
@@ -135,7 +95,7 @@ def test_what_two_runs_ask_of_the_same_split_adds_up_to_no_isolation(
     second = RunConfig(**{**CONFIG.__dict__, "subgroups": ("sex", "age_band")})
 
     # Execute
-    replies = [_evaluate(site, first, run_id=1), _evaluate(site, second, run_id=2)]
+    replies = [evaluate(site, first, run_id=1), evaluate(site, second, run_id=2)]
 
     # Assert: each run gets part of the one release the site computes over every cell its
     # policy allows, so together they are no more than that release
@@ -152,7 +112,7 @@ def test_a_run_choosing_its_own_band_edges_is_refused(generated: Path, tmp_path:
     moved = RunConfig(**{**CONFIG.__dict__, "age_bands": (18, 40, 66, 80)})
 
     # Execute
-    usual, shifted = _evaluate(site, CONFIG, run_id=1), _evaluate(site, moved, run_id=2)
+    usual, shifted = evaluate(site, CONFIG, run_id=1), evaluate(site, moved, run_id=2)
 
     # Assert: the site's policy fixes the bands; the second run gets a policy refusal
     assert not usual.has_error()
@@ -181,7 +141,7 @@ def test_free_text_values_the_policy_does_not_list_leave_pooled(
     config = RunConfig(**{**CONFIG.__dict__, "subgroups": ("sex", "model")})
 
     # Execute
-    reply = _evaluate(site, config)
+    reply = evaluate(site, config)
 
     # Assert: "Secret Prototype 9" is not named; the postcode cannot even be asked for
     names = list(reply.content.config_records["cells"]["val"])  # type: ignore[arg-type]

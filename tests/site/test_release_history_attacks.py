@@ -12,27 +12,23 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Message
 
 from radfed.config import RunConfig
 from radfed.data.loading import load_site_for
 from radfed.data.synth import synth_classification
 from radfed.errors import DataError
 from radfed.federation.checkpoint import save_checkpoint
-from radfed.federation.packing import pack
-from radfed.federation.schema import unpack_cells
 from radfed.folders import SiteFolder
-from radfed.metrics.cells import SMALL_GROUPS
 from radfed.privacy.releases import ReleaseRecord
 from radfed.site.evaluate import evaluate_site
-from radfed.site.handlers import handle_evaluate
-from radfed.tasks.classification import TASK, build_model
+from radfed.tasks.classification import build_model
 from tests.disclosure_search import exact_isolations, signed_sums
-from tests.helpers import make_context, make_message
+from tests.site.evaluation import evaluate, released_positions
 
 CONFIG = RunConfig(image_size=32, eval_splits=("val",), seed=3)
 K = 10
@@ -88,49 +84,14 @@ def _join(site: Path, count: int, sex: str) -> None:
 
 
 def _evaluate(site: Path, run_id: int) -> Message:
-    content = RecordDict(
-        {
-            "arrays": pack(build_model(CONFIG).state_dict()),
-            "config": ConfigRecord({"server-round": 1}),
-        }
-    )
-    message = make_message(
-        content, message_type="evaluate", src_node_id=0, dst_node_id=1, run_id=run_id
-    )
-    node = {"site-name": "site-a", "data-path": str(site)}
-    return handle_evaluate(message, make_context(CONFIG.to_run_config(), node))
+    return evaluate(site, CONFIG, run_id=run_id)
 
 
 def _released(site: Path, reply: Message) -> list[set[str]]:
     """The cases (by the site's own case keys) of every cell the reply released."""
     assert not reply.has_error()
-    data = load_site_for(site, CONFIG).splits["val"]
-    cells = unpack_cells(
-        TASK,
-        reply.content["metrics"],  # type: ignore[arg-type]
-        reply.content.config_records["cells"],
-        CONFIG,
-    )["val"]
-    named: dict[str, set[str]] = {}
-    for cell in cells:
-        named.setdefault(cell.attribute, set()).add(cell.group)
-    out = []
-    for cell in cells:
-        if not cell.stats.suppressed:
-            inside = [i for i, case in enumerate(data.attributes) if _in(case, cell, named)]
-            assert len(inside) == cell.stats.n
-            out.append({data.cases[i] for i in inside})
-    return out
-
-
-def _in(case: Mapping[str, str], cell: object, named: Mapping[str, set[str]]) -> bool:
-    attribute, group = cell.attribute, cell.group  # type: ignore[attr-defined]
-    if attribute == "all":
-        return True
-    value = "|".join(case.get(p, "unknown") for p in attribute.split("*"))
-    if group == SMALL_GROUPS:
-        return value not in named[attribute] - {SMALL_GROUPS}
-    return value == group
+    keys = load_site_for(site, CONFIG).splits["val"].cases
+    return [{keys[i] for i in cell} for cell in released_positions(site, CONFIG, reply)]
 
 
 def test_a_woman_who_joins_between_runs_is_no_difference_of_two_releases(
