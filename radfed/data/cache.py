@@ -19,11 +19,23 @@ import numpy as np
 from radfed.folders import SiteState
 from radfed.log import logger
 
-__all__ = ["CaseCache"]
+__all__ = ["CaseCache", "content_digest"]
 #: Bump when preprocessing changes in a way the settings do not capture.
 _PREPROCESSING_VERSION = 2
 
 Entry = tuple[np.ndarray, dict[str, str]]
+
+
+def content_digest(path: Path) -> str:
+    """Content digest of a file, or of every file (names and bytes) in a series folder."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
 
 
 class CaseCache:
@@ -49,24 +61,20 @@ class CaseCache:
         self.evicted = 0
         self.write_failed = False
 
-    def key(self, path: Path) -> str:
-        """Content digest of a file, or of every file (names and bytes) in a series folder."""
-        digest = hashlib.sha256()
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for file in files:
-            digest.update(file.name.encode() + b"\0")
-            with file.open("rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-        return f"{digest.hexdigest()[:32]}-{self._settings}"
+    def key(self, path: Path, digest: str | None = None) -> str:
+        """The entry name of a file: its ``content_digest`` (``digest`` when the caller has
+        it) and the preprocessing settings."""
+        return f"{digest or content_digest(path)}-{self._settings}"
 
-    def get_or_compute(self, path: Path, compute: Callable[[Path], Entry]) -> Entry:
+    def get_or_compute(
+        self, path: Path, compute: Callable[[Path], Entry], *, digest: str | None = None
+    ) -> Entry:
         """The cached entry of ``path``, or ``compute(path)`` stored for next time.
 
         Errors of ``compute`` propagate and nothing is stored. A missing file raises
         FileNotFoundError before anything is computed.
         """
-        entry_path = self.folder / f"{self.key(path)}.npz"
+        entry_path = self.folder / f"{self.key(path, digest)}.npz"
         if entry_path.is_file():
             try:
                 with np.load(entry_path, allow_pickle=False) as stored:

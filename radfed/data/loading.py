@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import json
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ import torch
 
 from radfed.config import RunConfig
 from radfed.data.attributes import STANDARD_BANDS, AgeBands, merge_manifest_attributes
-from radfed.data.cache import CaseCache
+from radfed.data.cache import CaseCache, content_digest
 from radfed.data.image import MAX_VOXELS, ImageReadError, check_voxels
 from radfed.data.manifest import Case, RowProblem, read_manifest
 from radfed.data.reader import read_image
@@ -180,23 +180,30 @@ def load_site(
 
     def fetch(
         store: CaseCache, path: Path, compute: Callable[[Path], tuple[np.ndarray, dict[str, str]]]
-    ) -> tuple[np.ndarray, dict[str, str]]:
+    ) -> tuple[np.ndarray, dict[str, str], str]:
+        """The decoded file, its header, and the digest of its bytes."""
         if not path.exists():
             raise ImageReadError("file not found")
-        return store.get_or_compute(path, compute) if use_cache else compute(path)
+        digest = content_digest(path)
+        if use_cache:
+            return (*store.get_or_compute(path, compute, digest=digest), digest)
+        return (*compute(path), digest)
 
     pixels: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     boxes: list[np.ndarray] = []
     kept: list[Case] = []
     attributes: list[dict[str, str]] = []
+    contents: list[str] = []  # what decides a case's outputs: image, mask, label, boxes
     for case in manifest.cases:
         try:
-            array, header = fetch(cache, case.image, decode)
+            array, header, digest = fetch(cache, case.image, decode)
             header = dict(header)
             shape = tuple(int(v) for v in header.pop(_SHAPE_KEY).split(","))
+            content = [digest, str(case.label), json.dumps(case.boxes)]
             if case.mask is not None:
-                mask, mask_header = fetch(mask_cache, case.mask, decode_mask)
+                mask, mask_header, mask_digest = fetch(mask_cache, case.mask, decode_mask)
+                content.append(mask_digest)
                 if mask_header[_SHAPE_KEY] != ",".join(map(str, shape)):
                     raise ImageReadError("mask shape differs from the image shape")
                 masks.append(mask)
@@ -209,6 +216,7 @@ def load_site(
             problems.append(RowProblem(case.line, "image skipped: file cannot be read"))
             continue
         pixels.append(array)
+        contents.append("\0".join(content))
         kept.append(case)
         attributes.append(merge_manifest_attributes(header, case.attributes, age_bands))
     for problem in problems:
@@ -221,9 +229,7 @@ def load_site(
 
     secret = site_secret(state)
     keys = [patient_key(c.patient_id, secret) for c in kept]
-    identities = case_keys(
-        [(c.patient_id, os.path.relpath(c.image, site_dir)) for c in kept], secret
-    )
+    identities = case_keys(contents, secret)
     legacy = {legacy_patient_key(c.patient_id): k for c, k in zip(kept, keys, strict=True)}
     splits = _split_cases(
         kept,

@@ -161,16 +161,18 @@ def patient_key(patient_id: str, secret: bytes) -> str:
     return hmac.new(secret, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:24]
 
 
-def case_keys(cases: Sequence[tuple[str, str]], secret: bytes) -> list[str]:
-    """A stable key for each case (patient id, image path relative to the site folder),
-    keyed with the site's secret like ``patient_key``; a case listed twice gets a second
-    key. Adding, removing or reordering other rows keeps a case's key."""
-    seen: Counter[tuple[str, str]] = Counter()
+def case_keys(contents: Sequence[str], secret: bytes) -> list[str]:
+    """A key for each case from what decides its outputs (``contents``: the digest of its
+    image's bytes, its label, boxes and mask), keyed with the site's secret like
+    ``patient_key``. A case keeps its key when other rows change, when its file moves or is
+    renamed, and under any run setting; a mended label or a replaced image makes it another
+    case. Identical cases get one key each (a second one ``#2``)."""
+    seen: Counter[str] = Counter()
     keys = []
-    for case in cases:
-        seen[case] += 1
-        text = "\0".join((*case, str(seen[case])))
-        keys.append(hmac.new(secret, b"case\0" + text.encode(), hashlib.sha256).hexdigest()[:16])
+    for content in contents:
+        seen[content] += 1
+        text = f"case\0{content}\0{seen[content]}".encode()
+        keys.append(hmac.new(secret, text, hashlib.sha256).hexdigest()[:16])
     return keys
 
 

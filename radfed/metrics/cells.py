@@ -217,20 +217,39 @@ def suppressed_cells(
         keys: per case of the split its key (``SplitData.cases``); needed with ``earlier``.
         earlier: the case sets (by key) of cells the site released before, in any run:
             they are part of the release too (a cell that gained one case since is that
-            case), are never suppressed, and only those unlike every cell now count.
+            case) and cannot be taken back; a cell now equal to one of them is suppressed
+            last of all (its cases are out already).
     """
-    now = [frozenset(keys[i] for i in cell.index) for cell in cells] if earlier else []
-    others = sorted((set(earlier) - set(now)), key=sorted)
-    if not others:
+    if not earlier:
         return set(_suppressed(tuple((cell.attribute, cell.index) for cell in cells), k))
-    memberships = [sorted(members) for members in [*now, *others]]
-    preference = _preference(
-        [cell.attribute for cell in cells] + [ALL] * len(others),
-        [len(members) for members in memberships],
-    )
-    fixed = range(len(cells), len(memberships))
+    now = tuple(frozenset(keys[i] for i in cell.index) for cell in cells)
+    attributes = tuple(cell.attribute for cell in cells)
+    return set(_suppressed_after(attributes, now, frozenset(earlier), k))
+
+
+@functools.lru_cache(maxsize=8)
+def _suppressed_after(
+    attributes: tuple[str, ...],
+    now: tuple[frozenset[str], ...],
+    earlier: frozenset[frozenset[str]],
+    k: int,
+) -> frozenset[int]:
+    """``suppressed_cells`` against earlier releases: every earlier set is a released cell
+    that cannot be taken back (one equal to a cell now too: that cell's cases are out
+    already, so it goes last of all)."""
+    old = sorted(earlier, key=sorted)
+    memberships = [sorted(members) for members in [*now, *old]]
+    out_already = [members in earlier for members in now] + [True] * len(old)
+    cell_attributes = [*attributes, *[ALL] * len(old)]
+    sizes = [len(members) for members in memberships]
+
+    def preference(i: int) -> tuple[bool, bool, bool, int, int]:
+        attribute = cell_attributes[i]
+        return (out_already[i], attribute == ALL, "*" not in attribute, sizes[i], i)
+
+    fixed = range(len(now), len(memberships))
     chosen = protect(memberships, k, preference=preference, released=fixed)
-    return {i for i in chosen if i < len(cells)}
+    return frozenset(i for i in chosen if i < len(now))
 
 
 @functools.lru_cache(maxsize=32)

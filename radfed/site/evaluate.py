@@ -84,6 +84,16 @@ def evaluate_cells(
     earlier = released.earlier if released is not None and keys else frozenset()
     at_policy = suppressed_cells(partition, own_k, keys=keys, earlier=earlier)
     hidden = at_policy | suppressed_cells(partition, k, keys=keys, earlier=earlier)
+    if earlier:
+        held = hidden - suppressed_cells(partition, own_k) - suppressed_cells(partition, k)
+        if held:
+            logger.info(
+                "%d of %d cells held back: their cases differ by fewer than %d from cells "
+                "released before (the site's record of released cells)",
+                len(held),
+                len(partition),
+                max(own_k, k),
+            )
     withheld = _withheld(outputs.parts(), partition, (at_policy, own_k), (hidden, k))
     images = Counter(data.patients)
     cells = []

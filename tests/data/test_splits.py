@@ -92,16 +92,19 @@ def test_unwritable_state_folder_gets_a_clear_message(tmp_path: Path) -> None:
         load_or_make_splits(blocked, _patients(5), val_fraction=0.2, test_fraction=0.2, seed=1)
 
 
-def test_a_cases_key_stays_when_other_rows_change_and_needs_the_secret() -> None:
-    # Prepare
-    cases = [("A1", "images/1.dcm"), ("A2", "images/2.dcm"), ("A1", "images/1.dcm")]
+def test_a_cases_key_follows_its_content_and_needs_the_secret() -> None:
+    # Prepare: per case the digest of its image, its label, boxes (and mask digest)
+    cases = ["d1\x001\x00null", "d2\x000\x00null", "d1\x001\x00null"]
 
     # Execute
     keys = case_keys(cases, b"secret")
-    later = case_keys([("A0", "images/0.dcm"), *cases[:2]], b"secret")
+    later = case_keys(["d0\x000\x00null", *cases[:2]], b"secret")
+    mended = case_keys(["d1\x000\x00null"], b"secret")
 
-    # Assert: stable under added rows, distinct for a row listed twice, keyed by the secret
+    # Assert: stable under added rows, distinct for a case listed twice, another case when
+    # its label is mended, keyed by the secret, and naming nothing of the case
     assert later[1:] == keys[:2]
     assert len(set(keys)) == 3
+    assert mended[0] not in keys
     assert case_keys(cases, b"other") != keys
-    assert all("A1" not in key and "dcm" not in key for key in keys)
+    assert all("d1" not in key for key in keys)

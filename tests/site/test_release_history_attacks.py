@@ -41,19 +41,25 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "site-a"
 
 
-def _site(generated: Path, tmp_path: Path) -> Path:
-    """A copy of the generated site, one image a patient: 40 women and 40 men aged 50
-    validate, 20 cases train; 20 more are left out of the manifest (cases that join later)."""
+#: 40 women and 40 men aged 50.
+EVEN = [("F", "50"), ("M", "50")] * 40
+
+
+def _site(generated: Path, tmp_path: Path, val: Sequence[tuple[str, str]] = EVEN) -> Path:
+    """A copy of the generated site, one image a patient: the validation split holds cases
+    of the given sex and age, 20 more cases train; 20 more are left out of the manifest
+    (cases that join later)."""
     site = tmp_path / "site-a"
     shutil.copytree(generated, site)
     rows = _rows(site)
     assert len(rows) >= 120
-    for number, row in enumerate(rows):
+    for number, row in enumerate(rows[:100]):
+        sex, age = val[number] if number < len(val) else ("M", "30")
         row.update(
             patient_id=f"Q{number:04d}",  # one image a patient
-            sex="F" if number % 2 else "M",
-            age="50",
-            split="val" if number < 80 else "train",
+            sex=sex,
+            age=age,
+            split="val" if number < len(val) else "train",
         )
     _write(site, rows[:100])
     _write(site, rows[100:120], name="later.csv")
@@ -72,12 +78,12 @@ def _write(site: Path, rows: Sequence[dict[str, str]], name: str = "manifest.csv
         writer.writerows(rows)
 
 
-def _join(site: Path, count: int, sex: str) -> None:
-    """``count`` of the later cases join the validation split with the given sex."""
+def _join(site: Path, count: int, sex: str, age: str = "50") -> None:
+    """``count`` of the later cases join the validation split with the given sex, age."""
     later = _rows(site, "later.csv")
     joining, rest = later[:count], later[count:]
-    for row in joining:
-        row.update(sex=sex, split="val")
+    for number, row in enumerate(joining):
+        row.update(patient_id=f"J{len(rest)}-{number}", sex=sex, age=age, split="val")
     _write(site, _rows(site) + joining)
     if rest:
         _write(site, rest, name="later.csv")
@@ -106,11 +112,14 @@ def test_a_woman_who_joins_between_runs_is_no_difference_of_two_releases(
     second = _released(site, _evaluate(site, run_id=2))
 
     # Assert: both releases together cover no 1 to 9 cases by any sum or difference;
-    # the whole split and both sexes still left in the first run
+    # the whole split and both sexes left in the first run, and the unchanged men
+    # (out already) in the second
     together = first + second
     assert signed_sums(together, K) == []
     assert exact_isolations(together, K) == []
     assert sorted(len(c) for c in first).count(40) >= 2 and 80 in map(len, first)
+    men = next(c for c in first if len(c) == 40 and c in second)
+    assert men in second
 
 
 def test_without_the_record_the_second_run_would_single_her_out(
@@ -129,6 +138,78 @@ def test_without_the_record_the_second_run_would_single_her_out(
     # minus all of run 1 is the one woman who joined
     differences = {len(b - a) for a in first for b in second if a <= b}
     assert 1 in differences
+
+
+@pytest.mark.parametrize(
+    ("val", "joiner"),
+    [
+        # every woman is 65 and every man 45: sex=F equals age_band=60-79 in run 1; a
+        # man aged 65 joins (the attack review's first layout)
+        ([("F", "65")] * 10 + [("M", "45")] * 10, ("M", "65")),
+        # 40 women and 40 men aged 50: each sex equals its intersection, and every margin
+        # of age all; a woman aged 70 joins
+        (EVEN, ("F", "70")),
+    ],
+    ids=["cells-equal-by-sex-and-band", "a-new-band"],
+)
+def test_a_joiner_outside_cells_that_were_equal_is_no_difference(
+    generated: Path, tmp_path: Path, val: list[tuple[str, str]], joiner: tuple[str, str]
+) -> None:
+    # Prepare: run 1; then the joiner
+    site = _site(generated, tmp_path, val)
+    first = _released(site, _evaluate(site, run_id=1))
+    _join(site, 1, *joiner)
+
+    # Execute
+    second = _released(site, _evaluate(site, run_id=2))
+
+    # Assert: an earlier cell equal to a cell now still counts as released: the cell now
+    # that adds the joiner to it is held back, and nothing together covers 1 to 9 cases
+    assert signed_sums(first + second, K) == []
+    assert exact_isolations(first + second, K) == []
+
+
+def test_a_mended_label_is_a_case_that_left_and_one_that_joined(
+    generated: Path, tmp_path: Path
+) -> None:
+    # Prepare: run 1; then one case's label is corrected (same patient, same image)
+    site = _site(generated, tmp_path)
+    first = _released(site, _evaluate(site, run_id=1))
+    rows = _rows(site)
+    rows[3]["label"] = str(1 - int(rows[3]["label"]))
+    _write(site, rows)
+
+    # Execute
+    second = _released(site, _evaluate(site, run_id=2))
+
+    # Assert: every cell holding the case differs from run 1's by the old and the new
+    # case, so none of them leaves again: run 2 minus run 1 says nothing of its label
+    assert signed_sums(first + second, K) == []
+    assert exact_isolations(first + second, K) == []
+    assert all(len(c) != 80 for c in second)
+
+
+def test_moved_images_keep_their_cases(generated: Path, tmp_path: Path) -> None:
+    # Prepare: run 1; the images move to another folder (the manifest follows), and one
+    # woman joins
+    site = _site(generated, tmp_path)
+    first = _released(site, _evaluate(site, run_id=1))
+    (site / "images").rename(site / "moved")
+    for name in ("manifest.csv", "later.csv"):
+        rows = _rows(site, name)
+        for row in rows:
+            row["image"] = row["image"].replace("images/", "moved/")
+        _write(site, rows, name=name)
+    _join(site, 1, "F")
+
+    # Execute
+    second = _released(site, _evaluate(site, run_id=2))
+
+    # Assert: a case is known by its content, not its path: the cells with her are held
+    # back, and the unchanged men leave as before
+    assert signed_sums(first + second, K) == []
+    assert exact_isolations(first + second, K) == []
+    assert next(c for c in first if len(c) == 40 and c in second)
 
 
 def test_cells_leave_again_once_k_cases_have_joined(generated: Path, tmp_path: Path) -> None:
