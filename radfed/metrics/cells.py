@@ -234,9 +234,20 @@ def _suppressed_after(
     earlier: frozenset[frozenset[str]],
     k: int,
 ) -> frozenset[int]:
-    """``suppressed_cells`` against earlier releases: every earlier set is a released cell
-    that cannot be taken back (one equal to a cell now too: that cell's cases are out
-    already, so it goes last of all)."""
+    """``suppressed_cells`` against earlier releases (kept for a run's later rounds)."""
+    return frozenset(_against_earlier(attributes, now, earlier, k))
+
+
+def _against_earlier(
+    attributes: Sequence[str],
+    now: Sequence[frozenset[str]],
+    earlier: frozenset[frozenset[str]],
+    k: int,
+    weights: Mapping[str, int] | None = None,
+) -> set[int]:
+    """Which of the cells ``now`` (case keys) to suppress, every ``earlier`` set being a
+    released cell that cannot be taken back (a cell now equal to one: its cases are out
+    already, so it goes last of all). ``weights``: per case key its units (1 when absent)."""
     old = sorted(earlier, key=sorted)
     memberships = [sorted(members) for members in [*now, *old]]
     out_already = [members in earlier for members in now] + [True] * len(old)
@@ -247,9 +258,12 @@ def _suppressed_after(
         attribute = cell_attributes[i]
         return (out_already[i], attribute == ALL, "*" not in attribute, sizes[i], i)
 
+    units: dict[Hashable, int] | None = None
+    if weights is not None:
+        units = {case: weights.get(case, 1) for members in memberships for case in members}
     fixed = range(len(now), len(memberships))
-    chosen = protect(memberships, k, preference=preference, released=fixed)
-    return frozenset(i for i in chosen if i < len(now))
+    chosen = protect(memberships, k, preference=preference, released=fixed, weights=units)
+    return {i for i in chosen if i < len(now)}
 
 
 @functools.lru_cache(maxsize=32)
@@ -271,7 +285,13 @@ def _preference(
 
 
 def withheld_part(
-    cells: Sequence[Cell], released: Collection[int], units: Sequence[int], k: int
+    cells: Sequence[Cell],
+    released: Collection[int],
+    units: Sequence[int],
+    k: int,
+    *,
+    keys: Sequence[str] = (),
+    earlier: frozenset[frozenset[str]] = frozenset(),
 ) -> set[int]:
     """The released cells that must withhold one part of a task's statistics.
 
@@ -290,6 +310,10 @@ def withheld_part(
         units: per case of the split the units it holds (0 for none): the units of one
             case are in the same cells, so they count as the case's weight.
         k: the minimum cell size.
+        keys: per case of the split its key (``SplitData.cases``); needed with ``earlier``.
+        earlier: the sets of cases (by key) holding units of the part in cells that
+            released it before, in any run: released cells that cannot be taken back, as
+            for ``suppressed_cells``.
 
     Returns:
         Positions (in ``cells``) of the released cells that withhold the part.
@@ -301,6 +325,12 @@ def withheld_part(
             holding.append((position, members))
     if not holding:
         return set()
+    if earlier:
+        now = [frozenset(keys[i] for i in members) for _, members in holding]
+        by_key = {keys[i]: int(units[i]) for _, members in holding for i in members}
+        attributes = [cells[p].attribute for p, _ in holding]
+        chosen_now = _against_earlier(attributes, now, earlier, k, by_key)
+        return {holding[i][0] for i in chosen_now}
     preference = _preference(
         [cells[p].attribute for p, _ in holding], [len(cells[p].index) for p, _ in holding]
     )

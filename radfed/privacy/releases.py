@@ -10,6 +10,11 @@ with the site's secret, never a patient id or path), in ``SITE_DIR/.radfed/relea
 suppression counts the earlier sets as released cells it cannot take back
 (``radfed.metrics.cells.suppressed_cells``, ``earlier``).
 
+The parts of a cell's statistics over a sub-population that depends on the cases alone
+(``Task.stable_parts``: the cases with ground-truth foreground behind a Dice) are recorded
+alike, per part the set of cases holding units of it, and protected against in the same
+way (``radfed.metrics.cells.withheld_part``).
+
 A set is recorded when its statistics are computed, before the reply is sent: a reply that
 never arrives still counts (more suppression later, never less). ``radfed evaluate`` reads
 the record without adding to it, so it shows what a run would receive.
@@ -20,7 +25,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -36,21 +41,41 @@ class SplitReleases:
         earlier: the case sets of the cells released before, in any run.
     """
 
-    def __init__(self, split: str, earlier: Iterable[frozenset[str]], fd: int | None) -> None:
+    def __init__(
+        self,
+        split: str,
+        earlier: Mapping[str | None, Iterable[frozenset[str]]],
+        fd: int | None,
+    ) -> None:
         self.split = split
-        self.earlier = frozenset(earlier)
+        self._sets = {part: frozenset(sets) for part, sets in earlier.items()}
         self._fd = fd
 
-    def add(self, released: Iterable[frozenset[str]]) -> None:
-        """Record the case sets of cells released now (those not recorded yet); a
-        read-only view (``ReleaseRecord.read``) records nothing."""
+    @property
+    def earlier(self) -> frozenset[frozenset[str]]:
+        return self._sets.get(None, frozenset())
+
+    def part(self, name: str) -> frozenset[frozenset[str]]:
+        """The case sets (cases with units of the part) of the cells that released part
+        ``name`` of their statistics before (``CaseOutputs.parts``)."""
+        return self._sets.get(name, frozenset())
+
+    def add(self, released: Iterable[frozenset[str]], part: str | None = None) -> None:
+        """Record the case sets of cells released now (or of the cells that released a
+        part), those not recorded yet; a read-only view (``ReleaseRecord.read``) records
+        nothing."""
         if self._fd is None:
             return
+        known = self._sets.get(part, frozenset())
         lines = []
         for cases in released:
-            if cases and cases not in self.earlier:
-                lines.append(json.dumps({"split": self.split, "cases": sorted(cases)}) + "\n")
-                self.earlier |= {cases}
+            if cases and cases not in known:
+                entry: dict[str, object] = {"split": self.split, "cases": sorted(cases)}
+                if part is not None:
+                    entry["part"] = part
+                lines.append(json.dumps(entry) + "\n")
+                known |= {cases}
+        self._sets[part] = known
         data = "".join(lines).encode()
         if data and os.write(self._fd, data) != len(data):
             raise OSError("short write to the record of released cells")
@@ -79,21 +104,23 @@ class ReleaseRecord:
 
     def read(self, split: str) -> SplitReleases:
         """One split's earlier releases, read-only (``add`` records nothing)."""
-        return SplitReleases(split, self._read().get(split, ()), None)
+        return SplitReleases(split, self._read().get(split, {}), None)
 
-    def _read(self) -> dict[str, set[frozenset[str]]]:
-        out: dict[str, set[frozenset[str]]] = {}
+    def _read(self) -> dict[str, dict[str | None, set[frozenset[str]]]]:
+        out: dict[str, dict[str | None, set[frozenset[str]]]] = {}
         try:
             for line in self.path.read_bytes().decode().splitlines():
                 if not line.strip():
                     continue
                 entry = json.loads(line)
-                split, cases = entry["split"], entry["cases"]
+                split, cases, part = entry["split"], entry["cases"], entry.get("part")
                 if not (isinstance(split, str) and isinstance(cases, list)):
+                    raise ValueError
+                if not (part is None or isinstance(part, str)):
                     raise ValueError
                 if not all(isinstance(c, str) for c in cases):
                     raise ValueError
-                out.setdefault(split, set()).add(frozenset(cases))
+                out.setdefault(split, {}).setdefault(part, set()).add(frozenset(cases))
         except FileNotFoundError:
             return out
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
@@ -109,11 +136,13 @@ class ReleaseRecord:
 class _Splits(dict[str, SplitReleases]):
     """Per split its ``SplitReleases`` (created on first use), writing to one locked file."""
 
-    def __init__(self, per_split: dict[str, set[frozenset[str]]], fd: int) -> None:
+    def __init__(
+        self, per_split: dict[str, dict[str | None, set[frozenset[str]]]], fd: int
+    ) -> None:
         super().__init__()
         self._per_split = per_split
         self._fd = fd
 
     def __missing__(self, split: str) -> SplitReleases:
-        self[split] = SplitReleases(split, self._per_split.get(split, ()), self._fd)
+        self[split] = SplitReleases(split, self._per_split.get(split, {}), self._fd)
         return self[split]

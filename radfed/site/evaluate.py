@@ -94,10 +94,13 @@ def evaluate_cells(
                 len(partition),
                 max(own_k, k),
             )
-    withheld = _withheld(outputs.parts(), partition, (at_policy, own_k), (hidden, k))
+    units = outputs.parts()
+    stable = [part for part in units if part in task.stable_parts]
+    before = {part: released.part(part) for part in stable} if released and keys else {}
+    withheld = _withheld(units, partition, (at_policy, own_k), (hidden, k), keys, before)
     images = Counter(data.patients)
     cells = []
-    left: list[frozenset[str]] = []  # the case sets of the cells that leave
+    left: list[int] = []  # the cells that leave
     for number, cell in enumerate(partition):
         if cell.attribute not in wanted:
             continue
@@ -117,9 +120,19 @@ def evaluate_cells(
         positives = sum(positive[i] for i in cell.index)
         cells.append(CellStats(cell.attribute, cell.group, stats, positives))
         if not stats.suppressed and keys:
-            left.append(frozenset(keys[i] for i in cell.index))
-    if released is not None:
-        released.add(left)
+            left.append(number)
+    if released is not None and keys:
+        released.add(frozenset(keys[i] for i in partition[n].index) for n in left)
+        for part in stable:
+            per_case = units[part]
+            released.add(
+                (
+                    frozenset(keys[i] for i in partition[n].index if per_case[i] > 0)
+                    for n in left
+                    if part not in withheld.get(n, ())
+                ),
+                part,
+            )
     return outputs, cells
 
 
@@ -128,6 +141,8 @@ def _withheld(
     partition: list[Cell],
     policy: tuple[set[int], int],
     run: tuple[set[int], int],
+    keys: Sequence[str] = (),
+    earlier: Mapping[str, frozenset[frozenset[str]]] | None = None,
 ) -> dict[int, list[str]]:
     """Per released cell, the parts of its statistics it withholds so that no sum or
     difference of the cells that release a part covers 1 to k - 1 of the part's units
@@ -143,16 +158,20 @@ def _withheld(
         partition: every cell of the split.
         policy: the cells suppressed under the policy's cell size, and that size.
         run: the cells suppressed under both sizes, and the run's size.
+        keys: per case its key (``SplitData.cases``), with ``earlier``.
+        earlier: per part, the case sets of the cells that released it before (the site's
+            record, ``radfed.privacy.releases``).
     """
     out: dict[int, list[str]] = {}
     everything = range(len(partition))
     for part, per_case in units.items():
         (policy_hidden, policy_k), (run_hidden, run_k) = policy, run
+        before = (earlier or {}).get(part, frozenset())
         released = [n for n in everything if n not in policy_hidden]
-        withheld = withheld_part(partition, released, per_case, policy_k)
+        withheld = withheld_part(partition, released, per_case, policy_k, keys=keys, earlier=before)
         if run_k != policy_k or run_hidden != policy_hidden:
             left = [n for n in everything if n not in run_hidden and n not in withheld]
-            withheld |= withheld_part(partition, left, per_case, run_k)
+            withheld |= withheld_part(partition, left, per_case, run_k, keys=keys, earlier=before)
         for number in withheld:
             out.setdefault(number, []).append(part)
     return out

@@ -371,6 +371,7 @@ class ClassificationTask:
         "ece",
         "auc_tie_bound",
     )
+    stable_parts: tuple[str, ...] = ()
 
     def check(self, config: RunConfig) -> None:
         choose(config.model, MODELS, "model", self.name)

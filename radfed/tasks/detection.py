@@ -485,6 +485,7 @@ class DetectionTask:
         "froc_1",
         "detections_per_image",
     )
+    stable_parts: tuple[str, ...] = ()
 
     def check(self, config: RunConfig) -> None:
         _check(config)

@@ -101,6 +101,10 @@ class Task(Protocol):
         headline: the metric logged per site and round.
         summary: the metrics of summary tables; the first three are rates in [0, 1]
             plotted over rounds.
+        stable_parts: the parts of ``CaseOutputs.parts`` whose cases depend on the cases
+            alone, not on the model (the cases with ground-truth foreground): the site
+            compares them with its earlier releases over time (``radfed.privacy.releases``);
+            the others change with every model.
     """
 
     name: TaskName
@@ -108,6 +112,7 @@ class Task(Protocol):
     losses: tuple[str, ...]
     headline: str
     summary: tuple[str, ...]
+    stable_parts: tuple[str, ...]
 
     def check(self, config: RunConfig) -> None:
         """Refuse settings this task cannot run with (raises ConfigError)."""

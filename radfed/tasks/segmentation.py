@@ -390,6 +390,7 @@ class SegmentationTask:
         "fp_case_rate",
         "miss_rate",
     )
+    stable_parts: tuple[str, ...] = (FOREGROUND,)
 
     def check(self, config: RunConfig) -> None:
         _check(config)

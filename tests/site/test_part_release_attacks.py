@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from radfed.config import RunConfig
 from radfed.data.loading import SplitData
 from radfed.federation.schema import CellStats
 from radfed.privacy import SitePolicy
+from radfed.privacy.releases import ReleaseRecord, SplitReleases
 from radfed.site.evaluate import evaluate_cells
 from radfed.tasks import get_task
 from radfed.tasks.detection import DetectionOutputs
@@ -59,17 +61,25 @@ def _square(top: int, left: int, height: int, width: int) -> torch.Tensor:
     return mask
 
 
-def _segment(cases: Sequence[Case], k: int = K) -> list[CellStats]:
-    """What the site releases for a split of these cases."""
+def _segment(
+    cases: Sequence[Case],
+    k: int = K,
+    released: SplitReleases | None = None,
+    keys: Sequence[str] = (),
+) -> list[CellStats]:
+    """What the site releases for a split of these cases (against its record of earlier
+    releases, given one and the cases' keys)."""
     data = SplitData(
         images=torch.stack([predicted for _, _, predicted in cases]),
         labels=torch.tensor([int(truth.any()) for _, truth, _ in cases]),
         attributes=tuple(attributes for attributes, _, _ in cases),
         masks=torch.stack([truth for _, truth, _ in cases]).to(torch.uint8),
+        cases=tuple(keys),
     )
     config = RunConfig(task="segmentation", image_size=SIZE, eval_splits=("val",))
     task = get_task(config.task)
-    _, cells = evaluate_cells(task, ThresholdModel(), data, config, k, SitePolicy.default())
+    policy = SitePolicy.default()
+    _, cells = evaluate_cells(task, ThresholdModel(), data, config, k, policy, released)
     return cells
 
 
@@ -348,3 +358,33 @@ def test_a_cell_without_units_of_a_part_keeps_its_counts() -> None:
     sizes = {f"{c.attribute}={c.group}": c.stats.n for c in cells}
     assert sizes["all=all"] == 40
     assert sizes["sex=F"] == 20 and sizes["sex=M"] == 20
+
+
+def test_a_part_gains_no_single_case_between_runs(tmp_path: Path) -> None:
+    # Prepare: run 1 evaluates 20 women, 10 with a lesion segmented exactly; then ten
+    # women join, one with a lesion (the attack review's layout): the cells gain ten
+    # cases, so they leave again, but their Dice part would gain one case
+    record = ReleaseRecord(tmp_path / "releases.jsonl")
+    lesion = [(WOMAN, _square(2, 2, 4 + i % 3, 5), _square(2, 2, 4 + i % 3, 5)) for i in range(10)]
+    first: list[Case] = lesion + [(WOMAN, EMPTY, EMPTY)] * 10
+    second = [*first, (WOMAN, _square(3, 3, 6, 6), _square(4, 4, 6, 7))]
+    second += [(WOMAN, EMPTY, EMPTY)] * 9
+    keys = [f"case-{i}" for i in range(len(second))]
+
+    # Execute: the same model in both runs, the site's record between them
+    runs = []
+    for cases in (first, second):
+        with record.locked() as released:
+            runs.append(_segment(cases, released=released["val"], keys=keys[: len(cases)]))
+
+    # Assert: the cells of both runs that release the Dice part cover no 1 to 9
+    # segmented cases by any sum or difference; and whole cells left again in run 2
+    members = [
+        _members(c, [a for a, _, _ in cases], _kinds(cases)["segmented"])
+        for cases, run in zip((first, second), runs, strict=True)  # first: a prefix of second
+        for c in run
+        if _dice_released(c)
+    ]
+    assert signed_sums([m for m in members if m], K) == []
+    assert exact_isolations([m for m in members if m], K) == []
+    assert any(c.attribute == "all" and c.stats.n == 30 for c in runs[1])
