@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from radfed.data.attributes import UNKNOWN
@@ -227,7 +227,6 @@ def suppressed_cells(
     return set(_suppressed_after(attributes, now, frozenset(earlier), k))
 
 
-@functools.lru_cache(maxsize=8)
 def _suppressed_after(
     attributes: tuple[str, ...],
     now: tuple[frozenset[str], ...],
@@ -235,19 +234,21 @@ def _suppressed_after(
     k: int,
 ) -> frozenset[int]:
     """``suppressed_cells`` against earlier releases (kept for a run's later rounds)."""
-    return frozenset(_against_earlier(attributes, now, earlier, k))
+    return _against_earlier(attributes, now, earlier, k, None)
 
 
+@functools.lru_cache(maxsize=64)
 def _against_earlier(
-    attributes: Sequence[str],
-    now: Sequence[frozenset[str]],
+    attributes: tuple[str, ...],
+    now: tuple[frozenset[str], ...],
     earlier: frozenset[frozenset[str]],
     k: int,
-    weights: Mapping[str, int] | None = None,
-) -> set[int]:
+    weights: tuple[tuple[str, int], ...] | None,
+) -> frozenset[int]:
     """Which of the cells ``now`` (case keys) to suppress, every ``earlier`` set being a
-    released cell that cannot be taken back (a cell now equal to one: its cases are out
-    already, so it goes last of all). ``weights``: per case key its units (1 when absent)."""
+    released cell that cannot be taken back. A cell now equal to one of them (at least
+    ``k`` units) is never suppressed: its cases are out already, so it adds nothing.
+    ``weights``: per case key its units (1 when absent). Kept for a run's later rounds."""
     old = sorted(earlier, key=sorted)
     memberships = [sorted(members) for members in [*now, *old]]
     out_already = [members in earlier for members in now] + [True] * len(old)
@@ -260,10 +261,17 @@ def _against_earlier(
 
     units: dict[Hashable, int] | None = None
     if weights is not None:
-        units = {case: weights.get(case, 1) for members in memberships for case in members}
+        given = dict(weights)
+        units = {case: given.get(case, 1) for members in memberships for case in members}
     fixed = range(len(now), len(memberships))
     chosen = protect(memberships, k, preference=preference, released=fixed, weights=units)
-    return {i for i in chosen if i < len(now)}
+
+    def size(members: Iterable[str]) -> int:
+        return sum(1 if units is None else units[case] for case in members)
+
+    return frozenset(
+        i for i in chosen if i < len(now) and not (out_already[i] and size(now[i]) >= k)
+    )
 
 
 @functools.lru_cache(maxsize=32)
@@ -327,9 +335,9 @@ def withheld_part(
         return set()
     if earlier:
         now = [frozenset(keys[i] for i in members) for _, members in holding]
-        by_key = {keys[i]: int(units[i]) for _, members in holding for i in members}
-        attributes = [cells[p].attribute for p, _ in holding]
-        chosen_now = _against_earlier(attributes, now, earlier, k, by_key)
+        by_key = tuple(sorted({keys[i]: int(units[i]) for _, m in holding for i in m}.items()))
+        attributes = tuple(cells[p].attribute for p, _ in holding)
+        chosen_now = _against_earlier(attributes, tuple(now), earlier, k, by_key)
         return {holding[i][0] for i in chosen_now}
     preference = _preference(
         [cells[p].attribute for p, _ in holding], [len(cells[p].index) for p, _ in holding]

@@ -97,6 +97,9 @@ class ReleaseRecord:
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # an append cut short: it never left
+                os.ftruncate(fd, data.rfind(b"\n") + 1)
             per_split = self._read()
             yield _Splits(per_split, fd)
         finally:
@@ -109,8 +112,11 @@ class ReleaseRecord:
     def _read(self) -> dict[str, dict[str | None, set[frozenset[str]]]]:
         out: dict[str, dict[str | None, set[frozenset[str]]]] = {}
         try:
-            for line in self.path.read_bytes().decode().splitlines():
-                if not line.strip():
+            text = self.path.read_bytes().decode()
+            # a last line without its newline is an append cut short (a crash): the set is
+            # written before its reply leaves, so that reply never left
+            for line in text.splitlines(keepends=True):
+                if not line.strip() or not line.endswith("\n"):
                     continue
                 entry = json.loads(line)
                 split, cases, part = entry["split"], entry["cases"], entry.get("part")

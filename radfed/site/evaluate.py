@@ -34,7 +34,7 @@ from radfed.privacy import SitePolicy
 from radfed.privacy.releases import ReleaseRecord, SplitReleases
 from radfed.privacy.statistics_dp import StatisticsDP, bounded_cases, noisy_release
 from radfed.site.node import load_site_within, own_policy
-from radfed.tasks import CaseOutputs, Task, get_task
+from radfed.tasks import CaseOutputs, SplitStats, Task, get_task
 from radfed.tasks.classification import ScoreOutputs
 
 __all__ = [
@@ -100,7 +100,7 @@ def evaluate_cells(
     withheld = _withheld(units, partition, (at_policy, own_k), (hidden, k), keys, before)
     images = Counter(data.patients)
     cells = []
-    left: list[int] = []  # the cells that leave
+    left: dict[int, SplitStats] = {}  # the cells that leave, and what they release
     for number, cell in enumerate(partition):
         if cell.attribute not in wanted:
             continue
@@ -120,16 +120,16 @@ def evaluate_cells(
         positives = sum(positive[i] for i in cell.index)
         cells.append(CellStats(cell.attribute, cell.group, stats, positives))
         if not stats.suppressed and keys:
-            left.append(number)
+            left[number] = stats
     if released is not None and keys:
         released.add(frozenset(keys[i] for i in partition[n].index) for n in left)
-        for part in stable:
+        for part in stable:  # where the part left: withholding it would change the cell
             per_case = units[part]
             released.add(
                 (
                     frozenset(keys[i] for i in partition[n].index if per_case[i] > 0)
-                    for n in left
-                    if part not in withheld.get(n, ())
+                    for n, stats in left.items()
+                    if stats.withholding(part) != stats
                 ),
                 part,
             )

@@ -157,3 +157,22 @@ def test_earlier_cells_that_disclose_among_themselves_end_the_search() -> None:
     # Assert: nothing released before is taken back (it cannot be), the search ends, and
     # today's small cells are suppressed
     assert {1, 2} <= suppressed and not suppressed & {3, 4, 5}
+
+
+def test_a_cell_equal_to_an_earlier_release_is_not_held_back() -> None:
+    # Prepare: under k = 5 before, all (12), F (6) and M (6) left; k is now 10, the cases
+    # are the same
+    cells = [
+        Cell("all", "all", tuple(range(12))),
+        Cell("sex", "F", tuple(range(6))),
+        Cell("sex", "M", tuple(range(6, 12))),
+    ]
+    keys = [f"k{i}" for i in range(12)]
+    earlier = {frozenset(keys[i] for i in cell.index) for cell in cells}
+
+    # Execute
+    suppressed = suppressed_cells(cells, 10, keys=keys, earlier=earlier)
+
+    # Assert: the sexes are below k now; all is what left before (all minus F was M
+    # then already): holding it back would protect nothing, so it leaves
+    assert suppressed == {1, 2}

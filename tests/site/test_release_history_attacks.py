@@ -270,3 +270,19 @@ def test_a_record_that_is_not_radfeds_is_refused_by_name(tmp_path: Path) -> None
     path.write_text('{"split": "val", "cases": [1, 2]}\n')
     with pytest.raises(DataError, match=r"releases\.jsonl: the site's record of released"):
         ReleaseRecord(path).read("val")
+
+
+def test_an_append_cut_short_is_dropped_not_fatal(tmp_path: Path) -> None:
+    # Prepare: a record whose last append was cut short by a crash (its reply never left)
+    path = tmp_path / "releases.jsonl"
+    path.write_text('{"split": "val", "cases": ["a", "b"]}\n{"split": "val", "cas')
+
+    # Execute: a read, then an evaluation that records one more set
+    earlier = ReleaseRecord(path).read("val").earlier
+    with ReleaseRecord(path).locked() as released:
+        released["val"].add([frozenset({"c", "d"})])
+
+    # Assert: the cut line is gone, the record reads whole, and nothing else was lost
+    assert earlier == {frozenset({"a", "b"})}
+    assert ReleaseRecord(path).read("val").earlier == {frozenset({"a", "b"}), frozenset({"c", "d"})}
+    assert path.read_text().count("\n") == 2
