@@ -115,8 +115,11 @@ def _header(report: Mapping[str, Any]) -> str:
         "<h2>How to read this</h2>\n<p>Every number here was computed by the server from "
         "statistics the sites summed and sent (merged statistics); no per-case value left a "
         "site. A cell is one (site, attribute, group); <code>ALL</code> is the pool of the "
-        "sites' statistics. A cell that held fewer than k cases at its site (a site may use a "
-        "larger k than the run's) is <i>suppressed</i>: only that flag left the site, the cell "
+        "sites' statistics. A cell its site held back is <i>suppressed</i>: it held fewer "
+        "than k cases (a site may use a larger k than the run's), or a sum or difference of "
+        "it with other cells the site released, in this run or an earlier one, would have "
+        "covered fewer than k cases (the site's disclosure control: a suppressed cell may "
+        "hold many cases). Only that flag left the site; the cell "
         "shows no number and is left out of the pool, so a pooled cell may hold fewer cases "
         f"than the sites together. Intervals are {_e(level)} intervals, shown as "
         "value [low, high]; the method of each is listed below. A gap compares, for one metric "
@@ -264,9 +267,9 @@ def _split(name: str, split: Mapping[str, Any], report: Mapping[str, Any]) -> st
         parts.append(_img(forest_figure(name, shown, metrics), f"forest plot of split {name}"))
         if len(shown) < len(cells):
             parts.append(
-                f'<p class="muted">{len(cells) - len(shown)} suppressed cells (fewer than k '
-                "cases, or groups of sex and age band a site does not have) are listed in the "
-                "table below, not plotted.</p>"
+                f'<p class="muted">{len(cells) - len(shown)} suppressed cells (held back '
+                "by their site's disclosure control, or groups of sex and age band a site does "
+                "not have) are listed in the table below, not plotted.</p>"
             )
     elif cells:
         parts.append('<p class="muted">No subgroup holds a value to plot.</p>')

@@ -189,8 +189,8 @@ class SegmentationStats:
         tp_voxels, fp_voxels, fn_voxels: voxel counts summed over all cases (global Dice).
         hd95_max: the top of the HD95 range (``hd95_range``); set by the run config, not sent.
         dice_withheld: cases with ground-truth foreground left out of the Dice and IoU
-            histograms, sums and ``dice_hits`` (a site held fewer than the minimum cell
-            size of them).
+            histograms, sums and ``dice_hits`` (``withholding``: too few of them, or of the
+            segmented cases, in the cell or in a combination of the site's cells).
         hd95_withheld: ``segmented`` cases left out of the HD95 histogram and sum likewise.
         voxels_withheld: cases whose voxel counts were left out (a cell's voxel sums leave
             whole or not at all; ``withholding``).
