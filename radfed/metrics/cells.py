@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from collections.abc import Callable, Collection, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from radfed.data.attributes import UNKNOWN
@@ -217,41 +217,49 @@ def suppressed_cells(
         keys: per case of the split its key (``SplitData.cases``); needed with ``earlier``.
         earlier: the case sets (by key) of cells the site released before, in any run:
             they are part of the release too (a cell that gained one case since is that
-            case) and cannot be taken back; a cell now equal to one of them is suppressed
-            last of all (its cases are out already).
+            case) and cannot be taken back; a cell now equal to one of them is not
+            suppressed (its cases are out already).
     """
-    if not earlier:
-        return set(_suppressed(tuple((cell.attribute, cell.index) for cell in cells), k))
-    now = tuple(frozenset(keys[i] for i in cell.index) for cell in cells)
+    now: tuple[tuple[Hashable, ...], ...]
+    if earlier:
+        now = tuple(tuple(sorted(keys[i] for i in cell.index)) for cell in cells)
+    else:  # no record: the cases' positions name them
+        now = tuple(cell.index for cell in cells)
     attributes = tuple(cell.attribute for cell in cells)
-    return set(_suppressed_after(attributes, now, frozenset(earlier), k))
-
-
-def _suppressed_after(
-    attributes: tuple[str, ...],
-    now: tuple[frozenset[str], ...],
-    earlier: frozenset[frozenset[str]],
-    k: int,
-) -> frozenset[int]:
-    """``suppressed_cells`` against earlier releases (kept for a run's later rounds)."""
-    return _against_earlier(attributes, now, earlier, k, None)
+    return set(_chosen_once(attributes, now, frozenset(earlier), k))
 
 
 @functools.lru_cache(maxsize=64)
-def _against_earlier(
+def _chosen_once(
     attributes: tuple[str, ...],
-    now: tuple[frozenset[str], ...],
+    now: tuple[tuple[Hashable, ...], ...],
     earlier: frozenset[frozenset[str]],
     k: int,
-    weights: tuple[tuple[str, int], ...] | None,
+    weights: tuple[tuple[Hashable, int], ...] | None = None,
 ) -> frozenset[int]:
-    """Which of the cells ``now`` (case keys) to suppress, every ``earlier`` set being a
-    released cell that cannot be taken back. A cell now equal to one of them (at least
-    ``k`` units) is never suppressed: its cases are out already, so it adds nothing.
-    ``weights``: per case key its units (1 when absent). Kept for a run's later rounds."""
+    """``_chosen``, kept: the cells (and the parts that depend on the cases alone) give the
+    same answer in every round of a run."""
+    return frozenset(_chosen(attributes, now, earlier, k, weights))
+
+
+def _chosen(
+    attributes: Sequence[str],
+    now: Sequence[Collection[Hashable]],
+    earlier: frozenset[frozenset[str]],
+    k: int,
+    weights: Iterable[tuple[Hashable, int]] | None = None,
+) -> set[int]:
+    """Which of the cells ``now`` (their cases, or units' cases) to suppress.
+
+    Of a disclosing combination, intersections go before margins, smaller cells before
+    larger ones, ``all`` last (the bias report compares margins). Every ``earlier`` set (by
+    case key) is a released cell that cannot be taken back; a cell now equal to one of
+    them (of at least ``k`` units) is never suppressed: its cases are out already, so it
+    adds nothing. ``weights``: per case its units (1 when absent).
+    """
     old = sorted(earlier, key=sorted)
-    memberships = [sorted(members) for members in [*now, *old]]
-    out_already = [members in earlier for members in now] + [True] * len(old)
+    memberships: list[Collection[Hashable]] = [*now, *old]
+    out_already = [frozenset(members) in earlier for members in now] + [True] * len(old)
     cell_attributes = [*attributes, *[ALL] * len(old)]
     sizes = [len(members) for members in memberships]
 
@@ -264,32 +272,13 @@ def _against_earlier(
         given = dict(weights)
         units = {case: given.get(case, 1) for members in memberships for case in members}
     fixed = range(len(now), len(memberships))
-    chosen = protect(memberships, k, preference=preference, released=fixed, weights=units)
+    rows = [list(members) for members in memberships]
+    chosen = protect(rows, k, preference=preference, released=fixed, weights=units)
 
-    def size(members: Iterable[str]) -> int:
+    def size(members: Iterable[Hashable]) -> int:
         return sum(1 if units is None else units[case] for case in members)
 
-    return frozenset(
-        i for i in chosen if i < len(now) and not (out_already[i] and size(now[i]) >= k)
-    )
-
-
-@functools.lru_cache(maxsize=32)
-def _suppressed(cells: tuple[tuple[str, tuple[int, ...]], ...], k: int) -> frozenset[int]:
-    preference = _preference([attribute for attribute, _ in cells], [len(i) for _, i in cells])
-    return frozenset(protect([index for _, index in cells], k, preference=preference))
-
-
-def _preference(
-    attributes: Sequence[str], sizes: Sequence[int]
-) -> Callable[[int], tuple[bool, bool, int, int]]:
-    """Which cell of a disclosing combination goes first: intersections before margins,
-    smaller before larger, ``all`` last (the bias report compares margins)."""
-
-    def preference(i: int) -> tuple[bool, bool, int, int]:
-        return (attributes[i] == ALL, "*" not in attributes[i], sizes[i], i)
-
-    return preference
+    return {i for i in chosen if i < len(now) and not (out_already[i] and size(now[i]) >= k)}
 
 
 def withheld_part(
@@ -333,16 +322,12 @@ def withheld_part(
             holding.append((position, members))
     if not holding:
         return set()
-    if earlier:
-        now = [frozenset(keys[i] for i in members) for _, members in holding]
+    attributes = tuple(cells[p].attribute for p, _ in holding)
+    if earlier:  # the part depends on the cases alone: the same answer every round
+        now = tuple(tuple(sorted(keys[i] for i in members)) for _, members in holding)
         by_key = tuple(sorted({keys[i]: int(units[i]) for _, m in holding for i in m}.items()))
-        attributes = tuple(cells[p].attribute for p, _ in holding)
-        chosen_now = _against_earlier(attributes, tuple(now), earlier, k, by_key)
-        return {holding[i][0] for i in chosen_now}
-    preference = _preference(
-        [cells[p].attribute for p, _ in holding], [len(cells[p].index) for p, _ in holding]
-    )
-    weights: dict[Hashable, int] = {i: int(units[i]) for _, members in holding for i in members}
-    memberships = [members for _, members in holding]
-    chosen = protect(memberships, k, preference=preference, weights=weights)
+        chosen = _chosen_once(attributes, now, earlier, k, by_key)
+    else:  # it changes with the model: worked out anew
+        weights = [(i, int(units[i])) for _, members in holding for i in members]
+        chosen = frozenset(_chosen(attributes, [m for _, m in holding], earlier, k, weights))
     return {holding[i][0] for i in chosen}

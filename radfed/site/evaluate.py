@@ -96,7 +96,7 @@ def evaluate_cells(
             )
     units = outputs.parts()
     stable = [part for part in units if part in task.stable_parts]
-    before = {part: released.part(part) for part in stable} if released and keys else {}
+    before = {p: released.part(p) for p in stable} if released is not None and keys else {}
     withheld = _withheld(units, partition, (at_policy, own_k), (hidden, k), keys, before)
     images = Counter(data.patients)
     cells = []
